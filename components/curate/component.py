@@ -1,0 +1,24 @@
+from kfp import dsl
+from kfp.dsl import Artifact, Dataset, Input, Metrics, Output
+
+from components import TOPR_IMAGE
+
+
+@dsl.component(base_image=TOPR_IMAGE, install_kfp_package=False)
+def curate(
+    config_json: str,
+    tracking_uri: str,
+    parent_run_id: str,
+    iteration: int,
+    verified: Input[Dataset],
+    train_set: Output[Dataset],
+    report: Output[Artifact],
+    composition: Output[Metrics],
+):
+    """Choose the training set (Anna Karenina, uniform or all) and report its composition."""
+    from topr import steps
+
+    summary = steps.curate(config_json, tracking_uri, parent_run_id, iteration, verified.path, train_set.path, report.path)
+    for name, value in summary.items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            composition.log_metric(name, value)

@@ -1,0 +1,24 @@
+from kfp import dsl
+from kfp.dsl import Artifact, Dataset, Input, Metrics, Model, Output
+
+from components import TOPR_IMAGE
+
+
+@dsl.component(base_image=TOPR_IMAGE, install_kfp_package=False)
+def evaluate(
+    config_json: str,
+    tracking_uri: str,
+    parent_run_id: str,
+    iteration: int,
+    model: Input[Model],
+    eval_prompts: Input[Dataset],
+    completions: Output[Dataset],
+    report: Output[Artifact],
+    metrics: Output[Metrics],
+):
+    """Held-out pass@1 (greedy), pass@k and maj@k with 95% confidence intervals."""
+    from topr import steps
+
+    summary = steps.evaluate(config_json, tracking_uri, parent_run_id, iteration, model.path, eval_prompts.path, report.path, completions.path)
+    for name, value in summary.items():
+        metrics.log_metric(name, value)

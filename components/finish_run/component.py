@@ -1,0 +1,15 @@
+from kfp import dsl
+
+from components import TOPR_IMAGE
+
+
+@dsl.component(base_image=TOPR_IMAGE, install_kfp_package=False)
+def finish_run(config_json: str, tracking_uri: str, kfp_run_id: str, status: dsl.PipelineTaskFinalStatus):
+    """Exit handler: close this pipeline run's MLflow run as FINISHED or FAILED, whatever happened.
+
+    An exit task may not consume other tasks' outputs, so the MLflow run is found by its
+    ``kfp.pipeline_run_id`` tag.
+    """
+    from topr import steps
+
+    steps.finish(config_json, tracking_uri, kfp_run_id, failed=status.state != "SUCCEEDED")

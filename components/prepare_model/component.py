@@ -1,0 +1,12 @@
+from kfp import dsl
+from kfp.dsl import Output, Model
+
+from components import TOPR_IMAGE
+
+
+@dsl.component(base_image=TOPR_IMAGE, install_kfp_package=False)
+def prepare_model(config_json: str, tracking_uri: str, parent_run_id: str, model: Output[Model]):
+    """Load the configured starting model once and save it as a Hugging Face directory."""
+    from topr import steps
+
+    model.metadata.update(steps.prepare_model(config_json, tracking_uri, parent_run_id, model.path))

@@ -1,0 +1,23 @@
+from kfp import dsl
+from kfp.dsl import Dataset, Input, Metrics, Model, Output
+
+from components import TOPR_IMAGE
+
+
+@dsl.component(base_image=TOPR_IMAGE, install_kfp_package=False)
+def sample(
+    config_json: str,
+    tracking_uri: str,
+    parent_run_id: str,
+    iteration: int,
+    model: Input[Model],
+    train_prompts: Input[Dataset],
+    samples: Output[Dataset],
+    metrics: Output[Metrics],
+):
+    """Sample n completions per training prompt of this iteration, with behaviour log-probs."""
+    from topr import steps
+
+    summary = steps.sample(config_json, tracking_uri, parent_run_id, iteration, model.path, train_prompts.path, samples.path)
+    for name, value in summary.items():
+        metrics.log_metric(name, value)

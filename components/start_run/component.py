@@ -1,0 +1,11 @@
+from kfp import dsl
+
+from components import TOPR_IMAGE
+
+
+@dsl.component(base_image=TOPR_IMAGE, install_kfp_package=False)
+def start_run(config_json: str, tracking_uri: str, run_name: str, kfp_run_id: str) -> str:
+    """Create the parent MLflow run of this pipeline run; return its id."""
+    from topr import steps
+
+    return steps.start(config_json, tracking_uri, run_name, kfp_run_id)

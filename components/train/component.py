@@ -1,0 +1,24 @@
+from kfp import dsl
+from kfp.dsl import Dataset, Input, Metrics, Model, Output
+
+from components import TOPR_IMAGE
+
+
+@dsl.component(base_image=TOPR_IMAGE, install_kfp_package=False)
+def train(
+    config_json: str,
+    tracking_uri: str,
+    parent_run_id: str,
+    iteration: int,
+    model: Input[Model],
+    train_set: Input[Dataset],
+    trained_model: Output[Model],
+    metrics: Output[Metrics],
+):
+    """Train the policy with the configured objective (TOPR by default) on the curated set."""
+    from topr import steps
+
+    summary = steps.train(config_json, tracking_uri, parent_run_id, iteration, model.path, train_set.path, trained_model.path)
+    trained_model.metadata["weights_sha256"] = summary.pop("weights_sha256")
+    for name, value in summary.items():
+        metrics.log_metric(name, value)

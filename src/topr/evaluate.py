@@ -1,0 +1,86 @@
+"""The evaluation stage: held-out pass@1 (greedy), and pass@k and maj@k over k samples.
+
+The model is loaded once; the greedy completions and the k samples come from the same engine
+as training data does, and are scored by the task's own checker. Every evaluation of a run uses
+the same held-out prompts and the same sampling seed, so iterations compare.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from pathlib import Path
+
+from topr.config import Config
+from topr.metrics import PromptResult, summarize_evaluation
+from topr.models import model_identity
+from topr.records import PROMPT_FIELDS, Record, read_records, write_json, write_records
+from topr.sample import SamplingParams, make_engine, sample_records
+from topr.tasks import get_task
+from topr.verify import verify_records
+
+log = logging.getLogger(__name__)
+
+
+def prompt_results(greedy: list[Record], sampled: list[Record]) -> list[PromptResult]:
+    """Group verified greedy and sampled records into one ``PromptResult`` per prompt."""
+    samples_by_prompt: dict[str, list[Record]] = defaultdict(list)
+    for record in sampled:
+        samples_by_prompt[record["prompt_id"]].append(record)
+    results = []
+    for record in greedy:
+        samples = sorted(samples_by_prompt[record["prompt_id"]], key=lambda r: r["sample_index"])
+        results.append(
+            PromptResult(
+                greedy_correct=record["correct"],
+                greedy_unparsable=record["extracted"] is None,
+                sample_answers=tuple(s["extracted"] for s in samples),
+                sample_correct=tuple(s["correct"] for s in samples),
+            )
+        )
+    return results
+
+
+def run_evaluate(config: Config, model_dir: str, prompts_path: str | Path, report_path: str | Path, completions_path: str | Path) -> dict:
+    """Evaluate the model on the first ``task.eval_size`` held-out prompts; write report and completions."""
+    evaluation = config.evaluate
+    problems = read_records(prompts_path, required=PROMPT_FIELDS)[: config.task.eval_size]
+    if not problems:
+        raise ValueError(f"{prompts_path}: no held-out prompts to evaluate")
+    task = get_task(config.task)
+    engine, tokenizer = make_engine(config, model_dir, evaluation.batch_size)
+    identity = model_identity(model_dir)
+
+    greedy_params = SamplingParams(n=1, temperature=0.0, max_new_tokens=evaluation.max_new_tokens)
+    greedy, _ = verify_records(sample_records(engine, tokenizer, problems, greedy_params, config.model.system_prompt, identity), task)
+    sampled: list[Record] = []
+    if evaluation.samples_per_prompt:
+        sample_params = SamplingParams(
+            n=evaluation.samples_per_prompt,
+            temperature=evaluation.temperature,
+            max_new_tokens=evaluation.max_new_tokens,
+            seed=evaluation.seed,
+        )
+        drawn = sample_records(engine, tokenizer, problems, sample_params, config.model.system_prompt, identity)
+        sampled, _ = verify_records(drawn, task)
+
+    metrics = summarize_evaluation(prompt_results(greedy, sampled), seed=evaluation.seed)
+    metrics["mean_completion_tokens"] = sum(len(r["completion_token_ids"]) for r in greedy) / len(greedy)
+    write_records(completions_path, [{**r, "decoding": "greedy"} for r in greedy] + [{**r, "decoding": "sampled"} for r in sampled])
+    write_json(report_path, {"model": identity, "prompts": str(prompts_path), "metrics": metrics})
+    log.info("held-out pass@1 %.3f [%.3f, %.3f] on %d prompts", metrics["pass_at_1"], metrics["pass_at_1_ci_low"], metrics["pass_at_1_ci_high"], len(problems))
+    return metrics
+
+
+def format_report(metrics: dict) -> str:
+    """A small table of an evaluation's metrics."""
+    rows = [("pass@1 (greedy)", metrics["pass_at_1"], metrics["pass_at_1_ci_low"], metrics["pass_at_1_ci_high"])]
+    if "k" in metrics:
+        k = int(metrics["k"])
+        rows.append((f"pass@{k}", metrics["pass_at_k"], metrics["pass_at_k_ci_low"], metrics["pass_at_k_ci_high"]))
+        rows.append((f"maj@{k}", metrics["maj_at_k"], metrics["maj_at_k_ci_low"], metrics["maj_at_k_ci_high"]))
+    lines = [f"{'metric':<16} {'value':>7}  95% CI", "-" * 38]
+    lines += [f"{name:<16} {value:>7.1%}  [{low:.1%}, {high:.1%}]" for name, value, low, high in rows]
+    lines.append(f"{'parse failures':<16} {metrics['parse_failure_rate']:>7.1%}")
+    lines.append(f"{'prompts':<16} {int(metrics['n_prompts']):>7d}")
+    return "\n".join(lines)

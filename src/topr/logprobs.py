@@ -1,0 +1,94 @@
+"""Token log-probabilities of completions, computed in chunks over the vocabulary.
+
+The naive ``log_softmax(model(...).logits.float())`` holds float32 logits of shape
+[batch, length, vocabulary] (and again for the backward pass). Here the backbone's hidden states
+are gathered at the positions that predict completion tokens only, and the output head is
+applied ``chunk_size`` positions at a time; under autograd each chunk is checkpointed, so its
+logits are recomputed in the backward pass instead of being kept.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+
+def _chunk_logprobs(hidden: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor, temperature: float):
+    logits = head(hidden).float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+def chunked_token_logprobs(
+    hidden: torch.Tensor,
+    head: torch.nn.Module,
+    targets: torch.Tensor,
+    chunk_size: int = 1024,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """log softmax(head(hidden) / temperature)[targets] for hidden [N, H], targets [N]."""
+    pieces = []
+    for start in range(0, hidden.shape[0], chunk_size):
+        args = (hidden[start : start + chunk_size], head, targets[start : start + chunk_size], temperature)
+        if torch.is_grad_enabled() and hidden.requires_grad:
+            pieces.append(checkpoint(_chunk_logprobs, *args, use_reentrant=False))
+        else:
+            pieces.append(_chunk_logprobs(*args))
+    if not pieces:
+        return hidden.new_zeros(0, dtype=torch.float32)
+    return torch.cat(pieces)
+
+
+def batch_prompt_completions(
+    prompts: list[list[int]], completions: list[list[int]], pad_token_id: int
+) -> dict[str, torch.Tensor]:
+    """Right-pad prompt+completion sequences and record where each completion starts.
+
+    Returns ``input_ids`` and ``attention_mask`` [B, L], ``completion_ids`` and
+    ``completion_mask`` [B, T] (T = longest completion), and ``completion_start`` [B].
+    The masks come from lengths, never from ``ids != pad`` (pad can equal end-of-sequence).
+    """
+    lengths = [len(p) + len(c) for p, c in zip(prompts, completions)]
+    width, completion_width = max(lengths), max(len(c) for c in completions)
+    batch = len(prompts)
+    input_ids = torch.full((batch, width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((batch, width), dtype=torch.long)
+    completion_ids = torch.full((batch, completion_width), pad_token_id, dtype=torch.long)
+    completion_mask = torch.zeros((batch, completion_width), dtype=torch.float32)
+    for row, (prompt, completion) in enumerate(zip(prompts, completions)):
+        input_ids[row, : lengths[row]] = torch.tensor(prompt + completion, dtype=torch.long)
+        attention_mask[row, : lengths[row]] = 1
+        completion_ids[row, : len(completion)] = torch.tensor(completion, dtype=torch.long)
+        completion_mask[row, : len(completion)] = 1.0
+    completion_start = torch.tensor([len(p) for p in prompts], dtype=torch.long)
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "completion_ids": completion_ids,
+        "completion_mask": completion_mask,
+        "completion_start": completion_start,
+    }
+
+
+def completion_logprobs(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    completion_ids: torch.Tensor,
+    completion_mask: torch.Tensor,
+    completion_start: torch.Tensor,
+    chunk_size: int = 1024,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """log π(completion token | prefix) [B, T], zero at masked positions (see ``batch_prompt_completions``)."""
+    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    offsets = torch.arange(completion_ids.shape[1], device=hidden.device)
+    # The hidden state at position p predicts the token at p + 1.
+    positions = (completion_start.to(hidden.device).unsqueeze(1) + offsets - 1).clamp(0, hidden.shape[1] - 1)
+    mask = completion_mask.to(hidden.device) > 0
+    selected = hidden[torch.arange(hidden.shape[0], device=hidden.device).unsqueeze(1), positions][mask]
+    head = model.get_output_embeddings()
+    values = chunked_token_logprobs(selected, head, completion_ids.to(hidden.device)[mask], chunk_size, temperature)
+    logprobs = torch.zeros(completion_ids.shape, dtype=torch.float32, device=hidden.device)
+    return logprobs.masked_scatter(mask, values)

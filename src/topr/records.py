@@ -1,0 +1,149 @@
+"""The record schema that flows from stage to stage, and its atomic JSONL/Parquet I/O.
+
+One record type travels the whole loop and gains fields on the way:
+
+====================  =============  ==========  ==================================================
+field                 type           written by  meaning
+====================  =============  ==========  ==================================================
+schema_version        int            every stage version of this schema (``SCHEMA_VERSION``)
+prompt_id             str            prompts     stable id of the prompt within its task and split
+prompt                str            prompts     the question as shown to the user (no template)
+reference             str            prompts     the final answer the checker compares against
+prompt_token_ids      list[int]      sample      the chat-templated prompt, as the model saw it
+completion            str            sample      the decoded completion (special tokens removed)
+completion_token_ids  list[int]      sample      the sampled tokens, end-of-sequence included
+behavior_logprobs     list[float]    sample      log mu of each sampled token under the distribution
+                                                 actually sampled from (temperature, top-k, top-p)
+sample_index          int            sample      0..n-1 within the prompt
+behavior_model        str            sample      digest or path of the model that sampled it
+finish_reason         str            sample      "stop" (end-of-sequence) or "length" (truncated)
+extracted             str | None     verify      the answer parsed from the completion, None if none
+correct               bool           verify      the checker's verdict
+reward                float          verify      +1.0 when correct, -1.0 otherwise
+====================  =============  ==========  ==================================================
+
+Each stage names the fields it needs (``PROMPT_FIELDS``, ``VERIFY_INPUT_FIELDS``, ...); a record
+missing one is reported with the file, the line and the field. Fields a stage does not know pass
+through unchanged, so users can score completions that came from elsewhere.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+SCHEMA_VERSION = 1
+
+PROMPT_FIELDS = ("prompt_id", "prompt", "reference")
+SAMPLE_FIELDS = PROMPT_FIELDS + (
+    "prompt_token_ids",
+    "completion",
+    "completion_token_ids",
+    "behavior_logprobs",
+    "sample_index",
+)
+VERIFY_INPUT_FIELDS = ("prompt_id", "reference", "completion")
+VERIFIED_FIELDS = ("extracted", "correct", "reward")
+TRAIN_FIELDS = ("prompt_id", "prompt_token_ids", "completion_token_ids", "behavior_logprobs", "reward")
+
+Record = dict[str, Any]
+
+
+class RecordError(ValueError):
+    """A record file that cannot be read as the schema says; the message names file and line."""
+
+
+def _is_parquet(path: str | os.PathLike) -> bool:
+    return str(path).endswith(".parquet")
+
+
+def read_records(path: str | os.PathLike, required: Sequence[str] = ()) -> list[Record]:
+    """Read every record of a JSONL (or ``.parquet``) file, checking the ``required`` fields."""
+    return list(iter_records(path, required))
+
+
+def iter_records(path: str | os.PathLike, required: Sequence[str] = ()) -> Iterator[Record]:
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"record file not found: {path}")
+    rows = _iter_parquet(path) if _is_parquet(path) else _iter_jsonl(path)
+    for line_number, record in rows:
+        missing = [field for field in required if field not in record]
+        if missing:
+            raise RecordError(
+                f"{path}:{line_number}: record is missing required field(s) {', '.join(missing)}"
+            )
+        version = record.get("schema_version", SCHEMA_VERSION)
+        if version != SCHEMA_VERSION:
+            raise RecordError(
+                f"{path}:{line_number}: schema_version {version!r} is not supported "
+                f"(this topr reads version {SCHEMA_VERSION})"
+            )
+        yield record
+
+
+def _iter_jsonl(path: Path) -> Iterator[tuple[int, Record]]:
+    with path.open(encoding="utf-8") as handle:
+        for line_number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise RecordError(f"{path}:{line_number}: not valid JSON ({error.msg})") from None
+            if not isinstance(record, dict):
+                raise RecordError(f"{path}:{line_number}: expected a JSON object, got {type(record).__name__}")
+            yield line_number, record
+
+
+def _iter_parquet(path: Path) -> Iterator[tuple[int, Record]]:
+    import pyarrow.parquet as pq
+
+    for row_number, record in enumerate(pq.read_table(path).to_pylist(), start=1):
+        yield row_number, record
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds.
+
+    A failed write therefore never leaves a file that looks complete, and never replaces a
+    good artifact with a broken one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(handle)
+    temporary_path = Path(temporary)
+    try:
+        yield temporary_path
+        os.replace(temporary_path, path)
+    finally:
+        temporary_path.unlink(missing_ok=True)
+
+
+def write_records(path: str | os.PathLike, records: Iterable[Record]) -> int:
+    """Write records atomically as JSONL (or Parquet for ``.parquet``); return how many."""
+    stamped = [{"schema_version": SCHEMA_VERSION, **record} for record in records]
+    with atomic_path(path) as temporary:
+        if _is_parquet(path):
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            pq.write_table(pa.Table.from_pylist(stamped), temporary)
+        else:
+            with temporary.open("w", encoding="utf-8") as handle:
+                for record in stamped:
+                    handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+    return len(stamped)
+
+
+def write_json(path: str | os.PathLike, payload: Any) -> None:
+    """Write a JSON document atomically (reports, metrics)."""
+    with atomic_path(path) as temporary:
+        temporary.write_text(json.dumps(payload, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")

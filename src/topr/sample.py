@@ -1,0 +1,252 @@
+"""The sampling stage: n completions per prompt, with the behaviour log-probs of every token.
+
+Two engines sit behind one interface (``generate(prompts, params) -> completions per prompt``):
+
+- ``TransformersEngine``: ``model.generate`` on CPU or GPU, batched and left-padded. The
+  behaviour log-probs come from the processed scores that ``generate`` sampled from
+  (temperature, top-k and top-p applied, truncated tokens at -inf), so they are log μ of the
+  distribution actually sampled from, at no second forward pass.
+- ``VLLMEngine``: vLLM on GPU (extra ``[gpu]``, imported lazily) with
+  ``logprobs_mode="processed_logprobs"`` for the same reason: by default vLLM returns log-probs
+  of the raw logits, before temperature and truncation.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import torch
+from tqdm.auto import tqdm
+
+from topr.config import Config, SampleConfig
+from topr.models import load_policy, model_identity, prompt_token_ids, set_threads
+from topr.records import PROMPT_FIELDS, Record, read_records, write_records
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """What to sample; ``temperature == 0`` means greedy decoding."""
+
+    n: int = 1
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    max_new_tokens: int = 96
+    seed: int = 0
+
+    @classmethod
+    def from_config(cls, config: SampleConfig, seed_offset: int = 0) -> SamplingParams:
+        return cls(
+            n=config.samples_per_prompt,
+            temperature=config.temperature,
+            top_k=config.top_k,
+            top_p=config.top_p,
+            max_new_tokens=config.max_new_tokens,
+            seed=config.seed + seed_offset,
+        )
+
+
+@dataclass(frozen=True)
+class Completion:
+    token_ids: list[int]
+    logprobs: list[float]
+    finish_reason: str  # "stop" or "length"
+
+
+class Engine(Protocol):
+    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[Completion]]:
+        """``params.n`` completions for each tokenized prompt, in prompt order."""
+
+
+class TransformersEngine:
+    def __init__(self, model, tokenizer, batch_size: int = 32, progress: bool = True):
+        self.model, self.tokenizer = model, tokenizer
+        self.batch_size = batch_size
+        self.progress = progress
+        self.stop_ids = _stop_token_ids(model, tokenizer)
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[Completion]]:
+        prompts_per_batch = max(1, self.batch_size // params.n)
+        # Similar lengths together waste less padding; results go back to prompt order.
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+        results: list[list[Completion]] = [[] for _ in prompts]
+        bar = tqdm(total=len(prompts) * params.n, desc="sampling", unit="seq", disable=not self.progress)
+        generated_tokens, started = 0, time.perf_counter()
+        for batch_index, start in enumerate(range(0, len(order), prompts_per_batch)):
+            indices = order[start : start + prompts_per_batch]
+            completions = self._generate_batch([prompts[i] for i in indices], params, batch_index)
+            for offset, index in enumerate(indices):
+                results[index] = completions[offset * params.n : (offset + 1) * params.n]
+            generated_tokens += sum(len(c.token_ids) for c in completions)
+            bar.update(len(completions))
+            bar.set_postfix(tokens_per_s=f"{generated_tokens / (time.perf_counter() - started):.0f}")
+        bar.close()
+        return results
+
+    @torch.inference_mode()
+    def _generate_batch(self, prompts: list[list[int]], params: SamplingParams, batch_index: int) -> list[Completion]:
+        from transformers import GenerationConfig
+
+        device = self.model.device
+        padded = self.tokenizer.pad({"input_ids": prompts}, padding=True, return_tensors="pt", padding_side="left")
+        greedy = params.temperature == 0
+        generation_config = GenerationConfig(
+            do_sample=not greedy,
+            temperature=None if greedy else params.temperature,
+            top_k=None if greedy else params.top_k,
+            top_p=None if greedy else params.top_p,
+            num_return_sequences=params.n,
+            max_new_tokens=params.max_new_tokens,
+            pad_token_id=self.tokenizer.pad_token_id,
+            eos_token_id=sorted(self.stop_ids),
+            output_scores=not greedy,
+            return_dict_in_generate=True,
+        )
+        # Seeded per batch, so a batch's samples do not depend on what ran before it.
+        torch.manual_seed(params.seed * 1_000_003 + batch_index)
+        output = self.model.generate(
+            input_ids=padded["input_ids"].to(device),
+            attention_mask=padded["attention_mask"].to(device),
+            generation_config=generation_config,
+        )
+        new_tokens = output.sequences[:, padded["input_ids"].shape[1] :]
+        if greedy:
+            token_logprobs = torch.zeros(new_tokens.shape)
+        else:
+            token_logprobs = self.model.compute_transition_scores(output.sequences, output.scores, normalize_logits=True)
+        return [
+            _cut_at_stop(row.tolist(), logprobs.float().tolist(), self.stop_ids)
+            for row, logprobs in zip(new_tokens.cpu(), token_logprobs.cpu())
+        ]
+
+
+def _stop_token_ids(model, tokenizer) -> set[int]:
+    configured = model.generation_config.eos_token_id
+    configured = configured if isinstance(configured, list) else [configured]
+    return {token for token in configured + [tokenizer.eos_token_id] if token is not None}
+
+
+def _cut_at_stop(token_ids: list[int], logprobs: list[float], stop_ids: set[int]) -> Completion:
+    """Keep tokens up to and including the first stop token; what follows is padding."""
+    for position, token in enumerate(token_ids):
+        if token in stop_ids:
+            return Completion(token_ids[: position + 1], logprobs[: position + 1], "stop")
+    return Completion(token_ids, logprobs, "length")
+
+
+class VLLMEngine:
+    """vLLM on GPU. Needs the ``[gpu]`` extra; the import happens only when this engine is made."""
+
+    def __init__(self, model_dir: str, tensor_parallel_size: int = 1, seed: int = 0):
+        try:
+            from vllm import LLM
+        except ImportError as error:
+            raise RuntimeError(
+                "sample.engine=vllm needs vLLM on a GPU machine: pip install 'topr[gpu]'"
+            ) from error
+        self.llm = LLM(
+            model=model_dir,
+            tensor_parallel_size=tensor_parallel_size,
+            seed=seed,
+            logprobs_mode="processed_logprobs",
+        )
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[Completion]]:
+        from vllm import SamplingParams as VLLMSamplingParams
+        from vllm.inputs import TokensPrompt
+
+        sampling = VLLMSamplingParams(
+            n=params.n,
+            temperature=params.temperature,
+            top_k=params.top_k if params.top_k > 0 else -1,
+            top_p=params.top_p,
+            max_tokens=params.max_new_tokens,
+            seed=params.seed,
+            logprobs=0,
+        )
+        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompts], sampling)
+        return [[_vllm_completion(choice) for choice in output.outputs] for output in outputs]
+
+
+def _vllm_completion(choice) -> Completion:
+    token_ids = list(choice.token_ids)
+    logprobs = [step[token].logprob for step, token in zip(choice.logprobs, token_ids)]
+    return Completion(token_ids, logprobs, "length" if choice.finish_reason == "length" else "stop")
+
+
+def make_engine(config: Config, model_dir: str, batch_size: int):
+    """Build the configured engine; returns ``(engine, tokenizer)``."""
+    set_threads(config.model.threads)
+    if config.sample.engine == "vllm":
+        from topr.models import load_tokenizer
+
+        engine = VLLMEngine(model_dir, config.sample.tensor_parallel_size, config.sample.seed)
+        return engine, load_tokenizer(model_dir)
+    model, tokenizer = load_policy(model_dir)
+    return TransformersEngine(model, tokenizer, batch_size), tokenizer
+
+
+def sample_records(
+    engine: Engine,
+    tokenizer,
+    problems: list[Record],
+    params: SamplingParams,
+    system_prompt: str | None,
+    behavior_model: str,
+) -> list[Record]:
+    """Sample ``params.n`` completions for each problem; one record per completion."""
+    prompts = [prompt_token_ids(tokenizer, problem["prompt"], system_prompt) for problem in problems]
+    completions = engine.generate(prompts, params)
+    records = []
+    for problem, prompt_ids, choices in zip(problems, prompts, completions):
+        for sample_index, choice in enumerate(choices):
+            records.append(
+                {
+                    **problem,
+                    "prompt_token_ids": prompt_ids,
+                    "completion": tokenizer.decode(choice.token_ids, skip_special_tokens=True),
+                    "completion_token_ids": choice.token_ids,
+                    "behavior_logprobs": choice.logprobs,
+                    "sample_index": sample_index,
+                    "behavior_model": behavior_model,
+                    "finish_reason": choice.finish_reason,
+                }
+            )
+    return records
+
+
+def select_iteration_prompts(problems: list[Record], iteration: int, size: int) -> list[Record]:
+    """The ``size`` prompts of iteration ``iteration`` (1-based), cycling through the file."""
+    if not problems:
+        return []
+    start = (iteration - 1) * size
+    return [problems[(start + offset) % len(problems)] for offset in range(min(size, len(problems)))]
+
+
+def run_sample(config: Config, model_dir: str, prompts_path: str | Path, output_path: str | Path, iteration: int = 1) -> dict:
+    """Sample completions for this iteration's training prompts and write the sample records."""
+    problems = read_records(prompts_path, required=PROMPT_FIELDS)
+    problems = select_iteration_prompts(problems, iteration, config.task.train_size)
+    engine, tokenizer = make_engine(config, model_dir, config.sample.batch_size)
+    params = SamplingParams.from_config(config.sample, seed_offset=iteration)
+    started = time.perf_counter()
+    records = sample_records(engine, tokenizer, problems, params, config.model.system_prompt, model_identity(model_dir))
+    seconds = time.perf_counter() - started
+    write_records(output_path, records)
+    tokens = sum(len(record["completion_token_ids"]) for record in records)
+    summary = {
+        "prompts": len(problems),
+        "samples": len(records),
+        "completion_tokens": tokens,
+        "truncated": sum(record["finish_reason"] == "length" for record in records),
+        "seconds": seconds,
+        "tokens_per_second": tokens / seconds if seconds else 0.0,
+    }
+    log.info("sampled %(samples)d completions for %(prompts)d prompts (%(tokens_per_second).0f tokens/s)", summary)
+    return summary

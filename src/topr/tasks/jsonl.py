@@ -1,0 +1,124 @@
+"""Tasks read from local JSONL files, and the generic ``jsonl`` task.
+
+Split "train" reads ``train_path``, "test" reads ``eval_path``. ``problems(split, size, seed)``
+reads and checks every record of the file, shuffles them with ``random.Random(seed)`` and keeps
+the first ``size`` (all of them when the file has fewer). A record's ``prompt_id`` is its ``id``
+field when it has one, else ``<file stem>-<index>`` with the 0-based position of the record in
+the file (blank lines not counted).
+"""
+
+from __future__ import annotations
+
+import random
+from abc import abstractmethod
+from pathlib import Path
+from typing import Any, Literal
+
+from topr.records import RecordError, iter_records
+from topr.tasks import (
+    ANSWER_INSTRUCTION,
+    ANSWER_MARKER,
+    Task,
+    check_split,
+    last_number,
+    normalize_number,
+    number_after,
+    numbers_equal,
+)
+
+EXACT_INSTRUCTION = "End your reply with 'Answer: <answer>'."
+
+
+class FileTask(Task):
+    """A task whose prompts and references come from one JSONL file per split."""
+
+    required_fields: tuple[str, ...]
+
+    def __init__(self, train_path: str | None, eval_path: str | None):
+        self.paths = {"train": train_path, "test": eval_path}
+
+    def problems(self, split: str, size: int, seed: int) -> list[dict[str, str]]:
+        path = self._path(split)
+        records = iter_records(path, required=self.required_fields)
+        problems = [self.problem(record, path, index) for index, record in enumerate(records)]
+        _check_unique_ids(problems, path)
+        random.Random(seed).shuffle(problems)
+        return problems[:size]
+
+    def _path(self, split: str) -> Path:
+        check_split(split)
+        path = self.paths[split]
+        if path is None:
+            option = "train_path" if split == "train" else "eval_path"
+            raise ValueError(f"task {self.name} needs task.{option} for the {split!r} split")
+        return Path(path)
+
+    @abstractmethod
+    def problem(self, record: dict[str, Any], path: Path, index: int) -> dict[str, str]:
+        """The prompt record made from the ``index``-th record of ``path``."""
+
+
+def record_id(record: dict[str, Any], path: Path, index: int) -> str:
+    return str(record["id"]) if "id" in record else f"{path.stem}-{index}"
+
+
+def record_error(path: Path, index: int, message: str) -> RecordError:
+    return RecordError(f"{path}: record {index + 1}: {message}")
+
+
+def _check_unique_ids(problems: list[dict[str, str]], path: Path) -> None:
+    """Ids must be unique: later stages group completions by prompt id."""
+    seen = set()
+    for index, problem in enumerate(problems):
+        if problem["prompt_id"] in seen:
+            raise record_error(path, index, f"id {problem['prompt_id']!r} is used twice")
+        seen.add(problem["prompt_id"])
+
+
+class JsonlTask(FileTask):
+    """Any JSONL file with a prompt field and an answer field.
+
+    ``match="numeric"``: the answer must be a number; a completion's answer is the number after
+    the last "Answer:", else its last number, compared after normalisation ("1,000.00" ==
+    "1000"). ``match="exact"``: a completion's answer is the rest of the line after the last
+    "Answer:" (markdown ``*`` stripped), else the whole completion, compared as stripped strings.
+    """
+
+    name = "jsonl"
+
+    def __init__(
+        self,
+        train_path: str | None,
+        eval_path: str | None,
+        prompt_field: str = "prompt",
+        answer_field: str = "answer",
+        match: Literal["numeric", "exact"] = "numeric",
+    ):
+        super().__init__(train_path, eval_path)
+        self.prompt_field = prompt_field
+        self.answer_field = answer_field
+        self.match = match
+        self.required_fields = (prompt_field, answer_field)
+
+    def problem(self, record: dict[str, Any], path: Path, index: int) -> dict[str, str]:
+        reference = str(record[self.answer_field]).strip()
+        if self.match == "numeric" and normalize_number(reference) is None:
+            raise record_error(path, index, f"{self.answer_field} {reference!r} is not a number")
+        instruction = ANSWER_INSTRUCTION if self.match == "numeric" else EXACT_INSTRUCTION
+        return {
+            "prompt_id": record_id(record, path, index),
+            "prompt": f"{record[self.prompt_field]}\n{instruction}",
+            "reference": reference,
+        }
+
+    def extract(self, completion: str) -> str | None:
+        if self.match == "numeric":
+            return number_after(ANSWER_MARKER, completion) or last_number(completion)
+        markers = list(ANSWER_MARKER.finditer(completion))
+        text = completion[markers[-1].end() :].strip().split("\n")[0] if markers else completion
+        return text.strip().strip("*").strip() or None
+
+    def is_correct(self, extracted: str, reference: str) -> bool:
+        if self.match == "numeric":
+            return numbers_equal(extracted, reference)
+        return extracted.strip() == reference.strip()

@@ -1,0 +1,198 @@
+"""MLflow tracking: one parent run per ``topr run``, a nested run per stage and iteration.
+
+The parent run is created by the pipeline's first task and its id is handed to every later
+task, so the same layout appears whether the pipeline runs locally or on a cluster. Per-iteration
+figures (held-out accuracy, dataset composition) are also logged on the parent run with
+``step = iteration``, which is what the end-of-run table and MLflow's charts read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import topr
+from topr.config import Config, config_to_dict, config_to_yaml
+
+log = logging.getLogger(__name__)
+
+STAGE_TAG, ITERATION_TAG = "topr.stage", "topr.iteration"
+KFP_RUN_TAG = "kfp.pipeline_run_id"
+
+
+def default_tracking_uri(output_dir: str | os.PathLike) -> str:
+    """A local sqlite store shared by all runs under ``output_dir`` (no server needed)."""
+    return f"sqlite:///{Path(output_dir).resolve() / 'mlflow.db'}"
+
+
+def _client(tracking_uri: str):
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri)
+    return mlflow.MlflowClient(tracking_uri)
+
+
+def _experiment_id(client, name: str, tracking_uri: str) -> str:
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    artifact_location = None
+    if tracking_uri.startswith("sqlite:///"):
+        # Keep a local store's artifacts beside its database, not in the working directory.
+        artifact_location = (Path(tracking_uri.removeprefix("sqlite:///")).parent / "mlartifacts").as_uri()
+    return client.create_experiment(name, artifact_location=artifact_location)
+
+
+def code_version() -> dict[str, str]:
+    """The package version and, when the source is a git checkout, its commit."""
+    version = {"topr.version": topr.__version__}
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(topr.__file__).parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
+        ).stdout.strip()
+        version["topr.git_commit"] = commit
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return version
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    flat = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = str(value)
+    return flat
+
+
+def start_pipeline_run(tracking_uri: str, config: Config, run_name: str, kfp_run_id: str = "") -> str:
+    """Create the parent run (left RUNNING until ``finish_pipeline_run``); return its id."""
+    client = _client(tracking_uri)
+    experiment_id = _experiment_id(client, config.run.experiment, tracking_uri)
+    tags = {**code_version(), "mlflow.runName": run_name}
+    if kfp_run_id:
+        tags[KFP_RUN_TAG] = kfp_run_id
+    run = client.create_run(experiment_id, run_name=run_name, tags=tags)
+    run_id = run.info.run_id
+    params = flatten(config_to_dict(config))
+    from mlflow.entities import Param
+
+    client.log_batch(run_id, params=[Param(key, value[:6000]) for key, value in params.items()])
+    client.log_text(run_id, config_to_yaml(config), "config.yaml")
+    log.info("MLflow run %s in experiment %s (%s)", run_id, config.run.experiment, tracking_uri)
+    return run_id
+
+
+def find_pipeline_run(tracking_uri: str, experiment: str, kfp_run_id: str) -> str | None:
+    """The parent run tagged with this Kubeflow run id, or None if it was never created."""
+    client = _client(tracking_uri)
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return None
+    runs = client.search_runs([found.experiment_id], filter_string=f"tags.`{KFP_RUN_TAG}` = '{kfp_run_id}'", max_results=1)
+    return runs[0].info.run_id if runs else None
+
+
+def finish_pipeline_run(tracking_uri: str, experiment: str, kfp_run_id: str, status: str) -> None:
+    """Close the parent run of a pipeline run; a run that was never started is only logged."""
+    run_id = find_pipeline_run(tracking_uri, experiment, kfp_run_id)
+    if run_id is None:
+        log.warning("no MLflow run tagged %s=%s to close", KFP_RUN_TAG, kfp_run_id)
+        return
+    _client(tracking_uri).set_terminated(run_id, status)
+    log.info("MLflow run %s closed as %s", run_id, status)
+
+
+def file_digest(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class StageRun:
+    """A nested run for one stage of one iteration; thin over ``MlflowClient``."""
+
+    def __init__(self, client, run_id: str, parent_run_id: str, iteration: int):
+        self.client, self.run_id = client, run_id
+        self.parent_run_id, self.iteration = parent_run_id, iteration
+
+    def log_metrics(self, metrics: dict[str, float], step: int = 0, on_parent: bool = False) -> None:
+        """Log numeric metrics here (and on the parent run at ``step = iteration`` if asked)."""
+        import time
+
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        numeric = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        entries = [Metric(key, value, now, step) for key, value in numeric.items()]
+        self.client.log_batch(self.run_id, metrics=entries)
+        if on_parent:
+            parent = [Metric(key, value, now, self.iteration) for key, value in numeric.items()]
+            self.client.log_batch(self.parent_run_id, metrics=parent)
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        self.client.log_batch(self.run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()])
+
+    def log_dataset(self, path: str | os.PathLike, name: str, context: str) -> str:
+        """Log a record file as a dataset input (source and SHA-256 digest); return the digest."""
+        from mlflow.data.dataset_source_registry import resolve_dataset_source
+        from mlflow.data.meta_dataset import MetaDataset
+        from mlflow.entities import DatasetInput, InputTag
+
+        digest = file_digest(path)
+        dataset = MetaDataset(resolve_dataset_source(str(Path(path).resolve())), name=name, digest=digest[:16])
+        tags = [InputTag("mlflow.data.context", context)]
+        self.client.log_inputs(self.run_id, datasets=[DatasetInput(dataset._to_mlflow_entity(), tags)])
+        return digest
+
+    def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def log_artifacts(self, directory: str | os.PathLike, artifact_path: str | None = None) -> None:
+        self.client.log_artifacts(self.run_id, str(directory), artifact_path)
+
+
+@contextmanager
+def stage_run(tracking_uri: str, parent_run_id: str, stage: str, iteration: int) -> Iterator[StageRun]:
+    """Open a nested run named ``iter<i>/<stage>``; it ends FAILED if the block raises."""
+    client = _client(tracking_uri)
+    parent = client.get_run(parent_run_id)
+    tags = {
+        "mlflow.parentRunId": parent_run_id,
+        STAGE_TAG: stage,
+        ITERATION_TAG: str(iteration),
+        **code_version(),
+    }
+    run = client.create_run(parent.info.experiment_id, run_name=f"iter{iteration}/{stage}", tags=tags)
+    try:
+        yield StageRun(client, run.info.run_id, parent_run_id, iteration)
+    except BaseException:
+        client.set_terminated(run.info.run_id, "FAILED")
+        raise
+    client.set_terminated(run.info.run_id, "FINISHED")
+
+
+def metric_history(tracking_uri: str, run_id: str, key: str) -> dict[int, float]:
+    """``{step: value}`` of a parent-run metric (the latest value for each step)."""
+    return {m.step: m.value for m in sorted(_client(tracking_uri).get_metric_history(run_id, key), key=lambda m: m.timestamp)}
+
+
+def log_run_artifact(tracking_uri: str, run_id: str, path: str | os.PathLike) -> None:
+    _client(tracking_uri).log_artifact(run_id, str(path))
