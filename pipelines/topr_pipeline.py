@@ -8,7 +8,8 @@
     finish_run (exit handler: closes the MLflow run as FINISHED or FAILED)
 
 KFP v2 has no loops over a run-time count, so ``build_pipeline(iterations)`` unrolls the
-iterations at compile time, each a nested pipeline taking the previous iteration's Model.
+iterations at compile time, each a nested pipeline (``iteration-<i>``) taking the previous
+iteration's Model.
 """
 
 
@@ -26,27 +27,37 @@ from components.train.component import train
 from components.verify.component import verify
 
 
-@dsl.pipeline(name="topr-iteration", description="One round: sample, verify, curate, train, evaluate.")
-def topr_iteration(
-    config_json: str,
-    tracking_uri: str,
-    parent_run_id: str,
-    iteration: int,
-    model: Input[Model],
-    train_prompts: Input[Dataset],
-    eval_prompts: Input[Dataset],
-) -> Model:
-    tracking = {"config_json": config_json, "tracking_uri": tracking_uri, "parent_run_id": parent_run_id, "iteration": iteration}
-    sampled = sample(**tracking, model=model, train_prompts=train_prompts).set_display_name("sample")
-    verified = verify(**tracking, samples=sampled.outputs["samples"]).set_display_name("verify")
-    curated = curate(**tracking, verified=verified.outputs["verified"]).set_display_name("curate")
-    trained = train(**tracking, model=model, train_set=curated.outputs["train_set"]).set_display_name("train")
-    evaluate(**tracking, model=trained.outputs["trained_model"], eval_prompts=eval_prompts).set_display_name("evaluate")
-    return trained.outputs["trained_model"]
+def iteration_pipeline(iteration: int):
+    """The nested pipeline of one round: sample, verify, curate, train, evaluate.
+
+    Each round gets its own pipeline definition (``iteration-<i>``) so that its tasks have
+    their own component names, and so their own artifact folders under kfp.local, where a
+    component reused by several rounds would write every round into the same folder.
+    """
+
+    @dsl.pipeline(name=f"iteration-{iteration}", description=f"Round {iteration}: sample, verify, curate, train, evaluate.")
+    def one_round(
+        config_json: str,
+        tracking_uri: str,
+        parent_run_id: str,
+        model: Input[Model],
+        train_prompts: Input[Dataset],
+        eval_prompts: Input[Dataset],
+    ) -> Model:
+        tracking = {"config_json": config_json, "tracking_uri": tracking_uri, "parent_run_id": parent_run_id, "iteration": iteration}
+        sampled = sample(**tracking, model=model, train_prompts=train_prompts).set_display_name("sample")
+        verified = verify(**tracking, samples=sampled.outputs["samples"]).set_display_name("verify")
+        curated = curate(**tracking, verified=verified.outputs["verified"]).set_display_name("curate")
+        trained = train(**tracking, model=model, train_set=curated.outputs["train_set"]).set_display_name("train")
+        evaluate(**tracking, model=trained.outputs["trained_model"], eval_prompts=eval_prompts).set_display_name("evaluate")
+        return trained.outputs["trained_model"]
+
+    return one_round
 
 
 def build_pipeline(iterations: int):
     """The pipeline with ``iterations`` rounds unrolled; its parameters are strings."""
+    rounds = [iteration_pipeline(iteration) for iteration in range(1, iterations + 1)]
 
     @dsl.pipeline(name="topr", description=f"Tapered Off-Policy REINFORCE, {iterations} iterations.")
     def topr(config_json: str, tracking_uri: str, run_name: str = "topr") -> str:
@@ -65,10 +76,9 @@ def build_pipeline(iterations: int):
             evaluate(
                 **tracking, iteration=0, model=model, eval_prompts=prompt_sets.outputs["eval_prompts"]
             ).set_display_name("evaluate starting model")
-            for iteration in range(1, iterations + 1):
-                model = topr_iteration(
+            for iteration, one_round in enumerate(rounds, start=1):
+                model = one_round(
                     **tracking,
-                    iteration=iteration,
                     model=model,
                     train_prompts=prompt_sets.outputs["train_prompts"],
                     eval_prompts=prompt_sets.outputs["eval_prompts"],

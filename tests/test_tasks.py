@@ -143,9 +143,11 @@ def test_a_prompt_id_always_means_the_same_prompt():
         ("Answer: 12 apples", "12"),
         ("Answer:\n  12", "12"),
         ("Answer: 3\nWait, no.\nAnswer: 4", "4"),
-        ("So Tom has 19 apples.", None),
+        ("So Tom has 19 apples.", "19"),
+        ("12 + 7 = 19 apples, so 19.", "19"),
         ("Answer: I am not sure", None),
-        ("Answer: 7\nAnswer: unsure", None),
+        ("Answer: 7\nAnswer: unsure", "7"),
+        ("I cannot count apples.", None),
         ("", None),
     ],
 )

@@ -77,7 +77,7 @@ def _build_parser() -> argparse.ArgumentParser:
     train.add_argument("--output", required=True, help="Directory for the trained model.")
     _add_config_arguments(train)
 
-    evaluate = commands.add_parser("evaluate", help="Held-out pass@1, pass@k, maj@k with 95% CIs.")
+    evaluate = commands.add_parser("evaluate", help="Held-out pass@1, pass@k, maj@k with 95%% CIs.")
     evaluate.add_argument("--model", required=True, help="Model directory (or the embedded default's name).")
     evaluate.add_argument("--prompts", required=True, help="Held-out prompt records.")
     evaluate.add_argument("--output", required=True, help="Where to write the report (JSON).")

@@ -233,7 +233,14 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> None:
                 f"override {override!r}: unknown field {section}.{field} "
                 f"(choices: {', '.join(section_fields)})"
             )
-        data.setdefault(section, {})[field] = yaml.safe_load(raw_value) if raw_value else None
+        value = yaml.safe_load(raw_value) if raw_value else None
+        if value is not None and not isinstance(value, str) and section_fields[field].annotation in (str, str | None):
+            value = raw_value  # a text field keeps its text: run.name=2024, model.system_prompt=yes
+        if data.get(section) is None:
+            data[section] = {}  # an empty section in the YAML file (``train:`` with no fields)
+        if not isinstance(data[section], dict):
+            raise ConfigError(f"override {override!r}: section {section!r} is not a mapping in the config file")
+        data[section][field] = value
 
 
 def describe_fields() -> str:

@@ -25,6 +25,7 @@ from topr.tasks import (
     ANSWER_MARKER,
     Task,
     check_split,
+    last_number,
     number_after,
     numbers_equal,
 )
@@ -194,8 +195,13 @@ class ArithmeticTask(Task):
         }
 
     def extract(self, completion: str) -> str | None:
-        """The number after the last "Answer:"; None when there is no "Answer:" or no number."""
-        return number_after(ANSWER_MARKER, completion)
+        """The number after the last "Answer:", else the completion's last number; None if none.
+
+        Small models often state the right result without the requested "Answer:" line;
+        falling back to the last number (the usual GSM8K convention) scores the arithmetic,
+        not the formatting. A completion with no number at all is unparsable.
+        """
+        return number_after(ANSWER_MARKER, completion) or last_number(completion)
 
     def is_correct(self, extracted: str, reference: str) -> bool:
         return numbers_equal(extracted, reference)

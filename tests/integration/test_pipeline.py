@@ -1,0 +1,137 @@
+"""The pipeline, compiled and really run through kfp.local, tracked in a real (sqlite) MLflow store."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlflow
+import pytest
+import yaml
+
+from pipelines.runner import compile_pipeline, run_local
+from topr.config import EMBEDDED_MODEL, load_config
+from topr.models import PROVENANCE_FILE
+from topr.records import SAMPLE_FIELDS, VERIFIED_FIELDS, read_records
+from topr.tracking import KFP_RUN_TAG, default_tracking_uri
+
+STAGES = ("sample", "verify", "curate", "train", "evaluate")
+TINY_RUN = [
+    "task.train_size=3",
+    "task.eval_size=3",
+    "sample.samples_per_prompt=2",
+    "sample.max_new_tokens=6",
+    "evaluate.max_new_tokens=6",
+    "evaluate.samples_per_prompt=2",
+    "train.batch_size=2",
+]
+
+
+def test_compiled_pipeline_unrolls_iterations(tmp_path):
+    spec = yaml.safe_load(compile_pipeline(3, tmp_path / "topr.yaml").read_text())
+    tasks = spec["root"]["dag"]["tasks"]
+    assert {"start-run", "finish-run", "exit-handler-1"} <= set(tasks)
+    assert tasks["finish-run"]["triggerPolicy"]["strategy"] == "ALL_UPSTREAM_TASKS_COMPLETED"
+    loop = spec["components"]["comp-exit-handler-1"]["dag"]["tasks"]
+    assert {"iteration-1", "iteration-2", "iteration-3", "prepare-model", "prompts", "evaluate"} <= set(loop)
+    # Each iteration trains from the previous iteration's model.
+    for iteration in (2, 3):
+        model = loop[f"iteration-{iteration}"]["inputs"]["artifacts"]["model"]["taskOutputArtifact"]
+        assert model["producerTask"] == f"iteration-{iteration - 1}"
+    # Every round has its own components, so no two rounds share an artifact folder.
+    stage_components = [
+        task["componentRef"]["name"]
+        for iteration in (1, 2, 3)
+        for task in spec["components"][f"comp-iteration-{iteration}"]["dag"]["tasks"].values()
+    ]
+    assert len(stage_components) == len(set(stage_components)) == 3 * len(STAGES)
+
+
+def _runs_by_name(tracking_uri: str, parent_run_id: str) -> dict[str, mlflow.entities.Run]:
+    client = mlflow.MlflowClient(tracking_uri)
+    parent = client.get_run(parent_run_id)
+    children = client.search_runs(
+        [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'"
+    )
+    return {run.info.run_name: run for run in children}
+
+
+def _artifact(pipeline_root: Path, task: str, output: str) -> Path:
+    """The single artifact ``output`` of the local task folder named ``task`` (e.g. train-2)."""
+    (path,) = pipeline_root.glob(f"*/{task}/{output}")
+    return path
+
+
+@pytest.mark.slow
+def test_local_run_two_iterations(tmp_path, tiny_model_dir):
+    config = load_config(None, [f"model.path={tiny_model_dir}", "run.iterations=2", *TINY_RUN])
+    tracking_uri = default_tracking_uri(tmp_path)
+    parent_run_id = run_local(config, tmp_path / "run", tracking_uri, "pipeline-test")
+
+    client = mlflow.MlflowClient(tracking_uri)
+    parent = client.get_run(parent_run_id)
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags[KFP_RUN_TAG]
+    assert parent.data.params["train.objective"] == "topr"
+    history = client.get_metric_history(parent_run_id, "pass_at_1")
+    assert sorted(m.step for m in history) == [0, 1, 2]
+
+    runs = _runs_by_name(tracking_uri, parent_run_id)
+    expected = {f"iter{i}/{stage}" for i in (1, 2) for stage in STAGES} | {"iter0/evaluate", "iter0/prepare_model", "iter0/prompts"}
+    assert expected <= set(runs)
+    assert all(run.info.status == "FINISHED" for run in runs.values())
+    train_run = runs["iter2/train"]
+    assert any(d.dataset.name == "train_set_iter2" for d in train_run.inputs.dataset_inputs)
+    assert "loss" in train_run.data.metrics
+    logged = [a.path for a in client.list_artifacts(train_run.info.run_id, "model")]
+    assert "model/model.safetensors" in logged
+
+    root = tmp_path / "run" / "pipeline_root"
+    for task in ("sample", "sample-2"):
+        samples = read_records(_artifact(root, task, "samples"), required=SAMPLE_FIELDS)
+        assert len(samples) == 3 * 2
+    verified = read_records(_artifact(root, "verify-2", "verified"), required=VERIFIED_FIELDS)
+    assert {r["reward"] for r in verified} <= {1.0, -1.0}
+    # Each round's model names the model it was trained from.
+    base, first, second = (
+        json.loads((_artifact(root, task, output) / PROVENANCE_FILE).read_text())
+        for task, output in (("prepare-model", "model"), ("train", "trained_model"), ("train-2", "trained_model"))
+    )
+    assert first["parent"] == "sha256:" + base["weights_sha256"]
+    assert second["parent"] == "sha256:" + first["weights_sha256"]
+    assert samples[0]["behavior_model"] == "sha256:" + first["weights_sha256"]
+
+
+@pytest.mark.slow
+def test_failed_stage_fails_the_run_and_registers_nothing(tmp_path, tiny_model_dir):
+    # Every completion is longer than one token, so curation leaves nothing to train on.
+    config = load_config(None, [f"model.path={tiny_model_dir}", "run.iterations=1", "curate.max_completion_tokens=1", *TINY_RUN])
+    tracking_uri = default_tracking_uri(tmp_path)
+    with pytest.raises(RuntimeError):
+        run_local(config, tmp_path / "run", tracking_uri, "failing-run")
+
+    client = mlflow.MlflowClient(tracking_uri)
+    experiment = client.get_experiment_by_name(config.run.experiment)
+    parents = client.search_runs([experiment.experiment_id], filter_string="tags.mlflow.runName = 'failing-run'")
+    assert [run.info.status for run in parents] == ["FAILED"]
+    runs = _runs_by_name(tracking_uri, parents[0].info.run_id)
+    assert runs["iter1/curate"].info.status == "FAILED"
+    assert "iter1/train" not in runs
+    root = tmp_path / "run" / "pipeline_root"
+    assert not list(root.glob("*/train/trained_model"))
+    assert not list(root.glob("*/curate/train_set"))
+
+
+@pytest.mark.slow
+def test_topr_run_with_the_embedded_model(tmp_path, capsys):
+    """The README's main command on a tiny budget, with the real default model."""
+    from topr.cli import main
+
+    overrides = [f"run.output_dir={tmp_path}", "run.name=embedded", "run.iterations=1", *TINY_RUN]
+    assert load_config(None, overrides).model.path == EMBEDDED_MODEL
+    assert main(["run", *overrides]) == 0
+    printed = capsys.readouterr().out
+    assert "pass@1" in printed and "start" in printed
+    report = (tmp_path / "embedded" / "report.md").read_text()
+    assert report.count("\n        ") >= 2  # a row for the starting model and one per iteration
+    assert (tmp_path / "embedded" / "accuracy.png").stat().st_size > 0

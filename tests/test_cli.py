@@ -1,0 +1,244 @@
+"""The ``topr`` command, called in-process through ``topr.cli.main``."""
+
+import json
+
+import pytest
+import yaml
+
+from topr.cli import main
+from topr.records import SCHEMA_VERSION, read_records, write_records
+
+
+def write_jsonl(path, records):
+    path.write_text("".join(json.dumps(record) + "\n" for record in records), encoding="utf-8")
+
+
+COMPLETIONS = [
+    {"prompt_id": "p1", "reference": "19", "completion": "7 + 12 = 19\nAnswer: 19", "sample_index": 0},
+    {"prompt_id": "p1", "reference": "19", "completion": "Answer: 18", "sample_index": 1},
+    {"prompt_id": "p2", "reference": "5", "completion": "No idea.", "sample_index": 0},
+    {"prompt_id": "p2", "reference": "5", "completion": "2 + 3 = 5\nAnswer: 5", "sample_index": 1},
+]
+
+
+def verified_record(prompt_id, sample_index, completion, correct):
+    return {
+        "prompt_id": prompt_id,
+        "prompt": "What is 7 + 12?",
+        "reference": "19",
+        "prompt_token_ids": [1, 2, 3],
+        "completion": completion,
+        "completion_token_ids": [4, 5] if completion else [],
+        "behavior_logprobs": [-0.5, -0.25] if completion else [],
+        "sample_index": sample_index,
+        "finish_reason": "stop",
+        "extracted": "19" if correct else None,
+        "correct": correct,
+        "reward": 1.0 if correct else -1.0,
+    }
+
+
+def test_run_help_lists_config_fields(capsys):
+    with pytest.raises(SystemExit) as exited:
+        main(["run", "--help"])
+    assert exited.value.code == 0
+    out = capsys.readouterr().out
+    assert "usage: topr run" in out
+    assert "train.objective = 'topr'" in out
+    assert "Policy-gradient objective" in out
+    assert "sample.temperature = 0.5" in out
+    assert "Sampling temperature." in out
+    assert "run.iterations = 2" in out
+    assert "section.field=value" in out
+
+
+def test_top_level_help_lists_commands(capsys):
+    with pytest.raises(SystemExit) as exited:
+        main(["--help"])
+    assert exited.value.code == 0
+    out = capsys.readouterr().out
+    for command in ("run", "compile", "sample", "verify", "curate", "train", "evaluate"):
+        assert command in out
+    assert "95% CIs" in out
+
+
+def test_missing_command_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exited:
+        main([])
+    assert exited.value.code == 2
+
+
+def test_verify_writes_rewards_and_prints_summary(tmp_path, capsys):
+    source, output = tmp_path / "samples.jsonl", tmp_path / "out" / "verified.jsonl"
+    write_jsonl(source, COMPLETIONS)
+    assert main(["verify", "--task", "arithmetic", "--input", str(source), "--output", str(output)]) == 0
+    verified = read_records(output)
+    assert [(r["prompt_id"], r["extracted"], r["correct"], r["reward"]) for r in verified] == [
+        ("p1", "19", True, 1.0),
+        ("p1", "18", False, -1.0),
+        ("p2", None, False, -1.0),
+        ("p2", "5", True, 1.0),
+    ]
+    assert all(r["schema_version"] == SCHEMA_VERSION for r in verified)
+    assert [r["sample_index"] for r in verified] == [0, 1, 0, 1]  # other fields pass through
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["count"] == 4
+    assert summary["correct"] == 2
+    assert summary["accuracy"] == pytest.approx(0.5)
+    assert summary["unparsable"] == 1
+    assert summary["prompts_with_a_correct"] == 2
+
+
+def test_verify_malformed_line_exits_2_and_names_file_and_line(tmp_path, capsys):
+    source, output = tmp_path / "samples.jsonl", tmp_path / "verified.jsonl"
+    lines = [json.dumps(record) for record in COMPLETIONS]
+    lines[2] = lines[2][:-1]  # drop the closing brace of line 3
+    source.write_text("\n".join(lines) + "\n")
+    assert main(["verify", "--task", "arithmetic", "--input", str(source), "--output", str(output)]) == 2
+    err = capsys.readouterr().err
+    assert "topr verify: error:" in err
+    assert f"{source}:3:" in err
+    assert not output.exists()
+
+
+def test_verify_missing_field_exits_2(tmp_path, capsys):
+    source, output = tmp_path / "samples.jsonl", tmp_path / "verified.jsonl"
+    write_jsonl(source, [COMPLETIONS[0], {"prompt_id": "p2", "reference": "5"}])
+    assert main(["verify", "--input", str(source), "--output", str(output)]) == 2
+    err = capsys.readouterr().err
+    assert f"{source}:2:" in err and "completion" in err
+    assert not output.exists()
+
+
+def test_verify_missing_input_exits_2(tmp_path, capsys):
+    source, output = tmp_path / "missing.jsonl", tmp_path / "verified.jsonl"
+    assert main(["verify", "--input", str(source), "--output", str(output)]) == 2
+    assert "missing.jsonl" in capsys.readouterr().err
+    assert not output.exists()
+
+
+def test_unknown_task_override_exits_2_with_choices(tmp_path, capsys):
+    source, output = tmp_path / "samples.jsonl", tmp_path / "verified.jsonl"
+    write_jsonl(source, COMPLETIONS)
+    assert main(["verify", "--input", str(source), "--output", str(output), "task.name=nope"]) == 2
+    err = capsys.readouterr().err
+    assert "task.name" in err
+    for choice in ("arithmetic", "gsm8k", "math", "jsonl"):
+        assert choice in err
+    assert not output.exists()
+
+
+def test_unknown_task_option_exits_2(tmp_path, capsys):
+    source, output = tmp_path / "samples.jsonl", tmp_path / "verified.jsonl"
+    write_jsonl(source, COMPLETIONS)
+    assert main(["verify", "--task", "nope", "--input", str(source), "--output", str(output)]) == 2
+    err = capsys.readouterr().err
+    assert "task.name" in err and "arithmetic" in err
+    assert not output.exists()
+
+
+def test_unknown_objective_exits_2_with_choices(tmp_path, capsys):
+    source, output = tmp_path / "samples.jsonl", tmp_path / "verified.jsonl"
+    write_jsonl(source, COMPLETIONS)
+    assert main(["verify", "--input", str(source), "--output", str(output), "train.objective=foo"]) == 2
+    err = capsys.readouterr().err
+    assert "train.objective" in err
+    for choice in ("topr", "reinforce", "tis", "rft", "ppo"):
+        assert f"'{choice}'" in err
+    assert not output.exists()
+
+
+def test_unknown_override_field_exits_2(tmp_path, capsys):
+    source, output = tmp_path / "samples.jsonl", tmp_path / "verified.jsonl"
+    write_jsonl(source, COMPLETIONS)
+    assert main(["verify", "--input", str(source), "--output", str(output), "train.lr=1"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown field train.lr" in err and "learning_rate" in err
+
+
+def test_missing_config_file_exits_2(tmp_path, capsys):
+    source, output = tmp_path / "samples.jsonl", tmp_path / "verified.jsonl"
+    write_jsonl(source, COMPLETIONS)
+    config = tmp_path / "nope.yaml"
+    assert main(["verify", "--config", str(config), "--input", str(source), "--output", str(output)]) == 2
+    assert "nope.yaml" in capsys.readouterr().err
+
+
+def test_curate_writes_training_set_and_report(tmp_path, capsys):
+    source = tmp_path / "verified.jsonl"
+    output, report = tmp_path / "train.jsonl", tmp_path / "curate.json"
+    write_records(
+        source,
+        [
+            verified_record("p1", 0, "Answer: 19", True),
+            verified_record("p1", 1, "Answer: 19", True),
+            verified_record("p1", 2, "Answer: 18", False),
+            verified_record("p1", 3, "", False),
+        ],
+    )
+    assert main(["curate", "--input", str(source), "--output", str(output), "--report", str(report)]) == 0
+    curated = read_records(output)
+    assert [r["sample_index"] for r in curated] == [0, 2]  # anna_karenina, empty dropped
+    written = json.loads(report.read_text())
+    assert written["count"] == 2 and written["dropped"]["empty"] == 1 and written["dropped"]["strategy"] == 1
+    assert json.loads(capsys.readouterr().out)["count"] == 2
+
+
+def test_curate_with_nothing_left_exits_2_and_writes_nothing(tmp_path, capsys):
+    source = tmp_path / "verified.jsonl"
+    output, report = tmp_path / "train.jsonl", tmp_path / "curate.json"
+    write_records(source, [verified_record("p1", i, "   " if i else "", False) for i in range(3)])
+    assert main(["curate", "--input", str(source), "--output", str(output), "--report", str(report)]) == 2
+    err = capsys.readouterr().err
+    assert "topr curate: error:" in err
+    assert "no examples left after curation" in err
+    assert "3 records in" in err and "3 dropped as empty" in err
+    assert not output.exists()
+    assert not report.exists()
+
+
+def test_train_with_missing_model_exits_2(tmp_path, capsys):
+    data, output = tmp_path / "train.jsonl", tmp_path / "model_out"
+    write_records(data, [verified_record("p1", 0, "Answer: 19", True), verified_record("p1", 1, "Answer: 18", False)])
+    assert main(["train", "--model", "/nonexistent", "--data", str(data), "--output", str(output)]) == 2
+    err = capsys.readouterr().err
+    assert "topr train: error:" in err
+    assert "/nonexistent" in err and "does not exist" in err
+    assert not output.exists()
+
+
+def test_train_with_mismatched_logprobs_exits_2_naming_line(tmp_path, capsys):
+    data, output = tmp_path / "train.jsonl", tmp_path / "model_out"
+    bad = {**verified_record("p1", 1, "Answer: 18", False), "behavior_logprobs": [-0.5]}
+    write_records(data, [verified_record("p1", 0, "Answer: 19", True), bad])
+    assert main(["train", "--model", "/nonexistent", "--data", str(data), "--output", str(output)]) == 2
+    err = capsys.readouterr().err
+    assert f"{data}:2:" in err and "behavior_logprobs" in err
+    assert not output.exists()
+
+
+def test_compile_writes_pipeline_yaml(tmp_path, capsys):
+    output = tmp_path / "pipelines" / "topr.yaml"
+    assert main(["compile", "--output", str(output), "--iterations", "2"]) == 0
+    assert str(output) in capsys.readouterr().out
+    text = output.read_text()
+    for component in ("sample", "verify", "curate", "train", "evaluate"):
+        assert f"comp-{component}" in text
+    spec = yaml.safe_load(text)
+    assert spec["pipelineInfo"]["name"] == "topr"
+    # Two unrolled iterations, each its own nested pipeline with the five stages.
+    assert {"comp-iteration-1", "comp-iteration-2"} <= set(spec["components"])
+    assert "comp-iteration-3" not in spec["components"]
+    for iteration in (1, 2):
+        tasks = spec["components"][f"comp-iteration-{iteration}"]["dag"]["tasks"]
+        assert set(tasks) == {"sample", "verify", "curate", "train", "evaluate"}
+        assert tasks["sample"]["inputs"]["parameters"]["iteration"]["runtimeValue"]["constant"] == iteration
+    assert {"comp-start-run", "comp-finish-run", "comp-prepare-model", "comp-prompts"} <= set(spec["components"])
+
+
+def test_compile_takes_iterations_from_config(tmp_path, capsys):
+    output = tmp_path / "topr.yaml"
+    assert main(["compile", "--output", str(output), "run.iterations=3"]) == 0
+    spec = yaml.safe_load(output.read_text())
+    assert "3 iterations" in spec["pipelineInfo"]["description"]
+    assert "comp-iteration-3" in spec["components"] and "comp-iteration-4" not in spec["components"]

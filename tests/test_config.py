@@ -1,0 +1,285 @@
+import pytest
+import yaml
+
+from topr.config import (
+    Config,
+    ConfigError,
+    apply_overrides,
+    build_config,
+    config_to_dict,
+    config_to_yaml,
+    describe_fields,
+    load_config,
+)
+
+
+def test_defaults_validate():
+    config = load_config()
+    assert config == Config()
+    assert config.task.name == "arithmetic"
+    assert config.train.objective == "topr"
+    assert config.train.learning_rate == pytest.approx(3e-5)
+    assert config.run.iterations == 2
+
+
+def test_yaml_round_trip(tmp_path):
+    config = load_config(overrides=["train.objective=tis", "sample.temperature=0.7"])
+    path = tmp_path / "config.yaml"
+    path.write_text(config_to_yaml(config))
+    assert load_config(path) == config
+    assert yaml.safe_load(path.read_text())["train"]["objective"] == "tis"
+
+
+def test_load_yaml_file(tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_text(
+        "train:\n  objective: reinforce\n  learning_rate: 1.0e-4\n  positive_bounds: [0, 1]\n"
+        "sample:\n  samples_per_prompt: 8\n"
+        "run:\n  iterations: 3\n"
+    )
+    config = load_config(path)
+    assert config.train.objective == "reinforce"
+    assert config.train.learning_rate == pytest.approx(1e-4)
+    assert config.train.positive_bounds == (0.0, 1.0)
+    assert config.sample.samples_per_prompt == 8
+    assert config.run.iterations == 3
+    # Untouched fields keep their defaults.
+    assert config.train.batch_size == Config().train.batch_size
+
+
+def test_empty_yaml_file_means_defaults(tmp_path):
+    path = tmp_path / "empty.yaml"
+    path.write_text("")
+    assert load_config(path) == Config()
+
+
+def test_overrides_win_over_file(tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_text("train:\n  objective: reinforce\n  batch_size: 4\n")
+    config = load_config(path, ["train.objective=ppo"])
+    assert config.train.objective == "ppo"
+    assert config.train.batch_size == 4
+
+
+def test_overrides_parsed_as_yaml_scalars():
+    config = load_config(
+        overrides=[
+            "train.learning_rate=1e-5",
+            "train.batch_size=16",
+            "train.positive_bounds=[0,1]",
+            "train.negative_bounds=[0.5, 2]",
+            "train.policy_temperature=null",
+            "curate.drop_truncated=true",
+            "curate.target_positive_fraction=0.25",
+            "model.threads=3",
+            "run.name=my-run",
+            "sample.top_p=0.9",
+        ]
+    )
+    assert config.train.learning_rate == pytest.approx(1e-5)
+    assert isinstance(config.train.learning_rate, float)
+    assert config.train.batch_size == 16
+    assert config.train.positive_bounds == (0.0, 1.0)
+    assert config.train.negative_bounds == (0.5, 2.0)
+    assert config.train.policy_temperature is None
+    assert config.curate.drop_truncated is True
+    assert config.curate.target_positive_fraction == pytest.approx(0.25)
+    assert config.model.threads == 3
+    assert config.run.name == "my-run"
+    assert config.sample.top_p == pytest.approx(0.9)
+
+
+def test_apply_overrides_writes_into_data():
+    data = {"train": {"batch_size": 2}}
+    apply_overrides(data, ["train.learning_rate=0.5", "sample.seed=7", "model.threads=", "train.positive_bounds=[0,1]"])
+    assert data == {
+        "train": {"batch_size": 2, "learning_rate": 0.5, "positive_bounds": [0, 1]},
+        "sample": {"seed": 7},
+        "model": {"threads": None},
+    }
+
+
+@pytest.mark.parametrize(
+    "override, section, field, expected",
+    [
+        ("run.name=2024", "run", "name", "2024"),
+        ("run.name=1e5", "run", "name", "1e5"),
+        ("model.system_prompt=yes", "model", "system_prompt", "yes"),
+        ("model.system_prompt=null", "model", "system_prompt", None),
+        ("run.experiment=3.5", "run", "experiment", "3.5"),
+    ],
+)
+def test_text_fields_keep_their_text(override, section, field, expected):
+    config = load_config(overrides=[override])
+    assert getattr(getattr(config, section), field) == expected
+
+
+def test_override_into_empty_section_of_file(tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_text("train:\n  # objective: topr\nsample:\n  seed: 3\n")
+    config = load_config(path, ["train.objective=tis"])
+    assert config.train.objective == "tis"
+    assert config.sample.seed == 3
+
+
+def test_override_into_non_mapping_section_of_file(tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_text("train: 5\n")
+    with pytest.raises(ConfigError, match="'train' is not a mapping"):
+        load_config(path, ["train.objective=tis"])
+
+
+def test_empty_override_value_is_null():
+    config = load_config(overrides=["train.policy_temperature=0.5", "train.policy_temperature="])
+    assert config.train.policy_temperature is None
+
+
+def test_override_value_may_contain_equals_sign():
+    config = load_config(overrides=["model.system_prompt=a=b"])
+    assert config.model.system_prompt == "a=b"
+
+
+def test_unknown_section_lists_choices():
+    with pytest.raises(ConfigError) as caught:
+        load_config(overrides=["trian.objective=topr"])
+    message = str(caught.value)
+    assert "unknown section 'trian'" in message
+    for section in ("model", "task", "sample", "curate", "train", "evaluate", "run"):
+        assert section in message
+
+
+def test_unknown_field_lists_choices():
+    with pytest.raises(ConfigError) as caught:
+        load_config(overrides=["train.lr=1e-5"])
+    message = str(caught.value)
+    assert "unknown field train.lr" in message
+    for field in ("objective", "learning_rate", "baseline", "positive_bounds", "epochs"):
+        assert field in message
+
+
+@pytest.mark.parametrize("override", ["train", "train.objective", "train=topr", "a.b.c=1", ".objective=x", "train.=x"])
+def test_malformed_override(override):
+    with pytest.raises(ConfigError, match="section.field=value"):
+        load_config(overrides=[override])
+
+
+@pytest.mark.parametrize(
+    "override, field",
+    [
+        ("train.learning_rate=-1e-5", "train.learning_rate"),
+        ("train.learning_rate=0", "train.learning_rate"),
+        ("train.objective=foo", "train.objective"),
+        ("train.positive_bounds=[1,0]", "train.positive_bounds"),
+        ("train.negative_bounds=[-1,2]", "train.negative_bounds"),
+        ("train.positive_bounds=[1]", "train.positive_bounds"),
+        ("sample.temperature=0", "sample.temperature"),
+        ("sample.top_p=1.5", "sample.top_p"),
+        ("run.iterations=0", "run.iterations"),
+        ("curate.strategy=best", "curate.strategy"),
+        ("curate.target_positive_fraction=1", "curate.target_positive_fraction"),
+        ("task.name=nope", "task.name"),
+        ("train.batch_size=many", "train.batch_size"),
+    ],
+)
+def test_invalid_values_name_the_field(override, field):
+    with pytest.raises(ConfigError) as caught:
+        load_config(overrides=[override])
+    message = str(caught.value)
+    assert f"\n  {field}" in message  # the error line starts with the field (its item for tuples)
+    assert "command-line overrides" in message
+
+
+def test_invalid_objective_lists_choices():
+    with pytest.raises(ConfigError) as caught:
+        load_config(overrides=["train.objective=foo"])
+    message = str(caught.value)
+    for objective in ("topr", "reinforce", "tis", "is", "rft", "ppo"):
+        assert f"'{objective}'" in message
+
+
+def test_invalid_value_in_file_names_file_and_field(tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_text("train:\n  learning_rate: -0.1\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    message = str(caught.value)
+    assert str(path) in message
+    assert "train.learning_rate" in message
+
+
+def test_unknown_field_in_file_is_rejected(tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_text("train:\n  lr: 0.1\n")
+    with pytest.raises(ConfigError, match=r"train\.lr"):
+        load_config(path)
+
+
+def test_unknown_section_in_file_is_rejected(tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_text("trian:\n  objective: topr\n")
+    with pytest.raises(ConfigError, match="trian"):
+        load_config(path)
+
+
+@pytest.mark.parametrize("task", ["gsm8k", "math", "jsonl"])
+def test_file_task_needs_train_and_eval_paths(task):
+    with pytest.raises(ConfigError) as caught:
+        load_config(overrides=[f"task.name={task}"])
+    message = str(caught.value)
+    assert "task.train_path" in message and "task.eval_path" in message
+    with pytest.raises(ConfigError, match="task.eval_path"):
+        load_config(overrides=[f"task.name={task}", "task.train_path=train.jsonl"])
+    config = load_config(overrides=[f"task.name={task}", "task.train_path=train.jsonl", "task.eval_path=eval.jsonl"])
+    assert config.task.name == task
+
+
+def test_sections_reject_invalid_assignment():
+    config = Config()
+    with pytest.raises(ValueError):
+        config.train.learning_rate = -1.0
+
+
+def test_build_config_names_source():
+    with pytest.raises(ConfigError, match=r"invalid configuration \(pipeline\)"):
+        build_config({"train": {"objective": "foo"}}, source="pipeline")
+
+
+def test_config_to_dict_round_trips():
+    config = load_config(overrides=["train.positive_bounds=[0,1]", "task.level=hard"])
+    assert build_config(config_to_dict(config)) == config
+
+
+def test_describe_fields_documents_every_field():
+    text = describe_fields()
+    for section_name, section_info in Config.model_fields.items():
+        assert f"{section_name}:" in text
+        for field_name, info in section_info.annotation.model_fields.items():
+            assert info.description, f"{section_name}.{field_name} has no description"
+            assert f"{section_name}.{field_name} = {info.default!r}" in text
+            assert info.description in text
+    assert "train.objective = 'topr'" in text
+    assert "sample.temperature = 0.5" in text
+
+
+def test_missing_config_file_names_it(tmp_path):
+    path = tmp_path / "missing.yaml"
+    with pytest.raises(ConfigError, match="config file not found: .*missing.yaml"):
+        load_config(path)
+
+
+def test_invalid_yaml_names_file(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("train:\n  objective: [topr\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    message = str(caught.value)
+    assert str(path) in message
+    assert "not valid YAML" in message
+
+
+@pytest.mark.parametrize("text", ["- a\n- b\n", "just a string\n", "42\n"])
+def test_top_level_must_be_a_mapping(tmp_path, text):
+    path = tmp_path / "list.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(path)

@@ -1,0 +1,219 @@
+import json
+
+import pytest
+
+from topr.records import (
+    SCHEMA_VERSION,
+    VERIFY_INPUT_FIELDS,
+    RecordError,
+    atomic_path,
+    read_records,
+    write_json,
+    write_records,
+)
+
+RECORDS = [
+    {
+        "prompt_id": "p1",
+        "reference": "19",
+        "completion": "Answer: 19",
+        "completion_token_ids": [5, 6, 7],
+        "behavior_logprobs": [-0.25, -1.5, -0.125],
+        "extracted": "19",
+        "correct": True,
+        "reward": 1.0,
+    },
+    {
+        "prompt_id": "p2",
+        "reference": "5",
+        "completion": "I do not know. ünïcödé",
+        "completion_token_ids": [8],
+        "behavior_logprobs": [-2.0],
+        "extracted": None,
+        "correct": False,
+        "reward": -1.0,
+    },
+]
+
+
+def write_lines(path, lines):
+    path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".parquet"])
+def test_round_trip_stamps_schema_version(tmp_path, suffix):
+    path = tmp_path / f"records{suffix}"
+    assert write_records(path, RECORDS) == 2
+    back = read_records(path)
+    assert back == [{"schema_version": SCHEMA_VERSION, **record} for record in RECORDS]
+    assert isinstance(back[0]["correct"], bool) and back[0]["correct"] is True
+    assert back[1]["extracted"] is None
+    assert all(isinstance(token, int) for token in back[0]["completion_token_ids"])
+    assert all(isinstance(value, float) for value in back[0]["behavior_logprobs"])
+
+
+def test_jsonl_is_one_object_per_line_with_schema_version(tmp_path):
+    path = tmp_path / "records.jsonl"
+    write_records(path, RECORDS)
+    lines = path.read_text(encoding="utf-8").splitlines()
+    assert len(lines) == 2
+    assert all(json.loads(line)["schema_version"] == SCHEMA_VERSION for line in lines)
+    assert "ünïcödé" in lines[1]
+
+
+def test_required_fields_checked_on_parquet_too(tmp_path):
+    path = tmp_path / "records.parquet"
+    write_records(path, [{"prompt_id": "p1"}])
+    with pytest.raises(RecordError, match=r"records\.parquet:1: .*reference"):
+        read_records(path, required=VERIFY_INPUT_FIELDS)
+
+
+def test_malformed_line_names_file_and_line(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    write_lines(path, ['{"prompt_id": "p1"}', '{"prompt_id": "p2"', '{"prompt_id": "p3"}'])
+    with pytest.raises(RecordError) as caught:
+        read_records(path)
+    message = str(caught.value)
+    assert str(path) in message
+    assert f"{path}:2:" in message
+    assert "not valid JSON" in message
+
+
+def test_fixture_malformed_file_reports_line_3():
+    from pathlib import Path
+
+    path = Path(__file__).parent / "fixtures" / "malformed.jsonl"
+    with pytest.raises(RecordError, match=r"malformed\.jsonl:3: not valid JSON"):
+        read_records(path)
+
+
+@pytest.mark.parametrize("line, kind", [("[1, 2, 3]", "list"), ('"text"', "str"), ("42", "int"), ("null", "NoneType")])
+def test_non_object_line(tmp_path, line, kind):
+    path = tmp_path / "bad.jsonl"
+    write_lines(path, ['{"prompt_id": "p1"}', line])
+    with pytest.raises(RecordError) as caught:
+        read_records(path)
+    message = str(caught.value)
+    assert f"{path}:2:" in message
+    assert "expected a JSON object" in message
+    assert kind in message
+
+
+def test_missing_required_field_names_field_and_line(tmp_path):
+    path = tmp_path / "records.jsonl"
+    write_lines(
+        path,
+        [
+            json.dumps({"prompt_id": "p1", "reference": "1", "completion": "x"}),
+            json.dumps({"prompt_id": "p2", "completion": "y"}),
+        ],
+    )
+    with pytest.raises(RecordError) as caught:
+        read_records(path, required=VERIFY_INPUT_FIELDS)
+    message = str(caught.value)
+    assert f"{path}:2:" in message
+    assert "reference" in message
+    assert "completion" not in message.split("field(s)")[-1]
+
+
+def test_missing_several_fields_names_all(tmp_path):
+    path = tmp_path / "records.jsonl"
+    write_lines(path, [json.dumps({"prompt_id": "p1"})])
+    with pytest.raises(RecordError, match=r":1: .*reference, completion"):
+        read_records(path, required=VERIFY_INPUT_FIELDS)
+
+
+@pytest.mark.parametrize("version", [2, 0, "1"])
+def test_unsupported_schema_version(tmp_path, version):
+    path = tmp_path / "records.jsonl"
+    write_lines(path, [json.dumps({"schema_version": SCHEMA_VERSION, "a": 1}), json.dumps({"schema_version": version, "a": 2})])
+    with pytest.raises(RecordError) as caught:
+        read_records(path)
+    message = str(caught.value)
+    assert f"{path}:2:" in message
+    assert "schema_version" in message
+    assert repr(version) in message
+
+
+def test_record_without_schema_version_is_read_as_current(tmp_path):
+    path = tmp_path / "records.jsonl"
+    write_lines(path, [json.dumps({"a": 1})])
+    assert read_records(path) == [{"a": 1}]
+
+
+def test_missing_file_names_it(tmp_path):
+    path = tmp_path / "nope.jsonl"
+    with pytest.raises(FileNotFoundError, match="nope.jsonl"):
+        read_records(path)
+    with pytest.raises(FileNotFoundError, match="nope.parquet"):
+        read_records(tmp_path / "nope.parquet")
+
+
+def test_blank_lines_skipped_and_line_numbers_kept(tmp_path):
+    path = tmp_path / "records.jsonl"
+    path.write_text('\n{"a": 1}\n   \n\n{"a": 2}\n\n{"a": 3\n', encoding="utf-8")
+    with pytest.raises(RecordError, match=r"records\.jsonl:7:"):
+        read_records(path)
+    path.write_text('\n{"a": 1}\n   \n\n{"a": 2}\n\n', encoding="utf-8")
+    assert read_records(path) == [{"a": 1}, {"a": 2}]
+
+
+def test_empty_file_has_no_records(tmp_path):
+    path = tmp_path / "empty.jsonl"
+    path.write_text("")
+    assert read_records(path) == []
+
+
+def test_atomic_path_keeps_previous_content_on_failure(tmp_path):
+    path = tmp_path / "out.txt"
+    path.write_text("previous")
+    with pytest.raises(RuntimeError, match="boom"):
+        with atomic_path(path) as temporary:
+            assert temporary.parent == tmp_path
+            assert temporary != path
+            temporary.write_text("half-written")
+            raise RuntimeError("boom")
+    assert path.read_text() == "previous"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.txt"]
+
+
+def test_atomic_path_replaces_on_success_and_creates_parents(tmp_path):
+    path = tmp_path / "deep" / "dir" / "out.txt"
+    with atomic_path(path) as temporary:
+        temporary.write_text("new")
+        assert not path.exists()
+    assert path.read_text() == "new"
+    assert [p.name for p in path.parent.iterdir()] == ["out.txt"]
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".parquet"])
+def test_write_records_failure_keeps_previous_file(tmp_path, suffix):
+    path = tmp_path / f"records{suffix}"
+    write_records(path, RECORDS)
+    before = path.read_bytes()
+
+    def exploding():
+        yield {"prompt_id": "p9"}
+        raise RuntimeError("generator failed")
+
+    with pytest.raises(RuntimeError, match="generator failed"):
+        write_records(path, exploding())
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]
+
+
+def test_write_records_unserialisable_keeps_previous_file(tmp_path):
+    path = tmp_path / "records.jsonl"
+    write_records(path, RECORDS)
+    before = path.read_bytes()
+    with pytest.raises(TypeError):
+        write_records(path, [{"prompt_id": "p1"}, {"prompt_id": "p2", "bad": object()}])
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["records.jsonl"]
+
+
+def test_write_json(tmp_path):
+    path = tmp_path / "report.json"
+    write_json(path, {"count": 3, "name": "é"})
+    assert json.loads(path.read_text(encoding="utf-8")) == {"count": 3, "name": "é"}
+    assert [p.name for p in tmp_path.iterdir()] == ["report.json"]

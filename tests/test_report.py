@@ -1,0 +1,119 @@
+"""The end-of-run table and report, read back from a parent run in a local sqlite store."""
+
+import time
+
+import pytest
+
+from topr.config import load_config
+from topr.report import format_table, plot_accuracy, run_metrics, write_run_report
+from topr.tracking import default_tracking_uri, start_pipeline_run
+
+# iteration -> (pass@1, CI low, CI high, parse failure rate)
+EVALUATIONS = {0: (0.10, 0.05, 0.20, 0.30), 1: (0.25, 0.18, 0.33, 0.125), 2: (0.50, 0.40, 0.60, 0.0)}
+# iteration -> (sample accuracy, curated count, positives, negatives, effective positive fraction)
+CURATIONS = {1: (0.125, 40, 8, 32, 0.2), 2: (0.375, 30, 12, 18, 0.4)}
+
+
+@pytest.fixture(scope="module")
+def logged_run(tmp_path_factory):
+    """A parent run holding the figures that verify, curate and evaluate log at step = iteration."""
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric
+
+    root = tmp_path_factory.mktemp("report_store")
+    uri = default_tracking_uri(root)
+    config = load_config(overrides=["run.experiment=topr-report-tests"])
+    parent = start_pipeline_run(uri, config, "report-run", kfp_run_id="kfp-report")
+    figures = []
+    for iteration, (pass_at_1, low, high, parse_failures) in EVALUATIONS.items():
+        figures += [
+            ("pass_at_1", pass_at_1, iteration),
+            ("pass_at_1_ci_low", low, iteration),
+            ("pass_at_1_ci_high", high, iteration),
+            ("parse_failure_rate", parse_failures, iteration),
+        ]
+    for iteration, (accuracy, count, positives, negatives, effective) in CURATIONS.items():
+        figures += [
+            ("sample_accuracy", accuracy, iteration),
+            ("curated_count", count, iteration),
+            ("curated_positives", positives, iteration),
+            ("curated_negatives", negatives, iteration),
+            ("positive_fraction", positives / count, iteration),
+            ("effective_positive_fraction", effective, iteration),
+        ]
+    now = int(time.time() * 1000)
+    MlflowClient(uri).log_batch(parent, metrics=[Metric(key, float(value), now, step) for key, value, step in figures])
+    return uri, parent, root
+
+
+def table_rows(table: str) -> list[list[str]]:
+    return [line.split() for line in table.splitlines()[2:]]
+
+
+def test_run_metrics_reads_parent_history(logged_run):
+    uri, parent, _ = logged_run
+    metrics = run_metrics(uri, parent)
+    assert metrics["pass_at_1"] == {0: 0.10, 1: 0.25, 2: 0.50}
+    assert metrics["pass_at_1_ci_high"] == {0: 0.20, 1: 0.33, 2: 0.60}
+    assert metrics["curated_count"] == {1: 40.0, 2: 30.0}
+    assert metrics["sample_accuracy"] == {1: 0.125, 2: 0.375}
+    assert metrics["maj_at_k"] == {}  # never logged
+
+
+def test_format_table_one_row_per_iteration(logged_run):
+    uri, parent, _ = logged_run
+    table = format_table(run_metrics(uri, parent))
+    lines = table.splitlines()
+    assert "iteration" in lines[0] and "pass@1" in lines[0] and "curated (+/-)" in lines[0]
+    assert set(lines[1]) == {"-"}
+    assert len(lines) == 2 + 3
+    assert table_rows(table) == [
+        ["0", "10.0%", "[5.0%,", "20.0%]", "30.0%", "-", "start", "-"],
+        ["1", "25.0%", "[18.0%,", "33.0%]", "12.5%", "12.5%", "40", "(8/32)", "0.20"],
+        ["2", "50.0%", "[40.0%,", "60.0%]", "0.0%", "37.5%", "30", "(12/18)", "0.40"],
+    ]
+
+
+def test_format_table_columns_line_up():
+    metrics = {
+        "pass_at_1": {0: 0.5, 1: 1.0},
+        "pass_at_1_ci_low": {0: 0.25, 1: 0.9},
+        "pass_at_1_ci_high": {0: 0.75, 1: 1.0},
+        "parse_failure_rate": {0: 0.0, 1: 0.0},
+        "sample_accuracy": {1: 0.5},
+        "curated_count": {1: 3.0},
+        "curated_positives": {1: 1.0},
+        "curated_negatives": {1: 2.0},
+        "effective_positive_fraction": {1: 0.3333},
+    }
+    lines = format_table(metrics).splitlines()
+    assert len({len(line) for line in lines}) == 1
+    assert lines[3].split() == ["1", "100.0%", "[90.0%,", "100.0%]", "0.0%", "50.0%", "3", "(1/2)", "0.33"]
+
+
+def test_plot_accuracy_writes_png(tmp_path, logged_run):
+    uri, parent, _ = logged_run
+    path = tmp_path / "plot.png"
+    plot_accuracy(run_metrics(uri, parent), path)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_write_run_report(tmp_path, logged_run):
+    from mlflow import MlflowClient
+
+    uri, parent, root = logged_run
+    run_dir = tmp_path / "my-run"
+    run_dir.mkdir()
+    table = write_run_report(run_dir, uri, parent, minutes=2.5)
+    assert table == format_table(run_metrics(uri, parent))
+    report = (run_dir / "report.md").read_text()
+    assert report.startswith("# topr run my-run")
+    assert parent in report and "2.5 minutes" in report
+    assert table in report
+    assert "accuracy.png" in report
+    png = (run_dir / "accuracy.png").read_bytes()
+    assert len(png) > 1000 and png[:8] == b"\x89PNG\r\n\x1a\n"
+    client = MlflowClient(uri)
+    assert {"report.md", "accuracy.png", "config.yaml"} <= {f.path for f in client.list_artifacts(parent)}
+    downloaded = client.download_artifacts(parent, "report.md", str(tmp_path))
+    assert open(downloaded).read() == report

@@ -1,0 +1,260 @@
+"""Tests for topr.sample with the tiny random Llama of conftest (real SmolLM2 tokenizer).
+
+The behaviour log-probs are checked against an independent forward pass
+(``completion_logprobs`` and, for top-k, the full logits), so a completion attached to the wrong
+prompt, a wrong temperature or an unnormalised truncated distribution all show up as mismatches.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from topr.config import load_config
+from topr.logprobs import batch_prompt_completions, completion_logprobs
+from topr.models import load_policy, model_identity, prompt_token_ids
+from topr.records import SAMPLE_FIELDS, read_records, write_records
+from topr.sample import (
+    Completion,
+    SamplingParams,
+    TransformersEngine,
+    VLLMEngine,
+    make_engine,
+    run_sample,
+    sample_records,
+    select_iteration_prompts,
+)
+
+QUESTIONS = ["Hi", "What is 12 plus 7? Show your steps please.", "Add 3 and 4."]
+
+
+@pytest.fixture(scope="module")
+def policy(tiny_model_dir):
+    model, tokenizer = load_policy(tiny_model_dir, device=torch.device("cpu"))
+    # Random weights give near-uniform next-token distributions; a larger final-norm gain makes
+    # them peaked, so that top-k truncation and greedy decoding are meaningful.
+    with torch.no_grad():
+        model.model.norm.weight.mul_(40.0)
+    return model, tokenizer
+
+
+@pytest.fixture(scope="module")
+def prompts(policy):
+    _, tokenizer = policy
+    ids = [prompt_token_ids(tokenizer, question) for question in QUESTIONS]
+    assert len({len(p) for p in ids}) == len(ids)  # different lengths
+    return ids
+
+
+def fresh_logprobs(model, prompts, completions, temperature):
+    batch = batch_prompt_completions(prompts, completions, pad_token_id=2)
+    with torch.no_grad():
+        return completion_logprobs(model, **batch, temperature=temperature)
+
+
+def flatten(prompts, results):
+    pairs = [(prompt, choice) for prompt, choices in zip(prompts, results) for choice in choices]
+    return [p for p, _ in pairs], [c for _, c in pairs]
+
+
+def check_finish(choice: Completion, stop_ids, max_new_tokens):
+    assert len(choice.token_ids) == len(choice.logprobs) >= 1
+    stops = [i for i, token in enumerate(choice.token_ids) if token in stop_ids]
+    if choice.finish_reason == "stop":
+        assert stops == [len(choice.token_ids) - 1]
+        assert len(choice.token_ids) <= max_new_tokens
+    else:
+        assert choice.finish_reason == "length"
+        assert stops == []
+        assert len(choice.token_ids) == max_new_tokens
+
+
+# ----------------------------------------------------------------------------- TransformersEngine
+
+
+def test_generate_n_per_prompt_in_prompt_order_with_behaviour_logprobs(policy, prompts):
+    model, tokenizer = policy
+    # batch_size 4 with n = 2: two prompts per batch, so two batches, one of them left-padded.
+    engine = TransformersEngine(model, tokenizer, batch_size=4, progress=False)
+    params = SamplingParams(n=2, temperature=0.7, top_k=0, top_p=1.0, max_new_tokens=6, seed=3)
+    results = engine.generate(prompts, params)
+
+    assert len(results) == len(prompts)
+    assert all(len(choices) == 2 for choices in results)
+    for choices in results:
+        for choice in choices:
+            check_finish(choice, engine.stop_ids, 6)
+    # Each completion's behaviour log-probs equal a fresh forward pass on *its own* prompt, at the
+    # sampling temperature: completions swapped between prompts would not match.
+    flat_prompts, flat = flatten(prompts, results)
+    expected = fresh_logprobs(model, flat_prompts, [c.token_ids for c in flat], temperature=0.7)
+    for row, choice in enumerate(flat):
+        assert_close(torch.tensor(choice.logprobs), expected[row, : len(choice.token_ids)], rtol=0, atol=1e-4)
+    # At a different temperature they would not match.
+    other = fresh_logprobs(model, flat_prompts, [c.token_ids for c in flat], temperature=1.0)
+    assert not torch.allclose(torch.tensor(flat[0].logprobs), other[0, : len(flat[0].token_ids)], atol=1e-2)
+
+
+def test_greedy_is_deterministic_order_independent_and_has_zero_logprobs(policy, prompts):
+    model, tokenizer = policy
+    engine = TransformersEngine(model, tokenizer, batch_size=2, progress=False)
+    params = SamplingParams(n=1, temperature=0, max_new_tokens=5, seed=0)
+    first = engine.generate(prompts, params)
+    second = engine.generate(prompts, SamplingParams(n=1, temperature=0, max_new_tokens=5, seed=99))
+    assert [[c.token_ids for c in choices] for choices in first] == [
+        [c.token_ids for c in choices] for choices in second
+    ]
+    for prompt, choices in zip(prompts, first):
+        (choice,) = choices
+        assert choice.logprobs == [0.0] * len(choice.token_ids)
+        check_finish(choice, engine.stop_ids, 5)
+        # Greedy tokens are the argmax of a full forward pass on this prompt alone.
+        sequence = prompt + choice.token_ids
+        with torch.no_grad():
+            logits = model(torch.tensor([sequence])).logits[0]
+        argmax = logits[len(prompt) - 1 : len(sequence) - 1].argmax(-1).tolist()
+        assert choice.token_ids == argmax
+    # The prompts alone, one at a time, give the same completions as the batch.
+    alone = engine.generate([prompts[1]], params)
+    assert alone[0][0].token_ids == first[1][0].token_ids
+
+
+def test_top_k_logprobs_are_of_the_truncated_renormalised_distribution(policy, prompts):
+    model, tokenizer = policy
+    engine = TransformersEngine(model, tokenizer, batch_size=8, progress=False)
+    temperature, k = 1.5, 5
+    results = engine.generate(prompts[:2], SamplingParams(n=2, temperature=temperature, top_k=k, max_new_tokens=6, seed=1))
+    flat_prompts, flat = flatten(prompts[:2], results)
+    untruncated = fresh_logprobs(model, flat_prompts, [c.token_ids for c in flat], temperature)
+    strictly_higher = 0
+    for row, (prompt, choice) in enumerate(zip(flat_prompts, flat)):
+        behaviour = torch.tensor(choice.logprobs)
+        full = untruncated[row, : len(choice.token_ids)]
+        assert (behaviour >= full - 1e-5).all()
+        strictly_higher += int((behaviour > full + 1e-3).sum())
+        sequence = prompt + choice.token_ids
+        with torch.no_grad():
+            logits = model(torch.tensor([sequence])).logits[0].float() / temperature
+        for t, token in enumerate(choice.token_ids):
+            step = logits[len(prompt) - 1 + t]
+            top = step.topk(k)
+            assert token in top.indices.tolist()
+            expected = step[token] - torch.logsumexp(top.values, dim=-1)
+            assert behaviour[t].item() == pytest.approx(expected.item(), abs=1e-4)
+    assert strictly_higher > 0
+
+
+def test_stop_token_cuts_the_completion(policy, prompts):
+    model, tokenizer = policy
+    params = SamplingParams(n=2, temperature=1.0, max_new_tokens=8, seed=5)
+    engine = TransformersEngine(model, tokenizer, batch_size=8, progress=False)
+    free = engine.generate(prompts[:1], params)[0]
+    # Random weights rarely produce <|im_end|>: make the sampled third token a stop token too.
+    stop_token = free[0].token_ids[2]
+    cut = free[0].token_ids.index(stop_token)
+    engine.stop_ids = engine.stop_ids | {stop_token}
+    stopped = engine.generate(prompts[:1], params)[0]
+
+    assert stopped[0].finish_reason == "stop"
+    assert stopped[0].token_ids == free[0].token_ids[: cut + 1]
+    assert stopped[0].logprobs == pytest.approx(free[0].logprobs[: cut + 1], abs=1e-5)
+    for choice in free:
+        check_finish(choice, {2}, 8)
+    for choice in stopped:
+        check_finish(choice, engine.stop_ids, 8)
+
+
+def test_seed_controls_the_samples(policy, prompts):
+    model, tokenizer = policy
+    engine = TransformersEngine(model, tokenizer, batch_size=8, progress=False)
+
+    def tokens(seed):
+        params = SamplingParams(n=2, temperature=1.0, max_new_tokens=6, seed=seed)
+        return [[c.token_ids for c in choices] for choices in engine.generate(prompts[:2], params)]
+
+    first = tokens(11)
+    torch.manual_seed(12345)  # global RNG state in between must not matter
+    assert tokens(11) == first
+    assert tokens(12) != first
+
+
+# ----------------------------------------------------------------------------- records and stage
+
+
+def test_sample_records_fields_and_pass_through(policy):
+    model, tokenizer = policy
+    engine = TransformersEngine(model, tokenizer, batch_size=8, progress=False)
+    problems = [
+        {"prompt_id": "a", "prompt": QUESTIONS[0], "reference": "1", "extra": {"x": 1}},
+        {"prompt_id": "b", "prompt": QUESTIONS[2], "reference": "7", "extra": "kept"},
+    ]
+    params = SamplingParams(n=3, temperature=1.0, max_new_tokens=4, seed=0)
+    records = sample_records(engine, tokenizer, problems, params, "Be brief.", "sha256:abc")
+
+    assert len(records) == 6
+    assert [r["prompt_id"] for r in records] == ["a"] * 3 + ["b"] * 3
+    assert [r["sample_index"] for r in records] == [0, 1, 2, 0, 1, 2]
+    for record in records:
+        problem = problems[0] if record["prompt_id"] == "a" else problems[1]
+        assert set(SAMPLE_FIELDS) <= set(record)
+        for field in problem:
+            assert record[field] == problem[field]
+        assert record["prompt_token_ids"] == prompt_token_ids(tokenizer, problem["prompt"], "Be brief.")
+        assert len(record["completion_token_ids"]) == len(record["behavior_logprobs"]) >= 1
+        assert record["completion"] == tokenizer.decode(record["completion_token_ids"], skip_special_tokens=True)
+        assert record["behavior_model"] == "sha256:abc"
+        assert record["finish_reason"] in ("stop", "length")
+        assert all(isinstance(value, float) for value in record["behavior_logprobs"])
+
+
+def test_select_iteration_prompts_slices_and_cycles():
+    problems = [{"prompt_id": str(i)} for i in range(5)]
+
+    def ids(iteration, size):
+        return [p["prompt_id"] for p in select_iteration_prompts(problems, iteration, size)]
+
+    assert ids(1, 2) == ["0", "1"]
+    assert ids(2, 2) == ["2", "3"]
+    assert ids(3, 2) == ["4", "0"]
+    assert ids(4, 2) == ["1", "2"]
+    assert ids(1, 5) == ["0", "1", "2", "3", "4"]
+    assert ids(2, 3) == ["3", "4", "0"]
+    assert ids(1, 9) == ["0", "1", "2", "3", "4"]  # never a prompt twice in one iteration
+    assert select_iteration_prompts([], 1, 3) == []
+
+
+def test_run_sample_writes_readable_records(tiny_model_dir, tmp_path):
+    prompts_path = tmp_path / "prompts.jsonl"
+    problems = [{"prompt_id": f"p{i}", "prompt": f"What is {i} + 1?", "reference": str(i + 1)} for i in range(4)]
+    write_records(prompts_path, problems)
+    config = load_config(
+        None, ["task.train_size=3", "sample.samples_per_prompt=2", "sample.max_new_tokens=8", "sample.temperature=1.0"]
+    )
+    output = tmp_path / "out" / "samples.jsonl"
+    summary = run_sample(config, tiny_model_dir, prompts_path, output, iteration=2)
+
+    records = read_records(output, required=SAMPLE_FIELDS)
+    assert len(records) == 6
+    # Iteration 2 of size 3 over 4 prompts: p3, then wraps to p0, p1.
+    assert [r["prompt_id"] for r in records] == ["p3", "p3", "p0", "p0", "p1", "p1"]
+    assert [r["sample_index"] for r in records] == [0, 1] * 3
+    assert all(r["behavior_model"] == model_identity(tiny_model_dir) for r in records)
+    assert all(r["behavior_model"].startswith("sha256:") for r in records)
+    assert all(1 <= len(r["completion_token_ids"]) <= 8 for r in records)
+    assert summary["prompts"] == 3
+    assert summary["samples"] == 6
+    assert summary["completion_tokens"] == sum(len(r["completion_token_ids"]) for r in records)
+    assert summary["truncated"] == sum(r["finish_reason"] == "length" for r in records)
+    assert [p.name for p in output.parent.iterdir()] == ["samples.jsonl"]
+
+
+def test_vllm_engine_without_vllm_names_the_extra(monkeypatch, tiny_model_dir):
+    monkeypatch.setitem(sys.modules, "vllm", None)  # import vllm -> ImportError
+    with pytest.raises(RuntimeError, match=r"topr\[gpu\]"):
+        VLLMEngine(tiny_model_dir)
+    config = load_config(None, ["sample.engine=vllm"])
+    with pytest.raises(RuntimeError, match=r"topr\[gpu\]"):
+        make_engine(config, tiny_model_dir, batch_size=4)

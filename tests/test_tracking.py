@@ -1,0 +1,216 @@
+"""MLflow tracking against a local sqlite store (one store for the module: migrating it is slow)."""
+
+import hashlib
+from pathlib import Path
+from urllib.parse import urlparse
+from urllib.request import url2pathname
+
+import pytest
+import yaml
+
+import topr
+from topr.config import config_to_dict, load_config
+from topr.records import write_records
+from topr.tracking import (
+    ITERATION_TAG,
+    KFP_RUN_TAG,
+    STAGE_TAG,
+    default_tracking_uri,
+    file_digest,
+    find_pipeline_run,
+    finish_pipeline_run,
+    flatten,
+    metric_history,
+    stage_run,
+    start_pipeline_run,
+)
+
+EXPERIMENT = "topr-tests"
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """(tracking_uri, store folder, working directory used while the module's runs are created)."""
+    root = tmp_path_factory.mktemp("store")
+    cwd = tmp_path_factory.mktemp("cwd")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(cwd)
+        yield default_tracking_uri(root), root, cwd
+
+
+@pytest.fixture(scope="module")
+def config():
+    return load_config(overrides=[f"run.experiment={EXPERIMENT}", "train.objective=tis", "train.positive_bounds=[0,1]"])
+
+
+@pytest.fixture(scope="module")
+def client(store):
+    from mlflow import MlflowClient
+
+    return MlflowClient(store[0])
+
+
+@pytest.fixture(scope="module")
+def parent(store, config):
+    return start_pipeline_run(store[0], config, "parent-run", kfp_run_id="kfp-parent")
+
+
+def test_default_tracking_uri_is_sqlite_in_output_dir(tmp_path):
+    uri = default_tracking_uri(tmp_path / "runs")
+    assert uri == f"sqlite:///{(tmp_path / 'runs').resolve() / 'mlflow.db'}"
+
+
+def test_flatten():
+    assert flatten({"a": {"b": 1, "c": {"d": None}}, "e": [0, 1]}) == {"a.b": "1", "a.c.d": "None", "e": "[0, 1]"}
+
+
+def test_start_pipeline_run(store, config, client, parent):
+    run = client.get_run(parent)
+    assert run.info.status == "RUNNING"
+    assert run.info.run_name == "parent-run"
+    assert run.data.params == flatten(config_to_dict(config))
+    assert run.data.params["train.objective"] == "tis"
+    assert run.data.params["train.positive_bounds"] == "[0.0, 1.0]"
+    assert run.data.tags["topr.version"] == topr.__version__
+    assert run.data.tags[KFP_RUN_TAG] == "kfp-parent"
+    assert client.get_experiment(run.info.experiment_id).name == EXPERIMENT
+    assert [f.path for f in client.list_artifacts(parent)] == ["config.yaml"]
+    downloaded = client.download_artifacts(parent, "config.yaml", str(store[1]))
+    assert yaml.safe_load(Path(downloaded).read_text()) == config_to_dict(config)
+
+
+def test_start_pipeline_run_without_kfp_id_has_no_kfp_tag(store, config, client):
+    run_id = start_pipeline_run(store[0], config, "no-kfp")
+    assert KFP_RUN_TAG not in client.get_run(run_id).data.tags
+
+
+def test_experiment_artifacts_live_beside_the_database(store, client, parent):
+    uri, root, cwd = store
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    assert experiment.artifact_location == (root / "mlartifacts").as_uri()
+    artifact_uri = client.get_run(parent).info.artifact_uri
+    local = Path(url2pathname(urlparse(artifact_uri).path))
+    assert local.is_relative_to(root / "mlartifacts")
+    assert (local / "config.yaml").is_file()
+    assert list(cwd.iterdir()) == []  # no mlruns/ or mlartifacts/ in the working directory
+
+
+def test_stage_run_nested_and_finished(store, client, parent):
+    with stage_run(store[0], parent, "train", 1) as run:
+        run.log_params({"lr": 1e-5, "bounds": [0, 1]})
+        run.log_metrics({"loss": 0.5, "flag": True, "name": "x", "count": 3}, step=2)
+        run_id = run.run_id
+        assert client.get_run(run_id).info.status == "RUNNING"
+    stage = client.get_run(run_id)
+    assert stage.info.status == "FINISHED"
+    assert stage.info.run_name == "iter1/train"
+    assert stage.info.experiment_id == client.get_run(parent).info.experiment_id
+    assert stage.data.tags["mlflow.parentRunId"] == parent
+    assert stage.data.tags[STAGE_TAG] == "train"
+    assert stage.data.tags[ITERATION_TAG] == "1"
+    assert stage.data.tags["topr.version"] == topr.__version__
+    assert stage.data.params == {"lr": "1e-05", "bounds": "[0, 1]"}
+    # Only real numbers are logged: bools and strings are skipped.
+    assert stage.data.metrics == {"loss": 0.5, "count": 3.0}
+    assert [m.step for m in client.get_metric_history(run_id, "loss")] == [2]
+    # Without on_parent nothing reaches the parent.
+    assert "loss" not in client.get_run(parent).data.metrics
+
+
+def test_stage_run_failed_when_block_raises(store, client, parent):
+    with pytest.raises(RuntimeError, match="stage broke"):
+        with stage_run(store[0], parent, "sample", 2) as run:
+            run_id = run.run_id
+            raise RuntimeError("stage broke")
+    failed = client.get_run(run_id)
+    assert failed.info.status == "FAILED"
+    assert failed.info.run_name == "iter2/sample"
+    assert failed.data.tags[ITERATION_TAG] == "2"
+
+
+def test_stage_run_failed_on_keyboard_interrupt(store, client, parent):
+    with pytest.raises(KeyboardInterrupt):
+        with stage_run(store[0], parent, "evaluate", 3) as run:
+            run_id = run.run_id
+            raise KeyboardInterrupt
+    assert client.get_run(run_id).info.status == "FAILED"
+
+
+def test_log_metrics_on_parent_at_iteration_step(store, client, config):
+    parent = start_pipeline_run(store[0], config, "metrics-parent")
+    for iteration, accuracy in ((1, 0.25), (2, 0.75)):
+        with stage_run(store[0], parent, "verify", iteration) as run:
+            run.log_metrics({"sample_accuracy": accuracy}, on_parent=True)
+            run.log_metrics({"only_here": 1.0})
+    assert metric_history(store[0], parent, "sample_accuracy") == {1: 0.25, 2: 0.75}
+    assert "only_here" not in client.get_run(parent).data.metrics
+    # On the stage run itself the metric is logged at the given step (0 by default).
+    stage_runs = client.search_runs([client.get_run(parent).info.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent}'")
+    assert len(stage_runs) == 2
+    for stage in stage_runs:
+        assert [m.step for m in client.get_metric_history(stage.info.run_id, "sample_accuracy")] == [0]
+
+
+def test_metric_history_keeps_latest_value_per_step(store, client, config):
+    parent = start_pipeline_run(store[0], config, "history-parent")
+    with stage_run(store[0], parent, "evaluate", 1) as run:
+        run.log_metrics({"pass_at_1": 0.1}, on_parent=True)
+    import time
+
+    time.sleep(0.01)
+    with stage_run(store[0], parent, "evaluate", 1) as run:
+        run.log_metrics({"pass_at_1": 0.3}, on_parent=True)
+    assert metric_history(store[0], parent, "pass_at_1") == {1: 0.3}
+    assert metric_history(store[0], parent, "missing") == {}
+
+
+def test_log_dataset(store, client, parent, tmp_path):
+    path = tmp_path / "train_set.jsonl"
+    write_records(path, [{"prompt_id": "p1", "reward": 1.0}])
+    expected = hashlib.sha256(path.read_bytes()).hexdigest()
+    with stage_run(store[0], parent, "curate", 1) as run:
+        digest = run.log_dataset(path, "train_set_iter1", "training")
+        run_id = run.run_id
+    assert digest == expected == file_digest(path)
+    inputs = client.get_run(run_id).inputs.dataset_inputs
+    assert len(inputs) == 1
+    dataset = inputs[0].dataset
+    assert dataset.name == "train_set_iter1"
+    assert dataset.digest == expected[:16]
+    assert str(path.resolve()) in dataset.source
+    assert {tag.key: tag.value for tag in inputs[0].tags} == {"mlflow.data.context": "training"}
+
+
+def test_log_artifacts(store, client, parent, tmp_path):
+    report = tmp_path / "report.json"
+    report.write_text("{}")
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    with stage_run(store[0], parent, "train", 4) as run:
+        run.log_artifact(report)
+        run.log_artifacts(model, "model")
+        run_id = run.run_id
+    assert sorted(f.path for f in client.list_artifacts(run_id)) == ["model", "report.json"]
+    assert [f.path for f in client.list_artifacts(run_id, "model")] == ["model/config.json"]
+
+
+@pytest.mark.parametrize("status", ["FINISHED", "FAILED"])
+def test_finish_pipeline_run_by_kfp_tag(store, config, client, status):
+    kfp_id = f"kfp-finish-{status.lower()}"
+    other = start_pipeline_run(store[0], config, "other", kfp_run_id="kfp-other")
+    run_id = start_pipeline_run(store[0], config, "to-finish", kfp_run_id=kfp_id)
+    assert find_pipeline_run(store[0], EXPERIMENT, kfp_id) == run_id
+    finish_pipeline_run(store[0], EXPERIMENT, kfp_id, status)
+    run = client.get_run(run_id)
+    assert run.info.status == status
+    assert run.info.end_time is not None
+    assert client.get_run(other).info.status == "RUNNING"
+
+
+def test_finish_pipeline_run_without_a_run_does_not_raise(store, client, parent):
+    assert find_pipeline_run(store[0], EXPERIMENT, "kfp-never-started") is None
+    finish_pipeline_run(store[0], EXPERIMENT, "kfp-never-started", "FAILED")
+    assert find_pipeline_run(store[0], "no-such-experiment", "kfp-parent") is None
+    finish_pipeline_run(store[0], "no-such-experiment", "kfp-parent", "FAILED")
+    assert client.get_run(parent).info.status == "RUNNING"
