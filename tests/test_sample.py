@@ -28,16 +28,28 @@ from topr.sample import (
     select_iteration_prompts,
 )
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The models here are tiny: one thread beats the synchronisation cost of several."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 QUESTIONS = ["Hi", "What is 12 plus 7? Show your steps please.", "Add 3 and 4."]
 
 
 @pytest.fixture(scope="module")
 def policy(tiny_model_dir):
     model, tokenizer = load_policy(tiny_model_dir, device=torch.device("cpu"))
-    # Random weights give near-uniform next-token distributions; a larger final-norm gain makes
-    # them peaked, so that top-k truncation and greedy decoding are meaningful.
-    with torch.no_grad():
-        model.model.norm.weight.mul_(40.0)
+    # The tiny model's tied head gives near-uniform next-token distributions (or, made sharper,
+    # predicts its input token again). A separate random head of a larger scale gives varied,
+    # peaked distributions, so that temperature and top-k truncation matter.
+    generator = torch.Generator().manual_seed(0)
+    head = torch.randn(model.lm_head.weight.shape, generator=generator) * 0.5
+    model.lm_head.weight = torch.nn.Parameter(head)
+    assert model.get_output_embeddings().weight is not model.get_input_embeddings().weight
     return model, tokenizer
 
 
@@ -92,7 +104,7 @@ def test_generate_n_per_prompt_in_prompt_order_with_behaviour_logprobs(policy, p
     flat_prompts, flat = flatten(prompts, results)
     expected = fresh_logprobs(model, flat_prompts, [c.token_ids for c in flat], temperature=0.7)
     for row, choice in enumerate(flat):
-        assert_close(torch.tensor(choice.logprobs), expected[row, : len(choice.token_ids)], rtol=0, atol=1e-4)
+        assert_close(torch.tensor(choice.logprobs), expected[row, : len(choice.token_ids)], rtol=0, atol=2e-4)
     # At a different temperature they would not match.
     other = fresh_logprobs(model, flat_prompts, [c.token_ids for c in flat], temperature=1.0)
     assert not torch.allclose(torch.tensor(flat[0].logprobs), other[0, : len(flat[0].token_ids)], atol=1e-2)
@@ -143,7 +155,7 @@ def test_top_k_logprobs_are_of_the_truncated_renormalised_distribution(policy, p
             top = step.topk(k)
             assert token in top.indices.tolist()
             expected = step[token] - torch.logsumexp(top.values, dim=-1)
-            assert behaviour[t].item() == pytest.approx(expected.item(), abs=1e-4)
+            assert behaviour[t].item() == pytest.approx(expected.item(), abs=2e-4)
     assert strictly_higher > 0
 
 

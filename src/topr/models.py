@@ -111,6 +111,7 @@ def save_policy(model, tokenizer, output_dir: str | os.PathLike, provenance: dic
     output_dir = Path(output_dir)
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
+    staging.chmod(0o755)  # mkdtemp makes folders owner-only; models are shared artifacts
     try:
         model.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)

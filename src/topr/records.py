@@ -120,6 +120,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(handle)
     temporary_path = Path(temporary)
+    os.chmod(temporary_path, 0o644)  # mkstemp makes files owner-only; artifacts are shared
     try:
         yield temporary_path
         os.replace(temporary_path, path)

@@ -70,6 +70,14 @@ class TransformersEngine:
         self.batch_size = batch_size
         self.progress = progress
         self.stop_ids = _stop_token_ids(model, tokenizer)
+        # generate() fills unset options from the model's own generation defaults (a shipped
+        # repetition penalty, say); start from neutral ones so that what is sampled is exactly
+        # what the parameters say, and the recorded log-probs match π at the same temperature.
+        from transformers import GenerationConfig
+
+        model.generation_config = GenerationConfig(
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=sorted(self.stop_ids), pad_token_id=tokenizer.pad_token_id
+        )
 
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[Completion]]:
         prompts_per_batch = max(1, self.batch_size // params.n)

@@ -55,14 +55,14 @@ def micro_batches(records: list[Record], batch_size: int, epochs: int, seed: int
 
 
 def check_train_records(records: list[Record], path: str | Path) -> None:
-    for line, record in enumerate(records, start=1):
+    for number, record in enumerate(records, start=1):
         if len(record["completion_token_ids"]) != len(record["behavior_logprobs"]):
             raise RecordError(
-                f"{path}:{line}: completion_token_ids has {len(record['completion_token_ids'])} tokens "
+                f"{path}: record {number}: completion_token_ids has {len(record['completion_token_ids'])} tokens "
                 f"but behavior_logprobs has {len(record['behavior_logprobs'])} values"
             )
         if not record["completion_token_ids"]:
-            raise RecordError(f"{path}:{line}: empty completion (curate drops these)")
+            raise RecordError(f"{path}: record {number}: empty completion (curate drops these)")
 
 
 def training_dtype(config: Config, device: torch.device) -> torch.dtype | None:
@@ -153,6 +153,7 @@ def run_train(
     bar.close()
 
     model.eval()
+    model.config.use_cache = True
     digest = save_policy(
         model, tokenizer, output_dir, provenance={"parent": model_identity(model_dir), "training_data": str(data_path)}
     )

@@ -1,0 +1,58 @@
+"""Every stage folder holds one component with typed artifacts, and its body only calls ``topr.steps``."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from pathlib import Path
+
+import pytest
+
+import topr.steps
+
+MODEL, DATASET, METRICS, ARTIFACT = (f"system.{kind}@0.0.1" for kind in ("Model", "Dataset", "Metrics", "Artifact"))
+TRACKED = {"config_json": "String", "tracking_uri": "String", "parent_run_id": "String"}
+STAGE = {**TRACKED, "iteration": "Integer"}
+
+# component name: (inputs, outputs)
+INTERFACES = {
+    "start_run": ({"config_json": "String", "tracking_uri": "String", "run_name": "String", "kfp_run_id": "String"}, {"Output": "String"}),
+    "finish_run": ({"config_json": "String", "tracking_uri": "String", "kfp_run_id": "String", "status": "PipelineTaskFinalStatus"}, {}),
+    "prepare_model": (TRACKED, {"model": MODEL}),
+    "prompts": (TRACKED, {"train_prompts": DATASET, "eval_prompts": DATASET}),
+    "sample": ({**STAGE, "model": MODEL, "train_prompts": DATASET}, {"samples": DATASET, "metrics": METRICS}),
+    "verify": ({**STAGE, "samples": DATASET}, {"verified": DATASET, "metrics": METRICS}),
+    "curate": ({**STAGE, "verified": DATASET}, {"train_set": DATASET, "report": ARTIFACT, "composition": METRICS}),
+    "train": ({**STAGE, "model": MODEL, "train_set": DATASET}, {"trained_model": MODEL, "metrics": METRICS}),
+    "evaluate": (
+        {**STAGE, "model": MODEL, "eval_prompts": DATASET},
+        {"completions": DATASET, "report": ARTIFACT, "metrics": METRICS},
+    ),
+}
+
+
+def _component(name: str):
+    return getattr(importlib.import_module(f"components.{name}.component"), name)
+
+
+def test_every_component_folder_is_listed():
+    folders = {p.parent.name for p in Path(__file__).parent.glob("*/component.py")}
+    assert folders == set(INTERFACES)
+
+
+@pytest.mark.parametrize("name", sorted(INTERFACES))
+def test_component_interface(name):
+    spec = _component(name).component_spec
+    inputs, outputs = INTERFACES[name]
+    assert {key: value.type for key, value in (spec.inputs or {}).items()} == inputs
+    assert {key: value.type for key, value in (spec.outputs or {}).items()} == outputs
+
+
+@pytest.mark.parametrize("name", sorted(INTERFACES))
+def test_component_body_delegates_to_the_library(name):
+    source = inspect.getsource(_component(name).python_func)
+    body = source.split('"""')[-1]
+    assert "from topr import steps" in body
+    called = {line.split("steps.")[1].split("(")[0] for line in body.splitlines() if "steps." in line}
+    assert len(called) == 1 and hasattr(topr.steps, called.pop())
+    assert len(body.strip().splitlines()) <= 8, "a component body stays a few lines: logic belongs in the library"

@@ -1,0 +1,312 @@
+"""Tests for topr.train.run_train on hand-built curated sets and the tiny random Llama of conftest.
+
+The completions are fixed token ids; their behaviour log-probs are computed by the tiny model
+itself at the sampling temperature (1.0 here), so the data is on-policy unless a test shifts them.
+The learning rate is 3e-3: Adam's first steps move every weight by about the learning rate, and
+at 1e-2 (half the initialisation scale of this model) a few steps overshoot in every direction.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from topr.config import load_config
+from topr.logprobs import batch_prompt_completions, completion_logprobs
+from topr.models import PROVENANCE_FILE, load_policy, model_identity, prompt_token_ids
+from topr.records import RecordError, write_records
+from topr.train import run_train
+
+TEMPERATURE = 1.0
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The model here is tiny: one thread beats the synchronisation cost of several."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def policy(tiny_model_dir):
+    return load_policy(tiny_model_dir, device=torch.device("cpu"))
+
+
+def sequence_logprobs(model, records) -> torch.Tensor:
+    """Sum of log π over each record's completion tokens, at TEMPERATURE."""
+    batch = batch_prompt_completions(
+        [r["prompt_token_ids"] for r in records], [r["completion_token_ids"] for r in records], pad_token_id=2
+    )
+    with torch.no_grad():
+        return completion_logprobs(model, **batch, temperature=TEMPERATURE).sum(dim=1)
+
+
+def token_logprobs(model, prompt, completion) -> list[float]:
+    batch = batch_prompt_completions([prompt], [completion], pad_token_id=2)
+    with torch.no_grad():
+        return completion_logprobs(model, **batch, temperature=TEMPERATURE)[0].tolist()
+
+
+def make_records(policy, specs, behavior_shift=0.0):
+    """One record per (question, completion token ids, reward); μ = π + behavior_shift per token."""
+    model, tokenizer = policy
+    records = []
+    for index, (question, completion, reward) in enumerate(specs):
+        prompt = prompt_token_ids(tokenizer, question)
+        records.append(
+            {
+                "prompt_id": f"q{index}",
+                "prompt": question,
+                "reference": "0",
+                "prompt_token_ids": prompt,
+                "completion_token_ids": completion,
+                "behavior_logprobs": [v + behavior_shift for v in token_logprobs(model, prompt, completion)],
+                "reward": reward,
+            }
+        )
+    return records
+
+
+def config(*overrides):
+    return load_config(
+        None,
+        [
+            f"sample.temperature={TEMPERATURE}",
+            "train.learning_rate=3e-3",
+            "train.batch_size=4",
+            "train.epochs=1",
+            *overrides,
+        ],
+    )
+
+
+def train(tmp_path, model_dir, records, cfg, name="trained"):
+    data = tmp_path / f"{name}.jsonl"
+    write_records(data, records)
+    steps = []
+    summary = run_train(cfg, model_dir, data, tmp_path / name, on_step=lambda step, stats: steps.append((step, stats)))
+    return summary, steps, tmp_path / name
+
+
+POSITIVES = [("What is 2 + 2?", [1000, 1001, 1002], 1.0), ("Add 5 and 6.", [2000, 2001, 2002, 2003], 1.0)]
+NEGATIVES = [("What is 3 + 9?", [3000, 3001, 3002], -1.0), ("Add 8 and 1.", [4000, 4001], -1.0)]
+
+
+# ----------------------------------------------------------------------------- learning
+
+
+def test_training_raises_positives_lowers_negatives_and_saves(policy, tiny_model_dir, tmp_path):
+    records = make_records(policy, POSITIVES + NEGATIVES)
+    before = sequence_logprobs(policy[0], records)
+    summary, steps, output = train(tmp_path, tiny_model_dir, records, config("train.epochs=4"))
+
+    # 4 records in one micro-batch, 4 epochs, no accumulation: 4 optimizer steps.
+    assert summary["steps"] == 4
+    assert summary["examples"] == 4
+    assert [step for step, _ in steps] == [0, 1, 2, 3]
+    for _, stats in steps:
+        assert {"loss", "grad_norm"} <= set(stats)
+        assert math.isfinite(stats["loss"]) and stats["grad_norm"] > 0
+    assert summary["final_loss"] == steps[-1][1]["loss"]
+
+    trained, tokenizer = load_policy(str(output), device=torch.device("cpu"))
+    after = sequence_logprobs(trained, records)
+    assert (after[:2] > before[:2] + 0.1).all(), (before, after)  # positives rise
+    assert (after[2:] < before[2:] - 0.1).all(), (before, after)  # negatives fall
+
+    names = {path.name for path in output.iterdir()}
+    assert {"model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json", PROVENANCE_FILE} <= names
+    provenance = json.loads((output / PROVENANCE_FILE).read_text())
+    assert provenance["parent"] == model_identity(tiny_model_dir)
+    parent_digest = json.loads((Path(tiny_model_dir) / PROVENANCE_FILE).read_text())["weights_sha256"]
+    assert provenance["parent"] == f"sha256:{parent_digest}"
+    assert provenance["weights_sha256"] == summary["weights_sha256"] != parent_digest
+    assert provenance["training_data"] == str(tmp_path / "trained.jsonl")
+    assert tokenizer.pad_token_id == policy[1].pad_token_id
+    # Nothing else was written beside the output and the data file.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["trained", "trained.jsonl"]
+
+
+def train_and_measure(policy, tmp_path, model_dir, records, objective):
+    """One training step; returns its stats and the change of each record's log π."""
+    before = sequence_logprobs(policy[0], records)
+    summary, steps, output = train(
+        tmp_path, model_dir, records, config(f"train.objective={objective}"), name=objective
+    )
+    assert summary["steps"] == 1
+    trained, _ = load_policy(str(output), device=torch.device("cpu"))
+    return steps[0][1], sequence_logprobs(trained, records) - before
+
+
+# μ = π · e^10 per token: the sequence ratio π/μ is e^-20 or less (the clamp), so TOPR's weight on
+# these negatives is ~2e-9. (With e^5 per token the ratio of a 2-token completion is e^-10, whose
+# gradient, though 1e-4 of REINFORCE's, is still far above Adam's eps of 1e-8; Adam rescales it
+# to a full-size step, which would hide the taper in the parameters.)
+FAR_BELOW_BEHAVIOUR = 10.0
+
+
+def test_topr_gives_far_off_negatives_no_gradient_while_reinforce_pushes_them(policy, tiny_model_dir, tmp_path):
+    records = make_records(policy, NEGATIVES, behavior_shift=FAR_BELOW_BEHAVIOUR)
+    topr_stats, topr_change = train_and_measure(policy, tmp_path, tiny_model_dir, records, "topr")
+    reinforce_stats, reinforce_change = train_and_measure(policy, tmp_path, tiny_model_dir, records, "reinforce")
+
+    assert reinforce_stats["mean_weight_negative"] == pytest.approx(1.0)
+    assert topr_stats["mean_weight_negative"] < 1e-8
+    assert reinforce_stats["grad_norm"] > 0.1
+    assert topr_stats["grad_norm"] < 1e-6 * reinforce_stats["grad_norm"]
+    # REINFORCE pushes the negatives down; TOPR (nearly) leaves them alone.
+    assert (reinforce_change < -0.2).all(), reinforce_change
+    assert topr_change.abs().max() < 0.1 * reinforce_change.abs().min(), (topr_change, reinforce_change)
+
+
+def test_topr_with_a_positive_trains_like_rejection_fine_tuning(policy, tiny_model_dir, tmp_path):
+    """Beside a positive, a far-off negative changes nothing under TOPR (as if dropped, like RFT)."""
+    records = make_records(policy, POSITIVES[:1]) + make_records(
+        policy, NEGATIVES, behavior_shift=FAR_BELOW_BEHAVIOUR
+    )
+    changes = {
+        objective: train_and_measure(policy, tmp_path, tiny_model_dir, records, objective)[1]
+        for objective in ("topr", "rft", "reinforce")
+    }
+    assert (changes["topr"][:1] > 0.2).all()  # the positive rises
+    torch.testing.assert_close(changes["topr"], changes["rft"], rtol=0, atol=1e-3)
+    assert (changes["reinforce"][1:] < changes["topr"][1:] - 0.2).all(), changes
+
+
+def test_topr_on_policy_negatives_get_the_full_gradient(policy, tiny_model_dir, tmp_path):
+    """Control for the test above: with μ = π the ratio is 1 and TOPR equals REINFORCE."""
+    records = make_records(policy, NEGATIVES)
+    norms = {}
+    for objective in ("topr", "reinforce"):
+        _, steps, _ = train(tmp_path, tiny_model_dir, records, config(f"train.objective={objective}"), name=objective)
+        norms[objective] = steps[0][1]
+    assert norms["topr"]["mean_weight_negative"] == pytest.approx(1.0, abs=1e-4)
+    assert norms["topr"]["grad_norm"] == pytest.approx(norms["reinforce"]["grad_norm"], rel=1e-3)
+    assert norms["topr"]["loss"] == pytest.approx(norms["reinforce"]["loss"], rel=1e-4)
+
+
+def test_policy_is_evaluated_at_the_sampling_temperature(policy, tiny_model_dir, tmp_path):
+    """Data sampled at temperature 0.5 by the policy itself has ratio π/μ = 1 at step 0."""
+    model, tokenizer = policy
+    records = []
+    for index, (question, completion, reward) in enumerate(POSITIVES + NEGATIVES):
+        prompt = prompt_token_ids(tokenizer, question)
+        batch = batch_prompt_completions([prompt], [completion], pad_token_id=2)
+        with torch.no_grad():
+            mu = completion_logprobs(model, **batch, temperature=0.5)[0].tolist()
+        records.append(
+            {"prompt_id": f"q{index}", "prompt_token_ids": prompt, "completion_token_ids": completion,
+             "behavior_logprobs": mu, "reward": reward}
+        )
+    stats = {}
+    for name, overrides in {
+        "sampling": ["sample.temperature=0.5"],
+        "explicit": ["sample.temperature=1.0", "train.policy_temperature=0.5"],
+        "other": ["sample.temperature=0.5", "train.policy_temperature=1.0"],
+    }.items():
+        _, steps, _ = train(tmp_path, tiny_model_dir, records, config(*overrides), name=name)
+        stats[name] = steps[0][1]
+    for name in ("sampling", "explicit"):
+        assert abs(stats[name]["log_ratio_mean"]) < 1e-3, stats[name]
+        assert stats[name]["ratio_p50"] == pytest.approx(1.0, abs=1e-3)
+    assert abs(stats["other"]["log_ratio_mean"]) > 0.03  # near-uniform random model: small but clear
+
+
+# ----------------------------------------------------------------------------- steps and accumulation
+
+
+def test_gradient_accumulation_matches_a_larger_batch(policy, tiny_model_dir, tmp_path):
+    records = make_records(policy, POSITIVES + NEGATIVES)
+    accumulated, accumulated_steps, _ = train(
+        tmp_path, tiny_model_dir, records, config("train.batch_size=2", "train.gradient_accumulation=2"), name="acc"
+    )
+    large, large_steps, _ = train(tmp_path, tiny_model_dir, records, config("train.batch_size=4"), name="large")
+    assert accumulated["steps"] == large["steps"] == 1
+    assert [s for s, _ in accumulated_steps] == [s for s, _ in large_steps] == [0]
+    # Same records in the step, the loss averaged over micro-batches: same loss and gradient.
+    assert accumulated_steps[0][1]["loss"] == pytest.approx(large_steps[0][1]["loss"], rel=1e-4, abs=1e-6)
+    assert accumulated_steps[0][1]["grad_norm"] == pytest.approx(large_steps[0][1]["grad_norm"], rel=1e-3)
+
+
+def test_steps_count_with_a_partial_last_group(policy, tiny_model_dir, tmp_path):
+    records = make_records(policy, POSITIVES + NEGATIVES + POSITIVES[:1])
+    summary, steps, _ = train(
+        tmp_path, tiny_model_dir, records, config("train.batch_size=2", "train.gradient_accumulation=2")
+    )
+    # 5 records -> micro-batches of 2, 2, 1 -> optimizer steps of 2 and 1 micro-batches.
+    assert summary["steps"] == 2
+    assert [s for s, _ in steps] == [0, 1]
+    assert summary["examples"] == 5
+
+
+# ----------------------------------------------------------------------------- failures
+
+
+def fake_record(completion, logprobs, **extra):
+    return {
+        "prompt_id": "x",
+        "prompt_token_ids": [1, 2, 3],
+        "completion_token_ids": completion,
+        "behavior_logprobs": logprobs,
+        "reward": 1.0,
+        **extra,
+    }
+
+
+def existing_output(tmp_path):
+    output = tmp_path / "out"
+    output.mkdir()
+    (output / "keep.txt").write_text("previous model")
+    return output
+
+
+def assert_untouched(tmp_path, output, data):
+    assert [p.name for p in output.iterdir()] == ["keep.txt"]
+    assert (output / "keep.txt").read_text() == "previous model"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["out", data.name])
+
+
+def test_mismatched_lengths_name_file_and_line(tiny_model_dir, tmp_path):
+    data = tmp_path / "bad.jsonl"
+    write_records(data, [fake_record([5, 6], [-1.0, -1.0]), fake_record([5, 6, 7], [-1.0, -1.0]), fake_record([5], [-1.0])])
+    output = existing_output(tmp_path)
+    with pytest.raises(RecordError) as error:
+        run_train(config(), tiny_model_dir, data, output)
+    message = str(error.value)
+    assert f"{data}: record 2:" in message
+    assert "3 tokens" in message and "2 values" in message
+    assert_untouched(tmp_path, output, data)
+
+
+def test_missing_field_is_an_error(tiny_model_dir, tmp_path):
+    data = tmp_path / "missing.jsonl"
+    record = fake_record([5], [-1.0])
+    del record["reward"]
+    write_records(data, [fake_record([5], [-1.0]), record])
+    with pytest.raises(RecordError, match=r"missing\.jsonl:2: .*reward"):
+        run_train(config(), tiny_model_dir, data, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_empty_training_set_is_an_error(tiny_model_dir, tmp_path):
+    data = tmp_path / "empty.jsonl"
+    data.write_text("")
+    with pytest.raises(RecordError, match="empty"):
+        run_train(config(), tiny_model_dir, data, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_failure_during_training_leaves_the_existing_output(tiny_model_dir, tmp_path):
+    # A token id beyond the vocabulary passes the record checks and fails in the forward pass.
+    data = tmp_path / "oov.jsonl"
+    write_records(data, [fake_record([5, 10**7], [-1.0, -1.0])])
+    output = existing_output(tmp_path)
+    with pytest.raises(IndexError):
+        run_train(config(), tiny_model_dir, data, output)
+    assert_untouched(tmp_path, output, data)
