@@ -68,6 +68,20 @@ def test_required_fields_checked_on_parquet_too(tmp_path):
         read_records(path, required=VERIFY_INPUT_FIELDS)
 
 
+def reject_empty_completions(record):
+    if not record["completion"]:
+        raise ValueError("completion is empty")
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".parquet"])
+def test_a_stage_check_is_reported_with_file_and_line(tmp_path, suffix):
+    path = tmp_path / f"records{suffix}"
+    write_records(path, [RECORDS[0], {**RECORDS[1], "completion": ""}])
+    assert len(read_records(path, check=lambda record: None)) == 2
+    with pytest.raises(RecordError, match=rf"records\{suffix}:2: completion is empty"):
+        read_records(path, check=reject_empty_completions)
+
+
 def test_malformed_line_names_file_and_line(tmp_path):
     path = tmp_path / "bad.jsonl"
     write_lines(path, ['{"prompt_id": "p1"}', '{"prompt_id": "p2"', '{"prompt_id": "p3"}'])

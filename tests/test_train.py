@@ -279,7 +279,7 @@ def test_mismatched_lengths_name_file_and_line(tiny_model_dir, tmp_path):
     with pytest.raises(RecordError) as error:
         run_train(config(), tiny_model_dir, data, output)
     message = str(error.value)
-    assert f"{data}: record 2:" in message
+    assert f"{data}:2:" in message
     assert "3 tokens" in message and "2 values" in message
     assert_untouched(tmp_path, output, data)
 

@@ -32,7 +32,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -62,12 +62,23 @@ def _is_parquet(path: str | os.PathLike) -> bool:
     return str(path).endswith(".parquet")
 
 
-def read_records(path: str | os.PathLike, required: Sequence[str] = ()) -> list[Record]:
-    """Read every record of a JSONL (or ``.parquet``) file, checking the ``required`` fields."""
-    return list(iter_records(path, required))
+RecordCheck = Callable[[Record], None]
 
 
-def iter_records(path: str | os.PathLike, required: Sequence[str] = ()) -> Iterator[Record]:
+def read_records(
+    path: str | os.PathLike, required: Sequence[str] = (), check: RecordCheck | None = None
+) -> list[Record]:
+    """Read every record of a JSONL (or ``.parquet``) file, checking the ``required`` fields.
+
+    ``check`` is a stage's own test of one record; the ``ValueError`` it raises is reported
+    with the file and line of the record.
+    """
+    return list(iter_records(path, required, check))
+
+
+def iter_records(
+    path: str | os.PathLike, required: Sequence[str] = (), check: RecordCheck | None = None
+) -> Iterator[Record]:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"record file not found: {path}")
@@ -84,6 +95,11 @@ def iter_records(path: str | os.PathLike, required: Sequence[str] = ()) -> Itera
                 f"{path}:{line_number}: schema_version {version!r} is not supported "
                 f"(this topr reads version {SCHEMA_VERSION})"
             )
+        if check is not None:
+            try:
+                check(record)
+            except ValueError as error:
+                raise RecordError(f"{path}:{line_number}: {error}") from None
         yield record
 
 

@@ -54,15 +54,13 @@ def micro_batches(records: list[Record], batch_size: int, epochs: int, seed: int
     return batches
 
 
-def check_train_records(records: list[Record], path: str | Path) -> None:
-    for number, record in enumerate(records, start=1):
-        if len(record["completion_token_ids"]) != len(record["behavior_logprobs"]):
-            raise RecordError(
-                f"{path}: record {number}: completion_token_ids has {len(record['completion_token_ids'])} tokens "
-                f"but behavior_logprobs has {len(record['behavior_logprobs'])} values"
-            )
-        if not record["completion_token_ids"]:
-            raise RecordError(f"{path}: record {number}: empty completion (curate drops these)")
+def check_train_record(record: Record) -> None:
+    """One log mu per completion token, and at least one token to train on."""
+    tokens, logprobs = len(record["completion_token_ids"]), len(record["behavior_logprobs"])
+    if tokens != logprobs:
+        raise ValueError(f"completion_token_ids has {tokens} tokens but behavior_logprobs has {logprobs} values")
+    if not tokens:
+        raise ValueError("empty completion (curate drops these)")
 
 
 def training_dtype(config: Config, device: torch.device) -> torch.dtype | None:
@@ -109,10 +107,9 @@ def run_train(
 ) -> dict:
     """Train the policy in ``model_dir`` on the curated set at ``data_path``; save to ``output_dir``."""
     train = config.train
-    records = read_records(data_path, required=TRAIN_FIELDS)
+    records = read_records(data_path, required=TRAIN_FIELDS, check=check_train_record)
     if not records:
         raise RecordError(f"{data_path}: the training set is empty")
-    check_train_records(records, data_path)
     set_threads(config.model.threads)
     torch.manual_seed(train.seed)
     device = pick_device()
