@@ -11,12 +11,12 @@ import yaml
 import topr
 from topr.config import config_to_dict, load_config
 from topr.records import write_records
+from topr.storage import file_sha256
 from topr.tracking import (
     ITERATION_TAG,
     KFP_RUN_TAG,
     STAGE_TAG,
     default_tracking_uri,
-    file_digest,
     find_pipeline_run,
     finish_pipeline_run,
     flatten,
@@ -171,7 +171,7 @@ def test_log_dataset(store, client, parent, tmp_path):
     with stage_run(store[0], parent, "curate", 1) as run:
         digest = run.log_dataset(path, "train_set_iter1", "training")
         run_id = run.run_id
-    assert digest == expected == file_digest(path)
+    assert digest == expected == file_sha256(path)
     inputs = client.get_run(run_id).inputs.dataset_inputs
     assert len(inputs) == 1
     dataset = inputs[0].dataset

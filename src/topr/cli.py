@@ -2,16 +2,19 @@
 
     topr run [--config FILE] [section.field=value ...]   the pipeline, locally, through kfp.local
     topr compile --output FILE                           the pipeline as Kubeflow YAML
-    topr sample | verify | curate | train | evaluate      one stage on files
+    topr sample | verify | curate | train | evaluate      one stage on files (local or s3://)
+    topr up | down                                       SeaweedFS + MLflow server on this machine
+
+Every file or model argument of a stage command may be an ``s3://bucket/key`` URI.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 from topr.config import ConfigError, config_to_yaml, describe_fields, load_config
@@ -45,7 +48,21 @@ def _build_parser() -> argparse.ArgumentParser:
         "Configuration fields (override any as section.field=value):\n\n" + describe_fields(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    run.add_argument("--tracking-uri", help="MLflow tracking URI, e.g. http://127.0.0.1:5000 (sets run.tracking_uri).")
     _add_config_arguments(run)
+
+    up = commands.add_parser(
+        "up",
+        help="Start SeaweedFS (S3) and an MLflow server on loopback, in the background.",
+        description="Start SeaweedFS and an MLflow server (sqlite backend, artifacts proxied to SeaweedFS) "
+        "on 127.0.0.1, print their URLs and the environment a run needs; 'topr down' stops them.",
+    )
+    up.add_argument("--state-dir", default="runs/stack", help="Where data, logs and the record of what runs go.")
+    up.add_argument("--s3-port", type=int, default=8333, help="SeaweedFS S3 port.")
+    up.add_argument("--mlflow-port", type=int, default=5000, help="MLflow server port.")
+    up.add_argument("--bucket", default="topr", help="Bucket to create for artifacts.")
+    down = commands.add_parser("down", help="Stop exactly what 'topr up' started.")
+    down.add_argument("--state-dir", default="runs/stack", help="The state directory given to 'topr up'.")
 
     compile_ = commands.add_parser("compile", help="Write the pipeline as Kubeflow Pipelines YAML.")
     compile_.add_argument("--output", default="pipelines/topr_pipeline.yaml", help="Where to write the YAML.")
@@ -98,16 +115,18 @@ def _print_json(payload: dict) -> None:
 
 def cmd_run(args) -> int:
     from topr.report import write_run_report
+    from topr.steps import check_services
     from topr.tracking import default_tracking_uri
 
-    config = _config(args)
+    config = _config(args, [f"run.tracking_uri={args.tracking_uri}"] if args.tracking_uri else [])
     run_name = config.run.name or time.strftime("topr-%Y%m%d-%H%M%S")
     run_dir = Path(config.run.output_dir) / run_name
     if run_dir.exists():
         raise ConfigError(f"run folder {run_dir} already exists: choose another run.name")
+    tracking_uri = config.run.tracking_uri or default_tracking_uri(config.run.output_dir)
+    check_services(tracking_uri, config.run.artifact_store)
     run_dir.mkdir(parents=True)
     (run_dir / "config.yaml").write_text(config_to_yaml(config))
-    tracking_uri = config.run.tracking_uri or default_tracking_uri(config.run.output_dir)
     log.info("run %s: %d iterations, folder %s, tracking %s", run_name, config.run.iterations, run_dir, tracking_uri)
 
     from pipelines.runner import run_local
@@ -129,10 +148,53 @@ def cmd_compile(args) -> int:
     return 0
 
 
+def cmd_up(args) -> int:
+    from topr.stack import up
+
+    stack = up(args.state_dir, args.s3_port, args.mlflow_port, args.bucket)
+    exports = " ".join(f"{name}={value}" for name, value in stack.environment().items())
+    print(f"SeaweedFS S3   {stack.s3_endpoint}  (bucket {stack.bucket})")
+    print(f"MLflow server  {stack.tracking_uri}  (artifacts in s3://{stack.bucket}/mlflow, served by proxy)")
+    print(f"\nexport {exports}")
+    print(f"topr run --tracking-uri {stack.tracking_uri} run.artifact_store=s3://{stack.bucket}/runs")
+    print(f"\nStop both with: topr down --state-dir {args.state_dir}")
+    return 0
+
+
+def cmd_down(args) -> int:
+    from topr.stack import down
+
+    for service in down(args.state_dir):
+        print(f"stopped {service.name} (pid {service.pid}, {service.url})")
+    return 0
+
+
+def _local_copies(stack: ExitStack, args, inputs: dict[str, str], outputs: dict[str, str]) -> None:
+    """Replace each ``s3://`` argument with a local path: inputs downloaded, outputs uploaded on success.
+
+    ``inputs``/``outputs`` map an argument name to ``"file"`` or ``"directory"``.
+    """
+    from topr import storage
+
+    opener = {
+        ("in", "file"): storage.local_file,
+        ("in", "directory"): storage.local_directory,
+        ("out", "file"): storage.output_file,
+        ("out", "directory"): storage.output_directory,
+    }
+    for direction, arguments in (("in", inputs), ("out", outputs)):
+        for name, kind in arguments.items():
+            value = getattr(args, name)
+            if value is not None and storage.is_s3(value):
+                setattr(args, name, str(stack.enter_context(opener[direction, kind](value))))
+
+
 def cmd_sample(args) -> int:
     from topr.sample import run_sample
 
-    _print_json(run_sample(_config(args), args.model, args.prompts, args.output, args.iteration))
+    with ExitStack() as stack:
+        _local_copies(stack, args, {"model": "directory", "prompts": "file"}, {"output": "file"})
+        _print_json(run_sample(_config(args), args.model, args.prompts, args.output, args.iteration))
     return 0
 
 
@@ -140,29 +202,37 @@ def cmd_verify(args) -> int:
     from topr.verify import run_verify
 
     config = _config(args, [f"task.name={args.task}"] if args.task else [])
-    _print_json(run_verify(config.task, args.input, args.output))
+    with ExitStack() as stack:
+        _local_copies(stack, args, {"input": "file"}, {"output": "file"})
+        _print_json(run_verify(config.task, args.input, args.output))
     return 0
 
 
 def cmd_curate(args) -> int:
     from topr.curate import run_curate
 
-    _print_json(run_curate(_config(args), args.input, args.output, args.report))
+    with ExitStack() as stack:
+        _local_copies(stack, args, {"input": "file"}, {"output": "file", "report": "file"})
+        _print_json(run_curate(_config(args), args.input, args.output, args.report))
     return 0
 
 
 def cmd_train(args) -> int:
     from topr.train import run_train
 
-    _print_json(run_train(_config(args), args.model, args.data, args.output))
+    with ExitStack() as stack:
+        _local_copies(stack, args, {"model": "directory", "data": "file"}, {"output": "directory"})
+        _print_json(run_train(_config(args), args.model, args.data, args.output))
     return 0
 
 
 def cmd_evaluate(args) -> int:
     from topr.evaluate import format_report, run_evaluate
 
-    completions = args.completions or str(Path(args.output).with_suffix(".completions.jsonl"))
-    report = run_evaluate(_config(args), args.model, args.prompts, args.output, completions)
+    args.completions = args.completions or args.output.removesuffix(".json") + ".completions.jsonl"
+    with ExitStack() as stack:
+        _local_copies(stack, args, {"model": "directory", "prompts": "file"}, {"output": "file", "completions": "file"})
+        report = run_evaluate(_config(args), args.model, args.prompts, args.output, args.completions)
     print(format_report(report))
     return 0
 
@@ -175,6 +245,8 @@ COMMANDS = {
     "curate": cmd_curate,
     "train": cmd_train,
     "evaluate": cmd_evaluate,
+    "up": cmd_up,
+    "down": cmd_down,
 }
 
 
@@ -187,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         return COMMANDS[args.command](args)
-    except (ConfigError, ValueError, FileNotFoundError, RuntimeError) as error:
+    except (ConfigError, ValueError, OSError, RuntimeError) as error:
         print(f"topr {args.command}: error: {error}", file=sys.stderr)
         return 2
 

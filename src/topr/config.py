@@ -158,6 +158,18 @@ class RunConfig(Section):
         None, description="MLflow tracking URI; default: a sqlite store inside the run folder."
     )
     experiment: str = Field("topr", description="MLflow experiment name.")
+    artifact_store: str | None = Field(
+        None,
+        description="s3://bucket/prefix where every stage also publishes its outputs, under "
+        "<prefix>/<MLflow run id>/iter<i>/ (models with a manifest); default: local only.",
+    )
+
+    @field_validator("artifact_store")
+    @classmethod
+    def _s3_uri(cls, value: str | None) -> str | None:
+        if value is not None and not (value.startswith("s3://") and len(value) > len("s3://")):
+            raise ValueError(f"must be an s3://bucket[/prefix] URI, got {value!r}")
+        return value
 
 
 class Config(Section):

@@ -159,6 +159,10 @@ def prompt_token_ids(tokenizer, prompt: str, system_prompt: str | None = None) -
 
 
 def prepare_base_model(path: str, output_dir: str | os.PathLike) -> str:
-    """Convert the configured starting model into a saved HF directory (GGUF is read once)."""
-    model, tokenizer = load_policy(path, device=torch.device("cpu"))
+    """Convert the configured starting model (a directory, hub id, embedded name or published
+    ``s3://`` directory) into a saved HF directory; GGUF is read only here."""
+    from topr.storage import local_directory
+
+    with local_directory(path) as local:
+        model, tokenizer = load_policy(str(local), device=torch.device("cpu"))
     return save_policy(model, tokenizer, output_dir, provenance={"source": path, "parent": None})

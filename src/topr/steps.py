@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import json
 import logging
+from pathlib import Path
+
+from topr import storage
 from topr.config import Config, build_config
-from topr.tracking import finish_pipeline_run, stage_run, start_pipeline_run
+from topr.tracking import check_tracking_server, finish_pipeline_run, stage_run, start_pipeline_run
 
 log = logging.getLogger(__name__)
 
@@ -19,9 +22,41 @@ def parse_config(config_json: str) -> Config:
     return build_config(json.loads(config_json), source="pipeline parameter config_json")
 
 
+def check_services(tracking_uri: str, artifact_store: str | None) -> None:
+    """Fail before any expensive work if the tracking server or the object store is unreachable."""
+    check_tracking_server(tracking_uri)
+    if artifact_store is not None:
+        storage.check_reachable(artifact_store)
+
+
+def published_uri(config: Config, parent_run_id: str, iteration: int, name: str) -> str | None:
+    """Where ``publish`` puts ``name``: ``<artifact_store>/<run id>/iter<i>/<name>``, or None.
+
+    The run id and iteration make the key unique, so no iteration's artifact is overwritten.
+    """
+    if config.run.artifact_store is None:
+        return None
+    return storage.join(config.run.artifact_store, parent_run_id, f"iter{iteration}", name)
+
+
+def publish(config: Config, parent_run_id: str, iteration: int, local: str, name: str) -> str | None:
+    """Copy a stage output to its run-scoped key (a model directory with its manifest last)."""
+    uri = published_uri(config, parent_run_id, iteration, name)
+    if uri is None:
+        return None
+    if Path(local).is_dir():
+        storage.publish_directory(local, uri)
+    else:
+        storage.upload_file(local, uri)
+    log.info("published %s", uri)
+    return uri
+
+
 def start(config_json: str, tracking_uri: str, run_name: str, kfp_run_id: str = "") -> str:
     """Create the parent MLflow run; its id is handed to every later step."""
-    return start_pipeline_run(tracking_uri, parse_config(config_json), run_name, kfp_run_id)
+    config = parse_config(config_json)
+    check_services(tracking_uri, config.run.artifact_store)
+    return start_pipeline_run(tracking_uri, config, run_name, kfp_run_id)
 
 
 def finish(config_json: str, tracking_uri: str, kfp_run_id: str, failed: bool) -> None:
@@ -36,7 +71,8 @@ def prepare_model(config_json: str, tracking_uri: str, parent_run_id: str, model
     config = parse_config(config_json)
     with stage_run(tracking_uri, parent_run_id, "prepare_model", 0) as run:
         digest = prepare_base_model(config.model.path, model_dir)
-        run.log_params({"source": config.model.path, "weights_sha256": digest})
+        uri = publish(config, parent_run_id, 0, model_dir, "model")
+        run.log_params({"source": config.model.path, "weights_sha256": digest, "model_uri": uri or model_dir})
     return {"weights_sha256": digest}
 
 
@@ -46,8 +82,9 @@ def prompts(config_json: str, tracking_uri: str, parent_run_id: str, train_path:
     config = parse_config(config_json)
     with stage_run(tracking_uri, parent_run_id, "prompts", 0) as run:
         counts = run_prompts(config, train_path, eval_path)
-        run.log_dataset(train_path, "train_prompts", "training")
-        run.log_dataset(eval_path, "eval_prompts", "evaluation")
+        for path, name, context in ((train_path, "train_prompts", "training"), (eval_path, "eval_prompts", "evaluation")):
+            uri = publish(config, parent_run_id, 0, path, f"{name}.jsonl")
+            run.log_dataset(path, name, context, source=uri)
         run.log_metrics(counts)
     return counts
 
@@ -59,7 +96,8 @@ def sample(config_json: str, tracking_uri: str, parent_run_id: str, iteration: i
     with stage_run(tracking_uri, parent_run_id, "sample", iteration) as run:
         run.log_params(config.sample.model_dump())
         summary = run_sample(config, model_dir, prompts_path, output_path, iteration)
-        run.log_dataset(output_path, f"samples_iter{iteration}", "sampling")
+        uri = publish(config, parent_run_id, iteration, output_path, "samples.jsonl")
+        run.log_dataset(output_path, f"samples_iter{iteration}", "sampling", source=uri)
         run.log_metrics(summary)
     return summary
 
@@ -70,7 +108,8 @@ def verify(config_json: str, tracking_uri: str, parent_run_id: str, iteration: i
     config = parse_config(config_json)
     with stage_run(tracking_uri, parent_run_id, "verify", iteration) as run:
         summary = run_verify(config.task, input_path, output_path)
-        run.log_dataset(output_path, f"verified_iter{iteration}", "verification")
+        uri = publish(config, parent_run_id, iteration, output_path, "verified.jsonl")
+        run.log_dataset(output_path, f"verified_iter{iteration}", "verification", source=uri)
         run.log_metrics(summary)
         run.log_metrics({"sample_accuracy": summary["accuracy"]}, on_parent=True)
     return summary
@@ -83,7 +122,9 @@ def curate(config_json: str, tracking_uri: str, parent_run_id: str, iteration: i
     with stage_run(tracking_uri, parent_run_id, "curate", iteration) as run:
         run.log_params(config.curate.model_dump())
         report = run_curate(config, input_path, output_path, report_path)
-        run.log_dataset(output_path, f"train_set_iter{iteration}", "training")
+        uri = publish(config, parent_run_id, iteration, output_path, "train_set.jsonl")
+        publish(config, parent_run_id, iteration, report_path, "composition.json")
+        run.log_dataset(output_path, f"train_set_iter{iteration}", "training", source=uri)
         run.log_artifact(report_path)
         composition = {f"curated_{key}": report[key] for key in ("count", "positives", "negatives")}
         composition.update(positive_fraction=report["positive_fraction"], effective_positive_fraction=report["effective_positive_fraction"])
@@ -97,11 +138,13 @@ def train(config_json: str, tracking_uri: str, parent_run_id: str, iteration: in
     config = parse_config(config_json)
     with stage_run(tracking_uri, parent_run_id, "train", iteration) as run:
         run.log_params(config.train.model_dump())
-        run.log_dataset(data_path, f"train_set_iter{iteration}", "training")
+        train_set_uri = published_uri(config, parent_run_id, iteration, "train_set.jsonl")
+        run.log_dataset(data_path, f"train_set_iter{iteration}", "training", source=train_set_uri)
         summary = run_train(config, model_dir, data_path, output_dir, on_step=lambda step, stats: run.log_metrics(stats, step))
+        uri = publish(config, parent_run_id, iteration, output_dir, "model")
         run.log_artifacts(output_dir, "model")
         run.log_metrics({k: v for k, v in summary.items() if k != "weights_sha256"})
-        run.log_params({"weights_sha256": summary["weights_sha256"]})
+        run.log_params({"weights_sha256": summary["weights_sha256"], "model_uri": uri or output_dir})
     return summary
 
 
@@ -111,7 +154,9 @@ def evaluate(config_json: str, tracking_uri: str, parent_run_id: str, iteration:
     config = parse_config(config_json)
     with stage_run(tracking_uri, parent_run_id, "evaluate", iteration) as run:
         metrics = run_evaluate(config, model_dir, prompts_path, report_path, samples_path)
-        run.log_dataset(prompts_path, "eval_prompts", "evaluation")
+        publish(config, parent_run_id, iteration, report_path, "evaluation.json")
+        publish(config, parent_run_id, iteration, samples_path, "evaluation_completions.jsonl")
+        run.log_dataset(prompts_path, "eval_prompts", "evaluation", source=published_uri(config, parent_run_id, 0, "eval_prompts.jsonl"))
         run.log_artifact(report_path)
         run.log_metrics(metrics, on_parent=True)
     return metrics

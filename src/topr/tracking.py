@@ -8,7 +8,6 @@ figures (held-out accuracy, dataset composition) are also logged on the parent r
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import subprocess
@@ -19,6 +18,7 @@ from typing import Any
 
 import topr
 from topr.config import Config, config_to_dict, config_to_yaml
+from topr.storage import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +29,28 @@ KFP_RUN_TAG = "kfp.pipeline_run_id"
 def default_tracking_uri(output_dir: str | os.PathLike) -> str:
     """A local sqlite store shared by all runs under ``output_dir`` (no server needed)."""
     return f"sqlite:///{Path(output_dir).resolve() / 'mlflow.db'}"
+
+
+class TrackingError(RuntimeError):
+    """A tracking server that cannot be reached."""
+
+
+def http_ok(url: str, timeout: float = 3.0) -> bool:
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return response.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def check_tracking_server(tracking_uri: str) -> None:
+    """For an ``http(s)://`` tracking URI, fail at once (not after MLflow's minutes of retries) if
+    the server does not answer its health check."""
+    if tracking_uri.startswith(("http://", "https://")) and not http_ok(f"{tracking_uri.rstrip('/')}/health"):
+        raise TrackingError(f"the MLflow tracking server at {tracking_uri} is not reachable (GET /health failed)")
 
 
 def _client(tracking_uri: str):
@@ -116,14 +138,6 @@ def finish_pipeline_run(tracking_uri: str, experiment: str, kfp_run_id: str, sta
     log.info("MLflow run %s closed as %s", run_id, status)
 
 
-def file_digest(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 class StageRun:
     """A nested run for one stage of one iteration; thin over ``MlflowClient``."""
 
@@ -150,14 +164,17 @@ class StageRun:
 
         self.client.log_batch(self.run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()])
 
-    def log_dataset(self, path: str | os.PathLike, name: str, context: str) -> str:
-        """Log a record file as a dataset input (source and SHA-256 digest); return the digest."""
+    def log_dataset(self, path: str | os.PathLike, name: str, context: str, source: str | None = None) -> str:
+        """Log a record file as a dataset input with its SHA-256 digest; return the digest.
+
+        ``source`` is where the file is kept (an ``s3://`` URI once published); default: ``path``.
+        """
         from mlflow.data.dataset_source_registry import resolve_dataset_source
         from mlflow.data.meta_dataset import MetaDataset
         from mlflow.entities import DatasetInput, InputTag
 
-        digest = file_digest(path)
-        dataset = MetaDataset(resolve_dataset_source(str(Path(path).resolve())), name=name, digest=digest[:16])
+        digest = file_sha256(path)
+        dataset = MetaDataset(resolve_dataset_source(source or str(Path(path).resolve())), name=name, digest=digest[:16])
         tags = [InputTag("mlflow.data.context", context)]
         self.client.log_inputs(self.run_id, datasets=[DatasetInput(dataset._to_mlflow_entity(), tags)])
         return digest

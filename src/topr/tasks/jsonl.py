@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from topr.records import RecordError, iter_records
+from topr.storage import local_file
 from topr.tasks import (
     ANSWER_INSTRUCTION,
     ANSWER_MARKER,
@@ -38,20 +39,21 @@ class FileTask(Task):
         self.paths = {"train": train_path, "test": eval_path}
 
     def problems(self, split: str, size: int, seed: int) -> list[dict[str, str]]:
-        path = self._path(split)
-        records = iter_records(path, required=self.required_fields)
-        problems = [self.problem(record, path, index) for index, record in enumerate(records)]
+        with local_file(self._location(split)) as path:
+            records = iter_records(path, required=self.required_fields)
+            problems = [self.problem(record, path, index) for index, record in enumerate(records)]
         _check_unique_ids(problems, path)
         random.Random(seed).shuffle(problems)
         return problems[:size]
 
-    def _path(self, split: str) -> Path:
+    def _location(self, split: str) -> str:
+        """The split's file: a local path or an ``s3://`` URI."""
         check_split(split)
-        path = self.paths[split]
-        if path is None:
+        location = self.paths[split]
+        if location is None:
             option = "train_path" if split == "train" else "eval_path"
             raise ValueError(f"task {self.name} needs task.{option} for the {split!r} split")
-        return Path(path)
+        return location
 
     @abstractmethod
     def problem(self, record: dict[str, Any], path: Path, index: int) -> dict[str, str]:

@@ -1,0 +1,284 @@
+"""Local paths and ``s3://bucket/key`` URIs behind one small interface.
+
+Every stage reads and writes local files; this module moves them to and from object storage.
+Access goes through boto3 with the standard AWS settings (environment variables, profiles)
+plus a custom endpoint for S3-compatible stores: ``AWS_ENDPOINT_URL`` or, as MLflow names it,
+``MLFLOW_S3_ENDPOINT_URL``. Transient errors (connection resets, 5xx, throttling) are retried
+by botocore's ``standard`` mode with exponential backoff and jitter, ``AWS_MAX_ATTEMPTS`` times
+(default 5); an outage that outlasts them ends in a ``StorageError`` that names the endpoint.
+
+A single object appears only when its upload completes, so files need no extra care. A model
+is a directory of files, and is published with a manifest written last (every file's size
+and SHA-256): readers accept only directories that have one, and check every file against it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+S3_SCHEME = "s3://"
+MANIFEST_NAME = "topr-manifest.json"
+MANIFEST_VERSION = 1
+MULTIPART_BYTES = 64 * 1024 * 1024
+
+
+class StorageError(RuntimeError):
+    """Object storage that cannot be reached, or an artifact that is missing or altered."""
+
+
+class MissingObjectError(StorageError):
+    """The bucket answered, and the object is not there."""
+
+
+def is_s3(location: str | os.PathLike) -> bool:
+    return str(location).startswith(S3_SCHEME)
+
+
+def split_s3(uri: str) -> tuple[str, str]:
+    """``s3://bucket/some/key`` → ``("bucket", "some/key")``."""
+    bucket, _, key = uri.removeprefix(S3_SCHEME).partition("/")
+    if not is_s3(uri) or not bucket:
+        raise StorageError(f"not an s3://bucket/key URI: {uri!r}")
+    return bucket, key.strip("/")
+
+
+def join(base: str | os.PathLike, *parts: str) -> str:
+    """``base/part/...`` for a local path or an S3 URI."""
+    if is_s3(base):
+        return "/".join([str(base).rstrip("/"), *(part.strip("/") for part in parts)])
+    return str(Path(base, *parts))
+
+
+def endpoint_url() -> str | None:
+    return os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("MLFLOW_S3_ENDPOINT_URL") or None
+
+
+def s3_client():
+    return _client(endpoint_url(), os.environ.get("AWS_MAX_ATTEMPTS", "5"))
+
+
+@lru_cache(maxsize=4)
+def _client(endpoint: str | None, max_attempts: str):
+    import boto3
+    from botocore.config import Config
+
+    retries = {"mode": os.environ.get("AWS_RETRY_MODE", "standard"), "max_attempts": int(max_attempts)}
+    config = Config(retries=retries, connect_timeout=5, read_timeout=60)
+    return boto3.client("s3", endpoint_url=endpoint, config=config)
+
+
+@contextmanager
+def _s3_errors(action: str, uri: str) -> Iterator[None]:
+    """Turn boto errors into one ``StorageError`` that says what failed, where, and why."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    try:
+        yield
+    except ClientError as error:
+        code = error.response.get("Error", {}).get("Code", "")
+        if code in ("404", "NoSuchKey", "NotFound"):
+            raise MissingObjectError(f"{action} {uri}: no such object") from None
+        if code == "NoSuchBucket":
+            raise StorageError(f"{action} {uri}: the bucket does not exist") from None
+        raise StorageError(f"{action} {uri}: {error}") from None
+    except BotoCoreError as error:
+        where = endpoint_url() or "the default AWS endpoint"
+        raise StorageError(f"{action} {uri}: object storage at {where} failed ({error})") from None
+
+
+def check_reachable(uri: str) -> None:
+    """Fail fast, before any expensive work, if the bucket of ``uri`` cannot be reached."""
+    bucket, _ = split_s3(uri)
+    try:
+        with _s3_errors("reaching the bucket of", uri):
+            s3_client().head_bucket(Bucket=bucket)
+    except MissingObjectError:  # HEAD has no body, so a missing bucket is a bare 404
+        raise StorageError(f"{uri}: the bucket {bucket!r} does not exist") from None
+
+
+def exists(uri: str) -> bool:
+    bucket, key = split_s3(uri)
+    try:
+        with _s3_errors("checking", uri):
+            s3_client().head_object(Bucket=bucket, Key=key)
+    except MissingObjectError:
+        return False
+    return True
+
+
+def _transfer_config():
+    from boto3.s3.transfer import TransferConfig
+
+    return TransferConfig(multipart_threshold=MULTIPART_BYTES, multipart_chunksize=MULTIPART_BYTES)
+
+
+def upload_file(path: str | os.PathLike, uri: str) -> str:
+    """Upload one file (multipart when large); return ``uri``."""
+    bucket, key = split_s3(uri)
+    with _s3_errors("uploading to", uri):
+        s3_client().upload_file(str(path), bucket, key, Config=_transfer_config())
+    return uri
+
+
+def download_file(uri: str, path: str | os.PathLike) -> Path:
+    """Download one object to ``path``, which appears only when the download completes."""
+    from topr.records import atomic_path
+
+    bucket, key = split_s3(uri)
+    with atomic_path(path) as partial, _s3_errors("downloading", uri):
+        s3_client().download_file(bucket, key, str(partial), Config=_transfer_config())
+    return Path(path)
+
+
+def read_bytes(uri: str) -> bytes:
+    bucket, key = split_s3(uri)
+    with _s3_errors("reading", uri):
+        return s3_client().get_object(Bucket=bucket, Key=key)["Body"].read()
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def directory_manifest(directory: str | os.PathLike) -> dict[str, Any]:
+    """``{"files": {relative path: {"size", "sha256"}}}`` for every file under ``directory``."""
+    directory = Path(directory)
+    files = {
+        path.relative_to(directory).as_posix(): {"size": path.stat().st_size, "sha256": file_sha256(path)}
+        for path in sorted(directory.rglob("*"))
+        if path.is_file() and path.name != MANIFEST_NAME
+    }
+    return {"manifest_version": MANIFEST_VERSION, "files": files}
+
+
+def publish_directory(directory: str | os.PathLike, uri: str) -> dict[str, Any]:
+    """Upload every file of ``directory`` under ``uri``, then the manifest; return the manifest.
+
+    A directory already published at ``uri`` is never overwritten.
+    """
+    manifest_uri = join(uri, MANIFEST_NAME)
+    if exists(manifest_uri):
+        raise StorageError(f"{uri} is already published (it has {MANIFEST_NAME}); refusing to overwrite it")
+    manifest = directory_manifest(directory)
+    for relative in manifest["files"]:
+        upload_file(Path(directory, relative), join(uri, relative))
+    bucket, key = split_s3(manifest_uri)
+    with _s3_errors("uploading to", manifest_uri):
+        s3_client().put_object(Bucket=bucket, Key=key, Body=json.dumps(manifest, indent=1).encode())
+    log.info("published %d files to %s", len(manifest["files"]), uri)
+    return manifest
+
+
+def read_manifest(uri: str) -> dict[str, Any]:
+    """The manifest of a published directory; an error if it has none (unfinished or not ours)."""
+    manifest_uri = join(uri, MANIFEST_NAME)
+    try:
+        return json.loads(read_bytes(manifest_uri))
+    except MissingObjectError:
+        raise MissingObjectError(f"{uri} is not a published directory: {MANIFEST_NAME} is missing") from None
+
+
+def fetch_directory(uri: str, directory: str | os.PathLike) -> Path:
+    """Download a published directory, checking each file's size and SHA-256 against its manifest."""
+    directory = Path(directory)
+    manifest = read_manifest(uri)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        for relative, expected in manifest["files"].items():
+            target = download_file(join(uri, relative), partial / relative)
+            problem = _mismatch(target, expected)
+            if problem:
+                raise StorageError(f"{join(uri, relative)}: {problem} (the manifest says otherwise)")
+        os.chmod(partial, 0o755)
+        partial.rename(directory)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    return directory
+
+
+def _mismatch(path: Path, expected: dict[str, Any]) -> str | None:
+    size = path.stat().st_size
+    if size != expected["size"]:
+        return f"{size} bytes instead of {expected['size']}"
+    if file_sha256(path) != expected["sha256"]:
+        return "SHA-256 differs"
+    return None
+
+
+def check_directory(uri: str) -> list[str]:
+    """Re-read every file of a published directory; return what is missing or changed."""
+    try:
+        manifest = read_manifest(uri)
+    except StorageError as error:
+        return [str(error)]
+    problems = []
+    with tempfile.TemporaryDirectory() as scratch:
+        for relative, expected in manifest["files"].items():
+            try:
+                problem = _mismatch(download_file(join(uri, relative), Path(scratch, "file")), expected)
+            except MissingObjectError:
+                problem = "missing"
+            if problem:
+                problems.append(f"{join(uri, relative)}: {problem}")
+    return problems
+
+
+@contextmanager
+def local_file(location: str | os.PathLike) -> Iterator[Path]:
+    """A local path to read ``location`` from: the path itself, or a downloaded copy of an object."""
+    if not is_s3(location):
+        yield Path(location)
+        return
+    with tempfile.TemporaryDirectory(prefix="topr-") as scratch:
+        yield download_file(str(location), Path(scratch, Path(split_s3(str(location))[1]).name or "object"))
+
+
+@contextmanager
+def local_directory(location: str | os.PathLike) -> Iterator[Path]:
+    """A local model directory for ``location``: itself, or a checked copy of a published one."""
+    if not is_s3(location):
+        yield Path(location)
+        return
+    with tempfile.TemporaryDirectory(prefix="topr-") as scratch:
+        yield fetch_directory(str(location), Path(scratch, "model"))
+
+
+@contextmanager
+def output_file(location: str | os.PathLike) -> Iterator[Path]:
+    """A local path to write; for an S3 URI it is uploaded when the block succeeds."""
+    if not is_s3(location):
+        yield Path(location)
+        return
+    with tempfile.TemporaryDirectory(prefix="topr-") as scratch:
+        path = Path(scratch, Path(split_s3(str(location))[1]).name or "object")
+        yield path
+        upload_file(path, str(location))
+
+
+@contextmanager
+def output_directory(location: str | os.PathLike) -> Iterator[Path]:
+    """A local directory to write a model into; for an S3 URI it is published when the block succeeds."""
+    if not is_s3(location):
+        yield Path(location)
+        return
+    with tempfile.TemporaryDirectory(prefix="topr-") as scratch:
+        path = Path(scratch, "model")
+        yield path
+        publish_directory(path, str(location))

@@ -1,0 +1,109 @@
+"""The pipeline against the real stack: SeaweedFS for artifacts, an MLflow server for tracking."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import mlflow
+import pytest
+
+from pipelines.runner import run_local
+from topr import stack as topr_stack
+from topr import steps, storage
+from topr.cli import main
+from topr.config import config_to_dict, load_config
+from topr.records import write_records
+from topr.stack import free_port
+
+from test_pipeline import TINY_RUN
+
+
+def object_keys(bucket: str, prefix: str) -> set[str]:
+    pages = storage.s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+    return {item["Key"].removeprefix(prefix) for page in pages for item in page.get("Contents", [])}
+
+
+@pytest.mark.slow
+def test_run_publishes_every_artifact_under_run_scoped_keys(stack, tmp_path, tiny_model_dir):
+    store = f"s3://{stack.bucket}/runs"
+    config = load_config(None, [f"model.path={tiny_model_dir}", "run.iterations=1", f"run.artifact_store={store}", *TINY_RUN])
+    parent_run_id = run_local(config, tmp_path / "run", stack.tracking_uri, "stack-test")
+
+    keys = object_keys(stack.bucket, f"runs/{parent_run_id}/")
+    expected = {
+        "iter0/train_prompts.jsonl", "iter0/eval_prompts.jsonl", "iter0/model/topr-manifest.json",
+        "iter0/evaluation.json", "iter1/samples.jsonl", "iter1/verified.jsonl", "iter1/train_set.jsonl",
+        "iter1/composition.json", "iter1/model/topr-manifest.json", "iter1/model/model.safetensors",
+        "iter1/evaluation.json", "iter1/evaluation_completions.jsonl",
+    }  # fmt: skip
+    assert expected <= keys, expected - keys
+    model_uri = f"{store}/{parent_run_id}/iter1/model"
+    assert storage.check_directory(model_uri) == []
+
+    client = mlflow.MlflowClient(stack.tracking_uri)
+    parent = client.get_run(parent_run_id)
+    assert parent.info.status == "FINISHED"
+    (train_run,) = client.search_runs(
+        [parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent_run_id}' and tags.`topr.stage` = 'train'"
+    )
+    assert train_run.data.params["model_uri"] == model_uri
+    (train_input,) = train_run.inputs.dataset_inputs
+    assert json.loads(train_input.dataset.source) == {"uri": f"{store}/{parent_run_id}/iter1/train_set.jsonl"}
+    # The MLflow server proxies run artifacts into the same object store.
+    assert any(key.endswith("model/model.safetensors") for key in object_keys(stack.bucket, "mlflow/"))
+
+
+def test_a_tracking_server_that_is_down_stops_the_run_before_any_work(tmp_path, capsys):
+    down = f"http://127.0.0.1:{free_port()}"
+    started = time.monotonic()
+    code = main(["run", "--tracking-uri", down, f"run.output_dir={tmp_path}", "run.name=never"])
+    assert code == 2
+    assert time.monotonic() - started < 30
+    assert f"the MLflow tracking server at {down} is not reachable" in capsys.readouterr().err
+    assert not (tmp_path / "never").exists()
+
+
+def test_an_unreachable_store_stops_the_run_before_any_work(stack, tmp_path, capsys):
+    code = main(["run", f"run.output_dir={tmp_path}", "run.name=never", "run.artifact_store=s3://no-such-bucket/runs"])
+    assert code == 2
+    assert "s3://no-such-bucket/runs: the bucket 'no-such-bucket' does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "never").exists()
+
+
+@pytest.mark.slow
+def test_an_s3_outage_during_training_fails_the_stage_and_publishes_no_manifest(stack, tmp_path, tiny_model_dir, monkeypatch):
+    """Train against a private SeaweedFS that stops before the model is published."""
+    s3_port = free_port()
+    private = topr_stack.start_seaweedfs(tmp_path / "seaweedfs", s3_port, bucket="outage")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", private.url)
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "3")
+    config = load_config(None, [f"model.path={tiny_model_dir}", "run.artifact_store=s3://outage/runs", "train.batch_size=2"])
+    config_json = json.dumps(config_to_dict(config))
+    parent_run_id = steps.start(config_json, stack.tracking_uri, "outage")
+    data = tmp_path / "train_set.jsonl"
+    write_records(data, [_record(1.0), _record(-1.0)])
+
+    topr_stack.stop(private)
+    with pytest.raises(storage.StorageError, match=f"object storage at {private.url} failed"):
+        steps.train(config_json, stack.tracking_uri, parent_run_id, 1, tiny_model_dir, str(data), str(tmp_path / "trained"))
+
+    client = mlflow.MlflowClient(stack.tracking_uri)
+    experiment = client.get_run(parent_run_id).info.experiment_id
+    (train_run,) = client.search_runs([experiment], f"tags.mlflow.parentRunId = '{parent_run_id}'")
+    assert train_run.info.status == "FAILED" and "model_uri" not in train_run.data.params
+    restarted = topr_stack.start_seaweedfs(tmp_path / "seaweedfs", s3_port, bucket="outage")
+    try:
+        assert not storage.exists(f"s3://outage/runs/{parent_run_id}/iter1/model/{storage.MANIFEST_NAME}")
+    finally:
+        topr_stack.stop(restarted)
+
+
+def _record(reward: float) -> dict:
+    return {
+        "prompt_id": f"p{reward}",
+        "prompt_token_ids": [1, 2, 3],
+        "completion_token_ids": [4, 5],
+        "behavior_logprobs": [-1.0, -1.0],
+        "reward": reward,
+    }

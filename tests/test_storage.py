@@ -1,0 +1,164 @@
+"""Object storage against moto's S3 server on loopback (SeaweedFS is exercised in tests/integration)."""
+
+import json
+
+import pytest
+
+from topr import storage
+from topr.stack import free_port
+
+BUCKET = "topr-tests"
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint():
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=free_port(), verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def s3(s3_endpoint, monkeypatch, request):
+    """A fresh bucket on the moto server; its URI prefix."""
+    for name, value in {
+        "AWS_ENDPOINT_URL": s3_endpoint,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }.items():
+        monkeypatch.setenv(name, value)
+    bucket = f"{BUCKET}-{request.node.name.replace('_', '-')[:40].lower()}"
+    storage.s3_client().create_bucket(Bucket=bucket)
+    return f"s3://{bucket}"
+
+
+def model_dir(tmp_path):
+    directory = tmp_path / "model"
+    (directory / "sub").mkdir(parents=True)
+    (directory / "model.safetensors").write_bytes(bytes(range(256)) * 1000)
+    (directory / "config.json").write_text('{"layers": 2}')
+    (directory / "sub" / "tokenizer.json").write_text("{}")
+    return directory
+
+
+def test_uri_helpers():
+    assert storage.split_s3("s3://bucket/a/b.jsonl") == ("bucket", "a/b.jsonl")
+    assert storage.join("s3://bucket/runs/", "r1", "iter1", "samples.jsonl") == "s3://bucket/runs/r1/iter1/samples.jsonl"
+    assert storage.join("/tmp/x", "a") == "/tmp/x/a"
+    with pytest.raises(storage.StorageError, match="not an s3://bucket/key URI"):
+        storage.split_s3("s3:///key")
+
+
+def test_file_round_trip(s3, tmp_path):
+    source = tmp_path / "samples.jsonl"
+    source.write_text('{"prompt_id": "p1"}\n')
+    uri = storage.upload_file(source, f"{s3}/run/iter1/samples.jsonl")
+    assert storage.exists(uri) and not storage.exists(f"{s3}/run/iter2/samples.jsonl")
+    with storage.local_file(uri) as local:
+        assert local.read_text() == source.read_text() and local.name == "samples.jsonl"
+    with pytest.raises(storage.MissingObjectError, match="no such object"):
+        storage.download_file(f"{s3}/nothing.jsonl", tmp_path / "nothing.jsonl")
+    assert not (tmp_path / "nothing.jsonl").exists()
+
+
+def test_published_directory_has_a_manifest_and_comes_back_checked(s3, tmp_path):
+    source = model_dir(tmp_path)
+    manifest = storage.publish_directory(source, f"{s3}/run/iter1/model")
+    assert set(manifest["files"]) == {"model.safetensors", "config.json", "sub/tokenizer.json"}
+    assert manifest["files"]["model.safetensors"]["size"] == 256_000
+    stored = json.loads(storage.read_bytes(f"{s3}/run/iter1/model/{storage.MANIFEST_NAME}"))
+    assert stored == manifest
+    copy = storage.fetch_directory(f"{s3}/run/iter1/model", tmp_path / "copy")
+    assert (copy / "sub" / "tokenizer.json").read_text() == "{}"
+    assert (copy / "model.safetensors").read_bytes() == (source / "model.safetensors").read_bytes()
+    assert storage.check_directory(f"{s3}/run/iter1/model") == []
+
+
+def test_a_published_directory_is_never_overwritten(s3, tmp_path):
+    storage.publish_directory(model_dir(tmp_path), f"{s3}/m")
+    with pytest.raises(storage.StorageError, match="already published"):
+        storage.publish_directory(model_dir(tmp_path / "other"), f"{s3}/m")
+
+
+def test_a_directory_without_manifest_is_refused(s3, tmp_path):
+    storage.upload_file(model_dir(tmp_path) / "config.json", f"{s3}/half/config.json")
+    with pytest.raises(storage.StorageError, match="not a published directory.*topr-manifest.json is missing"):
+        storage.fetch_directory(f"{s3}/half", tmp_path / "copy")
+    assert not (tmp_path / "copy").exists()
+
+
+def test_changed_and_deleted_files_are_caught(s3, tmp_path):
+    source = model_dir(tmp_path)
+    storage.publish_directory(source, f"{s3}/m")
+    bucket, _ = storage.split_s3(s3)
+    client = storage.s3_client()
+    changed = bytearray((source / "model.safetensors").read_bytes())
+    changed[1000] ^= 1
+    client.put_object(Bucket=bucket, Key="m/model.safetensors", Body=bytes(changed))
+    client.delete_object(Bucket=bucket, Key="m/config.json")
+    problems = storage.check_directory(f"{s3}/m")
+    assert len(problems) == 2
+    assert any("model.safetensors: SHA-256 differs" in problem for problem in problems)
+    assert f"{s3}/m/config.json: missing" in problems
+    with pytest.raises(storage.StorageError, match="m/config.json: no such object"):
+        storage.fetch_directory(f"{s3}/m", tmp_path / "copy")
+    client.delete_object(Bucket=bucket, Key=f"m/{storage.MANIFEST_NAME}")
+    assert storage.check_directory(f"{s3}/m") == [f"{s3}/m is not a published directory: {storage.MANIFEST_NAME} is missing"]
+    assert not (tmp_path / "copy").exists()
+
+
+def test_output_directory_publishes_only_on_success(s3, tmp_path):
+    with pytest.raises(ValueError, match="training failed"):
+        with storage.output_directory(f"{s3}/failed") as local:
+            local.mkdir()
+            (local / "config.json").write_text("{}")
+            raise ValueError("training failed")
+    assert not storage.exists(f"{s3}/failed/config.json")
+    with storage.output_directory(f"{s3}/done") as local:
+        local.mkdir()
+        (local / "config.json").write_text("{}")
+    assert storage.check_directory(f"{s3}/done") == []
+
+
+def test_transient_errors_are_retried(s3, tmp_path):
+    """Two 503 answers in a row, then the server's own: botocore's standard mode retries through."""
+    from botocore.awsrequest import AWSResponse
+
+    class Empty:
+        def stream(self, **_):
+            return iter([b""])
+
+    failures = []
+
+    def fail_twice(request, **_):
+        if len(failures) < 2 and request.method == "PUT":
+            failures.append(request.url)
+            return AWSResponse(request.url, 503, {}, Empty())
+        return None
+
+    client = storage.s3_client()
+    client.meta.events.register_first("before-send.s3.PutObject", fail_twice)
+    try:
+        source = tmp_path / "a.jsonl"
+        source.write_text("{}\n")
+        storage.upload_file(source, f"{s3}/retried/a.jsonl")
+    finally:
+        client.meta.events.unregister("before-send.s3.PutObject", fail_twice)
+    assert len(failures) == 2
+    assert storage.exists(f"{s3}/retried/a.jsonl")
+
+
+def test_an_outage_ends_in_a_clear_error(monkeypatch, tmp_path):
+    closed = f"http://127.0.0.1:{free_port()}"
+    monkeypatch.setenv("AWS_ENDPOINT_URL", closed)
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "2")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    with pytest.raises(storage.StorageError, match=f"object storage at {closed} failed"):
+        storage.check_reachable("s3://bucket/runs")
+    with pytest.raises(storage.StorageError, match=f"s3://bucket/m/.*object storage at {closed} failed"):
+        storage.publish_directory(model_dir(tmp_path), "s3://bucket/m")
