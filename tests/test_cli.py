@@ -242,3 +242,11 @@ def test_compile_takes_iterations_from_config(tmp_path, capsys):
     spec = yaml.safe_load(output.read_text())
     assert "3 iterations" in spec["pipelineInfo"]["description"]
     assert "comp-iteration-3" in spec["components"] and "comp-iteration-4" not in spec["components"]
+
+
+def test_lineage_of_an_unknown_model_exits_2_naming_it(tmp_path, capsys):
+    tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert main(["lineage", "--tracking-uri", tracking_uri, "no-such-model/1"]) == 2
+    assert "no registered model version 'no-such-model/1'" in capsys.readouterr().err
+    assert main(["lineage", "--tracking-uri", tracking_uri, "just-a-name"]) == 2
+    assert "use name@alias, name/version or a model URI" in capsys.readouterr().err

@@ -20,5 +20,6 @@ def train(
 
     summary = steps.train(config_json, tracking_uri, parent_run_id, iteration, model.path, train_set.path, trained_model.path)
     trained_model.metadata["weights_sha256"] = summary.pop("weights_sha256")
+    trained_model.metadata["registered_version"] = summary.pop("registered_version")
     for name, value in summary.items():
         metrics.log_metric(name, value)

@@ -61,6 +61,16 @@ def _build_parser() -> argparse.ArgumentParser:
     up.add_argument("--s3-port", type=int, default=8333, help="SeaweedFS S3 port.")
     up.add_argument("--mlflow-port", type=int, default=5000, help="MLflow server port.")
     up.add_argument("--bucket", default="topr", help="Bucket to create for artifacts.")
+    lineage = commands.add_parser(
+        "lineage",
+        help="Print where a model came from, back to the base model.",
+        description="Print the chain model ← training run ← curated set ← samples ← sampling model ← … "
+        "← base model of a registered model version, read from MLflow.",
+    )
+    lineage.add_argument("model", help="name@alias, name/version, models:/name/version, or the model's s3:// URI.")
+    lineage.add_argument("--tracking-uri", help="MLflow tracking URI (default: the local store under runs/).")
+    lineage.add_argument("--json", action="store_true", help="Print the chain as JSON.")
+    lineage.add_argument("--verify", action="store_true", help="Re-read and re-hash every artifact in object storage; exit 1 on any problem.")
     down = commands.add_parser("down", help="Stop exactly what 'topr up' started.")
     down.add_argument("--state-dir", default="runs/stack", help="The state directory given to 'topr up'.")
 
@@ -161,6 +171,23 @@ def cmd_up(args) -> int:
     return 0
 
 
+def cmd_lineage(args) -> int:
+    from topr import lineage
+    from topr.tracking import check_tracking_server, default_tracking_uri
+
+    tracking_uri = args.tracking_uri or default_tracking_uri("runs")
+    check_tracking_server(tracking_uri)
+    chain = lineage.trace(tracking_uri, args.model)
+    print(lineage.chain_json(chain) if args.json else lineage.format_chain(chain))
+    if not args.verify:
+        return 0
+    problems = lineage.verify(chain)
+    for problem in problems:
+        print(f"PROBLEM {problem}", file=sys.stderr)
+    print(f"verified {sum(1 for link in chain if link.uri.startswith('s3://'))} stored artifacts: {len(problems)} problem(s)", file=sys.stderr)
+    return 1 if problems else 0
+
+
 def cmd_down(args) -> int:
     from topr.stack import down
 
@@ -247,6 +274,7 @@ COMMANDS = {
     "evaluate": cmd_evaluate,
     "up": cmd_up,
     "down": cmd_down,
+    "lineage": cmd_lineage,
 }
 
 
@@ -259,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         return COMMANDS[args.command](args)
-    except (ConfigError, ValueError, OSError, RuntimeError) as error:
+    except (ConfigError, ValueError, OSError, RuntimeError, LookupError) as error:
         print(f"topr {args.command}: error: {error}", file=sys.stderr)
         return 2
 

@@ -158,6 +158,9 @@ class RunConfig(Section):
         None, description="MLflow tracking URI; default: a sqlite store inside the run folder."
     )
     experiment: str = Field("topr", description="MLflow experiment name.")
+    registered_model: str = Field(
+        "topr-policy", description="MLflow registered model that every trained model becomes a version of."
+    )
     artifact_store: str | None = Field(
         None,
         description="s3://bucket/prefix where every stage also publishes its outputs, under "

@@ -12,7 +12,7 @@ import logging
 from pathlib import Path
 
 from topr import storage
-from topr.config import Config, build_config
+from topr.config import Config, build_config, config_to_yaml
 from topr.tracking import check_tracking_server, finish_pipeline_run, stage_run, start_pipeline_run
 
 log = logging.getLogger(__name__)
@@ -132,7 +132,15 @@ def curate(config_json: str, tracking_uri: str, parent_run_id: str, iteration: i
     return report
 
 
+def behavior_models(data_path: str) -> list[str]:
+    """The models that generated a training set's samples (offline data may come from older ones)."""
+    from topr.records import iter_records
+
+    return sorted({str(record.get("behavior_model", "unknown")) for record in iter_records(data_path)})
+
+
 def train(config_json: str, tracking_uri: str, parent_run_id: str, iteration: int, model_dir: str, data_path: str, output_dir: str) -> dict:
+    from topr.models import model_identity
     from topr.train import run_train
 
     config = parse_config(config_json)
@@ -144,7 +152,19 @@ def train(config_json: str, tracking_uri: str, parent_run_id: str, iteration: in
         uri = publish(config, parent_run_id, iteration, output_dir, "model")
         run.log_artifacts(output_dir, "model")
         run.log_metrics({k: v for k, v in summary.items() if k != "weights_sha256"})
-        run.log_params({"weights_sha256": summary["weights_sha256"], "model_uri": uri or output_dir})
+        lineage = {
+            "model_uri": uri or output_dir,
+            "weights_sha256": summary["weights_sha256"],
+            "parent_model_uri": published_uri(config, parent_run_id, iteration - 1, "model") or model_dir,
+            "parent_weights_sha256": model_identity(model_dir).removeprefix("sha256:"),
+            "train_set_uri": train_set_uri or data_path,
+            "samples_uri": published_uri(config, parent_run_id, iteration, "samples.jsonl") or "",
+            "sampling_models": ",".join(behavior_models(data_path)),
+        }
+        run.log_params(lineage)
+        run.log_text(config_to_yaml(config), "config.yaml")
+        version = run.register_model(config.run.registered_model, "model", {f"topr.{k}": v for k, v in lineage.items()})
+        summary["registered_version"] = int(version)
     return summary
 
 

@@ -24,6 +24,8 @@ log = logging.getLogger(__name__)
 
 STAGE_TAG, ITERATION_TAG = "topr.stage", "topr.iteration"
 KFP_RUN_TAG = "kfp.pipeline_run_id"
+# What a trained model's run and registered version record about where the model came from.
+LINEAGE_KEYS = ("model_uri", "weights_sha256", "parent_model_uri", "parent_weights_sha256", "train_set_uri", "samples_uri", "sampling_models")
 
 
 def default_tracking_uri(output_dir: str | os.PathLike) -> str:
@@ -184,6 +186,23 @@ class StageRun:
 
     def log_artifacts(self, directory: str | os.PathLike, artifact_path: str | None = None) -> None:
         self.client.log_artifacts(self.run_id, str(directory), artifact_path)
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        self.client.log_text(self.run_id, text, artifact_file)
+
+    def register_model(self, name: str, artifact_path: str, tags: dict[str, str]) -> str:
+        """Register this run's ``artifact_path`` as a new version of ``name``; return the version."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.create_registered_model(name)
+        except MlflowException as error:
+            if error.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        source = f"{self.client.get_run(self.run_id).info.artifact_uri}/{artifact_path}"
+        version = self.client.create_model_version(name, source, run_id=self.run_id, tags=tags)
+        log.info("registered %s version %s (%s)", name, version.version, source)
+        return version.version
 
 
 @contextmanager

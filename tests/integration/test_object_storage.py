@@ -25,9 +25,10 @@ def object_keys(bucket: str, prefix: str) -> set[str]:
 
 
 @pytest.mark.slow
-def test_run_publishes_every_artifact_under_run_scoped_keys(stack, tmp_path, tiny_model_dir):
+def test_run_publishes_every_artifact_under_run_scoped_keys(stack, tmp_path, tiny_model_dir, capsys):
     store = f"s3://{stack.bucket}/runs"
-    config = load_config(None, [f"model.path={tiny_model_dir}", "run.iterations=1", f"run.artifact_store={store}", *TINY_RUN])
+    overrides = [f"model.path={tiny_model_dir}", "run.iterations=1", f"run.artifact_store={store}", "run.registered_model=stack-test"]
+    config = load_config(None, [*overrides, *TINY_RUN])
     parent_run_id = run_local(config, tmp_path / "run", stack.tracking_uri, "stack-test")
 
     keys = object_keys(stack.bucket, f"runs/{parent_run_id}/")
@@ -52,6 +53,38 @@ def test_run_publishes_every_artifact_under_run_scoped_keys(stack, tmp_path, tin
     assert json.loads(train_input.dataset.source) == {"uri": f"{store}/{parent_run_id}/iter1/train_set.jsonl"}
     # The MLflow server proxies run artifacts into the same object store.
     assert any(key.endswith("model/model.safetensors") for key in object_keys(stack.bucket, "mlflow/"))
+    check_lineage(stack, store, parent_run_id, tiny_model_dir, capsys)
+
+
+def check_lineage(stack, store, parent_run_id, base_model, capsys):
+    """The chain of the trained model reaches the base model; --verify catches a deleted object and a changed byte."""
+    capsys.readouterr()  # what the pipeline printed
+    run_prefix = f"{store}/{parent_run_id}"
+    lineage = ["lineage", "--tracking-uri", stack.tracking_uri]
+    assert main([*lineage, "--json", "stack-test/1"]) == 0
+    chain = json.loads(capsys.readouterr().out)
+    assert [link["kind"] for link in chain] == ["model", "training run", "curated set", "samples", "sampling model", "base model"]
+    assert chain[0]["uri"] == f"{run_prefix}/iter1/model"
+    assert chain[2]["uri"] == f"{run_prefix}/iter1/train_set.jsonl" and chain[2]["digest"]
+    assert chain[3]["uri"] == f"{run_prefix}/iter1/samples.jsonl" and chain[3]["digest"]
+    assert chain[4]["digest"] == chain[5]["digest"]  # iteration 1 sampled from the base model
+    assert chain[5]["name"] == base_model and chain[5]["uri"] == f"{run_prefix}/iter0/model"
+    assert main([*lineage, f"{run_prefix}/iter1/model"]) == 0
+    assert "← base model" in capsys.readouterr().out
+
+    assert main([*lineage, "--verify", "stack-test/1"]) == 0
+    assert "0 problem(s)" in capsys.readouterr().err
+    client = storage.s3_client()
+    client.delete_object(Bucket=stack.bucket, Key=f"runs/{parent_run_id}/iter1/samples.jsonl")
+    weights_key = f"runs/{parent_run_id}/iter1/model/model.safetensors"
+    weights = bytearray(client.get_object(Bucket=stack.bucket, Key=weights_key)["Body"].read())
+    weights[-1] ^= 1
+    client.put_object(Bucket=stack.bucket, Key=weights_key, Body=bytes(weights))
+    assert main([*lineage, "--verify", "stack-test/1"]) == 1
+    problems = capsys.readouterr().err
+    assert f"{run_prefix}/iter1/samples.jsonl: missing" in problems
+    assert f"{run_prefix}/iter1/model/model.safetensors: SHA-256 differs" in problems
+    assert "2 problem(s)" in problems
 
 
 def test_a_tracking_server_that_is_down_stops_the_run_before_any_work(tmp_path, capsys):

@@ -1,0 +1,134 @@
+"""Where a model came from: the chain back to the base model, read from MLflow, checkable in storage.
+
+    model ← training run ← curated set ← samples ← sampling model ← training run ← … ← base model
+
+Each trained model is a registered version whose tags (``topr.*``, see
+``topr.tracking.LINEAGE_KEYS``) name its published files, its parent model's weights digest,
+its training set and samples; the parent is the registered version with that digest, or, at
+the end of the chain, the ``prepare_model`` run that converted the configured base model.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+
+from topr import storage
+from topr.tracking import _client
+
+
+class LineageError(LookupError):
+    """A model reference that names no registered model version."""
+
+
+@dataclass
+class Link:
+    kind: str  # model, training run, curated set, samples, sampling model, base model
+    name: str
+    uri: str
+    digest: str = ""
+
+
+def resolve_version(client, reference: str):
+    """``name@alias``, ``name/version``, ``models:/…`` or a published model URI → a model version."""
+    from mlflow.exceptions import MlflowException
+
+    reference = reference.removeprefix("models:/")
+    try:
+        if storage.is_s3(reference):
+            found = client.search_model_versions(f"tags.`topr.model_uri` = '{reference.rstrip('/')}'")
+            if found:
+                return found[0]
+        elif "@" in reference:
+            return client.get_model_version_by_alias(*reference.split("@", 1))
+        elif "/" in reference:
+            return client.get_model_version(*reference.rsplit("/", 1))
+    except MlflowException as error:
+        raise LineageError(f"no registered model version {reference!r}: {error.message}") from None
+    raise LineageError(f"{reference!r} names no registered model version (use name@alias, name/version or a model URI)")
+
+
+def _dataset_digest(client, run, context_name: str) -> str:
+    for dataset_input in run.inputs.dataset_inputs:
+        if dataset_input.dataset.name == context_name:
+            return dataset_input.dataset.digest
+    return ""
+
+
+def _sibling_run(client, run, stage: str):
+    parent = run.data.tags.get("mlflow.parentRunId")
+    iteration = run.data.tags.get("topr.iteration")
+    found = client.search_runs(
+        [run.info.experiment_id],
+        f"tags.mlflow.parentRunId = '{parent}' and tags.`topr.stage` = '{stage}' and tags.`topr.iteration` = '{iteration}'",
+        max_results=1,
+    )
+    return found[0] if found else None
+
+
+def trace(tracking_uri: str, reference: str) -> list[Link]:
+    """The chain from the model named by ``reference`` back to its base model."""
+    client = _client(tracking_uri)
+    version = resolve_version(client, reference)
+    chain: list[Link] = []
+    while version is not None:
+        tags = version.tags
+        run = client.get_run(version.run_id)
+        iteration = run.data.tags.get("topr.iteration", "?")
+        chain.append(Link("model", f"{version.name}/{version.version}", tags["topr.model_uri"], tags["topr.weights_sha256"]))
+        chain.append(Link("training run", f"{run.info.run_name} ({run.info.run_id})", f"runs:/{run.info.run_id}"))
+        chain.append(Link("curated set", f"iteration {iteration}", tags["topr.train_set_uri"], _dataset_digest(client, run, f"train_set_iter{iteration}")))
+        sample_run = _sibling_run(client, run, "sample")
+        samples_digest = _dataset_digest(client, sample_run, f"samples_iter{iteration}") if sample_run else ""
+        chain.append(Link("samples", f"iteration {iteration}", tags.get("topr.samples_uri", ""), samples_digest))
+        sampling_models = tags.get("topr.sampling_models", "")
+        short_names = ", ".join(model[: len("sha256:") + 12] for model in sampling_models.split(","))
+        chain.append(Link("sampling model", short_names, "", sampling_models.removeprefix("sha256:")))
+        parent_digest = tags["topr.parent_weights_sha256"]
+        parents = client.search_model_versions(f"name = '{version.name}' and tags.`topr.weights_sha256` = '{parent_digest}'")
+        version = parents[0] if parents else None
+        if version is None:
+            chain.append(_base_model(client, run, parent_digest, tags["topr.parent_model_uri"]))
+    return chain
+
+
+def _base_model(client, run, digest: str, uri: str) -> Link:
+    found = client.search_runs(
+        [run.info.experiment_id],
+        f"tags.`topr.stage` = 'prepare_model' and params.weights_sha256 = '{digest}'",
+        max_results=1,
+    )
+    source = found[0].data.params.get("source", "") if found else "unknown (no prepare_model run with this digest)"
+    return Link("base model", source, uri, digest)
+
+
+def verify(chain: list[Link]) -> list[str]:
+    """Re-read every artifact of the chain from storage, re-hash it; return what is missing or changed."""
+    problems = []
+    for link in chain:
+        if not storage.is_s3(link.uri):
+            continue
+        if link.kind in ("model", "base model"):
+            problems += storage.check_directory(link.uri)
+        elif not storage.exists(link.uri):
+            problems.append(f"{link.uri}: missing")
+        elif link.digest:
+            with storage.local_file(link.uri) as local:
+                if not storage.file_sha256(local).startswith(link.digest):
+                    problems.append(f"{link.uri}: SHA-256 differs from the digest logged in MLflow ({link.digest})")
+    return problems
+
+
+def format_chain(chain: list[Link]) -> str:
+    rows = [(("← " if index else "  ") + link.kind, link.name, link.uri, link.digest[:16]) for index, link in enumerate(chain)]
+    widths = [max(len(row[column]) for row in rows) for column in range(4)]
+    header = ("  what", "name", "where", "digest")
+    widths = [max(width, len(title)) for width, title in zip(widths, header)]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in (header, *rows)]
+    return "\n".join(lines)
+
+
+def chain_json(chain: list[Link]) -> str:
+    return json.dumps([asdict(link) for link in chain], indent=2)
+
+
