@@ -2,8 +2,8 @@
 
     model ← training run ← curated set ← samples ← sampling model ← training run ← … ← base model
 
-Each trained model is a registered version whose tags (``topr.*``, see
-``topr.tracking.LINEAGE_KEYS``) name its published files, its parent model's weights digest,
+Each trained model is a registered version whose tags (``topr.*``, written by
+``topr.steps.train``) name its published files, its parent model's weights digest,
 its training set and samples; the parent is the registered version with that digest, or, at
 the end of the chain, the ``prepare_model`` run that converted the configured base model.
 """
@@ -14,7 +14,7 @@ import json
 from dataclasses import asdict, dataclass
 
 from topr import storage
-from topr.tracking import _client
+from topr.tracking import mlflow_client
 
 
 class LineageError(LookupError):
@@ -68,7 +68,7 @@ def _sibling_run(client, run, stage: str):
 
 def trace(tracking_uri: str, reference: str) -> list[Link]:
     """The chain from the model named by ``reference`` back to its base model."""
-    client = _client(tracking_uri)
+    client = mlflow_client(tracking_uri)
     version = resolve_version(client, reference)
     chain: list[Link] = []
     while version is not None:

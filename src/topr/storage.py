@@ -240,6 +240,11 @@ def check_directory(uri: str) -> list[str]:
     return problems
 
 
+def _object_name(uri: str | os.PathLike) -> str:
+    """The last part of an object's key, so a local copy keeps its name (and its suffix)."""
+    return Path(split_s3(str(uri))[1]).name or "object"
+
+
 @contextmanager
 def local_file(location: str | os.PathLike) -> Iterator[Path]:
     """A local path to read ``location`` from: the path itself, or a downloaded copy of an object."""
@@ -247,7 +252,7 @@ def local_file(location: str | os.PathLike) -> Iterator[Path]:
         yield Path(location)
         return
     with tempfile.TemporaryDirectory(prefix="topr-") as scratch:
-        yield download_file(str(location), Path(scratch, Path(split_s3(str(location))[1]).name or "object"))
+        yield download_file(str(location), Path(scratch, _object_name(location)))
 
 
 @contextmanager
@@ -267,7 +272,7 @@ def output_file(location: str | os.PathLike) -> Iterator[Path]:
         yield Path(location)
         return
     with tempfile.TemporaryDirectory(prefix="topr-") as scratch:
-        path = Path(scratch, Path(split_s3(str(location))[1]).name or "object")
+        path = Path(scratch, _object_name(location))
         yield path
         upload_file(path, str(location))
 

@@ -24,8 +24,6 @@ log = logging.getLogger(__name__)
 
 STAGE_TAG, ITERATION_TAG = "topr.stage", "topr.iteration"
 KFP_RUN_TAG = "kfp.pipeline_run_id"
-# What a trained model's run and registered version record about where the model came from.
-LINEAGE_KEYS = ("model_uri", "weights_sha256", "parent_model_uri", "parent_weights_sha256", "train_set_uri", "samples_uri", "sampling_models")
 
 
 def default_tracking_uri(output_dir: str | os.PathLike) -> str:
@@ -55,7 +53,7 @@ def check_tracking_server(tracking_uri: str) -> None:
         raise TrackingError(f"the MLflow tracking server at {tracking_uri} is not reachable (GET /health failed)")
 
 
-def _client(tracking_uri: str):
+def mlflow_client(tracking_uri: str):
     import mlflow
 
     mlflow.set_tracking_uri(tracking_uri)
@@ -104,7 +102,7 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, str]:
 
 def start_pipeline_run(tracking_uri: str, config: Config, run_name: str, kfp_run_id: str = "") -> str:
     """Create the parent run (left RUNNING until ``finish_pipeline_run``); return its id."""
-    client = _client(tracking_uri)
+    client = mlflow_client(tracking_uri)
     experiment_id = _experiment_id(client, config.run.experiment, tracking_uri)
     tags = {**code_version(), "mlflow.runName": run_name}
     if kfp_run_id:
@@ -122,7 +120,7 @@ def start_pipeline_run(tracking_uri: str, config: Config, run_name: str, kfp_run
 
 def find_pipeline_run(tracking_uri: str, experiment: str, kfp_run_id: str) -> str | None:
     """The parent run tagged with this Kubeflow run id, or None if it was never created."""
-    client = _client(tracking_uri)
+    client = mlflow_client(tracking_uri)
     found = client.get_experiment_by_name(experiment)
     if found is None:
         return None
@@ -136,7 +134,7 @@ def finish_pipeline_run(tracking_uri: str, experiment: str, kfp_run_id: str, sta
     if run_id is None:
         log.warning("no MLflow run tagged %s=%s to close", KFP_RUN_TAG, kfp_run_id)
         return
-    _client(tracking_uri).set_terminated(run_id, status)
+    mlflow_client(tracking_uri).set_terminated(run_id, status)
     log.info("MLflow run %s closed as %s", run_id, status)
 
 
@@ -208,7 +206,7 @@ class StageRun:
 @contextmanager
 def stage_run(tracking_uri: str, parent_run_id: str, stage: str, iteration: int) -> Iterator[StageRun]:
     """Open a nested run named ``iter<i>/<stage>``; it ends FAILED if the block raises."""
-    client = _client(tracking_uri)
+    client = mlflow_client(tracking_uri)
     parent = client.get_run(parent_run_id)
     tags = {
         "mlflow.parentRunId": parent_run_id,
@@ -227,8 +225,8 @@ def stage_run(tracking_uri: str, parent_run_id: str, stage: str, iteration: int)
 
 def metric_history(tracking_uri: str, run_id: str, key: str) -> dict[int, float]:
     """``{step: value}`` of a parent-run metric (the latest value for each step)."""
-    return {m.step: m.value for m in sorted(_client(tracking_uri).get_metric_history(run_id, key), key=lambda m: m.timestamp)}
+    return {m.step: m.value for m in sorted(mlflow_client(tracking_uri).get_metric_history(run_id, key), key=lambda m: m.timestamp)}
 
 
 def log_run_artifact(tracking_uri: str, run_id: str, path: str | os.PathLike) -> None:
-    _client(tracking_uri).log_artifact(run_id, str(path))
+    mlflow_client(tracking_uri).log_artifact(run_id, str(path))
