@@ -28,6 +28,8 @@ INTERFACES = {
         {**STAGE, "model": MODEL, "eval_prompts": DATASET},
         {"completions": DATASET, "report": ARTIFACT, "metrics": METRICS},
     ),
+    "gate": ({**STAGE, "model": MODEL, "eval_prompts": DATASET}, {"Output": "String"}),
+    "promote": ({**TRACKED, "model": MODEL}, {}),
 }
 
 

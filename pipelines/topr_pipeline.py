@@ -5,6 +5,7 @@
                   └▶ iteration 1: sample ▶ verify ▶ curate ▶ train ▶ evaluate ─▶ model_1
                      iteration 2: the same, from model_1                       ─▶ model_2
                      …
+                     gate(model_N vs the registered champion) ─▶ if "promote": promote
     finish_run (exit handler: closes the MLflow run as FINISHED or FAILED)
 
 KFP v2 has no loops over a run-time count, so ``build_pipeline(iterations)`` unrolls the
@@ -19,7 +20,9 @@ from kfp.dsl import Dataset, Input, Model
 from components.curate.component import curate
 from components.evaluate.component import evaluate
 from components.finish_run.component import finish_run
+from components.gate.component import gate
 from components.prepare_model.component import prepare_model
+from components.promote.component import promote
 from components.prompts.component import prompts
 from components.sample.component import sample
 from components.start_run.component import start_run
@@ -83,6 +86,11 @@ def build_pipeline(iterations: int):
                     train_prompts=prompt_sets.outputs["train_prompts"],
                     eval_prompts=prompt_sets.outputs["eval_prompts"],
                 ).set_display_name(f"iteration {iteration}").output
+            decision = gate(
+                **tracking, iteration=iterations, model=model, eval_prompts=prompt_sets.outputs["eval_prompts"]
+            ).set_display_name("promotion gate")
+            with dsl.If(decision.output == "promote", name="gain above margin"):
+                promote(**tracking, model=model).set_display_name("promote to champion")
         return parent_run_id
 
     return topr

@@ -21,7 +21,7 @@ from topr.config import ConfigError, config_to_yaml, describe_fields, load_confi
 
 log = logging.getLogger("topr")
 
-CONFIG_HELP = "YAML configuration file (sections model, task, sample, curate, train, evaluate, run)."
+CONFIG_HELP = "YAML configuration file (sections model, task, sample, curate, train, evaluate, gate, run)."
 OVERRIDES_HELP = "Overrides of the form section.field=value, e.g. train.learning_rate=1e-5."
 
 
@@ -49,6 +49,13 @@ def _build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     run.add_argument("--tracking-uri", help="MLflow tracking URI, e.g. http://127.0.0.1:5000 (sets run.tracking_uri).")
+    run.add_argument(
+        "--from",
+        dest="start_from",
+        metavar="MODEL",
+        help="Start from a registered model: an alias of run.registered_model (e.g. champion), "
+        "name@alias or name/version (sets model.path=models:/...).",
+    )
     _add_config_arguments(run)
 
     up = commands.add_parser(
@@ -123,12 +130,23 @@ def _print_json(payload: dict) -> None:
     print(json.dumps(payload, indent=2, default=str))
 
 
+def _run_flags(args) -> list[str]:
+    """``topr run``'s own flags as configuration overrides."""
+    overrides = [f"run.tracking_uri={args.tracking_uri}"] if args.tracking_uri else []
+    if args.start_from:
+        registered = args.start_from
+        if "@" not in registered and "/" not in registered:
+            registered = f"{_config(args).run.registered_model}@{registered}"
+        overrides.append(f"model.path=models:/{registered}")
+    return overrides
+
+
 def cmd_run(args) -> int:
     from topr.report import write_run_report
     from topr.steps import check_services
     from topr.tracking import default_tracking_uri
 
-    config = _config(args, [f"run.tracking_uri={args.tracking_uri}"] if args.tracking_uri else [])
+    config = _config(args, _run_flags(args))
     run_name = config.run.name or time.strftime("topr-%Y%m%d-%H%M%S")
     run_dir = Path(config.run.output_dir) / run_name
     if run_dir.exists():

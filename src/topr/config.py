@@ -150,6 +150,15 @@ class EvaluateConfig(Section):
     seed: int = Field(1234, description="Seed of the k samples (fixed, so runs compare).")
 
 
+class GateConfig(Section):
+    margin: float = Field(
+        0.0,
+        description="Move the alias only when new pass@1 − champion pass@1 exceeds this "
+        "(both on the same held-out prompts, same seed).",
+    )
+    alias: str = Field("champion", min_length=1, description="Registered-model alias that the gate moves.")
+
+
 class RunConfig(Section):
     name: str | None = Field(None, description="Run name; default: topr-<timestamp>.")
     iterations: int = Field(2, ge=1, le=50, description="Sample-verify-curate-train rounds.")
@@ -182,6 +191,7 @@ class Config(Section):
     curate: CurateConfig = CurateConfig()
     train: TrainConfig = TrainConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+    gate: GateConfig = GateConfig()
     run: RunConfig = RunConfig()
 
     @model_validator(mode="after")

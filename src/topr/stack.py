@@ -173,13 +173,22 @@ def stop(service: Service, grace: float = 10) -> None:
         os.killpg(service.pid, signal.SIGTERM)
     except ProcessLookupError:
         return
-    deadline = time.monotonic() + grace
-    while time.monotonic() < deadline and _alive(service.pid):
-        time.sleep(0.2)
+    exited = _wait_for_exit(service.pid, grace)
     try:
-        os.killpg(service.pid, signal.SIGKILL)
+        os.killpg(service.pid, signal.SIGKILL)  # whatever is left of the group
     except ProcessLookupError:
-        pass
+        return
+    if not exited:
+        _wait_for_exit(service.pid, grace)  # reap the leader, so no zombie is left behind
+
+
+def _wait_for_exit(pid: int, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while _alive(pid):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.2)
+    return True
 
 
 @dataclass

@@ -13,7 +13,14 @@ from pathlib import Path
 
 from topr import storage
 from topr.config import Config, build_config, config_to_yaml
-from topr.tracking import check_tracking_server, finish_pipeline_run, stage_run, start_pipeline_run
+from topr.tracking import (
+    check_tracking_server,
+    finish_pipeline_run,
+    metric_history,
+    mlflow_client,
+    stage_run,
+    start_pipeline_run,
+)
 
 log = logging.getLogger(__name__)
 
@@ -65,14 +72,26 @@ def finish(config_json: str, tracking_uri: str, kfp_run_id: str, failed: bool) -
     finish_pipeline_run(tracking_uri, experiment, kfp_run_id, "FAILED" if failed else "FINISHED")
 
 
+def registered_model_location(tracking_uri: str, model_path: str) -> str:
+    """Where a ``models:/name@alias`` (or ``models:/name/version``) model's files are; other paths as given."""
+    if not model_path.startswith("models:/"):
+        return model_path
+    from topr.lineage import resolve_version
+
+    version = resolve_version(mlflow_client(tracking_uri), model_path)
+    log.info("%s is %s version %s at %s", model_path, version.name, version.version, version.tags["topr.model_uri"])
+    return version.tags["topr.model_uri"]
+
+
 def prepare_model(config_json: str, tracking_uri: str, parent_run_id: str, model_dir: str) -> dict:
     from topr.models import prepare_base_model
 
     config = parse_config(config_json)
     with stage_run(tracking_uri, parent_run_id, "prepare_model", 0) as run:
-        digest = prepare_base_model(config.model.path, model_dir)
+        source = registered_model_location(tracking_uri, config.model.path)
+        digest = prepare_base_model(source, model_dir)
         uri = publish(config, parent_run_id, 0, model_dir, "model")
-        run.log_params({"source": config.model.path, "weights_sha256": digest, "model_uri": uri or model_dir})
+        run.log_params({"source": config.model.path, "resolved_source": source, "weights_sha256": digest, "model_uri": uri or model_dir})
     return {"weights_sha256": digest}
 
 
@@ -180,3 +199,56 @@ def evaluate(config_json: str, tracking_uri: str, parent_run_id: str, iteration:
         run.log_artifact(report_path)
         run.log_metrics(metrics, on_parent=True)
     return metrics
+
+
+def gate(config_json: str, tracking_uri: str, parent_run_id: str, iteration: int, version: str, prompts_path: str) -> str:
+    """Compare the new model (registered ``version``) with the champion; return "promote" or "keep".
+
+    The new model's pass@1 is its last evaluation in this run; the champion is evaluated again
+    on the same prompts with the same settings. The decision and its figures are recorded on
+    the gate's run, the parent run and the model version.
+    """
+    from topr.gate import decide
+
+    config = parse_config(config_json)
+    name, alias = config.run.registered_model, config.gate.alias
+    client = mlflow_client(tracking_uri)
+    with stage_run(tracking_uri, parent_run_id, "gate", iteration) as run:
+        new_pass_at_1 = metric_history(tracking_uri, parent_run_id, "pass_at_1")[iteration]
+        champion = _alias_version(client, name, alias)
+        champion_pass_at_1 = None if champion is None else _evaluate_registered(config, champion, prompts_path)
+        decision = decide(new_pass_at_1, champion_pass_at_1, config.gate.margin)
+        run.log_params({"model": f"{name}/{version}", "champion": f"{name}/{champion.version}" if champion else "none", "decision": decision.label, "reason": decision.reason})
+        run.log_metrics(decision.figures(), on_parent=True)
+        client.set_tag(parent_run_id, "topr.gate", f"{decision.label}: {decision.reason}")
+        client.set_model_version_tag(name, version, "topr.gate", f"{decision.label}: {decision.reason}")
+    log.info("gate: %s %s/%s (%s)", decision.label, name, version, decision.reason)
+    return decision.label
+
+
+def _alias_version(client, name: str, alias: str):
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_model_version_by_alias(name, alias)
+    except MlflowException:
+        return None
+
+
+def _evaluate_registered(config: Config, version, prompts_path: str) -> float:
+    import tempfile
+
+    from topr.evaluate import run_evaluate
+
+    with storage.local_directory(version.tags["topr.model_uri"]) as model_dir, tempfile.TemporaryDirectory() as scratch:
+        metrics = run_evaluate(config, str(model_dir), prompts_path, Path(scratch, "report.json"), Path(scratch, "completions.jsonl"))
+    return metrics["pass_at_1"]
+
+
+def promote(config_json: str, tracking_uri: str, parent_run_id: str, version: str) -> None:
+    """Point the gate's alias at ``version``."""
+    config = parse_config(config_json)
+    name, alias = config.run.registered_model, config.gate.alias
+    mlflow_client(tracking_uri).set_registered_model_alias(name, alias, version)
+    mlflow_client(tracking_uri).set_tag(parent_run_id, "topr.promoted", f"{name}/{version}")
+    log.info("%s@%s is now version %s", name, alias, version)

@@ -77,7 +77,7 @@ def test_local_run_two_iterations(tmp_path, tiny_model_dir):
     assert sorted(m.step for m in history) == [0, 1, 2]
 
     runs = _runs_by_name(tracking_uri, parent_run_id)
-    expected = {f"iter{i}/{stage}" for i in (1, 2) for stage in STAGES} | {"iter0/evaluate", "iter0/prepare_model", "iter0/prompts"}
+    expected = {f"iter{i}/{stage}" for i in (1, 2) for stage in STAGES} | {"iter0/evaluate", "iter0/prepare_model", "iter0/prompts", "iter2/gate"}
     assert expected <= set(runs)
     assert all(run.info.status == "FINISHED" for run in runs.values())
     train_run = runs["iter2/train"]
@@ -100,6 +100,40 @@ def test_local_run_two_iterations(tmp_path, tiny_model_dir):
     assert first["parent"] == "sha256:" + base["weights_sha256"]
     assert second["parent"] == "sha256:" + first["weights_sha256"]
     assert samples[0]["behavior_model"] == "sha256:" + first["weights_sha256"]
+
+    # Both models are registered; with no champion yet, the gate promotes the last one.
+    versions = client.search_model_versions("name = 'topr-policy'")
+    assert sorted(int(v.version) for v in versions) == [1, 2]
+    assert int(client.get_model_version_by_alias("topr-policy", "champion").version) == 2
+    assert client.get_run(parent_run_id).data.tags["topr.gate"] == "promote: no champion yet"
+
+
+@pytest.mark.slow
+def test_gate_keeps_or_moves_the_champion_and_runs_start_from_it(tmp_path, tiny_model_dir, capsys):
+    """Run 1 becomes champion; run 2 starts from it and, needing a gain of 1.0, keeps it;
+    run 3 accepts any result (margin −1) and takes its place. Lineage crosses the runs."""
+    from topr.cli import main
+
+    common = [f"run.output_dir={tmp_path}", "run.iterations=1", "run.registered_model=gated", *TINY_RUN]
+    assert main(["run", "run.name=first", f"model.path={tiny_model_dir}", *common]) == 0
+    assert main(["run", "--from", "champion", "run.name=second", "gate.margin=1.0", *common]) == 0
+    assert main(["run", "--from", "gated@champion", "run.name=third", "gate.margin=-1.0", *common]) == 0
+
+    client = mlflow.MlflowClient(default_tracking_uri(tmp_path))
+    assert int(client.get_model_version_by_alias("gated", "champion").version) == 3
+    decisions = {str(v.version): v.tags["topr.gate"] for v in client.search_model_versions("name = 'gated'")}
+    assert decisions["1"] == "promote: no champion yet"
+    assert decisions["2"].startswith("keep: gain +0.0000") and "<= margin 1.0000" in decisions["2"]
+    assert decisions["3"].startswith("promote: gain +0.0000") and "> margin -1.0000" in decisions["3"]
+    second = client.search_runs([client.get_experiment_by_name("topr").experiment_id], "tags.mlflow.runName = 'second'")[0]
+    assert second.data.params["model.path"] == "models:/gated@champion"
+    assert second.data.metrics["gate_champion_pass_at_1"] == second.data.metrics["gate_new_pass_at_1"] - second.data.metrics["gate_gain"]
+
+    capsys.readouterr()
+    assert main(["lineage", "--tracking-uri", default_tracking_uri(tmp_path), "--json", "gated@champion"]) == 0
+    chain = json.loads(capsys.readouterr().out)
+    assert [link["name"] for link in chain if link["kind"] == "model"] == ["gated/3", "gated/1"]
+    assert chain[-1]["kind"] == "base model" and chain[-1]["name"] == tiny_model_dir
 
 
 @pytest.mark.slow

@@ -1,0 +1,12 @@
+from kfp import dsl
+from kfp.dsl import Input, Model
+
+from components import TOPR_IMAGE
+
+
+@dsl.component(base_image=TOPR_IMAGE, install_kfp_package=False)
+def promote(config_json: str, tracking_uri: str, parent_run_id: str, model: Input[Model]):
+    """Point the champion alias at the new model's registered version."""
+    from topr import steps
+
+    steps.promote(config_json, tracking_uri, parent_run_id, str(int(model.metadata["registered_version"])))
