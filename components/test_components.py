@@ -23,7 +23,7 @@ INTERFACES = {
     "sample": ({**STAGE, "model": MODEL, "train_prompts": DATASET}, {"samples": DATASET, "metrics": METRICS}),
     "verify": ({**STAGE, "samples": DATASET}, {"verified": DATASET, "metrics": METRICS}),
     "curate": ({**STAGE, "verified": DATASET}, {"train_set": DATASET, "report": ARTIFACT, "composition": METRICS}),
-    "train": ({**STAGE, "model": MODEL, "train_set": DATASET}, {"trained_model": MODEL, "metrics": METRICS}),
+    "train": ({**STAGE, "model": MODEL, "train_set": DATASET, "samples": DATASET}, {"trained_model": MODEL, "metrics": METRICS}),
     "evaluate": (
         {**STAGE, "model": MODEL, "eval_prompts": DATASET},
         {"completions": DATASET, "report": ARTIFACT, "metrics": METRICS},

@@ -51,7 +51,9 @@ def iteration_pipeline(iteration: int):
         sampled = sample(**tracking, model=model, train_prompts=train_prompts).set_display_name("sample")
         verified = verify(**tracking, samples=sampled.outputs["samples"]).set_display_name("verify")
         curated = curate(**tracking, verified=verified.outputs["verified"]).set_display_name("curate")
-        trained = train(**tracking, model=model, train_set=curated.outputs["train_set"]).set_display_name("train")
+        trained = train(
+            **tracking, model=model, train_set=curated.outputs["train_set"], samples=sampled.outputs["samples"]
+        ).set_display_name("train")
         evaluate(**tracking, model=trained.outputs["trained_model"], eval_prompts=eval_prompts).set_display_name("evaluate")
         return trained.outputs["trained_model"]
 

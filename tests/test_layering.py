@@ -19,7 +19,7 @@ def test_library_source_never_imports_kfp_or_the_upper_floors():
         if line.strip().startswith(("import kfp", "from kfp", "from components", "from pipelines", "import components", "import pipelines"))
     ]
     # `topr run`, `compile` and `schedule` hand over to pipelines/ lazily, inside the command.
-    offenders = [o for o in offenders if not o.startswith("cli.py") or "from pipelines." not in o]
+    offenders = [o for o in offenders if not o.startswith("cli.py") or "from pipelines" not in o]
     assert offenders == []
 
 

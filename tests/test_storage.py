@@ -65,6 +65,18 @@ def test_file_round_trip(s3, tmp_path):
     assert not (tmp_path / "nothing.jsonl").exists()
 
 
+def test_large_files_go_up_in_parts(s3, tmp_path, monkeypatch):
+    monkeypatch.setattr(storage, "MULTIPART_BYTES", 5 * 1024 * 1024)  # S3's smallest part
+    big = tmp_path / "model.safetensors"
+    big.write_bytes(b"\x01" * (11 * 1024 * 1024))
+    uri = storage.upload_file(big, f"{s3}/big/model.safetensors")
+    bucket, key = storage.split_s3(uri)
+    etag = storage.s3_client().head_object(Bucket=bucket, Key=key)["ETag"]
+    assert etag.strip('"').endswith("-3")  # a multipart object's ETag counts its parts
+    with storage.local_file(uri) as local:
+        assert storage.file_sha256(local) == storage.file_sha256(big)
+
+
 def test_published_directory_has_a_manifest_and_comes_back_checked(s3, tmp_path):
     source = model_dir(tmp_path)
     manifest = storage.publish_directory(source, f"{s3}/run/iter1/model")

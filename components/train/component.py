@@ -12,14 +12,19 @@ def train(
     iteration: int,
     model: Input[Model],
     train_set: Input[Dataset],
+    samples: Input[Dataset],
     trained_model: Output[Model],
     metrics: Output[Metrics],
 ):
-    """Train the policy with the configured objective (TOPR by default) on the curated set."""
+    """Train the policy with the configured objective (TOPR by default) on the curated set; register it.
+
+    ``samples`` (what the curated set was chosen from) is recorded as the model's lineage.
+    """
     from topr import steps
 
-    summary = steps.train(config_json, tracking_uri, parent_run_id, iteration, model.path, train_set.path, trained_model.path)
-    trained_model.metadata["weights_sha256"] = summary.pop("weights_sha256")
-    trained_model.metadata["registered_version"] = summary.pop("registered_version")
+    summary = steps.train(
+        config_json, tracking_uri, parent_run_id, iteration, model.path, train_set.path, samples.path, trained_model.path
+    )
+    trained_model.metadata.update({key: summary.pop(key) for key in ("weights_sha256", "registered_version")})
     for name, value in summary.items():
         metrics.log_metric(name, value)

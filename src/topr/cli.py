@@ -78,6 +78,27 @@ def _build_parser() -> argparse.ArgumentParser:
     lineage.add_argument("--tracking-uri", help="MLflow tracking URI (default: the local store under runs/).")
     lineage.add_argument("--json", action="store_true", help="Print the chain as JSON.")
     lineage.add_argument("--verify", action="store_true", help="Re-read and re-hash every artifact in object storage; exit 1 on any problem.")
+    schedule = commands.add_parser(
+        "schedule",
+        help="Kubeflow recurring runs: retrain the champion on a schedule.",
+        description="Create, list or delete Kubeflow recurring runs of the compiled pipeline. Each run "
+        "starts from the registered champion and reads <prefix>/train.jsonl and <prefix>/eval.jsonl.",
+    )
+    schedules = schedule.add_subparsers(dest="schedule_command", required=True)
+    create = schedules.add_parser("create", help="Create a recurring run.")
+    create.add_argument("--host", required=True, help="Kubeflow Pipelines API endpoint, e.g. http://ml-pipeline-ui.kubeflow:80.")
+    create.add_argument("--cron", required=True, help='Six-field cron, seconds first: "0 0 3 * * *" is 03:00 daily.')
+    create.add_argument("--prompts", required=True, help="s3:// prefix holding train.jsonl and eval.jsonl.")
+    create.add_argument("--tracking-uri", required=True, help="MLflow tracking server the pipeline's pods can reach.")
+    create.add_argument("--name", default="topr-retraining", help="Name of the recurring run.")
+    create.add_argument("--pipeline-root", help="Kubeflow pipeline root for artifacts (default: the deployment's).")
+    _add_config_arguments(create)
+    listing = schedules.add_parser("list", help="List recurring runs.")
+    listing.add_argument("--host", required=True, help="Kubeflow Pipelines API endpoint.")
+    delete = schedules.add_parser("delete", help="Delete a recurring run.")
+    delete.add_argument("--host", required=True, help="Kubeflow Pipelines API endpoint.")
+    delete.add_argument("id", help="The recurring run's id (see 'topr schedule list').")
+
     down = commands.add_parser("down", help="Stop exactly what 'topr up' started.")
     down.add_argument("--state-dir", default="runs/stack", help="The state directory given to 'topr up'.")
 
@@ -206,6 +227,23 @@ def cmd_lineage(args) -> int:
     return 1 if problems else 0
 
 
+def cmd_schedule(args) -> int:
+    from pipelines import schedule
+
+    if args.schedule_command == "create":
+        config = _config(args, schedule.prompt_overrides(args.prompts))
+        created = schedule.create_schedule(args.host, args.cron, config, args.tracking_uri, args.name, args.pipeline_root)
+        print(f"created recurring run {created.recurring_run_id} ({args.name}, cron {args.cron})")
+    elif args.schedule_command == "list":
+        for recurring in schedule.list_schedules(args.host):
+            cron = recurring.trigger.cron_schedule.cron if recurring.trigger and recurring.trigger.cron_schedule else "-"
+            print(f"{recurring.recurring_run_id}  {recurring.display_name}  cron {cron}  {recurring.status}")
+    else:
+        schedule.delete_schedule(args.host, args.id)
+        print(f"deleted recurring run {args.id}")
+    return 0
+
+
 def cmd_down(args) -> int:
     from topr.stack import down
 
@@ -293,6 +331,7 @@ COMMANDS = {
     "up": cmd_up,
     "down": cmd_down,
     "lineage": cmd_lineage,
+    "schedule": cmd_schedule,
 }
 
 

@@ -48,22 +48,11 @@ def resolve_version(client, reference: str):
     raise LineageError(f"{reference!r} names no registered model version (use name@alias, name/version or a model URI)")
 
 
-def _dataset_digest(client, run, context_name: str) -> str:
+def _dataset_digest(run, name: str) -> str:
     for dataset_input in run.inputs.dataset_inputs:
-        if dataset_input.dataset.name == context_name:
+        if dataset_input.dataset.name == name:
             return dataset_input.dataset.digest
     return ""
-
-
-def _sibling_run(client, run, stage: str):
-    parent = run.data.tags.get("mlflow.parentRunId")
-    iteration = run.data.tags.get("topr.iteration")
-    found = client.search_runs(
-        [run.info.experiment_id],
-        f"tags.mlflow.parentRunId = '{parent}' and tags.`topr.stage` = '{stage}' and tags.`topr.iteration` = '{iteration}'",
-        max_results=1,
-    )
-    return found[0] if found else None
 
 
 def trace(tracking_uri: str, reference: str) -> list[Link]:
@@ -77,10 +66,9 @@ def trace(tracking_uri: str, reference: str) -> list[Link]:
         iteration = run.data.tags.get("topr.iteration", "?")
         chain.append(Link("model", f"{version.name}/{version.version}", tags["topr.model_uri"], tags["topr.weights_sha256"]))
         chain.append(Link("training run", f"{run.info.run_name} ({run.info.run_id})", f"runs:/{run.info.run_id}"))
-        chain.append(Link("curated set", f"iteration {iteration}", tags["topr.train_set_uri"], _dataset_digest(client, run, f"train_set_iter{iteration}")))
-        sample_run = _sibling_run(client, run, "sample")
-        samples_digest = _dataset_digest(client, sample_run, f"samples_iter{iteration}") if sample_run else ""
-        chain.append(Link("samples", f"iteration {iteration}", tags.get("topr.samples_uri", ""), samples_digest))
+        chain.append(Link("curated set", f"iteration {iteration}", tags["topr.train_set_uri"], _dataset_digest(run, f"train_set_iter{iteration}")))
+        samples_digest = _dataset_digest(run, f"samples_iter{iteration}")
+        chain.append(Link("samples", f"iteration {iteration}", tags["topr.samples_uri"], samples_digest))
         sampling_models = tags.get("topr.sampling_models", "")
         short_names = ", ".join(model[: len("sha256:") + 12] for model in sampling_models.split(","))
         chain.append(Link("sampling model", short_names, "", sampling_models.removeprefix("sha256:")))

@@ -12,10 +12,11 @@ import logging
 from pathlib import Path
 
 from topr import storage
-from topr.config import Config, build_config, config_to_yaml
+from topr.config import Config, build_config, config_to_dict, config_to_yaml
 from topr.tracking import (
     check_tracking_server,
     finish_pipeline_run,
+    flatten,
     metric_history,
     mlflow_client,
     stage_run,
@@ -158,15 +159,27 @@ def behavior_models(data_path: str) -> list[str]:
     return sorted({str(record.get("behavior_model", "unknown")) for record in iter_records(data_path)})
 
 
-def train(config_json: str, tracking_uri: str, parent_run_id: str, iteration: int, model_dir: str, data_path: str, output_dir: str) -> dict:
+def train(
+    config_json: str,
+    tracking_uri: str,
+    parent_run_id: str,
+    iteration: int,
+    model_dir: str,
+    data_path: str,
+    samples_path: str,
+    output_dir: str,
+) -> dict:
+    """Train, publish and register the model, recording where it came from (see ``topr.lineage``)."""
     from topr.models import model_identity
     from topr.train import run_train
 
     config = parse_config(config_json)
     with stage_run(tracking_uri, parent_run_id, "train", iteration) as run:
-        run.log_params(config.train.model_dump())
+        run.log_params(flatten(config_to_dict(config)))
         train_set_uri = published_uri(config, parent_run_id, iteration, "train_set.jsonl")
+        samples_uri = published_uri(config, parent_run_id, iteration, "samples.jsonl")
         run.log_dataset(data_path, f"train_set_iter{iteration}", "training", source=train_set_uri)
+        run.log_dataset(samples_path, f"samples_iter{iteration}", "sampling", source=samples_uri)
         summary = run_train(config, model_dir, data_path, output_dir, on_step=lambda step, stats: run.log_metrics(stats, step))
         uri = publish(config, parent_run_id, iteration, output_dir, "model")
         run.log_artifacts(output_dir, "model")
@@ -177,7 +190,7 @@ def train(config_json: str, tracking_uri: str, parent_run_id: str, iteration: in
             "parent_model_uri": published_uri(config, parent_run_id, iteration - 1, "model") or model_dir,
             "parent_weights_sha256": model_identity(model_dir).removeprefix("sha256:"),
             "train_set_uri": train_set_uri or data_path,
-            "samples_uri": published_uri(config, parent_run_id, iteration, "samples.jsonl") or "",
+            "samples_uri": samples_uri or samples_path,
             "sampling_models": ",".join(behavior_models(data_path)),
         }
         run.log_params(lineage)

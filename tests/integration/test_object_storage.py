@@ -119,12 +119,13 @@ def test_an_s3_outage_during_training_fails_the_stage_and_publishes_no_manifest(
 
     topr_stack.stop(private)
     with pytest.raises(storage.StorageError, match=f"object storage at {private.url} failed"):
-        steps.train(config_json, stack.tracking_uri, parent_run_id, 1, tiny_model_dir, str(data), str(tmp_path / "trained"))
+        steps.train(config_json, stack.tracking_uri, parent_run_id, 1, tiny_model_dir, str(data), str(data), str(tmp_path / "trained"))
 
     client = mlflow.MlflowClient(stack.tracking_uri)
     experiment = client.get_run(parent_run_id).info.experiment_id
     (train_run,) = client.search_runs([experiment], f"tags.mlflow.parentRunId = '{parent_run_id}'")
     assert train_run.info.status == "FAILED" and "model_uri" not in train_run.data.params
+    assert client.search_model_versions(f"name = '{config.run.registered_model}' and run_id = '{train_run.info.run_id}'") == []
     restarted = topr_stack.start_seaweedfs(tmp_path / "seaweedfs", s3_port, bucket="outage")
     try:
         assert not storage.exists(f"s3://outage/runs/{parent_run_id}/iter1/model/{storage.MANIFEST_NAME}")

@@ -1,0 +1,93 @@
+"""Scheduled retraining: Kubeflow recurring runs of the compiled pipeline.
+
+A scheduled run starts from the registered champion (``model.path=models:/<name>@<alias>``)
+and reads its prompts from an S3 prefix (``<prefix>/train.jsonl`` and ``<prefix>/eval.jsonl``),
+so each run retrains the current champion on the newest prompts and the gate decides whether
+the result replaces it. The pipeline is compiled here and sent inline with the request.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from pathlib import Path
+
+from pipelines.runner import compile_pipeline
+from topr.config import Config, build_config, config_to_dict
+
+log = logging.getLogger(__name__)
+
+FILE_TASKS = ("jsonl", "gsm8k", "math")
+
+
+def check_cron(cron: str) -> str:
+    """Kubeflow's cron has six fields, seconds first: ``"0 0 3 * * *"`` is 03:00 every day."""
+    fields = cron.split()
+    if len(fields) != 6:
+        raise ValueError(
+            f"cron {cron!r} has {len(fields)} fields; Kubeflow wants six, seconds first "
+            '(e.g. "0 0 3 * * *" for 03:00 every day)'
+        )
+    return " ".join(fields)
+
+
+def prompt_overrides(prompts_prefix: str) -> list[str]:
+    """``task.train_path``/``task.eval_path`` overrides for the files under an S3 prefix."""
+    if not prompts_prefix.startswith("s3://"):
+        raise ValueError(f"--prompts must be an s3:// prefix, got {prompts_prefix!r}")
+    prefix = prompts_prefix.rstrip("/")
+    return [f"task.train_path={prefix}/train.jsonl", f"task.eval_path={prefix}/eval.jsonl"]
+
+
+def scheduled_config(config: Config) -> Config:
+    """The configuration of every scheduled run: start from the champion (prompts: ``prompt_overrides``)."""
+    if config.task.name not in FILE_TASKS:
+        raise ValueError(f"task.name={config.task.name} reads no prompt files; a schedule needs one of {', '.join(FILE_TASKS)}")
+    data = config_to_dict(config)
+    data["model"]["path"] = f"models:/{config.run.registered_model}@{config.gate.alias}"
+    return build_config(data, source="schedule")
+
+
+def _client(host: str):
+    from kfp import Client
+
+    return Client(host=host)
+
+
+def create_schedule(
+    host: str,
+    cron: str,
+    config: Config,
+    tracking_uri: str,
+    name: str,
+    pipeline_root: str | None = None,
+):
+    """Create a recurring run (one at a time, no catch-up) of ``config`` made a scheduled one."""
+    cron = check_cron(cron)
+    config = scheduled_config(config)
+    client = _client(host)
+    experiment = client.create_experiment(name=config.run.experiment)
+    with tempfile.TemporaryDirectory() as scratch:
+        package = compile_pipeline(config.run.iterations, Path(scratch, "topr.yaml"))
+        recurring = client.create_recurring_run(
+            experiment_id=experiment.experiment_id,
+            job_name=name,
+            description=f"TOPR retraining from {config.model.path} on {config.task.train_path}",
+            cron_expression=cron,
+            max_concurrency=1,
+            no_catchup=True,
+            params={"config_json": json.dumps(config_to_dict(config)), "tracking_uri": tracking_uri, "run_name": name},
+            pipeline_package_path=str(package),
+            pipeline_root=pipeline_root,
+        )
+    log.info("recurring run %s (%s) created: %s", recurring.recurring_run_id, name, cron)
+    return recurring
+
+
+def list_schedules(host: str) -> list:
+    return _client(host).list_recurring_runs(page_size=100).recurring_runs or []
+
+
+def delete_schedule(host: str, recurring_run_id: str) -> None:
+    _client(host).delete_recurring_run(recurring_run_id)

@@ -1,0 +1,128 @@
+"""``topr schedule`` against a loopback HTTP server that records what the kfp client sends.
+
+No Kubeflow API server can run here, so these tests check the requests themselves: the
+endpoints, the six-field cron, the inline pipeline spec, and the parameters that make each
+scheduled run start from the champion and read prompts from the S3 prefix.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from topr.cli import main
+
+RECURRING_RUN = {"recurring_run_id": "rr-1", "display_name": "nightly", "status": "ENABLED", "trigger": {"cron_schedule": {"cron": "0 0 3 * * *"}}}
+
+
+class RecordingApi(BaseHTTPRequestHandler):
+    """Answers the few Kubeflow Pipelines v2beta1 calls the client makes, and records each request."""
+
+    requests: list[tuple[str, str, dict]] = []
+
+    def _answer(self, method: str) -> None:
+        length = int(self.headers.get("Content-Length") or 0)
+        body = json.loads(self.rfile.read(length)) if length else {}
+        self.requests.append((method, self.path, body))
+        path = self.path.split("?")[0]
+        if path == "/apis/v2beta1/experiments" and method == "GET":
+            payload = {}
+        elif path == "/apis/v2beta1/experiments":
+            payload = {"experiment_id": "exp-1", "display_name": body.get("display_name")}
+        elif path == "/apis/v2beta1/recurringruns" and method == "POST":
+            payload = {**body, "recurring_run_id": "rr-1"}
+        elif path == "/apis/v2beta1/recurringruns":
+            payload = {"recurringRuns": [RECURRING_RUN], "total_size": 1}
+        else:
+            payload = {}
+        data = json.dumps(payload).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self):
+        self._answer("GET")
+
+    def do_POST(self):
+        self._answer("POST")
+
+    def do_DELETE(self):
+        self._answer("DELETE")
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def api():
+    RecordingApi.requests = []
+    server = ThreadingHTTPServer(("127.0.0.1", 0), RecordingApi)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", RecordingApi.requests
+    server.shutdown()
+
+
+def create_command(host: str, *changes: str, overrides: tuple[str, ...] = ("task.name=jsonl",)) -> list[str]:
+    options = {
+        "--host": host, "--cron": "0 0 3 * * *", "--prompts": "s3://data/prompts/",
+        "--tracking-uri": "http://mlflow.mlops:5000", "--name": "nightly", "--pipeline-root": "s3://artifacts/kfp",
+    }  # fmt: skip
+    options.update(zip(changes[::2], changes[1::2]))
+    return ["schedule", "create", *(part for option in options.items() for part in option), *overrides]
+
+
+def test_create_sends_a_cron_recurring_run_that_starts_from_the_champion(api, capsys):
+    host, requests = api
+    assert main(create_command(host, overrides=("task.name=jsonl", "run.iterations=3"))) == 0
+    assert "created recurring run rr-1" in capsys.readouterr().out
+    endpoints = [(method, path.split("?")[0]) for method, path, _ in requests]
+    assert endpoints == [
+        ("GET", "/apis/v2beta1/healthz"),
+        ("GET", "/apis/v2beta1/experiments"),  # the experiment is looked up by name, then created
+        ("POST", "/apis/v2beta1/experiments"),
+        ("POST", "/apis/v2beta1/recurringruns"),
+    ]
+    (sent,) = [body for method, path, body in requests if method == "POST" and path == "/apis/v2beta1/recurringruns"]
+    assert sent["display_name"] == "nightly" and sent["experiment_id"] == "exp-1"
+    assert sent["trigger"] == {"cron_schedule": {"cron": "0 0 3 * * *"}}
+    assert sent["max_concurrency"] == "1" or sent["max_concurrency"] == 1
+    assert sent["no_catchup"] is True and sent["mode"] == "ENABLE"
+    runtime = sent["runtime_config"]
+    assert runtime["pipeline_root"] == "s3://artifacts/kfp"
+    config = json.loads(runtime["parameters"]["config_json"])
+    assert config["model"]["path"] == "models:/topr-policy@champion"
+    assert config["task"]["train_path"] == "s3://data/prompts/train.jsonl"
+    assert config["task"]["eval_path"] == "s3://data/prompts/eval.jsonl"
+    assert runtime["parameters"]["tracking_uri"] == "http://mlflow.mlops:5000"
+    # The compiled pipeline travels inline, with its three unrolled iterations and the gate.
+    tasks = sent["pipeline_spec"]["components"]["comp-exit-handler-1"]["dag"]["tasks"]
+    assert {"iteration-1", "iteration-2", "iteration-3", "gate"} <= set(tasks)
+
+
+def test_list_and_delete(api, capsys):
+    host, requests = api
+    assert main(["schedule", "list", "--host", host]) == 0
+    assert "rr-1  nightly  cron 0 0 3 * * *  ENABLED" in capsys.readouterr().out
+    assert main(["schedule", "delete", "--host", host, "rr-1"]) == 0
+    assert ("DELETE", "/apis/v2beta1/recurringruns/rr-1", {}) in requests
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"changes": ("--cron", "0 3 * * *")}, "has 5 fields; Kubeflow wants six, seconds first"),
+        ({"changes": ("--prompts", "/local/prompts")}, "--prompts must be an s3:// prefix"),
+        ({"overrides": ("task.name=arithmetic",)}, "task.name=arithmetic reads no prompt files"),
+    ],
+)
+def test_bad_schedules_are_refused_before_any_request(api, capsys, change, message):
+    host, requests = api
+    assert main(create_command(host, *change.get("changes", ()), overrides=change.get("overrides", ("task.name=jsonl",)))) == 2
+    assert message in capsys.readouterr().err
+    assert requests == []
