@@ -18,15 +18,18 @@ from topr.config import Config, config_to_dict
 log = logging.getLogger(__name__)
 
 
-def compile_pipeline(iterations: int, output_path: str | Path) -> Path:
+def compile_pipeline(iterations: int, output_path: str | Path, pipeline_root: str | None = None) -> Path:
     output_path = Path(output_path)
     output_path.parent.mkdir(parents=True, exist_ok=True)
-    compiler.Compiler().compile(build_pipeline(iterations), str(output_path))
+    compiler.Compiler().compile(build_pipeline(iterations, pipeline_root), str(output_path))
     return output_path
 
 
 def run_local(config: Config, run_dir: str | Path, tracking_uri: str, run_name: str) -> str:
     """Execute the whole pipeline locally; return the parent MLflow run id.
+
+    kfp.local keeps its pipeline root on local disk (``<run_dir>/pipeline_root``); stage outputs
+    reach object storage through ``run.artifact_store``.
 
     Raises RuntimeError (from kfp) when a task fails; the exit handler has then already
     closed the MLflow run as FAILED.

@@ -60,11 +60,15 @@ def iteration_pipeline(iteration: int):
     return one_round
 
 
-def build_pipeline(iterations: int):
-    """The pipeline with ``iterations`` rounds unrolled; its parameters are strings."""
+def build_pipeline(iterations: int, pipeline_root: str | None = None):
+    """The pipeline with ``iterations`` rounds unrolled; its parameters are strings.
+
+    ``pipeline_root`` (e.g. ``s3://bucket/kfp``) becomes the compiled pipeline's default root for
+    Kubeflow's own artifacts; a cluster run may still override it at submission.
+    """
     rounds = [iteration_pipeline(iteration) for iteration in range(1, iterations + 1)]
 
-    @dsl.pipeline(name="topr", description=f"Tapered Off-Policy REINFORCE, {iterations} iterations.")
+    @dsl.pipeline(name="topr", description=f"Tapered Off-Policy REINFORCE, {iterations} iterations.", pipeline_root=pipeline_root)
     def topr(config_json: str, tracking_uri: str, run_name: str = "topr") -> str:
         started = start_run(
             config_json=config_json, tracking_uri=tracking_uri, run_name=run_name, kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER

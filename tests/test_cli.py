@@ -236,6 +236,12 @@ def test_compile_writes_pipeline_yaml(tmp_path, capsys):
     assert {"comp-start-run", "comp-finish-run", "comp-prepare-model", "comp-prompts"} <= set(spec["components"])
 
 
+def test_compile_sets_an_s3_pipeline_root(tmp_path):
+    output = tmp_path / "topr.yaml"
+    assert main(["compile", "--output", str(output), "--pipeline-root", "s3://topr/kfp"]) == 0
+    assert yaml.safe_load(output.read_text())["defaultPipelineRoot"] == "s3://topr/kfp"
+
+
 def test_compile_takes_iterations_from_config(tmp_path, capsys):
     output = tmp_path / "topr.yaml"
     assert main(["compile", "--output", str(output), "run.iterations=3"]) == 0

@@ -105,6 +105,7 @@ def _build_parser() -> argparse.ArgumentParser:
     compile_ = commands.add_parser("compile", help="Write the pipeline as Kubeflow Pipelines YAML.")
     compile_.add_argument("--output", default="pipelines/topr_pipeline.yaml", help="Where to write the YAML.")
     compile_.add_argument("--iterations", type=int, default=None, help="Iterations to unroll (default: run.iterations).")
+    compile_.add_argument("--pipeline-root", help="Default pipeline root for Kubeflow's artifacts, e.g. s3://bucket/kfp.")
     _add_config_arguments(compile_)
 
     sample = commands.add_parser("sample", help="Sample completions with behaviour log-probs.")
@@ -193,7 +194,7 @@ def cmd_compile(args) -> int:
     from pipelines.runner import compile_pipeline
 
     iterations = args.iterations or _config(args).run.iterations
-    print(compile_pipeline(iterations, args.output))
+    print(compile_pipeline(iterations, args.output, args.pipeline_root))
     return 0
 
 

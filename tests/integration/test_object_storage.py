@@ -49,8 +49,11 @@ def test_run_publishes_every_artifact_under_run_scoped_keys(stack, tmp_path, tin
         [parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent_run_id}' and tags.`topr.stage` = 'train'"
     )
     assert train_run.data.params["model_uri"] == model_uri
-    (train_input,) = train_run.inputs.dataset_inputs
-    assert json.loads(train_input.dataset.source) == {"uri": f"{store}/{parent_run_id}/iter1/train_set.jsonl"}
+    sources = {item.dataset.name: json.loads(item.dataset.source) for item in train_run.inputs.dataset_inputs}
+    assert sources == {
+        "train_set_iter1": {"uri": f"{store}/{parent_run_id}/iter1/train_set.jsonl"},
+        "samples_iter1": {"uri": f"{store}/{parent_run_id}/iter1/samples.jsonl"},
+    }
     # The MLflow server proxies run artifacts into the same object store.
     assert any(key.endswith("model/model.safetensors") for key in object_keys(stack.bucket, "mlflow/"))
     check_lineage(stack, store, parent_run_id, tiny_model_dir, capsys)
