@@ -20,7 +20,8 @@ INTERFACES = {
     "finish_run": ({"config_json": "String", "tracking_uri": "String", "kfp_run_id": "String", "status": "PipelineTaskFinalStatus"}, {}),
     "prepare_model": (TRACKED, {"model": MODEL}),
     "prompts": (TRACKED, {"train_prompts": DATASET, "eval_prompts": DATASET}),
-    "sample": ({**STAGE, "model": MODEL, "train_prompts": DATASET}, {"samples": DATASET, "metrics": METRICS}),
+    "sample": ({**STAGE, "shard": "Integer", "shards": "Integer", "model": MODEL, "train_prompts": DATASET}, {"samples": DATASET, "metrics": METRICS}),
+    "collect_samples": ({**STAGE, "shards": DATASET}, {"samples": DATASET, "metrics": METRICS}),
     "verify": ({**STAGE, "samples": DATASET}, {"verified": DATASET, "metrics": METRICS}),
     "curate": ({**STAGE, "verified": DATASET}, {"train_set": DATASET, "report": ARTIFACT, "composition": METRICS}),
     "train": ({**STAGE, "model": MODEL, "train_set": DATASET, "samples": DATASET}, {"trained_model": MODEL, "metrics": METRICS}),
@@ -48,6 +49,10 @@ def test_component_interface(name):
     inputs, outputs = INTERFACES[name]
     assert {key: value.type for key, value in (spec.inputs or {}).items()} == inputs
     assert {key: value.type for key, value in (spec.outputs or {}).items()} == outputs
+
+
+def test_collect_samples_takes_a_list_of_shards():
+    assert _component("collect_samples").component_spec.inputs["shards"].is_artifact_list
 
 
 @pytest.mark.parametrize("name", sorted(INTERFACES))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import warnings
 from pathlib import Path
 
 from kfp import compiler, local
@@ -18,10 +19,11 @@ from topr.config import Config, config_to_dict
 log = logging.getLogger(__name__)
 
 
-def compile_pipeline(iterations: int, output_path: str | Path, pipeline_root: str | None = None) -> Path:
+def compile_pipeline(config: Config, output_path: str | Path, pipeline_root: str | None = None) -> Path:
+    """Write the pipeline for ``config`` (iterations, shards, cluster settings) as Kubeflow YAML."""
     output_path = Path(output_path)
     output_path.parent.mkdir(parents=True, exist_ok=True)
-    compiler.Compiler().compile(build_pipeline(iterations, pipeline_root), str(output_path))
+    compiler.Compiler().compile(build_pipeline(config, pipeline_root), str(output_path))
     return output_path
 
 
@@ -34,8 +36,11 @@ def run_local(config: Config, run_dir: str | Path, tracking_uri: str, run_name: 
     Raises RuntimeError (from kfp) when a task fails; the exit handler has then already
     closed the MLflow run as FAILED.
     """
+    # The cluster settings (resources, GPUs, secrets) are in the spec but mean nothing here;
+    # kfp.local warns about each for every task, which would bury the run's own log.
+    warnings.filterwarnings("ignore", message=r".*have no effect in the current local runner")
     pipeline_root = Path(run_dir).resolve() / "pipeline_root"
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root), raise_on_error=True)
-    pipeline = build_pipeline(config.run.iterations)
+    pipeline = build_pipeline(config)
     task = pipeline(config_json=json.dumps(config_to_dict(config)), tracking_uri=tracking_uri, run_name=run_name)
     return task.output

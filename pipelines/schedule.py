@@ -14,6 +14,7 @@ import tempfile
 from pathlib import Path
 
 from pipelines.runner import compile_pipeline
+from pipelines.submit import Endpoint
 from topr.config import Config, build_config, config_to_dict
 
 log = logging.getLogger(__name__)
@@ -49,14 +50,8 @@ def scheduled_config(config: Config) -> Config:
     return build_config(data, source="schedule")
 
 
-def _client(host: str):
-    from kfp import Client
-
-    return Client(host=host)
-
-
 def create_schedule(
-    host: str,
+    endpoint: Endpoint,
     cron: str,
     config: Config,
     tracking_uri: str,
@@ -66,10 +61,10 @@ def create_schedule(
     """Create a recurring run (one at a time, no catch-up) of ``config`` made a scheduled one."""
     cron = check_cron(cron)
     config = scheduled_config(config)
-    client = _client(host)
+    client = endpoint.client()
     experiment = client.create_experiment(name=config.run.experiment)
     with tempfile.TemporaryDirectory() as scratch:
-        package = compile_pipeline(config.run.iterations, Path(scratch, "topr.yaml"))
+        package = compile_pipeline(config, Path(scratch, "topr.yaml"))
         recurring = client.create_recurring_run(
             experiment_id=experiment.experiment_id,
             job_name=name,
@@ -85,9 +80,9 @@ def create_schedule(
     return recurring
 
 
-def list_schedules(host: str) -> list:
-    return _client(host).list_recurring_runs(page_size=100).recurring_runs or []
+def list_schedules(endpoint: Endpoint) -> list:
+    return endpoint.client().list_recurring_runs(page_size=100).recurring_runs or []
 
 
-def delete_schedule(host: str, recurring_run_id: str) -> None:
-    _client(host).delete_recurring_run(recurring_run_id)
+def delete_schedule(endpoint: Endpoint, recurring_run_id: str) -> None:
+    endpoint.client().delete_recurring_run(recurring_run_id)

@@ -2,21 +2,24 @@
 
     start_run ─▶ prepare_model, prompts ─▶ evaluate(model_0)
                   │
-                  └▶ iteration 1: sample ▶ verify ▶ curate ▶ train ▶ evaluate ─▶ model_1
+                  └▶ iteration 1: sample ×shards ▶ collect ▶ verify ▶ curate ▶ train ▶ evaluate ─▶ model_1
                      iteration 2: the same, from model_1                       ─▶ model_2
                      …
                      gate(model_N vs the registered champion) ─▶ if "promote": promote
     finish_run (exit handler: closes the MLflow run as FINISHED or FAILED)
 
-KFP v2 has no loops over a run-time count, so ``build_pipeline(iterations)`` unrolls the
-iterations at compile time, each a nested pipeline (``iteration-<i>``) taking the previous
-iteration's Model.
+KFP v2 has no loops over a run-time count, so ``build_pipeline(config)`` unrolls the
+``run.iterations`` iterations at compile time, each a nested pipeline (``iteration-<i>``) taking
+the previous iteration's Model, and fans sampling out over ``sample.shards`` pods
+(``dsl.ParallelFor``). Every task gets its ``cluster`` settings (image, resources, GPUs,
+secrets, retries, timeouts), which only a cluster run uses.
 """
 
 
 from kfp import dsl
 from kfp.dsl import Dataset, Input, Model
 
+from components.collect_samples.component import collect_samples
 from components.curate.component import curate
 from components.evaluate.component import evaluate
 from components.finish_run.component import finish_run
@@ -28,15 +31,18 @@ from components.sample.component import sample
 from components.start_run.component import start_run
 from components.train.component import train
 from components.verify.component import verify
+from pipelines.cluster_settings import on_cluster
+from topr.config import Config
 
 
-def iteration_pipeline(iteration: int):
-    """The nested pipeline of one round: sample, verify, curate, train, evaluate.
+def iteration_pipeline(iteration: int, config: Config):
+    """The nested pipeline of one round: sample (sharded), collect, verify, curate, train, evaluate.
 
     Each round gets its own pipeline definition (``iteration-<i>``) so that its tasks have
     their own component names, and so their own artifact folders under kfp.local, where a
     component reused by several rounds would write every round into the same folder.
     """
+    cluster, shards = config.cluster, config.sample.shards
 
     @dsl.pipeline(name=f"iteration-{iteration}", description=f"Round {iteration}: sample, verify, curate, train, evaluate.")
     def one_round(
@@ -48,55 +54,55 @@ def iteration_pipeline(iteration: int):
         eval_prompts: Input[Dataset],
     ) -> Model:
         tracking = {"config_json": config_json, "tracking_uri": tracking_uri, "parent_run_id": parent_run_id, "iteration": iteration}
-        sampled = sample(**tracking, model=model, train_prompts=train_prompts).set_display_name("sample")
-        verified = verify(**tracking, samples=sampled.outputs["samples"]).set_display_name("verify")
-        curated = curate(**tracking, verified=verified.outputs["verified"]).set_display_name("curate")
-        trained = train(
-            **tracking, model=model, train_set=curated.outputs["train_set"], samples=sampled.outputs["samples"]
-        ).set_display_name("train")
-        evaluate(**tracking, model=trained.outputs["trained_model"], eval_prompts=eval_prompts).set_display_name("evaluate")
+        with dsl.ParallelFor(list(range(shards)), name="sample shards") as shard:
+            sampled = sample(**tracking, shard=shard, shards=shards, model=model, train_prompts=train_prompts)
+            on_cluster(sampled.set_display_name("sample"), "sample", cluster)
+        collected = collect_samples(**tracking, shards=dsl.Collected(sampled.outputs["samples"]))
+        on_cluster(collected.set_display_name("collect samples"), "collect_samples", cluster)
+        samples = collected.outputs["samples"]
+        verified = on_cluster(verify(**tracking, samples=samples).set_display_name("verify"), "verify", cluster)
+        curated = on_cluster(curate(**tracking, verified=verified.outputs["verified"]).set_display_name("curate"), "curate", cluster)
+        trained = train(**tracking, model=model, train_set=curated.outputs["train_set"], samples=samples)
+        on_cluster(trained.set_display_name("train"), "train", cluster)
+        evaluated = evaluate(**tracking, model=trained.outputs["trained_model"], eval_prompts=eval_prompts)
+        on_cluster(evaluated.set_display_name("evaluate"), "evaluate", cluster)
         return trained.outputs["trained_model"]
 
     return one_round
 
 
-def build_pipeline(iterations: int, pipeline_root: str | None = None):
-    """The pipeline with ``iterations`` rounds unrolled; its parameters are strings.
+def build_pipeline(config: Config, pipeline_root: str | None = None):
+    """The pipeline for ``config``'s iterations, shards and cluster settings; its parameters are strings.
 
     ``pipeline_root`` (e.g. ``s3://bucket/kfp``) becomes the compiled pipeline's default root for
     Kubeflow's own artifacts; a cluster run may still override it at submission.
     """
-    rounds = [iteration_pipeline(iteration) for iteration in range(1, iterations + 1)]
+    iterations, cluster = config.run.iterations, config.cluster
+    rounds = [iteration_pipeline(iteration, config) for iteration in range(1, iterations + 1)]
 
     @dsl.pipeline(name="topr", description=f"Tapered Off-Policy REINFORCE, {iterations} iterations.", pipeline_root=pipeline_root)
     def topr(config_json: str, tracking_uri: str, run_name: str = "topr") -> str:
         started = start_run(
             config_json=config_json, tracking_uri=tracking_uri, run_name=run_name, kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER
-        ).set_display_name("start MLflow run")
-        parent_run_id = started.output
-        closing = finish_run(
-            config_json=config_json, tracking_uri=tracking_uri, kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER
-        ).set_display_name("finish MLflow run")
+        )
+        parent_run_id = on_cluster(started.set_display_name("start MLflow run"), "start_run", cluster).output
+        closing = finish_run(config_json=config_json, tracking_uri=tracking_uri, kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER)
+        on_cluster(closing.set_display_name("finish MLflow run"), "finish_run", cluster)
         with dsl.ExitHandler(closing, name="topr loop"):
             tracking = {"config_json": config_json, "tracking_uri": tracking_uri, "parent_run_id": parent_run_id}
-            base = prepare_model(**tracking).set_display_name("prepare model")
-            prompt_sets = prompts(**tracking).set_display_name("prompts")
-            model = base.outputs["model"]
-            evaluate(
-                **tracking, iteration=0, model=model, eval_prompts=prompt_sets.outputs["eval_prompts"]
-            ).set_display_name("evaluate starting model")
+            base = on_cluster(prepare_model(**tracking).set_display_name("prepare model"), "prepare_model", cluster)
+            prompt_sets = on_cluster(prompts(**tracking).set_display_name("prompts"), "prompts", cluster)
+            model, eval_prompts = base.outputs["model"], prompt_sets.outputs["eval_prompts"]
+            first = evaluate(**tracking, iteration=0, model=model, eval_prompts=eval_prompts)
+            on_cluster(first.set_display_name("evaluate starting model"), "evaluate", cluster)
             for iteration, one_round in enumerate(rounds, start=1):
                 model = one_round(
-                    **tracking,
-                    model=model,
-                    train_prompts=prompt_sets.outputs["train_prompts"],
-                    eval_prompts=prompt_sets.outputs["eval_prompts"],
+                    **tracking, model=model, train_prompts=prompt_sets.outputs["train_prompts"], eval_prompts=eval_prompts
                 ).set_display_name(f"iteration {iteration}").output
-            decision = gate(
-                **tracking, iteration=iterations, model=model, eval_prompts=prompt_sets.outputs["eval_prompts"]
-            ).set_display_name("promotion gate")
+            decision = gate(**tracking, iteration=iterations, model=model, eval_prompts=eval_prompts)
+            on_cluster(decision.set_display_name("promotion gate"), "gate", cluster)
             with dsl.If(decision.output == "promote", name="gain above margin"):
-                promote(**tracking, model=model).set_display_name("promote to champion")
+                on_cluster(promote(**tracking, model=model).set_display_name("promote to champion"), "promote", cluster)
         return parent_run_id
 
     return topr

@@ -7,7 +7,10 @@ tokenizer and chat template), saved once per session as a Hugging Face directory
 
 from __future__ import annotations
 
+import json
 import os
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -51,3 +54,84 @@ def tiny_model_dir(tmp_path_factory, real_tokenizer):
     path = tmp_path_factory.mktemp("tiny") / "model"
     save_policy(model, real_tokenizer, path, provenance={"source": "tests/conftest.py tiny Llama"})
     return str(path)
+
+
+RECURRING_RUN = {"recurring_run_id": "rr-1", "display_name": "nightly", "status": "ENABLED", "trigger": {"cron_schedule": {"cron": "0 0 3 * * *"}}}
+
+
+class RecordingApi(BaseHTTPRequestHandler):
+    """Answers the few Kubeflow Pipelines v2beta1 calls the client makes, and records each request."""
+
+    requests: list[tuple[str, str, dict]] = []
+    authorizations: list[str | None] = []
+
+    def _answer(self, method: str) -> None:
+        length = int(self.headers.get("Content-Length") or 0)
+        body = json.loads(self.rfile.read(length)) if length else {}
+        self.requests.append((method, self.path, body))
+        self.authorizations.append(self.headers.get("Authorization"))
+        path = self.path.split("?")[0]
+        if path == "/apis/v2beta1/experiments" and method == "GET":
+            payload = {}
+        elif path == "/apis/v2beta1/experiments":
+            payload = {"experiment_id": "exp-1", "display_name": body.get("display_name")}
+        elif path == "/apis/v2beta1/recurringruns" and method == "POST":
+            payload = {**body, "recurring_run_id": "rr-1"}
+        elif path == "/apis/v2beta1/runs" and method == "POST":
+            payload = {**body, "run_id": "run-1"}
+        elif path == "/apis/v2beta1/recurringruns":
+            payload = {"recurringRuns": [RECURRING_RUN], "total_size": 1}
+        else:
+            payload = {}
+        data = json.dumps(payload).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self):
+        self._answer("GET")
+
+    def do_POST(self):
+        self._answer("POST")
+
+    def do_DELETE(self):
+        self._answer("DELETE")
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def kfp_api():
+    """A loopback Kubeflow Pipelines API: yields ``(host, requests)``; requests are (method, path, body)."""
+    RecordingApi.requests, RecordingApi.authorizations = [], []
+    server = ThreadingHTTPServer(("127.0.0.1", 0), RecordingApi)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", RecordingApi.requests
+    server.shutdown()
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """The tiny models of the unit tests run faster on one thread than synchronising several."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint():
+    """moto's S3 server on loopback (starts in a fraction of a second); its URL."""
+    from moto.server import ThreadedMotoServer
+
+    from topr.stack import free_port
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=free_port(), verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()

@@ -224,28 +224,30 @@ def test_compile_writes_pipeline_yaml(tmp_path, capsys):
     text = output.read_text()
     for component in ("sample", "verify", "curate", "train", "evaluate"):
         assert f"comp-{component}" in text
-    spec = yaml.safe_load(text)
+    spec, _ = yaml.safe_load_all(text)
     assert spec["pipelineInfo"]["name"] == "topr"
-    # Two unrolled iterations, each its own nested pipeline with the five stages.
+    # Two unrolled iterations, each its own nested pipeline: a shard loop around sample, then the stages.
     assert {"comp-iteration-1", "comp-iteration-2"} <= set(spec["components"])
     assert "comp-iteration-3" not in spec["components"]
     for iteration in (1, 2):
         tasks = spec["components"][f"comp-iteration-{iteration}"]["dag"]["tasks"]
-        assert set(tasks) == {"sample", "verify", "curate", "train", "evaluate"}
-        assert tasks["sample"]["inputs"]["parameters"]["iteration"]["runtimeValue"]["constant"] == iteration
+        (loop,) = [name for name in tasks if name.startswith("for-loop")]
+        assert set(tasks) == {loop, "collect-samples", "verify", "curate", "train", "evaluate"}
+        (sample,) = spec["components"][tasks[loop]["componentRef"]["name"]]["dag"]["tasks"].values()
+        assert sample["inputs"]["parameters"]["iteration"]["runtimeValue"]["constant"] == iteration
     assert {"comp-start-run", "comp-finish-run", "comp-prepare-model", "comp-prompts"} <= set(spec["components"])
 
 
 def test_compile_sets_an_s3_pipeline_root(tmp_path):
     output = tmp_path / "topr.yaml"
     assert main(["compile", "--output", str(output), "--pipeline-root", "s3://topr/kfp"]) == 0
-    assert yaml.safe_load(output.read_text())["defaultPipelineRoot"] == "s3://topr/kfp"
+    assert next(yaml.safe_load_all(output.read_text()))["defaultPipelineRoot"] == "s3://topr/kfp"
 
 
 def test_compile_takes_iterations_from_config(tmp_path, capsys):
     output = tmp_path / "topr.yaml"
     assert main(["compile", "--output", str(output), "run.iterations=3"]) == 0
-    spec = yaml.safe_load(output.read_text())
+    spec, _ = yaml.safe_load_all(output.read_text())
     assert "3 iterations" in spec["pipelineInfo"]["description"]
     assert "comp-iteration-3" in spec["components"] and "comp-iteration-4" not in spec["components"]
 

@@ -28,14 +28,7 @@ from topr.sample import (
     select_iteration_prompts,
 )
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The models here are tiny: one thread beats the synchronisation cost of several."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: one thread beats synchronising several
 
 QUESTIONS = ["Hi", "What is 12 plus 7? Show your steps please.", "Add 3 and 4."]
 
@@ -270,3 +263,78 @@ def test_vllm_engine_without_vllm_names_the_extra(monkeypatch, tiny_model_dir):
     config = load_config(None, ["sample.engine=vllm"])
     with pytest.raises(RuntimeError, match=r"topr\[gpu\]"):
         make_engine(config, tiny_model_dir, batch_size=4)
+
+
+class FakeVLLM:
+    """A stand-in for the ``vllm`` package (which cannot be installed here) with vLLM's shapes.
+
+    ``LLM.generate`` samples for real with the transformers engine on the same model, then
+    returns vLLM-shaped outputs: one ``RequestOutput`` per prompt, ``n`` ``CompletionOutput``s each,
+    and per generated token a ``{token_id: Logprob}`` dict, as vLLM returns for ``logprobs=0``.
+    """
+
+    def __init__(self):
+        from types import SimpleNamespace
+
+        self.made: dict = {}
+        self.sampling: dict = {}
+        fake = self
+
+        class LLM:
+            def __init__(self, **kwargs):
+                fake.made = kwargs
+                model, tokenizer = load_policy(kwargs["model"])
+                self.engine = TransformersEngine(model, tokenizer, batch_size=8, progress=False)
+
+            def generate(self, prompts, sampling):
+                params = SamplingParams(
+                    n=sampling["n"], temperature=sampling["temperature"], top_k=max(sampling["top_k"], 0),
+                    top_p=sampling["top_p"], max_new_tokens=sampling["max_tokens"], seed=sampling["seed"],
+                )  # fmt: skip
+                results = self.engine.generate([p["prompt_token_ids"] for p in prompts], params)
+                return [
+                    SimpleNamespace(outputs=[
+                        SimpleNamespace(
+                            token_ids=tuple(c.token_ids),
+                            logprobs=[{t: SimpleNamespace(logprob=lp, rank=1)} for t, lp in zip(c.token_ids, c.logprobs)],
+                            finish_reason="length" if c.finish_reason == "length" else "stop",
+                        )
+                        for c in choices
+                    ])
+                    for choices in results
+                ]  # fmt: skip
+
+        def sampling_params(**kwargs):
+            fake.sampling = kwargs
+            return kwargs
+
+        self.module = SimpleNamespace(LLM=LLM, SamplingParams=sampling_params)
+        self.inputs = SimpleNamespace(TokensPrompt=lambda prompt_token_ids: {"prompt_token_ids": prompt_token_ids})
+
+
+def test_vllm_engine_asks_for_processed_logprobs_and_makes_the_same_records(monkeypatch, tmp_path, tiny_model_dir):
+    fake = FakeVLLM()
+    monkeypatch.setitem(sys.modules, "vllm", fake.module)
+    monkeypatch.setitem(sys.modules, "vllm.inputs", fake.inputs)
+    prompts = tmp_path / "prompts.jsonl"
+    write_records(prompts, [{"prompt_id": f"p{i}", "prompt": q, "reference": "7"} for i, q in enumerate(QUESTIONS)])
+    overrides = ["task.train_size=3", "sample.samples_per_prompt=2", "sample.max_new_tokens=6", "sample.top_k=5"]
+
+    run_sample(load_config(None, [*overrides, "sample.engine=vllm", "sample.tensor_parallel_size=2"]), tiny_model_dir, prompts, tmp_path / "v.jsonl")
+    run_sample(load_config(None, overrides), tiny_model_dir, prompts, tmp_path / "t.jsonl")
+
+    # log mu must be that of the distribution sampled from (temperature, top-k, top-p applied):
+    # vLLM returns raw log-probs unless asked for processed ones.
+    assert fake.made == {"model": tiny_model_dir, "tensor_parallel_size": 2, "seed": 0, "logprobs_mode": "processed_logprobs"}
+    assert fake.sampling == {"n": 2, "temperature": 0.5, "top_k": 5, "top_p": 1.0, "max_tokens": 6, "seed": 1, "logprobs": 0}
+    from_vllm, from_transformers = read_records(tmp_path / "v.jsonl"), read_records(tmp_path / "t.jsonl")
+    assert from_vllm == from_transformers  # same samples, same fields, same order, same log-probs
+
+
+def test_vllm_top_k_zero_means_no_truncation(monkeypatch, tiny_model_dir):
+    fake = FakeVLLM()
+    monkeypatch.setitem(sys.modules, "vllm", fake.module)
+    monkeypatch.setitem(sys.modules, "vllm.inputs", fake.inputs)
+    engine = VLLMEngine(tiny_model_dir)
+    engine.generate([[1, 2, 3]], SamplingParams(n=1, temperature=1.0, top_k=0, max_new_tokens=2))
+    assert fake.sampling["top_k"] == -1  # vLLM's "off"; 0 is rejected by older vLLM releases

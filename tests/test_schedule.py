@@ -8,65 +8,10 @@ scheduled run start from the champion and read prompts from the S3 prefix.
 from __future__ import annotations
 
 import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
 from topr.cli import main
-
-RECURRING_RUN = {"recurring_run_id": "rr-1", "display_name": "nightly", "status": "ENABLED", "trigger": {"cron_schedule": {"cron": "0 0 3 * * *"}}}
-
-
-class RecordingApi(BaseHTTPRequestHandler):
-    """Answers the few Kubeflow Pipelines v2beta1 calls the client makes, and records each request."""
-
-    requests: list[tuple[str, str, dict]] = []
-
-    def _answer(self, method: str) -> None:
-        length = int(self.headers.get("Content-Length") or 0)
-        body = json.loads(self.rfile.read(length)) if length else {}
-        self.requests.append((method, self.path, body))
-        path = self.path.split("?")[0]
-        if path == "/apis/v2beta1/experiments" and method == "GET":
-            payload = {}
-        elif path == "/apis/v2beta1/experiments":
-            payload = {"experiment_id": "exp-1", "display_name": body.get("display_name")}
-        elif path == "/apis/v2beta1/recurringruns" and method == "POST":
-            payload = {**body, "recurring_run_id": "rr-1"}
-        elif path == "/apis/v2beta1/recurringruns":
-            payload = {"recurringRuns": [RECURRING_RUN], "total_size": 1}
-        else:
-            payload = {}
-        data = json.dumps(payload).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def do_GET(self):
-        self._answer("GET")
-
-    def do_POST(self):
-        self._answer("POST")
-
-    def do_DELETE(self):
-        self._answer("DELETE")
-
-    def log_message(self, *args):
-        pass
-
-
-@pytest.fixture
-def api():
-    RecordingApi.requests = []
-    server = ThreadingHTTPServer(("127.0.0.1", 0), RecordingApi)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}", RecordingApi.requests
-    server.shutdown()
-
 
 def create_command(host: str, *changes: str, overrides: tuple[str, ...] = ("task.name=jsonl",)) -> list[str]:
     options = {
@@ -77,8 +22,8 @@ def create_command(host: str, *changes: str, overrides: tuple[str, ...] = ("task
     return ["schedule", "create", *(part for option in options.items() for part in option), *overrides]
 
 
-def test_create_sends_a_cron_recurring_run_that_starts_from_the_champion(api, capsys):
-    host, requests = api
+def test_create_sends_a_cron_recurring_run_that_starts_from_the_champion(kfp_api, capsys):
+    host, requests = kfp_api
     assert main(create_command(host, overrides=("task.name=jsonl", "run.iterations=3"))) == 0
     assert "created recurring run rr-1" in capsys.readouterr().out
     endpoints = [(method, path.split("?")[0]) for method, path, _ in requests]
@@ -101,12 +46,12 @@ def test_create_sends_a_cron_recurring_run_that_starts_from_the_champion(api, ca
     assert config["task"]["eval_path"] == "s3://data/prompts/eval.jsonl"
     assert runtime["parameters"]["tracking_uri"] == "http://mlflow.mlops:5000"
     # The compiled pipeline travels inline, with its three unrolled iterations and the gate.
-    tasks = sent["pipeline_spec"]["components"]["comp-exit-handler-1"]["dag"]["tasks"]
+    tasks = sent["pipeline_spec"]["pipeline_spec"]["components"]["comp-exit-handler-1"]["dag"]["tasks"]
     assert {"iteration-1", "iteration-2", "iteration-3", "gate"} <= set(tasks)
 
 
-def test_list_and_delete(api, capsys):
-    host, requests = api
+def test_list_and_delete(kfp_api, capsys):
+    host, requests = kfp_api
     assert main(["schedule", "list", "--host", host]) == 0
     assert "rr-1  nightly  cron 0 0 3 * * *  ENABLED" in capsys.readouterr().out
     assert main(["schedule", "delete", "--host", host, "rr-1"]) == 0
@@ -121,8 +66,8 @@ def test_list_and_delete(api, capsys):
         ({"overrides": ("task.name=arithmetic",)}, "task.name=arithmetic reads no prompt files"),
     ],
 )
-def test_bad_schedules_are_refused_before_any_request(api, capsys, change, message):
-    host, requests = api
+def test_bad_schedules_are_refused_before_any_request(kfp_api, capsys, change, message):
+    host, requests = kfp_api
     assert main(create_command(host, *change.get("changes", ()), overrides=change.get("overrides", ("task.name=jsonl",)))) == 2
     assert message in capsys.readouterr().err
     assert requests == []

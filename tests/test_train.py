@@ -19,18 +19,11 @@ from topr.config import load_config
 from topr.logprobs import batch_prompt_completions, completion_logprobs
 from topr.models import PROVENANCE_FILE, load_policy, model_identity, prompt_token_ids
 from topr.records import RecordError, write_records
-from topr.train import run_train
+from topr.train import launch_train, run_train
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: one thread beats synchronising several
 
 TEMPERATURE = 1.0
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The model here is tiny: one thread beats the synchronisation cost of several."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -232,6 +225,35 @@ def test_gradient_accumulation_matches_a_larger_batch(policy, tiny_model_dir, tm
     # Same records in the step, the loss averaged over micro-batches: same loss and gradient.
     assert accumulated_steps[0][1]["loss"] == pytest.approx(large_steps[0][1]["loss"], rel=1e-4, abs=1e-6)
     assert accumulated_steps[0][1]["grad_norm"] == pytest.approx(large_steps[0][1]["grad_norm"], rel=1e-3)
+
+
+def test_a_short_micro_batch_counts_its_sequences_not_as_a_whole_micro_batch(policy, tiny_model_dir, tmp_path):
+    """3 records as micro-batches of 2 and 1: the step's loss and gradient are the mean over the
+    3 sequences, as in one micro-batch of 3 (not the mean of the two micro-batch means)."""
+    records = make_records(policy, POSITIVES + NEGATIVES[:1])
+    split, split_steps, _ = train(
+        tmp_path, tiny_model_dir, records, config("train.batch_size=2", "train.gradient_accumulation=2"), name="split"
+    )
+    whole, whole_steps, _ = train(tmp_path, tiny_model_dir, records, config("train.batch_size=3"), name="whole")
+    assert split["steps"] == whole["steps"] == 1
+    assert split_steps[0][1]["loss"] == pytest.approx(whole_steps[0][1]["loss"], rel=1e-4, abs=1e-6)
+    assert split_steps[0][1]["grad_norm"] == pytest.approx(whole_steps[0][1]["grad_norm"], rel=1e-3)
+    assert split_steps[0][1]["positive_fraction"] == pytest.approx(2 / 3)
+
+
+def test_one_process_trains_here_and_reports_each_step_as_it_goes(policy, tiny_model_dir, tmp_path):
+    """``launch_train`` with train.processes=1 is ``run_train`` in this process: no torchrun, ``on_step`` live."""
+    records = make_records(policy, POSITIVES + NEGATIVES)
+    data = tmp_path / "data.jsonl"
+    write_records(data, records)
+    seen = []
+    summary = launch_train(
+        config("train.processes=1", "train.batch_size=2"), tiny_model_dir, data, tmp_path / "out",
+        on_step=lambda step, stats: seen.append((step, stats["loss"])),
+    )
+    assert summary["processes"] == 1 and summary["steps"] == 2
+    assert seen == [(0, seen[0][1]), (1, summary["final_loss"])]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data.jsonl", "out"]  # no launcher files
 
 
 def test_steps_count_with_a_partial_last_group(policy, tiny_model_dir, tmp_path):

@@ -10,14 +10,19 @@ def sample(
     tracking_uri: str,
     parent_run_id: str,
     iteration: int,
+    shard: int,
+    shards: int,
     model: Input[Model],
     train_prompts: Input[Dataset],
     samples: Output[Dataset],
     metrics: Output[Metrics],
 ):
-    """Sample n completions per training prompt of this iteration, with behaviour log-probs."""
+    """Sample n completions per prompt of shard ``shard`` of this iteration's prompts, with behaviour log-probs."""
     from topr import steps
 
-    summary = steps.sample(config_json, tracking_uri, parent_run_id, iteration, model.path, train_prompts.path, samples.path)
+    summary = steps.sample(
+        config_json, tracking_uri, parent_run_id, iteration, model.path, train_prompts.path, samples.path, shard, shards
+    )
+    samples.metadata["shard"] = shard
     for name, value in summary.items():
         metrics.log_metric(name, value)

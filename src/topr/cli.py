@@ -2,6 +2,8 @@
 
     topr run [--config FILE] [section.field=value ...]   the pipeline, locally, through kfp.local
     topr compile --output FILE                           the pipeline as Kubeflow YAML
+    topr submit --host URL --tracking-uri URI            one run of it on Kubeflow Pipelines
+    topr schedule create|list|delete --host URL          recurring runs of it
     topr sample | verify | curate | train | evaluate      one stage on files (local or s3://)
     topr up | down                                       SeaweedFS + MLflow server on this machine
 
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 from contextlib import ExitStack
@@ -21,7 +24,7 @@ from topr.config import ConfigError, config_to_yaml, describe_fields, load_confi
 
 log = logging.getLogger("topr")
 
-CONFIG_HELP = "YAML configuration file (sections model, task, sample, curate, train, evaluate, gate, run)."
+CONFIG_HELP = "YAML configuration file (sections model, task, sample, curate, train, evaluate, gate, run, cluster)."
 OVERRIDES_HELP = "Overrides of the form section.field=value, e.g. train.learning_rate=1e-5."
 
 
@@ -86,7 +89,7 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     schedules = schedule.add_subparsers(dest="schedule_command", required=True)
     create = schedules.add_parser("create", help="Create a recurring run.")
-    create.add_argument("--host", required=True, help="Kubeflow Pipelines API endpoint, e.g. http://ml-pipeline-ui.kubeflow:80.")
+    _add_endpoint_arguments(create)
     create.add_argument("--cron", required=True, help='Six-field cron, seconds first: "0 0 3 * * *" is 03:00 daily.')
     create.add_argument("--prompts", required=True, help="s3:// prefix holding train.jsonl and eval.jsonl.")
     create.add_argument("--tracking-uri", required=True, help="MLflow tracking server the pipeline's pods can reach.")
@@ -94,19 +97,38 @@ def _build_parser() -> argparse.ArgumentParser:
     create.add_argument("--pipeline-root", help="Kubeflow pipeline root for artifacts (default: the deployment's).")
     _add_config_arguments(create)
     listing = schedules.add_parser("list", help="List recurring runs.")
-    listing.add_argument("--host", required=True, help="Kubeflow Pipelines API endpoint.")
+    _add_endpoint_arguments(listing)
     delete = schedules.add_parser("delete", help="Delete a recurring run.")
-    delete.add_argument("--host", required=True, help="Kubeflow Pipelines API endpoint.")
+    _add_endpoint_arguments(delete)
     delete.add_argument("id", help="The recurring run's id (see 'topr schedule list').")
 
     down = commands.add_parser("down", help="Stop exactly what 'topr up' started.")
     down.add_argument("--state-dir", default="runs/stack", help="The state directory given to 'topr up'.")
 
-    compile_ = commands.add_parser("compile", help="Write the pipeline as Kubeflow Pipelines YAML.")
+    compile_ = commands.add_parser(
+        "compile",
+        help="Write the pipeline as Kubeflow Pipelines YAML.",
+        description="Compile the pipeline for the configuration's run.iterations, sample.shards and "
+        "cluster settings (image, resources, GPUs, secrets, retries, timeouts) to YAML.",
+    )
     compile_.add_argument("--output", default="pipelines/topr_pipeline.yaml", help="Where to write the YAML.")
     compile_.add_argument("--iterations", type=int, default=None, help="Iterations to unroll (default: run.iterations).")
     compile_.add_argument("--pipeline-root", help="Default pipeline root for Kubeflow's artifacts, e.g. s3://bucket/kfp.")
     _add_config_arguments(compile_)
+
+    submit = commands.add_parser(
+        "submit",
+        help="Compile the pipeline and start a run on Kubeflow Pipelines; print its URL.",
+        description="Compile the pipeline for this configuration and start one run of it on a Kubeflow "
+        "Pipelines endpoint, in the experiment run.experiment. Stages reach MLflow at --tracking-uri "
+        "and object storage through the cluster's Secret and ConfigMap (cluster.* fields).",
+    )
+    _add_endpoint_arguments(submit)
+    submit.add_argument("--tracking-uri", required=True, help="MLflow tracking server the pipeline's pods can reach.")
+    submit.add_argument("--run-name", help="Name of the run (default: run.name or topr-<timestamp>).")
+    submit.add_argument("--pipeline-root", help="Pipeline root for Kubeflow's artifacts (default: the deployment's).")
+    submit.add_argument("--service-account", help="Kubernetes service account of the run's pods (e.g. topr-pipeline).")
+    _add_config_arguments(submit)
 
     sample = commands.add_parser("sample", help="Sample completions with behaviour log-probs.")
     sample.add_argument("--model", required=True, help="Model directory (or the embedded default's name).")
@@ -131,6 +153,7 @@ def _build_parser() -> argparse.ArgumentParser:
     train.add_argument("--model", required=True, help="Starting model directory.")
     train.add_argument("--data", required=True, help="Curated training records.")
     train.add_argument("--output", required=True, help="Directory for the trained model.")
+    train.add_argument("--summary", help="Also write the summary, with every step's figures under 'history', here (JSON).")
     _add_config_arguments(train)
 
     evaluate = commands.add_parser("evaluate", help="Held-out pass@1, pass@k, maj@k with 95%% CIs.")
@@ -140,6 +163,31 @@ def _build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--completions", help="Where to write the evaluated completions (JSONL).")
     _add_config_arguments(evaluate)
     return parser
+
+
+def _add_endpoint_arguments(parser: argparse.ArgumentParser) -> None:
+    """The kfp client's connection and authentication options."""
+    parser.add_argument("--host", required=True, help="Kubeflow Pipelines API endpoint, e.g. http://ml-pipeline-ui.kubeflow:80.")
+    parser.add_argument("--namespace", default="kubeflow", help="Kubernetes namespace (multi-user Kubeflow: your profile's).")
+    parser.add_argument("--token", help="Bearer token (default: $KF_PIPELINES_TOKEN, else the client's own credentials).")
+    parser.add_argument("--cookies", help="Cookies for an authenticating proxy, e.g. 'authservice_session=...'.")
+    parser.add_argument("--ssl-ca-cert", help="CA bundle to verify the endpoint's TLS certificate.")
+    parser.add_argument("--insecure", action="store_true", help="Do not verify the endpoint's TLS certificate.")
+    parser.add_argument("--ui-host", help="Pipelines UI base URL for printed links (default: --host).")
+
+
+def _endpoint(args):
+    from pipelines.submit import Endpoint
+
+    return Endpoint(
+        host=args.host,
+        namespace=args.namespace,
+        existing_token=args.token or os.environ.get("KF_PIPELINES_TOKEN"),
+        cookies=args.cookies,
+        ssl_ca_cert=args.ssl_ca_cert,
+        ui_host=args.ui_host,
+        verify_ssl=False if args.insecure else None,
+    )
 
 
 def _config(args, extra: list[str] = ()):
@@ -193,8 +241,19 @@ def cmd_run(args) -> int:
 def cmd_compile(args) -> int:
     from pipelines.runner import compile_pipeline
 
-    iterations = args.iterations or _config(args).run.iterations
-    print(compile_pipeline(iterations, args.output, args.pipeline_root))
+    config = _config(args, [f"run.iterations={args.iterations}"] if args.iterations else [])
+    print(compile_pipeline(config, args.output, args.pipeline_root))
+    return 0
+
+
+def cmd_submit(args) -> int:
+    from pipelines.submit import submit_run
+
+    config = _config(args)
+    run_name = args.run_name or config.run.name or time.strftime("topr-%Y%m%d-%H%M%S")
+    endpoint = _endpoint(args)
+    run_id, url = submit_run(endpoint, config, args.tracking_uri, run_name, args.pipeline_root, args.service_account)
+    print(f"submitted run {run_id} ({run_name}, {config.run.iterations} iterations)\n{url}")
     return 0
 
 
@@ -233,14 +292,14 @@ def cmd_schedule(args) -> int:
 
     if args.schedule_command == "create":
         config = _config(args, schedule.prompt_overrides(args.prompts))
-        created = schedule.create_schedule(args.host, args.cron, config, args.tracking_uri, args.name, args.pipeline_root)
+        created = schedule.create_schedule(_endpoint(args), args.cron, config, args.tracking_uri, args.name, args.pipeline_root)
         print(f"created recurring run {created.recurring_run_id} ({args.name}, cron {args.cron})")
     elif args.schedule_command == "list":
-        for recurring in schedule.list_schedules(args.host):
+        for recurring in schedule.list_schedules(_endpoint(args)):
             cron = recurring.trigger.cron_schedule.cron if recurring.trigger and recurring.trigger.cron_schedule else "-"
             print(f"{recurring.recurring_run_id}  {recurring.display_name}  cron {cron}  {recurring.status}")
     else:
-        schedule.delete_schedule(args.host, args.id)
+        schedule.delete_schedule(_endpoint(args), args.id)
         print(f"deleted recurring run {args.id}")
     return 0
 
@@ -302,11 +361,31 @@ def cmd_curate(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from topr.train import run_train
+    """Train here, or in torchrun workers (train.processes > 1), or as one of them under torchrun.
 
+    Under torchrun every rank reads its own local copies of s3:// inputs; only rank 0 writes
+    (and uploads) the model and the summary.
+    """
+    import json
+
+    from topr.distributed import current_ranks
+    from topr.train import launch_train
+
+    main_rank = current_ranks().main
+    if not main_rank:  # rank 0 speaks for all
+        from transformers.utils import logging as transformers_logging
+
+        logging.getLogger().setLevel(logging.WARNING)
+        transformers_logging.disable_progress_bar()
+    history: list[dict] = []
     with ExitStack() as stack:
-        _local_copies(stack, args, {"model": "directory", "data": "file"}, {"output": "directory"})
-        _print_json(run_train(_config(args), args.model, args.data, args.output))
+        outputs = {"output": "directory", "summary": "file"} if main_rank else {}
+        _local_copies(stack, args, {"model": "directory", "data": "file"}, outputs)
+        summary = launch_train(_config(args), args.model, args.data, args.output, on_step=lambda step, stats: history.append(stats))
+        if main_rank:
+            if args.summary:
+                Path(args.summary).write_text(json.dumps({**summary, "history": history}, indent=2))
+            _print_json(summary)
     return 0
 
 
@@ -333,6 +412,7 @@ COMMANDS = {
     "down": cmd_down,
     "lineage": cmd_lineage,
     "schedule": cmd_schedule,
+    "submit": cmd_submit,
 }
 
 

@@ -13,6 +13,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from topr.cluster import ClusterConfig
+
 EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
 
 
@@ -71,6 +73,13 @@ class SampleConfig(Section):
     batch_size: int = Field(32, ge=1, description="Sequences generated together.")
     seed: int = Field(0, description="Sampling seed (each iteration adds its index).")
     tensor_parallel_size: int = Field(1, ge=1, description="vllm only: GPUs per engine.")
+    shards: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="Split each iteration's prompts into this many shards, each sampled by its own "
+        "engine (its own pod on a cluster), then collected.",
+    )
 
 
 class CurateConfig(Section):
@@ -131,6 +140,18 @@ class TrainConfig(Section):
         "auto", description="Training precision; auto = bfloat16 on GPU, float32 on CPU."
     )
     seed: int = Field(0, description="Seed for shuffling and initialisation.")
+    processes: int | None = Field(
+        None,
+        ge=1,
+        description="Training processes on this node, launched with torchrun when more than one; "
+        "None = one per visible CUDA GPU (1 on CPU). An optimizer step takes "
+        "batch_size × gradient_accumulation × processes sequences.",
+    )
+    parallelism: Literal["ddp", "fsdp"] = Field(
+        "ddp",
+        description="With several processes: ddp (a full model copy per process) or fsdp (FSDP2 "
+        "fully_shard: weights, gradients and optimizer state sharded, for models too big for one GPU).",
+    )
 
     @field_validator("positive_bounds", "negative_bounds")
     @classmethod
@@ -193,6 +214,7 @@ class Config(Section):
     evaluate: EvaluateConfig = EvaluateConfig()
     gate: GateConfig = GateConfig()
     run: RunConfig = RunConfig()
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
 
     @model_validator(mode="after")
     def _task_files(self) -> Config:
@@ -274,7 +296,10 @@ def describe_fields() -> str:
     for section_name, section_info in Config.model_fields.items():
         lines.append(f"{section_name}:")
         for field_name, info in section_info.annotation.model_fields.items():
-            lines.append(f"  {section_name}.{field_name} = {info.default!r}")
+            default = repr(info.get_default(call_default_factory=True))
+            if len(default) > 60:
+                default = default[:57] + "..."
+            lines.append(f"  {section_name}.{field_name} = {default}")
             lines.append(f"      {info.description}")
     return "\n".join(lines)
 

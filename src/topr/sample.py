@@ -24,9 +24,11 @@ from tqdm.auto import tqdm
 
 from topr.config import Config, SampleConfig
 from topr.models import load_policy, model_identity, prompt_token_ids, set_threads
-from topr.records import PROMPT_FIELDS, Record, read_records, write_records
+from topr.records import PROMPT_FIELDS, SAMPLE_FIELDS, Record, read_records, write_records
 
 log = logging.getLogger(__name__)
+
+SHARD_SEED_STRIDE = 1000  # shard s samples with seed + iteration + 1000·s
 
 
 @dataclass(frozen=True)
@@ -229,6 +231,17 @@ def sample_records(
     return records
 
 
+def collect_shards(shard_paths: list[str | Path], output_path: str | Path) -> dict:
+    """Concatenate shard sample files, in the order given, into one sample file."""
+    records = []
+    for path in shard_paths:
+        records += read_records(path, required=SAMPLE_FIELDS)
+    write_records(output_path, records)
+    summary = {"shards": len(shard_paths), "samples": len(records), "prompts": len({r["prompt_id"] for r in records})}
+    log.info("collected %(samples)d samples for %(prompts)d prompts from %(shards)d shard(s)", summary)
+    return summary
+
+
 def select_iteration_prompts(problems: list[Record], iteration: int, size: int) -> list[Record]:
     """The ``size`` prompts of iteration ``iteration`` (1-based), cycling through the file."""
     if not problems:
@@ -237,12 +250,32 @@ def select_iteration_prompts(problems: list[Record], iteration: int, size: int) 
     return [problems[(start + offset) % len(problems)] for offset in range(min(size, len(problems)))]
 
 
-def run_sample(config: Config, model_dir: str, prompts_path: str | Path, output_path: str | Path, iteration: int = 1) -> dict:
-    """Sample completions for this iteration's training prompts and write the sample records."""
+def shard_prompts(problems: list[Record], shard: int, shards: int) -> list[Record]:
+    """Shard ``shard`` of ``shards`` contiguous, balanced parts, so collecting in shard order keeps prompt order."""
+    if not 0 <= shard < shards:
+        raise ValueError(f"shard {shard} is outside 0..{shards - 1}")
+    size, extra = divmod(len(problems), shards)
+    start = shard * size + min(shard, extra)
+    return problems[start : start + size + (shard < extra)]
+
+
+def run_sample(
+    config: Config,
+    model_dir: str,
+    prompts_path: str | Path,
+    output_path: str | Path,
+    iteration: int = 1,
+    shard: int = 0,
+    shards: int = 1,
+) -> dict:
+    """Sample completions for shard ``shard`` of this iteration's training prompts; write the records.
+
+    Each shard has its own seed (shard 0 keeps the unsharded one), so shards draw independent samples.
+    """
     problems = read_records(prompts_path, required=PROMPT_FIELDS)
-    problems = select_iteration_prompts(problems, iteration, config.task.train_size)
+    problems = shard_prompts(select_iteration_prompts(problems, iteration, config.task.train_size), shard, shards)
     engine, tokenizer = make_engine(config, model_dir, config.sample.batch_size)
-    params = SamplingParams.from_config(config.sample, seed_offset=iteration)
+    params = SamplingParams.from_config(config.sample, seed_offset=iteration + SHARD_SEED_STRIDE * shard)
     started = time.perf_counter()
     records = sample_records(engine, tokenizer, problems, params, config.model.system_prompt, model_identity(model_dir))
     seconds = time.perf_counter() - started

@@ -109,13 +109,38 @@ def prompts(config_json: str, tracking_uri: str, parent_run_id: str, train_path:
     return counts
 
 
-def sample(config_json: str, tracking_uri: str, parent_run_id: str, iteration: int, model_dir: str, prompts_path: str, output_path: str) -> dict:
+def sample(
+    config_json: str,
+    tracking_uri: str,
+    parent_run_id: str,
+    iteration: int,
+    model_dir: str,
+    prompts_path: str,
+    output_path: str,
+    shard: int = 0,
+    shards: int = 1,
+) -> dict:
+    """Sample one shard of the iteration's prompts (``collect_samples`` publishes the whole set)."""
     from topr.sample import run_sample
 
     config = parse_config(config_json)
-    with stage_run(tracking_uri, parent_run_id, "sample", iteration) as run:
-        run.log_params(config.sample.model_dump())
-        summary = run_sample(config, model_dir, prompts_path, output_path, iteration)
+    part = f"shard{shard}of{shards}" if shards > 1 else ""
+    with stage_run(tracking_uri, parent_run_id, "sample", iteration, part) as run:
+        run.log_params({**config.sample.model_dump(), "shard": shard, "shards": shards})
+        summary = run_sample(config, model_dir, prompts_path, output_path, iteration, shard, shards)
+        run.log_metrics(summary)
+    return summary
+
+
+def collect_samples(
+    config_json: str, tracking_uri: str, parent_run_id: str, iteration: int, shard_paths: list[str], output_path: str
+) -> dict:
+    """Join the shards' samples in shard order, then publish and log them as the iteration's samples."""
+    from topr.sample import collect_shards
+
+    config = parse_config(config_json)
+    with stage_run(tracking_uri, parent_run_id, "collect_samples", iteration) as run:
+        summary = collect_shards(shard_paths, output_path)
         uri = publish(config, parent_run_id, iteration, output_path, "samples.jsonl")
         run.log_dataset(output_path, f"samples_iter{iteration}", "sampling", source=uri)
         run.log_metrics(summary)
@@ -169,9 +194,13 @@ def train(
     samples_path: str,
     output_dir: str,
 ) -> dict:
-    """Train, publish and register the model, recording where it came from (see ``topr.lineage``)."""
+    """Train, publish and register the model, recording where it came from (see ``topr.lineage``).
+
+    With ``train.processes`` > 1 (default: one per GPU) training runs in torchrun workers
+    (``topr.train.launch_train``); their per-step figures are logged here when they finish.
+    """
     from topr.models import model_identity
-    from topr.train import run_train
+    from topr.train import launch_train
 
     config = parse_config(config_json)
     with stage_run(tracking_uri, parent_run_id, "train", iteration) as run:
@@ -180,7 +209,7 @@ def train(
         samples_uri = published_uri(config, parent_run_id, iteration, "samples.jsonl")
         run.log_dataset(data_path, f"train_set_iter{iteration}", "training", source=train_set_uri)
         run.log_dataset(samples_path, f"samples_iter{iteration}", "sampling", source=samples_uri)
-        summary = run_train(config, model_dir, data_path, output_dir, on_step=lambda step, stats: run.log_metrics(stats, step))
+        summary = launch_train(config, model_dir, data_path, output_dir, on_step=lambda step, stats: run.log_metrics(stats, step))
         uri = publish(config, parent_run_id, iteration, output_dir, "model")
         run.log_artifacts(output_dir, "model")
         run.log_metrics({k: v for k, v in summary.items() if k != "weights_sha256"})

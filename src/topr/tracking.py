@@ -204,8 +204,9 @@ class StageRun:
 
 
 @contextmanager
-def stage_run(tracking_uri: str, parent_run_id: str, stage: str, iteration: int) -> Iterator[StageRun]:
-    """Open a nested run named ``iter<i>/<stage>``; it ends FAILED if the block raises."""
+def stage_run(tracking_uri: str, parent_run_id: str, stage: str, iteration: int, part: str = "") -> Iterator[StageRun]:
+    """Open a nested run named ``iter<i>/<stage>`` (``iter<i>/<stage>/<part>`` for one part of a
+    sharded stage); it ends FAILED if the block raises."""
     client = mlflow_client(tracking_uri)
     parent = client.get_run(parent_run_id)
     tags = {
@@ -214,7 +215,7 @@ def stage_run(tracking_uri: str, parent_run_id: str, stage: str, iteration: int)
         ITERATION_TAG: str(iteration),
         **code_version(),
     }
-    run = client.create_run(parent.info.experiment_id, run_name=f"iter{iteration}/{stage}", tags=tags)
+    run = client.create_run(parent.info.experiment_id, run_name="/".join(filter(None, (f"iter{iteration}", stage, part))), tags=tags)
     try:
         yield StageRun(client, run.info.run_id, parent_run_id, iteration)
     except BaseException:

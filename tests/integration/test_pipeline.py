@@ -13,6 +13,7 @@ from pipelines.runner import compile_pipeline, run_local
 from topr.config import EMBEDDED_MODEL, load_config
 from topr.models import PROVENANCE_FILE
 from topr.records import SAMPLE_FIELDS, VERIFIED_FIELDS, read_records
+from topr.sample import run_sample
 from topr.tracking import KFP_RUN_TAG, default_tracking_uri
 
 STAGES = ("sample", "verify", "curate", "train", "evaluate")
@@ -28,7 +29,7 @@ TINY_RUN = [
 
 
 def test_compiled_pipeline_unrolls_iterations(tmp_path):
-    spec = yaml.safe_load(compile_pipeline(3, tmp_path / "topr.yaml").read_text())
+    spec, _ = yaml.safe_load_all(compile_pipeline(load_config(None, ["run.iterations=3"]), tmp_path / "topr.yaml").read_text())
     tasks = spec["root"]["dag"]["tasks"]
     assert {"start-run", "finish-run", "exit-handler-1"} <= set(tasks)
     assert tasks["finish-run"]["triggerPolicy"]["strategy"] == "ALL_UPSTREAM_TASKS_COMPLETED"
@@ -44,7 +45,8 @@ def test_compiled_pipeline_unrolls_iterations(tmp_path):
         for iteration in (1, 2, 3)
         for task in spec["components"][f"comp-iteration-{iteration}"]["dag"]["tasks"].values()
     ]
-    assert len(stage_components) == len(set(stage_components)) == 3 * len(STAGES)
+    # sample runs inside the shard loop; the round's own tasks are the loop and the other stages.
+    assert len(stage_components) == len(set(stage_components)) == 3 * (len(STAGES) + 1)
 
 
 def _runs_by_name(tracking_uri: str, parent_run_id: str) -> dict[str, mlflow.entities.Run]:
@@ -64,7 +66,7 @@ def _artifact(pipeline_root: Path, task: str, output: str) -> Path:
 
 @pytest.mark.slow
 def test_local_run_two_iterations(tmp_path, tiny_model_dir):
-    config = load_config(None, [f"model.path={tiny_model_dir}", "run.iterations=2", *TINY_RUN])
+    config = load_config(None, [f"model.path={tiny_model_dir}", "run.iterations=2", "sample.shards=2", *TINY_RUN])
     tracking_uri = default_tracking_uri(tmp_path)
     parent_run_id = run_local(config, tmp_path / "run", tracking_uri, "pipeline-test")
 
@@ -77,7 +79,9 @@ def test_local_run_two_iterations(tmp_path, tiny_model_dir):
     assert sorted(m.step for m in history) == [0, 1, 2]
 
     runs = _runs_by_name(tracking_uri, parent_run_id)
-    expected = {f"iter{i}/{stage}" for i in (1, 2) for stage in STAGES} | {"iter0/evaluate", "iter0/prepare_model", "iter0/prompts", "iter2/gate"}
+    expected = {f"iter{i}/{stage}" for i in (1, 2) for stage in STAGES if stage != "sample"}
+    expected |= {f"iter{i}/sample/shard{s}of2" for i in (1, 2) for s in (0, 1)} | {"iter1/collect_samples", "iter2/collect_samples"}
+    expected |= {"iter0/evaluate", "iter0/prepare_model", "iter0/prompts", "iter2/gate"}
     assert expected <= set(runs)
     assert all(run.info.status == "FINISHED" for run in runs.values())
     train_run = runs["iter2/train"]
@@ -87,9 +91,16 @@ def test_local_run_two_iterations(tmp_path, tiny_model_dir):
     assert "model/model.safetensors" in logged
 
     root = tmp_path / "run" / "pipeline_root"
-    for task in ("sample", "sample-2"):
+    for task in ("collect-samples", "collect-samples-2"):
         samples = read_records(_artifact(root, task, "samples"), required=SAMPLE_FIELDS)
         assert len(samples) == 3 * 2
+    # Two shards give what one engine over all the prompts gives: same fields, count and prompt order.
+    collected = read_records(_artifact(root, "collect-samples", "samples"))
+    one_shard = tmp_path / "one_shard.jsonl"
+    run_sample(config, str(_artifact(root, "prepare-model", "model")), _artifact(root, "prompts", "train_prompts"), one_shard)
+    unsharded = read_records(one_shard)
+    assert [set(r) for r in collected] == [set(r) for r in unsharded]
+    assert [(r["prompt_id"], r["sample_index"]) for r in collected] == [(r["prompt_id"], r["sample_index"]) for r in unsharded]
     verified = read_records(_artifact(root, "verify-2", "verified"), required=VERIFIED_FIELDS)
     assert {r["reward"] for r in verified} <= {1.0, -1.0}
     # Each round's model names the model it was trained from.

@@ -1,0 +1,48 @@
+"""Apply the ``cluster`` configuration (``topr.cluster``) to the pipeline's tasks.
+
+Everything here ends up in the compiled YAML: the image, requests and limits, GPUs with their
+node selector and tolerations, credentials from Kubernetes Secrets, endpoints from a ConfigMap,
+retries with backoff, pod deadlines, and caching. ``kfp.local`` ignores all of it.
+"""
+
+from __future__ import annotations
+
+from kfp import dsl, kubernetes
+
+from topr.cluster import ClusterConfig
+
+S3_SECRET_KEYS = {"AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY"}
+MLFLOW_SECRET_KEYS = {"MLFLOW_TRACKING_USERNAME": "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD": "MLFLOW_TRACKING_PASSWORD"}
+ENDPOINT_KEYS = {"AWS_ENDPOINT_URL": "AWS_ENDPOINT_URL", "MLFLOW_S3_ENDPOINT_URL": "MLFLOW_S3_ENDPOINT_URL"}
+IMAGE_USER = 1000  # the non-root user of the project's Dockerfile
+RETRY_BACKOFF = {"backoff_duration": "60s", "backoff_factor": 2.0, "backoff_max_duration": "3600s"}
+
+
+def on_cluster(task: dsl.PipelineTask, stage: str, cluster: ClusterConfig) -> dsl.PipelineTask:
+    """Give ``task`` (an instance of component ``stage``) its cluster settings; returns it."""
+    settings = cluster.stage(stage)
+    task.set_container_image(cluster.image)
+    kubernetes.set_image_pull_policy(task, cluster.image_pull_policy)
+    task.set_cpu_request(settings.cpu).set_cpu_limit(settings.cpu_limit or settings.cpu)
+    task.set_memory_request(settings.memory).set_memory_limit(settings.memory_limit or settings.memory)
+    if settings.gpus:
+        task.set_accelerator_type(cluster.accelerator_type).set_accelerator_limit(settings.gpus)
+        for label, value in cluster.gpu_node_selector.items():
+            kubernetes.add_node_selector(task, label_key=label, label_value=value)
+        for toleration in cluster.gpu_tolerations:
+            kubernetes.add_toleration(task, **toleration.model_dump())
+    if settings.retries:
+        task.set_retry(settings.retries, **RETRY_BACKOFF)
+    if settings.timeout_minutes:
+        kubernetes.set_timeout(task, settings.timeout_minutes * 60)
+    if cluster.s3_secret:
+        kubernetes.use_secret_as_env(task, secret_name=cluster.s3_secret, secret_key_to_env=S3_SECRET_KEYS)
+    if cluster.mlflow_secret:
+        kubernetes.use_secret_as_env(task, secret_name=cluster.mlflow_secret, secret_key_to_env=MLFLOW_SECRET_KEYS)
+    if cluster.endpoints_config_map:
+        kubernetes.use_config_map_as_env(
+            task, config_map_name=cluster.endpoints_config_map, config_map_key_to_env=ENDPOINT_KEYS
+        )
+    kubernetes.set_security_context(task, run_as_user=IMAGE_USER, run_as_group=IMAGE_USER, run_as_non_root=True)
+    task.set_caching_options(enable_caching=cluster.caching)
+    return task

@@ -1,0 +1,144 @@
+"""How each stage runs on a Kubernetes cluster: image, resources, GPUs, secrets, retries, timeouts.
+
+This is the ``cluster`` section of the configuration. It only matters when the pipeline is
+compiled for Kubeflow Pipelines (``topr compile``, ``topr submit``, ``topr schedule``);
+``kfp.local`` runs ignore it. The pipeline applies it to every task (see
+``pipelines/cluster_settings.py``); the library itself never imports KFP.
+
+Stage settings merge over the defaults field by field, so a config file may say only::
+
+    cluster:
+      stages:
+        train: {gpus: 8, memory: 640Gi}
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+DEFAULT_IMAGE = "ghcr.io/topr-project/topr:0.1.0"
+
+STAGES = (
+    "start_run",
+    "finish_run",
+    "prepare_model",
+    "prompts",
+    "sample",
+    "collect_samples",
+    "verify",
+    "curate",
+    "train",
+    "evaluate",
+    "gate",
+    "promote",
+)
+
+QUANTITY = re.compile(r"^([0-9]*\.)?[0-9]+(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class StageResources(_Strict):
+    """One stage's pod: requests equal limits unless a limit is given (Guaranteed QoS by default)."""
+
+    cpu: str = Field("1", description="CPU request, e.g. 500m or 8.")
+    cpu_limit: str | None = Field(None, description="CPU limit; default: the request.")
+    memory: str = Field("2Gi", description="Memory request, e.g. 64Gi.")
+    memory_limit: str | None = Field(None, description="Memory limit; default: the request.")
+    gpus: int = Field(0, ge=0, description="GPUs (cluster.accelerator_type) for the pod; 0 = CPU only.")
+    retries: int = Field(0, ge=0, le=10, description="Retries after a failure (transient node or network faults).")
+    timeout_minutes: int = Field(0, ge=0, description="Kill the pod after this long (activeDeadlineSeconds); 0 = never.")
+
+    @field_validator("cpu", "cpu_limit", "memory", "memory_limit")
+    @classmethod
+    def _quantity(cls, value: str | None) -> str | None:
+        if value is not None and not QUANTITY.match(str(value)):
+            raise ValueError(f"{value!r} is not a Kubernetes quantity (e.g. 500m, 8, 64Gi)")
+        return None if value is None else str(value)
+
+
+def _stage(**fields: Any) -> dict[str, Any]:
+    return fields
+
+
+DEFAULT_STAGES: dict[str, dict[str, Any]] = {
+    "start_run": _stage(cpu="500m", memory="1Gi", retries=2, timeout_minutes=10),
+    "finish_run": _stage(cpu="500m", memory="1Gi", retries=2, timeout_minutes=10),
+    "prepare_model": _stage(cpu="2", memory="32Gi", retries=2, timeout_minutes=60),
+    "prompts": _stage(cpu="1", memory="4Gi", retries=2, timeout_minutes=30),
+    "sample": _stage(cpu="8", memory="64Gi", gpus=1, retries=2, timeout_minutes=360),
+    "collect_samples": _stage(cpu="1", memory="8Gi", retries=2, timeout_minutes=30),
+    "verify": _stage(cpu="4", memory="8Gi", retries=2, timeout_minutes=60),
+    "curate": _stage(cpu="1", memory="8Gi", retries=1, timeout_minutes=30),
+    "train": _stage(cpu="8", memory="64Gi", gpus=1, retries=0, timeout_minutes=1440),
+    "evaluate": _stage(cpu="8", memory="64Gi", gpus=1, retries=2, timeout_minutes=180),
+    "gate": _stage(cpu="8", memory="64Gi", gpus=1, retries=2, timeout_minutes=180),
+    "promote": _stage(cpu="500m", memory="1Gi", retries=2, timeout_minutes=10),
+}
+
+
+class Toleration(_Strict):
+    key: str | None = Field(None, description="Taint key; empty with operator Exists tolerates every taint.")
+    operator: Literal["Equal", "Exists"] = "Exists"
+    value: str | None = None
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+
+
+class ClusterConfig(_Strict):
+    image: str = Field(
+        default_factory=lambda: os.environ.get("TOPR_IMAGE", DEFAULT_IMAGE),
+        description="Container image of every component (default: $TOPR_IMAGE or the release image).",
+    )
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = Field(
+        "IfNotPresent", description="Kubernetes imagePullPolicy of every component."
+    )
+    accelerator_type: str = Field("nvidia.com/gpu", description="Resource name of the GPUs that stages ask for.")
+    gpu_node_selector: dict[str, str] = Field(
+        default_factory=dict, description="Node labels a GPU stage must run on, e.g. {nvidia.com/gpu.product: H100}."
+    )
+    gpu_tolerations: list[Toleration] = Field(
+        default_factory=lambda: [Toleration(key="nvidia.com/gpu", operator="Exists", effect="NoSchedule")],
+        description="Tolerations of GPU stages (GPU node pools are usually tainted).",
+    )
+    s3_secret: str | None = Field(
+        "topr-s3-credentials",
+        description="Secret with AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY for object storage; null = none.",
+    )
+    mlflow_secret: str | None = Field(
+        None, description="Secret with MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD, if MLflow needs auth."
+    )
+    endpoints_config_map: str | None = Field(
+        "topr-endpoints", description="ConfigMap with AWS_ENDPOINT_URL and MLFLOW_S3_ENDPOINT_URL; null = none."
+    )
+    caching: bool = Field(
+        False, description="Let Kubeflow reuse a task's earlier outputs; off because stages log to MLflow."
+    )
+    stages: dict[str, StageResources] = Field(
+        default_factory=lambda: {name: StageResources(**fields) for name, fields in DEFAULT_STAGES.items()},
+        description="Per-stage pod settings (cpu, memory, gpus, retries, timeout_minutes), merged over the defaults.",
+    )
+
+    @field_validator("stages", mode="before")
+    @classmethod
+    def _merge_over_defaults(cls, given: Any) -> Any:
+        if not isinstance(given, dict):
+            return given
+        unknown = sorted(set(given) - set(STAGES))
+        if unknown:
+            raise ValueError(f"unknown stage(s) {', '.join(unknown)} (choices: {', '.join(STAGES)})")
+        merged = {}
+        for name, defaults in DEFAULT_STAGES.items():
+            override = given.get(name) or {}
+            if isinstance(override, StageResources):
+                override = override.model_dump(exclude_unset=True)
+            merged[name] = {**defaults, **override}
+        return merged
+
+    def stage(self, name: str) -> StageResources:
+        return self.stages[name]

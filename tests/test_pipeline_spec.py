@@ -1,0 +1,189 @@
+"""The compiled pipeline as a cluster sees it: cluster settings, shards, the committed YAML, submission.
+
+No Kubeflow API server can run here, so these tests read the compiled spec (the pipeline
+document and its Kubernetes platform document) and the requests ``topr submit`` sends to a
+loopback server that records them.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipelines.runner import compile_pipeline
+from topr.cli import main
+from topr.config import load_config
+
+REPO = Path(__file__).resolve().parents[1]
+COMMITTED = REPO / "pipelines" / "topr_pipeline.yaml"
+GPU_STAGES = {"sample", "train", "evaluate", "gate"}
+RETRIED_STAGES = {"sample", "verify", "evaluate"}
+
+
+def compiled(tmp_path, *overrides: str) -> tuple[dict, dict]:
+    """``(pipeline spec, kubernetes executors by name)`` for the default config plus ``overrides``."""
+    path = compile_pipeline(load_config(None, list(overrides)), tmp_path / "topr.yaml")
+    spec, platform = yaml.safe_load_all(path.read_text())
+    return spec, platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+
+
+def stage_of(executor: str) -> str:
+    """``exec-collect-samples-2`` → ``collect_samples``."""
+    name = executor.removeprefix("exec-")
+    parts = name.split("-")
+    if parts[-1].isdigit():
+        parts = parts[:-1]
+    return "_".join(parts)
+
+
+def tasks_by_stage(spec: dict) -> dict[str, list[dict]]:
+    """Every task of every DAG, grouped by the stage its executor runs."""
+    executors = {name: component["executorLabel"] for name, component in spec["components"].items() if "executorLabel" in component}
+    dags = [spec["root"]["dag"]] + [component["dag"] for component in spec["components"].values() if "dag" in component]
+    grouped: dict[str, list[dict]] = {}
+    for dag in dags:
+        for task in dag["tasks"].values():
+            executor = executors.get(task["componentRef"]["name"])
+            if executor:
+                grouped.setdefault(stage_of(executor), []).append(task)
+    return grouped
+
+
+@pytest.fixture(autouse=True)
+def default_image(monkeypatch):
+    monkeypatch.delenv("TOPR_IMAGE", raising=False)
+
+
+def test_committed_pipeline_yaml_is_fresh(tmp_path):
+    """``topr compile`` with the defaults must reproduce the committed YAML (the SDK version line aside)."""
+    assert main(["compile", "--output", str(tmp_path / "fresh.yaml")]) == 0
+
+    def without_sdk_version(text: str) -> list[str]:
+        return [line for line in text.splitlines() if not line.startswith("sdkVersion:")]
+
+    fresh, committed = (tmp_path / "fresh.yaml").read_text(), COMMITTED.read_text()
+    assert without_sdk_version(fresh) == without_sdk_version(committed), (
+        "pipelines/topr_pipeline.yaml is stale: run `topr compile` and commit it"
+    )
+
+
+def test_gpu_stages_ask_for_gpus_with_their_tolerations_and_node_selector(tmp_path):
+    spec, executors = compiled(tmp_path, 'cluster.gpu_node_selector={"nvidia.com/gpu.product": "H100"}')
+    for name, executor in spec["deploymentSpec"]["executors"].items():
+        stage, resources = stage_of(name), executor["container"]["resources"]
+        platform = executors[name]
+        if stage in GPU_STAGES:
+            assert resources["accelerator"]["resourceType"] == "nvidia.com/gpu", name
+            assert resources["accelerator"]["resourceCount"] == "1", name
+            assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in platform["tolerations"], name
+            assert platform["nodeSelector"]["labels"] == {"nvidia.com/gpu.product": "H100"}, name
+        else:
+            assert "accelerator" not in resources, name
+            assert "tolerations" not in platform and "nodeSelector" not in platform, name
+        assert resources["cpuRequest"] > 0 and resources["cpuLimit"] >= resources["cpuRequest"], name
+        assert resources["memoryRequest"] > 0 and resources["memoryLimit"] >= resources["memoryRequest"], name
+
+
+def test_every_stage_gets_credentials_from_secrets_and_runs_as_non_root(tmp_path):
+    spec, executors = compiled(tmp_path, "cluster.mlflow_secret=mlflow-auth")
+    assert set(executors) == set(spec["deploymentSpec"]["executors"])
+    for name, platform in executors.items():
+        secrets = {entry["secretName"]: {pair["envVar"] for pair in entry["keyToEnv"]} for entry in platform["secretAsEnv"]}
+        assert secrets == {
+            "topr-s3-credentials": {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"},
+            "mlflow-auth": {"MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"},
+        }, name
+        (endpoints,) = platform["configMapAsEnv"]
+        assert endpoints["configMapName"] == "topr-endpoints"
+        assert platform["securityContext"]["runAsNonRoot"] is True
+        assert platform["imagePullPolicy"] == "IfNotPresent"
+    # No credential value is ever written into the spec itself.
+    text = json.dumps(spec)
+    assert "AWS_SECRET_ACCESS_KEY" not in text and "MLFLOW_TRACKING_PASSWORD" not in text
+
+
+def test_secrets_can_be_left_out(tmp_path):
+    _, executors = compiled(tmp_path, "cluster.s3_secret=null", "cluster.endpoints_config_map=null")
+    assert all("secretAsEnv" not in platform and "configMapAsEnv" not in platform for platform in executors.values())
+
+
+def test_retries_timeouts_and_caching(tmp_path):
+    spec, executors = compiled(tmp_path, "cluster.stages={train: {timeout_minutes: 90}}")
+    for stage, tasks in tasks_by_stage(spec).items():
+        for task in tasks:
+            retries = task.get("retryPolicy", {}).get("maxRetryCount", 0)
+            if stage in RETRIED_STAGES:
+                assert retries >= 1 and task["retryPolicy"]["backoffDuration"] == "60s", stage
+            if stage == "train":
+                assert retries == 0  # a retried training run would repeat hours of GPU work
+            assert task["cachingOptions"] == {}, stage  # caching off: stages log to MLflow
+    deadlines = {stage_of(name): int(platform["activeDeadlineSeconds"]) for name, platform in executors.items()}
+    assert deadlines["train"] == 90 * 60
+    assert deadlines["sample"] == 360 * 60
+    assert all(seconds > 0 for seconds in deadlines.values())
+
+
+def test_image_comes_from_config_or_environment(tmp_path, monkeypatch):
+    spec, _ = compiled(tmp_path, "cluster.image=registry.example.com/topr:abc123")
+    images = {executor["container"]["image"] for executor in spec["deploymentSpec"]["executors"].values()}
+    assert images == {"registry.example.com/topr:abc123"}
+    monkeypatch.setenv("TOPR_IMAGE", "registry.example.com/topr:from-env")
+    spec, _ = compiled(tmp_path)
+    images = {executor["container"]["image"] for executor in spec["deploymentSpec"]["executors"].values()}
+    assert images == {"registry.example.com/topr:from-env"}
+
+
+def test_two_shards_fan_sampling_out_and_collect_it(tmp_path):
+    spec, _ = compiled(tmp_path, "sample.shards=2", "run.iterations=1")
+    tasks = spec["components"]["comp-iteration-1"]["dag"]["tasks"]
+    (loop,) = [task for name, task in tasks.items() if name.startswith("for-loop")]
+    assert json.loads(loop["parameterIterator"]["items"]["raw"]) == [0, 1]
+    (sample,) = spec["components"][loop["componentRef"]["name"]]["dag"]["tasks"].values()
+    assert sample["inputs"]["parameters"]["shards"]["runtimeValue"]["constant"] == 2
+    collected = tasks["collect-samples"]["inputs"]["artifacts"]["shards"]
+    assert collected["taskOutputArtifact"]["producerTask"] == next(name for name in tasks if name.startswith("for-loop"))
+    # Verification and training read the collected samples, not one shard.
+    assert tasks["verify"]["inputs"]["artifacts"]["samples"]["taskOutputArtifact"]["producerTask"] == "collect-samples"
+    assert tasks["train"]["inputs"]["artifacts"]["samples"]["taskOutputArtifact"]["producerTask"] == "collect-samples"
+
+
+def test_bad_cluster_settings_name_the_field(capsys, tmp_path):
+    assert main(["compile", "--output", str(tmp_path / "x.yaml"), "cluster.stages={trian: {gpus: 2}}"]) == 2
+    assert "cluster.stages: Value error, unknown stage(s) trian" in capsys.readouterr().err
+    assert main(["compile", "--output", str(tmp_path / "x.yaml"), "cluster.stages={train: {memory: lots}}"]) == 2
+    assert "cluster.stages.train.memory" in capsys.readouterr().err
+    assert not (tmp_path / "x.yaml").exists()
+
+
+def test_submit_sends_the_compiled_pipeline_and_prints_the_run_url(kfp_api, capsys):
+    host, requests = kfp_api
+    command = ["submit", "--host", host, "--tracking-uri", "http://mlflow.topr:5000", "--run-name", "nightly-1",
+               "--pipeline-root", "s3://topr/kfp", "--service-account", "topr-pipeline", "--token", "secret-token",
+               "run.iterations=1", "sample.shards=2"]  # fmt: skip
+    assert main(command) == 0
+    out = capsys.readouterr().out
+    assert "submitted run run-1 (nightly-1, 1 iterations)" in out
+    assert f"{host}/#/runs/details/run-1" in out
+    (sent,) = [body for method, path, body in requests if method == "POST" and path.startswith("/apis/v2beta1/runs")]
+    assert sent["display_name"] == "nightly-1" and sent["experiment_id"] == "exp-1"
+    assert sent["service_account"] == "topr-pipeline"
+    runtime = sent["runtime_config"]
+    assert runtime["pipeline_root"] == "s3://topr/kfp"
+    assert runtime["parameters"]["tracking_uri"] == "http://mlflow.topr:5000"
+    assert json.loads(runtime["parameters"]["config_json"])["sample"]["shards"] == 2
+    # With platform settings, the client sends the pipeline and its Kubernetes settings together.
+    package = sent["pipeline_spec"]
+    assert "comp-iteration-1" in package["pipeline_spec"]["components"]
+    assert "exec-train" in package["platform_spec"]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+
+
+def test_submit_sends_the_token(kfp_api):
+    from conftest import RecordingApi
+
+    host, requests = kfp_api
+    assert main(["submit", "--host", host, "--tracking-uri", "http://m:5000", "--token", "secret-token"]) == 0
+    assert len(RecordingApi.authorizations) == len(requests) > 0
+    assert set(RecordingApi.authorizations) == {"Bearer secret-token"}
