@@ -135,3 +135,9 @@ def s3_endpoint():
     host, port = server.get_host_and_port()
     yield f"http://{host}:{port}"
     server.stop()
+
+
+@pytest.fixture
+def kfp_authorizations(kfp_api) -> list[str | None]:
+    """The Authorization header of every request the loopback Kubeflow API received."""
+    return RecordingApi.authorizations

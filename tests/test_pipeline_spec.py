@@ -180,10 +180,8 @@ def test_submit_sends_the_compiled_pipeline_and_prints_the_run_url(kfp_api, caps
     assert "exec-train" in package["platform_spec"]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
 
 
-def test_submit_sends_the_token(kfp_api):
-    from conftest import RecordingApi
-
+def test_submit_sends_the_token(kfp_api, kfp_authorizations):
     host, requests = kfp_api
     assert main(["submit", "--host", host, "--tracking-uri", "http://m:5000", "--token", "secret-token"]) == 0
-    assert len(RecordingApi.authorizations) == len(requests) > 0
-    assert set(RecordingApi.authorizations) == {"Bearer secret-token"}
+    assert len(kfp_authorizations) == len(requests) > 0
+    assert set(kfp_authorizations) == {"Bearer secret-token"}
