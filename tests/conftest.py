@@ -18,6 +18,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest
 import torch
 
+from topr import storage
 from topr.config import EMBEDDED_MODEL
 
 torch.set_num_threads(2)
@@ -141,3 +142,18 @@ def s3_endpoint():
 def kfp_authorizations(kfp_api) -> list[str | None]:
     """The Authorization header of every request the loopback Kubeflow API received."""
     return RecordingApi.authorizations
+
+
+@pytest.fixture
+def s3(s3_endpoint, monkeypatch, request):
+    """A fresh bucket on the moto server; its URI prefix."""
+    for name, value in {
+        "AWS_ENDPOINT_URL": s3_endpoint,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }.items():
+        monkeypatch.setenv(name, value)
+    bucket = f"topr-tests-{request.node.name.replace('_', '-')[:40].lower()}"
+    storage.s3_client().create_bucket(Bucket=bucket)
+    return f"s3://{bucket}"

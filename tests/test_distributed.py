@@ -143,30 +143,17 @@ def two_epochs(tiny_model_dir, tmp_path_factory):
     return records, reference
 
 
-@pytest.fixture
-def bucket(s3_endpoint, monkeypatch):
-    for name, value in {
-        "AWS_ENDPOINT_URL": s3_endpoint,
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-    }.items():
-        monkeypatch.setenv(name, value)
-    storage.s3_client().create_bucket(Bucket="topr-distributed")
-    return "s3://topr-distributed"
-
-
-def test_torchrun_two_processes_end_with_the_weights_of_one(tiny_model_dir, tmp_path, two_epochs, bucket):
+def test_torchrun_two_processes_end_with_the_weights_of_one(tiny_model_dir, tmp_path, two_epochs, s3):
     """What a researcher types: torchrun --nproc-per-node 2 -m topr.cli train ... (DDP), here with
     s3:// paths: every rank downloads its own copies, rank 0 alone publishes the model."""
     records, (reference_dir, reference, reference_history) = two_epochs
     write_records(tmp_path / "data.jsonl", records)
-    data = storage.upload_file(tmp_path / "data.jsonl", f"{bucket}/iter1/train_set.jsonl")
-    storage.publish_directory(tiny_model_dir, f"{bucket}/iter0/model")
-    output, summary_path = f"{bucket}/iter1/model", tmp_path / "summary.json"
+    data = storage.upload_file(tmp_path / "data.jsonl", f"{s3}/iter1/train_set.jsonl")
+    storage.publish_directory(tiny_model_dir, f"{s3}/iter0/model")
+    output, summary_path = f"{s3}/iter1/model", tmp_path / "summary.json"
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={WORKERS}", "-m", "topr.cli",
-        "train", "--model", f"{bucket}/iter0/model", "--data", data, "--output", output, "--summary", str(summary_path),
+        "train", "--model", f"{s3}/iter0/model", "--data", data, "--output", output, "--summary", str(summary_path),
         "sample.temperature=1.0", "train.learning_rate=3e-3", "train.batch_size=2", "train.epochs=2",
         "train.gradient_accumulation=1",
     ]  # fmt: skip

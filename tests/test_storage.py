@@ -7,22 +7,6 @@ import pytest
 from topr import storage
 from topr.stack import free_port
 
-BUCKET = "topr-tests"
-
-
-@pytest.fixture
-def s3(s3_endpoint, monkeypatch, request):
-    """A fresh bucket on the moto server; its URI prefix."""
-    for name, value in {
-        "AWS_ENDPOINT_URL": s3_endpoint,
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-    }.items():
-        monkeypatch.setenv(name, value)
-    bucket = f"{BUCKET}-{request.node.name.replace('_', '-')[:40].lower()}"
-    storage.s3_client().create_bucket(Bucket=bucket)
-    return f"s3://{bucket}"
 
 
 def model_dir(tmp_path):

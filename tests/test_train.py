@@ -14,7 +14,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
+from topr import train as train_module
 from topr.config import load_config
 from topr.logprobs import batch_prompt_completions, completion_logprobs
 from topr.models import PROVENANCE_FILE, load_policy, model_identity, prompt_token_ids
@@ -265,6 +267,53 @@ def test_steps_count_with_a_partial_last_group(policy, tiny_model_dir, tmp_path)
     assert summary["steps"] == 2
     assert [s for s, _ in steps] == [0, 1]
     assert summary["examples"] == 5
+
+
+def test_sorting_by_length_inside_a_global_batch_keeps_the_step(policy, tiny_model_dir, tmp_path, monkeypatch):
+    """Micro-batches of similar lengths pad less; the step (mean over the global batch) is the same."""
+    specs = [(f"Question number {i}?", [1000 + i] * (1 + 5 * (i % 4)), 1.0 if i % 3 else -1.0) for i in range(8)]
+    records = make_records(policy, specs)
+    # One step of 4 micro-batches. Adam moves every weight by about the learning rate, and by
+    # less only where the gradient is near its eps; there float rounding shows, scaled by the rate.
+    cfg = config("train.batch_size=2", "train.gradient_accumulation=4", "train.learning_rate=3e-5")
+    padded = {}
+    original = train_module.by_length
+    for name, order in {"sorted": original, "unsorted": lambda batch, *args: batch}.items():
+        widths = []
+
+        def recording(batch, *args, order=order, widths=widths):
+            ordered = order(batch, *args)
+            widths.append(sum(2 * max(map(train_module.sequence_length, ordered[i : i + 2])) for i in range(0, len(ordered), 2)))
+            return ordered
+
+        monkeypatch.setattr(train_module, "by_length", recording)
+        padded[name] = (widths, train(tmp_path, tiny_model_dir, records, cfg, name=name))
+    monkeypatch.setattr(train_module, "by_length", original)
+    (sorted_widths, (_, sorted_steps, sorted_dir)), (unsorted_widths, (_, unsorted_steps, unsorted_dir)) = padded["sorted"], padded["unsorted"]
+    assert sorted_widths[0] < unsorted_widths[0]  # fewer padded positions
+    assert sorted_steps[0][1]["loss"] == pytest.approx(unsorted_steps[0][1]["loss"], rel=1e-5, abs=1e-7)
+    assert sorted_steps[0][1]["grad_norm"] == pytest.approx(unsorted_steps[0][1]["grad_norm"], rel=1e-5)
+    a, b = load_file(sorted_dir / "model.safetensors"), load_file(unsorted_dir / "model.safetensors")
+    initial = load_file(Path(tiny_model_dir) / "model.safetensors")
+    assert max(float((a[name] - initial[name]).abs().max()) for name in a) > 2e-5  # the step moved the weights
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6)
+
+
+def test_by_length_gives_every_rank_neighbouring_lengths_and_keeps_every_sequence():
+    from topr import distributed
+    from topr.distributed import Ranks
+
+    batch = [{"prompt_token_ids": [0] * length, "completion_token_ids": [1]} for length in (9, 3, 7, 1, 5, 8, 2, 6, 4, 10, 12, 11)]
+    assert [train_module.sequence_length(r) for r in train_module.by_length(batch, 3)] == list(range(2, 14))
+    for world_size, batch_size in ((2, 3), (3, 2), (2, 2)):
+        ordered = train_module.by_length(batch, batch_size, world_size)
+        micro = [distributed.micro_batches(ordered, batch_size, Ranks(rank, world_size)) for rank in range(world_size)]
+        seen = sorted(train_module.sequence_length(r) for parts in micro for part in parts for r in part)
+        assert seen == list(range(2, 14))
+        for k in range(len(micro[0])):  # micro-batch k of every rank: one contiguous run of lengths
+            lengths = sorted(train_module.sequence_length(r) for parts in micro for r in parts[k])
+            assert lengths == list(range(lengths[0], lengths[0] + len(lengths)))
 
 
 # ----------------------------------------------------------------------------- failures

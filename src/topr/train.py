@@ -1,7 +1,8 @@
 """The training stage: epochs of ``policy_loss`` over a curated set, then save the new policy.
 
 Reads top to bottom: load records and model, build the optimizer, loop over global batches
-(micro-batches, gradient accumulation, clipping), report every optimizer step, save.
+(micro-batches of similar lengths, gradient accumulation, clipping), report every optimizer
+step, save.
 The behaviour log-probs come from the records, so no second model is held in memory.
 
 Training runs in one process or, under torchrun, in several (``launch_train`` starts them when
@@ -65,6 +66,32 @@ def global_batches(records: list[Record], size: int, epochs: int, seed: int) -> 
         random.Random(seed * 7919 + epoch).shuffle(epoch_order)
         order += epoch_order
     return [[records[i] for i in order[start : start + size]] for start in range(0, len(order), size)]
+
+
+def sequence_length(record: Record) -> int:
+    return len(record["prompt_token_ids"]) + len(record["completion_token_ids"])
+
+
+def by_length(batch: list[Record], batch_size: int, world_size: int = 1) -> list[Record]:
+    """The global batch reordered so that each micro-batch holds sequences of similar length.
+
+    Micro-batches are right-padded to their longest sequence, so mixing short and long ones
+    wastes compute on padding. The step's gradient is the mean over all sequences of the global
+    batch whatever their order, so sorting inside it changes nothing but the padding (and float
+    rounding). With several processes, a full global batch is laid out so that ``micro_batches``
+    gives micro-batch k of every rank neighbouring lengths: ranks stay balanced.
+    """
+    ordered = sorted(batch, key=sequence_length)
+    per_round = batch_size * world_size
+    if world_size == 1 or len(ordered) % per_round:
+        return ordered
+    rounds = len(ordered) // per_round
+    return [
+        ordered[(k * world_size + rank) * batch_size + i]
+        for rank in range(world_size)
+        for k in range(rounds)
+        for i in range(batch_size)
+    ]
 
 
 def check_train_record(record: Record) -> None:
@@ -157,7 +184,7 @@ def run_train(
         started = time.perf_counter()
         tokens_seen = 0
         for step, batch in enumerate(batches):
-            parts = distributed.micro_batches(batch, train.batch_size, ranks)
+            parts = distributed.micro_batches(by_length(batch, train.batch_size, ranks.world_size), train.batch_size, ranks)
             sums = {"sequences": 0.0, "tokens": 0.0}
             for index, part in enumerate(parts):
                 # A rank left without sequences in a short last batch runs one at weight 0, so that

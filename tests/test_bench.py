@@ -1,0 +1,142 @@
+"""The benchmarks in bench/ run: each script at its smallest sizes (``--quick``) in its own process.
+
+These check code paths, not speed: no figure is asserted beyond being present and finite. All
+scripts start at once (one torch thread each) and each test waits for its own, so the file takes
+about as long as the slowest script.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "bench"
+
+SCRIPTS = {
+    "train_step": ["--quick"],
+    "logprobs_memory": ["--quick"],
+    "sampling": ["--quick"],
+    "growth": ["--quick"],
+    "padding": ["--quick"],
+    "gpu_train_smoke": ["--cpu-smoke-test"],
+}
+
+
+def fake_run_store(path: Path) -> str:
+    """An MLflow store holding one finished `topr run`: a parent run and timed stage runs."""
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{path}"
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("topr")
+    t0 = 1_700_000_000_000
+    parent = client.create_run(experiment, run_name="default", start_time=t0)
+    stages = [("iter0/prepare_model", "prepare_model", 1_000, 20_000), ("iter1/sample", "sample", 22_000, 122_000),
+              ("iter1/train", "train", 125_000, 225_000), ("iter1/evaluate", "evaluate", 228_000, 268_000)]  # fmt: skip
+    for name, stage, start, end in stages:
+        run = client.create_run(experiment, run_name=name, start_time=t0 + start, tags={"mlflow.parentRunId": parent.info.run_id, "topr.stage": stage})
+        if stage == "sample":
+            client.log_metric(run.info.run_id, "seconds", 97.0)
+        if stage == "train":
+            for step, rate in enumerate((90.0, 100.0)):
+                client.log_metric(run.info.run_id, "tokens_per_second", rate, step=step)
+            client.log_metric(run.info.run_id, "tokens", 9_600.0)
+            client.log_metric(run.info.run_id, "seconds", 97.0)
+        client.set_terminated(run.info.run_id, "FINISHED", end_time=t0 + end)
+    client.set_terminated(parent.info.run_id, "FINISHED", end_time=t0 + 270_000)
+    return uri
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Start every script at once; yields ``{name: (process, json path)}``."""
+    scratch = tmp_path_factory.mktemp("bench")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    started = {}
+
+    def start(name, script, arguments):
+        output = scratch / f"{name}.json"
+        command = [sys.executable, str(BENCH / f"{script}.py"), *arguments, "--threads", "1", "--json", str(output)]
+        started[name] = (subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=scratch), output)
+
+    for name, arguments in SCRIPTS.items():
+        start(name, name.removesuffix("_smoke"), arguments)
+    start("run_overhead", "run_overhead", ["--tracking-uri", fake_run_store(scratch / "mlflow.db")])
+    yield started
+    for process, _ in started.values():
+        if process.poll() is None:
+            process.kill()
+
+
+def finished(runs, name: str) -> tuple[str, dict]:
+    process, output = runs[name]
+    stdout, stderr = process.communicate(timeout=300)
+    assert process.returncode == 0, stderr[-3000:]
+    assert "| " in stdout and "machine:" in stdout
+    return stdout, json.loads(output.read_text())
+
+
+def test_train_step(runs):
+    stdout, results = finished(runs, "train_step")
+    assert [row["step"] for row in results["rows"]] == ["supervised", "topr"]
+    assert all(math.isfinite(row["median_s"]) and row["median_s"] > 0 for row in results["rows"])
+    assert set(results["memory"]) == {"supervised", "topr"}
+    assert "time / supervised" in stdout
+
+
+def test_logprobs_memory(runs):
+    _, results = finished(runs, "logprobs_memory")
+    assert {row["scope"] for row in results["rows"]} == {"head", "model"}
+    for row in results["rows"]:
+        assert row["max_abs_diff_logprobs"] < 1e-4 and row["max_abs_diff_grad_hidden"] < 1e-4  # same values
+
+
+def test_sampling(runs):
+    _, results = finished(runs, "sampling")
+    for row in results["rows"]:
+        assert row["tokens"] > 0 and row["tokens_per_s"] > 0
+        assert row["forwards"] == row["forwards_without"]  # the log-probs cost no extra forward pass
+
+
+def test_growth(runs):
+    _, results = finished(runs, "growth")
+    assert {row["task"] for row in results["rows"]} == {"sampling", "training"}
+    assert all(row["seconds"] > 0 for row in results["rows"])
+
+
+def test_padding(runs):
+    _, results = finished(runs, "padding")
+    for row in results["rows"]:
+        assert 0 <= row["after"] <= row["before"] + 1e-12  # sorting inside a global batch never adds padding
+
+
+def test_run_overhead(runs):
+    stdout, results = finished(runs, "run_overhead")
+    assert results["wall_seconds"] == pytest.approx(270.0)
+    # compute: sample 97 + train loop 9600/100 = 96 + evaluate's whole run 40
+    assert results["compute_seconds"] == pytest.approx(97 + 96 + 40)
+    assert results["overhead_share_lower_bound"] == pytest.approx(1 - 233 / 270)
+    assert "whole run" in stdout
+
+
+def test_gpu_benchmark_code_paths_on_cpu(runs):
+    _, results = finished(runs, "gpu_train_smoke")
+    assert results["throughput"]["tokens_per_second"] > 0
+    assert [row["variant"] for row in results["logprob_memory"]] == ["naive", "chunked"]
+
+
+def test_gpu_benchmark_without_a_gpu_says_so():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    result = subprocess.run([sys.executable, str(BENCH / "gpu_train.py")], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "needs a CUDA GPU" in result.stderr
