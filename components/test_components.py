@@ -31,6 +31,15 @@ INTERFACES = {
     ),
     "gate": ({**STAGE, "model": MODEL, "eval_prompts": DATASET}, {"Output": "String"}),
     "promote": ({**TRACKED, "model": MODEL}, {}),
+    "verifier_data": (
+        {**TRACKED, "model": MODEL, "train_prompts": DATASET, "eval_prompts": DATASET},
+        {"verifier_data": DATASET, "metrics": METRICS},
+    ),
+    "train_verifier": ({**TRACKED, "base_model": MODEL, "verifier_data": DATASET}, {"verifier": MODEL, "metrics": METRICS}),
+    "evaluate_verifier": (
+        {**TRACKED, "base_model": MODEL, "verifier": MODEL, "verifier_data": DATASET},
+        {"report": ARTIFACT, "metrics": METRICS},
+    ),
 }
 
 

@@ -6,6 +6,7 @@
                      iteration 2: the same, from model_1                       ─▶ model_2
                      …
                      gate(model_N vs the registered champion) ─▶ if "promote": promote
+                     verifier (verifier.enabled): verifier_data(model_N) ▶ train_verifier(model_0) ▶ evaluate_verifier
     finish_run (exit handler: closes the MLflow run as FINISHED or FAILED)
 
 KFP v2 has no loops over a run-time count, so ``build_pipeline(config)`` unrolls the
@@ -22,6 +23,7 @@ from kfp.dsl import Dataset, Input, Model
 from components.collect_samples.component import collect_samples
 from components.curate.component import curate
 from components.evaluate.component import evaluate
+from components.evaluate_verifier.component import evaluate_verifier
 from components.finish_run.component import finish_run
 from components.gate.component import gate
 from components.prepare_model.component import prepare_model
@@ -30,6 +32,8 @@ from components.prompts.component import prompts
 from components.sample.component import sample
 from components.start_run.component import start_run
 from components.train.component import train
+from components.train_verifier.component import train_verifier
+from components.verifier_data.component import verifier_data
 from components.verify.component import verify
 from pipelines.cluster_settings import on_cluster
 from topr.config import Config
@@ -71,6 +75,18 @@ def iteration_pipeline(iteration: int, config: Config):
     return one_round
 
 
+def verifier_branch(tracking: dict, base_model, final_model, train_prompts, eval_prompts, config: Config) -> None:
+    """The generative verifier (``topr.verifier``): the final policy's solutions are labelled, the
+    starting model learns to judge them, and its judgments weight a vote over held-out solutions."""
+    cluster = config.cluster
+    data = verifier_data(**tracking, model=final_model, train_prompts=train_prompts, eval_prompts=eval_prompts)
+    pairs = on_cluster(data.set_display_name("verifier data"), "verifier_data", cluster).outputs["verifier_data"]
+    trained = train_verifier(**tracking, base_model=base_model, verifier_data=pairs)
+    on_cluster(trained.set_display_name("train verifier"), "train_verifier", cluster)
+    evaluated = evaluate_verifier(**tracking, base_model=base_model, verifier=trained.outputs["verifier"], verifier_data=pairs)
+    on_cluster(evaluated.set_display_name("evaluate verifier"), "evaluate_verifier", cluster)
+
+
 def build_pipeline(config: Config, pipeline_root: str | None = None):
     """The pipeline for ``config``'s iterations, shards and cluster settings; its parameters are strings.
 
@@ -103,6 +119,8 @@ def build_pipeline(config: Config, pipeline_root: str | None = None):
             on_cluster(decision.set_display_name("promotion gate"), "gate", cluster)
             with dsl.If(decision.output == "promote", name="gain above margin"):
                 on_cluster(promote(**tracking, model=model).set_display_name("promote to champion"), "promote", cluster)
+            if config.verifier.enabled:
+                verifier_branch(tracking, base.outputs["model"], model, prompt_sets.outputs["train_prompts"], eval_prompts, config)
         return parent_run_id
 
     return topr

@@ -258,3 +258,24 @@ def test_lineage_of_an_unknown_model_exits_2_naming_it(tmp_path, capsys):
     assert "no registered model version 'no-such-model/1'" in capsys.readouterr().err
     assert main(["lineage", "--tracking-uri", tracking_uri, "just-a-name"]) == 2
     assert "use name@alias, name/version or a model URI" in capsys.readouterr().err
+
+
+def test_experiment_list_names_every_experiment_and_what_it_compares(capsys):
+    assert main(["experiment", "--list"]) == 0
+    out = capsys.readouterr().out
+    for name in ("objectives", "baseline", "curation", "positives", "ratio_level", "verifier"):
+        assert f"\n{name}\n" in f"\n{out}"
+    assert "arms: topr, rft, reinforce, tis, ppo" in out
+    assert main(["experiment"]) == 2
+    assert "name one of these experiments" in capsys.readouterr().err
+
+
+def test_experiment_rejects_unknown_arms_and_takes_overrides_after_options(tmp_path, capsys):
+    assert main(["experiment", "objectives", "--arms", "topr,dpo", f"run.output_dir={tmp_path}"]) == 2
+    assert "no arm(s) dpo in experiment objectives" in capsys.readouterr().err
+    # The override comes after --arms and still reaches the configuration (and is checked there).
+    assert main(["experiment", "objectives", "--arms", "topr", "train.objectiv=topr"]) == 2
+    assert "unknown field train.objectiv" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["experiment", "objectives", "--arms", "topr", "--no-such-flag"])
+    assert not any(tmp_path.iterdir())

@@ -185,3 +185,39 @@ def test_submit_sends_the_token(kfp_api, kfp_authorizations):
     assert main(["submit", "--host", host, "--tracking-uri", "http://m:5000", "--token", "secret-token"]) == 0
     assert len(kfp_authorizations) == len(requests) > 0
     assert set(kfp_authorizations) == {"Bearer secret-token"}
+
+
+VERIFIER_STAGES = {"verifier_data", "train_verifier", "evaluate_verifier"}
+
+
+def test_verifier_branch_follows_the_last_iteration(tmp_path):
+    spec, executors = compiled(tmp_path, "verifier.enabled=true", "run.iterations=2")
+    tasks = spec["components"]["comp-exit-handler-1"]["dag"]["tasks"]
+
+    def producers(name: str) -> dict[str, tuple[str, str]]:
+        artifacts = tasks[name]["inputs"]["artifacts"]
+        return {key: (value["taskOutputArtifact"]["producerTask"], value["taskOutputArtifact"]["outputArtifactKey"]) for key, value in artifacts.items()}
+
+    assert producers("verifier-data") == {
+        "model": ("iteration-2", "Output"),
+        "train_prompts": ("prompts", "train_prompts"),
+        "eval_prompts": ("prompts", "eval_prompts"),
+    }
+    assert producers("train-verifier") == {"base_model": ("prepare-model", "model"), "verifier_data": ("verifier-data", "verifier_data")}
+    assert producers("evaluate-verifier") == {
+        "base_model": ("prepare-model", "model"),
+        "verifier": ("train-verifier", "verifier"),
+        "verifier_data": ("verifier-data", "verifier_data"),
+    }
+    assert {tasks[name]["taskInfo"]["name"] for name in ("verifier-data", "train-verifier", "evaluate-verifier")} == {
+        "verifier data", "train verifier", "evaluate verifier",
+    }  # fmt: skip
+    for name, executor in spec["deploymentSpec"]["executors"].items():
+        if stage_of(name) in VERIFIER_STAGES:
+            assert executor["container"]["resources"]["accelerator"]["resourceCount"] == "1", name
+            assert int(executors[name]["activeDeadlineSeconds"]) > 0, name
+
+
+def test_default_pipeline_has_no_verifier_branch(tmp_path):
+    spec, _ = compiled(tmp_path)
+    assert not VERIFIER_STAGES & set(tasks_by_stage(spec))

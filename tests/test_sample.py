@@ -338,3 +338,44 @@ def test_vllm_top_k_zero_means_no_truncation(monkeypatch, tiny_model_dir):
     engine = VLLMEngine(tiny_model_dir)
     engine.generate([[1, 2, 3]], SamplingParams(n=1, temperature=1.0, top_k=0, max_new_tokens=2))
     assert fake.sampling["top_k"] == -1  # vLLM's "off"; 0 is rejected by older vLLM releases
+
+
+def test_iteration_one_reads_recorded_samples_in_prompt_order_instead_of_sampling(tmp_path):
+    prompts_path, recorded = tmp_path / "prompts.jsonl", tmp_path / "recorded.jsonl"
+    write_records(prompts_path, [{"prompt_id": f"p{i}", "prompt": f"What is {i} + 1?", "reference": str(i + 1)} for i in range(3)])
+    # Recorded for p2 and p0 (and p1 of a later iteration), out of order, by an older model.
+    rows = [(prompt_id, index) for prompt_id in ("p2", "p0", "p1") for index in (1, 0)]
+    write_records(recorded, [{**sample_record(prompt_id, index), "behavior_model": "sha256:older"} for prompt_id, index in rows])
+    config = load_config(None, ["task.train_size=2", "sample.samples_per_prompt=2", f"sample.first_iteration_samples={recorded}"])
+
+    # No model is needed: the path does not exist, and nothing is loaded.
+    summary = run_sample(config, str(tmp_path / "no-model"), prompts_path, tmp_path / "samples.jsonl", iteration=1)
+
+    records = read_records(tmp_path / "samples.jsonl", required=SAMPLE_FIELDS)
+    assert [(r["prompt_id"], r["sample_index"]) for r in records] == [("p0", 0), ("p0", 1), ("p1", 0), ("p1", 1)]
+    assert {r["behavior_model"] for r in records} == {"sha256:older"}
+    assert summary["samples"] == 4 and summary["prompts"] == 2
+
+
+def test_recorded_samples_with_another_budget_name_the_file_and_prompts(tmp_path):
+    prompts_path, recorded = tmp_path / "prompts.jsonl", tmp_path / "recorded.jsonl"
+    write_records(prompts_path, [{"prompt_id": f"p{i}", "prompt": "q", "reference": "1"} for i in range(2)])
+    write_records(recorded, [sample_record("p0", 0), sample_record("p0", 1), sample_record("p1", 0)])
+    config = load_config(None, ["task.train_size=2", "sample.samples_per_prompt=2", f"sample.first_iteration_samples={recorded}"])
+
+    with pytest.raises(ValueError, match=r"recorded.jsonl.*needs 2 samples.*1 prompt\(s\).*p1: 1"):
+        run_sample(config, "unused", prompts_path, tmp_path / "samples.jsonl", iteration=1)
+    assert not (tmp_path / "samples.jsonl").exists()
+
+
+def sample_record(prompt_id: str, sample_index: int) -> dict:
+    return {
+        "prompt_id": prompt_id,
+        "prompt": "q",
+        "reference": "1",
+        "prompt_token_ids": [1, 2],
+        "completion": "Answer: 1",
+        "completion_token_ids": [3, 4],
+        "behavior_logprobs": [-0.1, -0.2],
+        "sample_index": sample_index,
+    }

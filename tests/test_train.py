@@ -381,3 +381,21 @@ def test_failure_during_training_leaves_the_existing_output(tiny_model_dir, tmp_
     with pytest.raises(IndexError):
         run_train(config(), tiny_model_dir, data, output)
     assert_untouched(tmp_path, output, data)
+
+
+def test_negatives_summary_weighs_each_step_by_its_count_and_ends_on_the_last_quarter():
+    step = lambda weight, negatives, logp_neg, positives, logp_pos: {  # noqa: E731
+        "mean_weight_negative": weight,
+        "negative_count": negatives,
+        "logprob_negative_mean": logp_neg,
+        "positive_count": positives,
+        "logprob_positive_mean": logp_pos,
+    }
+    history = [step(1.0, 3, -1.0, 1, -0.5), step(0.5, 1, -2.0, 3, -0.4), step(0.0, 0, 0.0, 4, -0.3), step(0.2, 2, -4.0, 2, -0.2)]
+
+    summary = train_module.negatives_summary(history)
+
+    assert summary["mean_weight_negative"] == pytest.approx((3 * 1.0 + 1 * 0.5 + 2 * 0.2) / 6)
+    assert summary["final_logprob_negative"] == pytest.approx(-4.0)  # the last quarter: the last step
+    assert summary["final_logprob_positive"] == pytest.approx(-0.2)
+    assert train_module.negatives_summary([step(0.0, 0, 0.0, 2, -0.1)])["final_logprob_negative"] == 0.0

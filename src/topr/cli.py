@@ -1,6 +1,7 @@
 """The ``topr`` command: the whole loop (``run``), its pipeline (``compile``), and each stage on files.
 
     topr run [--config FILE] [section.field=value ...]   the pipeline, locally, through kfp.local
+    topr experiment NAME|SPEC [section.field=value ...]  several arms of it on the same data, compared
     topr compile --output FILE                           the pipeline as Kubeflow YAML
     topr submit --host URL --tracking-uri URI            one run of it on Kubeflow Pipelines
     topr schedule create|list|delete --host URL          recurring runs of it
@@ -20,11 +21,12 @@ import time
 from contextlib import ExitStack
 from pathlib import Path
 
-from topr.config import ConfigError, config_to_yaml, describe_fields, load_config
+from topr.config import ConfigError, config_to_yaml, describe_fields, load_config, read_config_file
+from topr.experiment import named_specs as named_experiments
 
 log = logging.getLogger("topr")
 
-CONFIG_HELP = "YAML configuration file (sections model, task, sample, curate, train, evaluate, gate, run, cluster)."
+CONFIG_HELP = "YAML configuration file (sections model, task, sample, curate, train, evaluate, gate, verifier, run, cluster)."
 OVERRIDES_HELP = "Overrides of the form section.field=value, e.g. train.learning_rate=1e-5."
 
 
@@ -60,6 +62,23 @@ def _build_parser() -> argparse.ArgumentParser:
         "name@alias or name/version (sets model.path=models:/...).",
     )
     _add_config_arguments(run)
+
+    experiment = commands.add_parser(
+        "experiment",
+        help="Compare objectives, curation, baselines, ratio levels or the verifier: several runs on the same data.",
+        description="Run every arm of an experiment as a local pipeline run (the starting model, the prompts "
+        "and iteration 1's samples shared), then write report.md with accuracy tables (95% CIs), signs of "
+        "degeneration and plots into <run.output_dir>/<experiment name>/, also logged to MLflow (experiment "
+        "'experiment-<name>'). An arm's config: --config, then the spec's overrides, the arm's, and the "
+        "command line's.\n\nNamed experiments:\n\n" + "\n".join(f"  {n}" for n in sorted(named_experiments())),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    experiment.add_argument("spec", nargs="?", help="A named experiment (see --list) or a YAML spec file.")
+    experiment.add_argument("--list", action="store_true", help="List the named experiments and what each compares.")
+    experiment.add_argument("--arms", help="Run only these arms (comma-separated names).")
+    experiment.add_argument("--resume", action="store_true", help="Finish an interrupted experiment: keep its finished arms.")
+    experiment.add_argument("--tracking-uri", help="MLflow tracking URI (sets run.tracking_uri).")
+    _add_config_arguments(experiment)
 
     up = commands.add_parser(
         "up",
@@ -238,6 +257,40 @@ def cmd_run(args) -> int:
     return 0
 
 
+def cmd_experiment(args) -> int:
+    from topr.experiment import arm_configs, load_spec, named_specs, run_experiment
+    from topr.steps import check_services
+    from topr.tracking import default_tracking_uri
+
+    if args.list or not args.spec:
+        for name, path in sorted(named_specs().items()):
+            _, spec = load_spec(str(path))
+            print(f"{name}\n    {' '.join(spec.description.split())}\n    arms: {', '.join(spec.arms)}\n")
+        if not args.list:
+            print("topr experiment: name one of these experiments or a spec file", file=sys.stderr)
+        return 0 if args.list else 2
+    name, spec = load_spec(args.spec)
+    if args.arms:
+        wanted = args.arms.split(",")
+        unknown = sorted(set(wanted) - set(spec.arms))
+        if unknown:
+            raise ConfigError(f"no arm(s) {', '.join(unknown)} in experiment {name} (arms: {', '.join(spec.arms)})")
+        spec = spec.model_copy(update={"arms": {arm: spec.arms[arm] for arm in wanted}})
+    base = read_config_file(args.config) if args.config else {}
+    overrides = list(args.overrides) + ([f"run.tracking_uri={args.tracking_uri}"] if args.tracking_uri else [])
+    experiment, arms = arm_configs(spec, base, overrides)
+    name = experiment.run.name or name
+    tracking_uri = experiment.run.tracking_uri or default_tracking_uri(experiment.run.output_dir)
+    check_services(tracking_uri, experiment.run.artifact_store)
+
+    from pipelines.runner import run_local
+
+    report = run_experiment(name, spec, experiment, arms, run_local, Path(experiment.run.output_dir) / name, tracking_uri, args.resume)
+    print(report.read_text())
+    print(f"report: {report}")
+    return 0
+
+
 def cmd_compile(args) -> int:
     from pipelines.runner import compile_pipeline
 
@@ -402,6 +455,7 @@ def cmd_evaluate(args) -> int:
 
 COMMANDS = {
     "run": cmd_run,
+    "experiment": cmd_experiment,
     "compile": cmd_compile,
     "sample": cmd_sample,
     "verify": cmd_verify,
@@ -417,7 +471,14 @@ COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _build_parser().parse_args(argv)
+    parser = _build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # argparse takes positionals in one run, so overrides after an option (`topr experiment
+    # objectives --arms topr train.epochs=2`) arrive here; any other leftover is an error.
+    if extra and hasattr(args, "overrides") and all("=" in item and not item.startswith("-") for item in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

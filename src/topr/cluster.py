@@ -35,6 +35,9 @@ STAGES = (
     "evaluate",
     "gate",
     "promote",
+    "verifier_data",
+    "train_verifier",
+    "evaluate_verifier",
 )
 
 QUANTITY = re.compile(r"^([0-9]*\.)?[0-9]+(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$")
@@ -80,6 +83,9 @@ DEFAULT_STAGES: dict[str, dict[str, Any]] = {
     "evaluate": _stage(cpu="8", memory="64Gi", gpus=1, retries=2, timeout_minutes=180),
     "gate": _stage(cpu="8", memory="64Gi", gpus=1, retries=2, timeout_minutes=180),
     "promote": _stage(cpu="500m", memory="1Gi", retries=2, timeout_minutes=10),
+    "verifier_data": _stage(cpu="8", memory="64Gi", gpus=1, retries=2, timeout_minutes=360),
+    "train_verifier": _stage(cpu="8", memory="64Gi", gpus=1, retries=0, timeout_minutes=1440),
+    "evaluate_verifier": _stage(cpu="8", memory="64Gi", gpus=1, retries=2, timeout_minutes=180),
 }
 
 

@@ -38,8 +38,10 @@ class ModelConfig(Section):
 
 
 class TaskConfig(Section):
-    name: Literal["arithmetic", "gsm8k", "math", "jsonl"] = Field(
-        "arithmetic", description="Which task supplies prompts, references and the checker."
+    name: Literal["arithmetic", "gsm8k", "math", "jsonl", "verifier"] = Field(
+        "arithmetic",
+        description="Which task supplies prompts, references and the checker ('verifier': "
+        "the judgments of `topr.verifier`, set up by the verifier branch itself).",
     )
     level: str = Field(
         "easy",
@@ -72,6 +74,12 @@ class SampleConfig(Section):
     max_new_tokens: int = Field(64, ge=1, description="Longest completion, in tokens.")
     batch_size: int = Field(32, ge=1, description="Sequences generated together.")
     seed: int = Field(0, description="Sampling seed (each iteration adds its index).")
+    first_iteration_samples: str | None = Field(
+        None,
+        description="Samples file (local or s3://) that iteration 1 trains on instead of sampling: "
+        "offline data from an earlier model, or the data that `topr experiment` shares between arms. "
+        "It must hold samples_per_prompt completions for each of iteration 1's prompts.",
+    )
     tensor_parallel_size: int = Field(1, ge=1, description="vllm only: GPUs per engine.")
     shards: int = Field(
         1,
@@ -171,6 +179,30 @@ class EvaluateConfig(Section):
     seed: int = Field(1234, description="Seed of the k samples (fixed, so runs compare).")
 
 
+class VerifierConfig(Section):
+    """The generative verifier branch (``topr.verifier``): after the last iteration, a copy of the
+    starting model learns to judge the final policy's solutions, then weights a majority vote."""
+
+    enabled: bool = Field(False, description="Run the verifier branch after the last iteration.")
+    train_questions: int = Field(
+        32, ge=1, description="Training prompts whose solutions (from the final policy) the verifier learns to judge."
+    )
+    solutions_per_question: int = Field(
+        8, ge=1, description="Solutions sampled per question (training data, and k of the held-out weighted vote)."
+    )
+    balance: bool = Field(
+        True, description="Keep as many incorrect as correct solutions in the verifier's training data."
+    )
+    judgments_per_solution: int = Field(4, ge=1, description="Verifier judgments sampled per solution for training.")
+    max_new_tokens: int = Field(8, ge=1, description="Longest judgment, in tokens (the verifier answers Yes or No).")
+    objective: Literal["topr", "reinforce", "tis", "is", "rft", "ppo"] = Field(
+        "topr", description="The verifier's objective; the other training settings come from `train`."
+    )
+    learning_rate: float = Field(3e-5, gt=0, description="The verifier's learning rate.")
+    epochs: int = Field(1, ge=1, description="Passes over the verifier's curated judgments.")
+    seed: int = Field(0, description="Seed for choosing and balancing the verifier's data.")
+
+
 class GateConfig(Section):
     margin: float = Field(
         0.0,
@@ -213,12 +245,13 @@ class Config(Section):
     train: TrainConfig = TrainConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     gate: GateConfig = GateConfig()
+    verifier: VerifierConfig = VerifierConfig()
     run: RunConfig = RunConfig()
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
 
     @model_validator(mode="after")
     def _task_files(self) -> Config:
-        if self.task.name != "arithmetic" and not (self.task.train_path and self.task.eval_path):
+        if self.task.name not in ("arithmetic", "verifier") and not (self.task.train_path and self.task.eval_path):
             raise ValueError(f"task.name={self.task.name} needs task.train_path and task.eval_path")
         return self
 
@@ -242,21 +275,24 @@ def build_config(data: dict[str, Any], source: str = "configuration") -> Config:
         raise ConfigError(_format_validation_error(error, source)) from None
 
 
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """The sections of a YAML config file, not yet validated."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML ({error})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    return data
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
     """Read a YAML config (or the defaults), apply ``section.field=value`` overrides, validate."""
-    data: dict[str, Any] = {}
-    source = "defaults"
-    if path is not None:
-        path = Path(path)
-        if not path.exists():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as error:
-            raise ConfigError(f"{path}: not valid YAML ({error})") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: expected a mapping of sections at the top level")
-        source = str(path)
+    data = read_config_file(path) if path is not None else {}
+    source = str(path) if path is not None else "defaults"
     apply_overrides(data, overrides)
     return build_config(data, source if not overrides else f"{source} + command-line overrides")
 

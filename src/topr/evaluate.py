@@ -1,5 +1,9 @@
 """The evaluation stage: held-out pass@1 (greedy), and pass@k and maj@k over k samples.
 
+Besides accuracy, it reports the signs of a degenerating policy on the greedy completions:
+``parse_failure_rate`` (no answer could be extracted), ``empty_rate`` (nothing but whitespace)
+and ``mean_completion_tokens``.
+
 The model is loaded once; the greedy completions and the k samples come from the same engine
 as training data does, and are scored by the task's own checker. Every evaluation of a run uses
 the same held-out prompts and the same sampling seed, so iterations compare.
@@ -66,6 +70,7 @@ def run_evaluate(config: Config, model_dir: str, prompts_path: str | Path, repor
 
     metrics = summarize_evaluation(prompt_results(greedy, sampled), seed=evaluation.seed)
     metrics["mean_completion_tokens"] = sum(len(r["completion_token_ids"]) for r in greedy) / len(greedy)
+    metrics["empty_rate"] = sum(not r["completion"].strip() for r in greedy) / len(greedy)
     write_records(completions_path, [{**r, "decoding": "greedy"} for r in greedy] + [{**r, "decoding": "sampled"} for r in sampled])
     write_json(report_path, {"model": identity, "prompts": str(prompts_path), "metrics": metrics})
     log.info("held-out pass@1 %.3f [%.3f, %.3f] on %d prompts", metrics["pass_at_1"], metrics["pass_at_1_ci_low"], metrics["pass_at_1_ci_high"], len(problems))

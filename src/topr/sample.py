@@ -259,6 +259,46 @@ def shard_prompts(problems: list[Record], shard: int, shards: int) -> list[Recor
     return problems[start : start + size + (shard < extra)]
 
 
+def recorded_samples(location: str, problems: list[Record], samples_per_prompt: int) -> list[Record]:
+    """The samples of ``problems`` from a file recorded earlier, in prompt and sample order.
+
+    Used instead of sampling for iteration 1 (``sample.first_iteration_samples``): the data then
+    comes from whichever model recorded it, as its ``behavior_model`` field says, and every
+    prompt must have exactly ``samples_per_prompt`` samples, so the sample budget is the same as
+    sampling would have spent.
+    """
+    from topr.storage import local_file
+
+    wanted = {problem["prompt_id"] for problem in problems}
+    by_prompt: dict[str, list[Record]] = {prompt_id: [] for prompt_id in wanted}
+    with local_file(location) as path:
+        for record in read_records(path, required=SAMPLE_FIELDS):
+            if record["prompt_id"] in wanted:
+                by_prompt[record["prompt_id"]].append(record)
+    wrong = {prompt_id: len(found) for prompt_id, found in by_prompt.items() if len(found) != samples_per_prompt}
+    if wrong:
+        shown = ", ".join(f"{prompt_id}: {count}" for prompt_id, count in sorted(wrong.items())[:5])
+        raise ValueError(
+            f"{location}: sample.first_iteration_samples needs {samples_per_prompt} samples for each of "
+            f"iteration 1's {len(wanted)} prompts; {len(wrong)} prompt(s) have another count ({shown})"
+        )
+    log.info("iteration 1 trains on %d recorded samples from %s", len(wanted) * samples_per_prompt, location)
+    return [
+        record
+        for problem in problems
+        for record in sorted(by_prompt[problem["prompt_id"]], key=lambda record: record["sample_index"])
+    ]
+
+
+def _counts(problems: list[Record], records: list[Record]) -> dict:
+    return {
+        "prompts": len(problems),
+        "samples": len(records),
+        "completion_tokens": sum(len(record["completion_token_ids"]) for record in records),
+        "truncated": sum(record.get("finish_reason") == "length" for record in records),
+    }
+
+
 def run_sample(
     config: Config,
     model_dir: str,
@@ -271,23 +311,21 @@ def run_sample(
     """Sample completions for shard ``shard`` of this iteration's training prompts; write the records.
 
     Each shard has its own seed (shard 0 keeps the unsharded one), so shards draw independent samples.
+    Iteration 1 reads ``sample.first_iteration_samples`` instead, when it is set.
     """
     problems = read_records(prompts_path, required=PROMPT_FIELDS)
     problems = shard_prompts(select_iteration_prompts(problems, iteration, config.task.train_size), shard, shards)
+    if iteration == 1 and config.sample.first_iteration_samples:
+        records = recorded_samples(config.sample.first_iteration_samples, problems, config.sample.samples_per_prompt)
+        write_records(output_path, records)
+        return {**_counts(problems, records), "recorded": 1}
     engine, tokenizer = make_engine(config, model_dir, config.sample.batch_size)
     params = SamplingParams.from_config(config.sample, seed_offset=iteration + SHARD_SEED_STRIDE * shard)
     started = time.perf_counter()
     records = sample_records(engine, tokenizer, problems, params, config.model.system_prompt, model_identity(model_dir))
     seconds = time.perf_counter() - started
     write_records(output_path, records)
-    tokens = sum(len(record["completion_token_ids"]) for record in records)
-    summary = {
-        "prompts": len(problems),
-        "samples": len(records),
-        "completion_tokens": tokens,
-        "truncated": sum(record["finish_reason"] == "length" for record in records),
-        "seconds": seconds,
-        "tokens_per_second": tokens / seconds if seconds else 0.0,
-    }
+    summary = {**_counts(problems, records), "recorded": 0, "seconds": seconds}
+    summary["tokens_per_second"] = summary["completion_tokens"] / seconds if seconds else 0.0
     log.info("sampled %(samples)d completions for %(prompts)d prompts (%(tokens_per_second).0f tokens/s)", summary)
     return summary

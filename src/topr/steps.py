@@ -213,6 +213,7 @@ def train(
         uri = publish(config, parent_run_id, iteration, output_dir, "model")
         run.log_artifacts(output_dir, "model")
         run.log_metrics({k: v for k, v in summary.items() if k != "weights_sha256"})
+        run.log_metrics({k: summary[k] for k in ("mean_weight_negative", "final_logprob_negative", "final_logprob_positive")}, on_parent=True)
         lineage = {
             "model_uri": uri or output_dir,
             "weights_sha256": summary["weights_sha256"],
@@ -294,3 +295,88 @@ def promote(config_json: str, tracking_uri: str, parent_run_id: str, version: st
     mlflow_client(tracking_uri).set_registered_model_alias(name, alias, version)
     mlflow_client(tracking_uri).set_tag(parent_run_id, "topr.promoted", f"{name}/{version}")
     log.info("%s@%s is now version %s", name, alias, version)
+
+
+def verifier_data(
+    config_json: str, tracking_uri: str, parent_run_id: str, model_dir: str, train_prompts_path: str, eval_prompts_path: str, output_dir: str
+) -> dict:
+    """Sample and label the final policy's solutions for the verifier (see ``topr.verifier``)."""
+    from topr.verifier import SOLUTIONS_EVAL, SOLUTIONS_TRAIN, VERIFIER_EVAL, VERIFIER_TRAIN, run_verifier_data
+
+    config = parse_config(config_json)
+    iteration = config.run.iterations
+    datasets = (
+        (SOLUTIONS_TRAIN, "verifier_solutions_train", "sampling"),
+        (SOLUTIONS_EVAL, "verifier_solutions_eval", "sampling"),
+        (VERIFIER_TRAIN, "verifier_train", "training"),
+        (VERIFIER_EVAL, "verifier_eval", "evaluation"),
+    )
+    with stage_run(tracking_uri, parent_run_id, "verifier_data", iteration) as run:
+        run.log_params(config.verifier.model_dump())
+        summary = run_verifier_data(config, model_dir, train_prompts_path, eval_prompts_path, output_dir)
+        uri = publish(config, parent_run_id, iteration, output_dir, "verifier_data")
+        for file, name, context in datasets:
+            run.log_dataset(Path(output_dir, file), name, context, source=uri and storage.join(uri, file))
+        run.log_metrics(summary)
+    return summary
+
+
+def train_verifier(config_json: str, tracking_uri: str, parent_run_id: str, model_dir: str, data_dir: str, output_dir: str) -> dict:
+    """Train the starting model (``model_dir``) as the verifier; publish it and register it as a
+    version of ``<run.registered_model>-verifier`` with the lineage tags of ``train``.
+
+    The intermediate judgments and training set are kept as artifacts of the stage's run (and
+    published), since the folder they are written to is temporary.
+    """
+    import tempfile
+
+    from topr.models import model_identity
+    from topr.verifier import data_files, run_train_verifier, verifier_config
+
+    config = parse_config(config_json)
+    iteration = config.run.iterations
+    with stage_run(tracking_uri, parent_run_id, "train_verifier", iteration) as run, tempfile.TemporaryDirectory(prefix="topr-verifier-") as work:
+        run.log_text(config_to_yaml(verifier_config(config, *data_files(data_dir))), "verifier_config.yaml")
+        summary = run_train_verifier(config, model_dir, data_dir, output_dir, work, on_step=lambda step, stats: run.log_metrics(stats, step))
+        kept = {}
+        for file, name, context in (("judgments.jsonl", "verifier_judgments", "sampling"), ("train_set.jsonl", "verifier_train_set", "training")):
+            path = Path(work, file)
+            run.log_artifact(path)
+            uri = publish(config, parent_run_id, iteration, str(path), f"{name}.jsonl")
+            run.log_dataset(path, name, context, source=uri)
+            kept[name] = uri or f"runs:/{run.run_id}/{file}"
+        run.log_artifact(Path(work, "composition.json"))
+        uri = publish(config, parent_run_id, iteration, output_dir, "verifier_model")
+        run.log_artifacts(output_dir, "model")
+        run.log_metrics({k: v for k, v in summary.items() if k != "weights_sha256"})
+        lineage = {
+            "model_uri": uri or output_dir,
+            "weights_sha256": summary["weights_sha256"],
+            "parent_model_uri": published_uri(config, parent_run_id, 0, "model") or model_dir,
+            "parent_weights_sha256": model_identity(model_dir).removeprefix("sha256:"),
+            "train_set_uri": kept["verifier_train_set"],
+            "samples_uri": kept["verifier_judgments"],
+            "sampling_models": model_identity(model_dir),
+        }
+        run.log_params(lineage)
+        version = run.register_model(f"{config.run.registered_model}-verifier", "model", {f"topr.{k}": v for k, v in lineage.items()})
+        summary["registered_version"] = int(version)
+    return summary
+
+
+def evaluate_verifier(
+    config_json: str, tracking_uri: str, parent_run_id: str, base_model_dir: str, verifier_dir: str, data_dir: str, report_path: str
+) -> dict:
+    """Held-out judgment accuracy of the starting and the trained verifier, and the votes they weight."""
+    from topr.verifier import VERIFIER_EVAL, run_evaluate_verifier
+
+    config = parse_config(config_json)
+    iteration = config.run.iterations
+    with stage_run(tracking_uri, parent_run_id, "evaluate_verifier", iteration) as run:
+        metrics = run_evaluate_verifier(config, base_model_dir, verifier_dir, data_dir, report_path)
+        publish(config, parent_run_id, iteration, report_path, "verifier_evaluation.json")
+        data_uri = published_uri(config, parent_run_id, iteration, "verifier_data")
+        run.log_dataset(Path(data_dir, VERIFIER_EVAL), "verifier_eval", "evaluation", source=data_uri and storage.join(data_uri, VERIFIER_EVAL))
+        run.log_artifact(report_path)
+        run.log_metrics(metrics, on_parent=True)
+    return metrics

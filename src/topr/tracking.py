@@ -60,7 +60,8 @@ def mlflow_client(tracking_uri: str):
     return mlflow.MlflowClient(tracking_uri)
 
 
-def _experiment_id(client, name: str, tracking_uri: str) -> str:
+def experiment_id(client, name: str, tracking_uri: str) -> str:
+    """The id of the MLflow experiment ``name``, created (artifacts beside a local store) if missing."""
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
         return experiment.experiment_id
@@ -103,11 +104,10 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, str]:
 def start_pipeline_run(tracking_uri: str, config: Config, run_name: str, kfp_run_id: str = "") -> str:
     """Create the parent run (left RUNNING until ``finish_pipeline_run``); return its id."""
     client = mlflow_client(tracking_uri)
-    experiment_id = _experiment_id(client, config.run.experiment, tracking_uri)
     tags = {**code_version(), "mlflow.runName": run_name}
     if kfp_run_id:
         tags[KFP_RUN_TAG] = kfp_run_id
-    run = client.create_run(experiment_id, run_name=run_name, tags=tags)
+    run = client.create_run(experiment_id(client, config.run.experiment, tracking_uri), run_name=run_name, tags=tags)
     run_id = run.info.run_id
     params = flatten(config_to_dict(config))
     from mlflow.entities import Param

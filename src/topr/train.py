@@ -148,6 +148,29 @@ def loss_on_batch(scorer, batch: list[Record], config: Config, pad_token_id: int
     )
 
 
+def negatives_summary(history: list[dict[str, float]]) -> dict[str, float]:
+    """How hard training pushed on negatives, from the per-step figures (each step's mean
+    weighted by its count of negatives, or positives):
+
+    - ``mean_weight_negative``: the mean weight on a negative's gradient over all steps (1 for
+      REINFORCE; TOPR's tapered ratio falls towards 0 as π moves away from μ);
+    - ``final_logprob_negative`` / ``final_logprob_positive``: the mean per-token log π of
+      negatives / positives over the last quarter of the steps. A policy collapsing under
+      negatives drives both down, not only the first.
+    """
+    last_quarter = history[-max(1, len(history) // 4) :]
+
+    def weighted(steps: list[dict[str, float]], value: str, count: str) -> float:
+        total = sum(step[count] for step in steps)
+        return sum(step[value] * step[count] for step in steps) / total if total else 0.0
+
+    return {
+        "mean_weight_negative": weighted(history, "mean_weight_negative", "negative_count"),
+        "final_logprob_negative": weighted(last_quarter, "logprob_negative_mean", "negative_count"),
+        "final_logprob_positive": weighted(last_quarter, "logprob_positive_mean", "positive_count"),
+    }
+
+
 def run_train(
     config: Config,
     model_dir: str,
@@ -235,6 +258,7 @@ def run_train(
         "seconds": seconds,
         "tokens_per_second": tokens_seen / seconds,
         "final_loss": history[-1]["loss"],
+        **negatives_summary(history),
         "weights_sha256": digest,
     }
     log.info("trained %(steps)d steps on %(examples)d examples in %(seconds).0f s", summary)

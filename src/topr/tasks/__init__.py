@@ -12,6 +12,7 @@ Built in (``get_task`` picks one from ``TaskConfig.name``):
 - ``math``: MATH-format JSONL files (``problem``, ``solution`` with ``\\boxed{...}``), answers
   compared for mathematical equivalence with math-verify.
 - ``jsonl``: any JSONL file with a prompt field and an answer field, matched as numbers or strings.
+- ``verifier``: Yes/No judgments of proposed solutions, from the files ``topr.verifier`` writes.
 
 This module also holds the number parsing shared by the tasks that expect ``Answer: <number>``.
 """
@@ -27,7 +28,7 @@ if TYPE_CHECKING:
     from topr.config import TaskConfig
 
 SPLITS = ("train", "test")
-TASK_NAMES = ("arithmetic", "gsm8k", "math", "jsonl")
+TASK_NAMES = ("arithmetic", "gsm8k", "math", "jsonl", "verifier")
 ANSWER_INSTRUCTION = "End your reply with 'Answer: <number>'."
 
 # "Answer:", case-insensitive, also written "**Answer**:" or "Answer :".
@@ -88,6 +89,10 @@ def get_task(config: TaskConfig) -> Task:
             config.answer_field,
             config.match,
         )
+    if config.name == "verifier":
+        from topr.tasks.verifier import VerifierTask
+
+        return VerifierTask(config.train_path, config.eval_path)
     raise ValueError(f"unknown task {config.name!r} (choices: {', '.join(TASK_NAMES)})")
 
 

@@ -1,0 +1,345 @@
+"""The generative verifier branch: a copy of the starting model learns to judge solutions, then weights a vote.
+
+After the last iteration (``verifier.enabled``):
+
+1. ``run_verifier_data``: the final policy samples ``solutions_per_question`` solutions for the
+   first ``train_questions`` training prompts and for every held-out prompt; the task's checker
+   labels them, and each (question, solution) pair becomes a verifier prompt ("Is this solution
+   correct? Yes or No") whose reference is the label. The training pairs are balanced so that
+   the verifier cannot do well by always giving the more common answer.
+2. ``run_train_verifier``: the starting model is trained on its own judgments of the training
+   pairs with the policy's machinery (sample, verify, curate, train) and the ``verifier`` section's
+   objective: a judgment that matches the label earns +1, a wrong or malformed one -1 (the
+   ``verifier`` task, ``topr.tasks.verifier``).
+3. ``run_evaluate_verifier``: the starting and the trained verifier judge the held-out pairs
+   (greedy accuracy, malformed-judgment rate), and their P(correct) of each held-out solution
+   weights a vote over each question's solutions: an answer scores the sum of the P(correct) of
+   the solutions that reach it. The weighted vote is compared with maj@k and the mean sample
+   accuracy over the same solutions.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import tempfile
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from topr.config import Config, build_config, config_to_dict
+from topr.curate import run_curate
+from topr.evaluate import run_evaluate
+from topr.metrics import majority_vote, weighted_vote, wilson_interval
+from topr.models import load_policy, model_identity, prompt_token_ids
+from topr.records import PROMPT_FIELDS, Record, read_records, write_json, write_records
+from topr.sample import SamplingParams, make_engine, run_sample, sample_records
+from topr.tasks import get_task
+from topr.train import StepCallback, launch_train
+from topr.verify import run_verify, verify_records
+
+log = logging.getLogger(__name__)
+
+SOLUTIONS_TRAIN = "solutions_train.jsonl"
+SOLUTIONS_EVAL = "solutions_eval.jsonl"
+VERIFIER_TRAIN = "verifier_train.jsonl"
+VERIFIER_EVAL = "verifier_eval.jsonl"
+YES, NO = "Yes", "No"
+SOLUTION_FIELDS = ("prompt_id", "prompt", "completion", "sample_index", "extracted", "correct")
+
+
+def verifier_prompt(question: str, solution: str) -> str:
+    return (
+        "Here is a question and a proposed solution.\n\n"
+        f"Question:\n{question}\n\n"
+        f"Proposed solution:\n{solution}\n\n"
+        "Is the proposed solution correct? Reply with Yes or No only."
+    )
+
+
+def solution_id(question_id: str, solution_index: int) -> str:
+    """The verifier prompt id of a question's ``solution_index``-th solution."""
+    return f"{question_id}/s{solution_index}"
+
+
+def build_verifier_prompts(verified: Sequence[Record]) -> list[Record]:
+    """One verifier prompt per non-empty verified solution, its reference the checker's verdict."""
+    return [
+        {
+            "prompt_id": solution_id(record["prompt_id"], record["sample_index"]),
+            "prompt": verifier_prompt(record["prompt"], record["completion"]),
+            "reference": YES if record["correct"] else NO,
+            "question_id": record["prompt_id"],
+            "solution_index": record["sample_index"],
+            "solution_answer": record["extracted"],
+            "solution_correct": record["correct"],
+        }
+        for record in verified
+        if record["completion"].strip()
+    ]
+
+
+def balance_labels(records: Sequence[Record], seed: int) -> list[Record]:
+    """Keep a seeded random subset of the majority label as large as the minority; order is kept.
+
+    When one label is missing altogether, balancing would leave nothing to train on: every
+    record is kept and a warning logged.
+    """
+    by_label: dict[str, list[int]] = {YES: [], NO: []}
+    for index, record in enumerate(records):
+        by_label[record["reference"]].append(index)
+    smaller = min(len(indices) for indices in by_label.values())
+    if smaller == 0:
+        log.warning("the verifier's training pairs are all labelled alike; kept all %d, unbalanced", len(records))
+        return list(records)
+    rng = random.Random(seed)
+    kept = {index for indices in by_label.values() for index in rng.sample(indices, smaller)}
+    return [record for index, record in enumerate(records) if index in kept]
+
+
+def verifier_config(config: Config, train_path: str | Path, eval_path: str | Path) -> Config:
+    """The configuration the verifier is trained and evaluated with: the ``verifier`` task on the
+    given prompt files, the ``verifier`` section's sampling and training settings, the rest as
+    in ``config``.
+
+    ``train_size`` and ``eval_size`` are upper bounds on the number of verifier prompts (one per
+    solution), so every prompt of the files is used.
+    """
+    verifier = config.verifier
+    data = config_to_dict(config)
+    data["task"].update(
+        name="verifier",
+        train_path=str(train_path),
+        eval_path=str(eval_path),
+        train_size=verifier.train_questions * verifier.solutions_per_question,
+        eval_size=config.task.eval_size * verifier.solutions_per_question,
+    )
+    data["sample"].update(
+        samples_per_prompt=verifier.judgments_per_solution, max_new_tokens=verifier.max_new_tokens, first_iteration_samples=None
+    )
+    data["evaluate"].update(samples_per_prompt=0, max_new_tokens=verifier.max_new_tokens)
+    # A malformed judgment is a negative to train on, even an empty one (the paper's rule).
+    data["curate"].update(drop_empty=False)
+    data["train"].update(objective=verifier.objective, learning_rate=verifier.learning_rate, epochs=verifier.epochs)
+    return build_config(data, source="verifier configuration")
+
+
+def data_files(data_dir: str | Path) -> tuple[Path, Path]:
+    """The verifier's training and held-out prompt files in a ``run_verifier_data`` folder."""
+    return Path(data_dir, VERIFIER_TRAIN), Path(data_dir, VERIFIER_EVAL)
+
+
+def judgment_token_ids(tokenizer) -> tuple[int, int]:
+    """The first token of "Yes" and of "No" as a reply starts with them (no leading space)."""
+    return tuple(tokenizer.encode(word, add_special_tokens=False)[0] for word in (YES, NO))
+
+
+@torch.no_grad()
+def p_correct(model, tokenizer, prompts: Sequence[str], system_prompt: str | None, batch_size: int) -> list[float]:
+    """For each verifier prompt, P(Yes) / (P(Yes) + P(No)) of the reply's first token.
+
+    Prompts are left-padded with explicit position ids, so each prompt's last position sees
+    exactly what an unpadded forward pass would, and only that position's logits are computed.
+    """
+    yes, no = judgment_token_ids(tokenizer)
+    probabilities: list[float] = []
+    for start in range(0, len(prompts), batch_size):
+        ids = [prompt_token_ids(tokenizer, prompt, system_prompt) for prompt in prompts[start : start + batch_size]]
+        padded = tokenizer.pad({"input_ids": ids}, padding=True, return_tensors="pt", padding_side="left").to(model.device)
+        positions = (padded["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+        logits = model(**padded, position_ids=positions, logits_to_keep=1).logits[:, -1].float()
+        probabilities += torch.sigmoid(logits[:, yes] - logits[:, no]).tolist()
+    return probabilities
+
+
+@dataclass(frozen=True)
+class QuestionVotes:
+    """One held-out question's k solutions: extracted answers (None where none), the checker's
+    verdicts, and per verifier (e.g. "base", "trained") its P(correct) of each solution."""
+
+    answers: tuple[str | None, ...]
+    correct: tuple[bool, ...]
+    weights: Mapping[str, tuple[float, ...]]
+
+
+def _voted_correct(question: QuestionVotes, winner: str | None) -> bool:
+    """A voted answer is as correct as the solutions that reached it (the checker's verdict)."""
+    return winner is not None and question.correct[question.answers.index(winner)]
+
+
+def _rate(name: str, successes: int, n: int) -> dict[str, float]:
+    low, high = wilson_interval(successes, n)
+    return {name: successes / n, f"{name}_ci_low": low, f"{name}_ci_high": high}
+
+
+def vote_metrics(questions: Sequence[QuestionVotes]) -> dict[str, float]:
+    """Accuracies over held-out questions, each with its 95% Wilson interval.
+
+    ``vote_pass_at_1``: the fraction of correct solutions (its interval treats the k·n solutions
+    as independent, so it is optimistic); ``vote_majority``: maj@k; ``vote_weighted_<verifier>``:
+    the answer with the largest sum of P(correct) is correct. Ties go to the answer seen first.
+    ``vote_k`` and ``vote_questions`` say what was voted on.
+    """
+    if not questions:
+        raise ValueError("no held-out questions to vote on")
+    k = len(questions[0].answers)
+    solutions = sum(len(question.correct) for question in questions)
+    metrics = {"vote_k": k, "vote_questions": len(questions)}
+    metrics |= _rate("vote_pass_at_1", sum(sum(question.correct) for question in questions), solutions)
+    majority = sum(_voted_correct(question, majority_vote(question.answers)) for question in questions)
+    metrics |= _rate("vote_majority", majority, len(questions))
+    for name in questions[0].weights:
+        weighted = sum(_voted_correct(q, weighted_vote(q.answers, q.weights[name])) for q in questions)
+        metrics |= _rate(f"vote_weighted_{name}", weighted, len(questions))
+    return metrics
+
+
+def question_votes(solutions: Sequence[Record], weights: Mapping[str, Mapping[str, float]]) -> list[QuestionVotes]:
+    """Group verified solutions by question, in first-seen order and sample order.
+
+    ``weights[verifier][verifier prompt id]`` is that verifier's P(correct); a solution without a
+    verifier prompt (an empty completion) weighs 0.
+    """
+    by_question: dict[str, list[Record]] = defaultdict(list)
+    for record in solutions:
+        by_question[record["prompt_id"]].append(record)
+    votes = []
+    for group in by_question.values():
+        group.sort(key=lambda record: record["sample_index"])
+        ids = [solution_id(record["prompt_id"], record["sample_index"]) for record in group]
+        votes.append(
+            QuestionVotes(
+                answers=tuple(record["extracted"] for record in group),
+                correct=tuple(bool(record["correct"]) for record in group),
+                weights={name: tuple(table.get(id_, 0.0) for id_ in ids) for name, table in weights.items()},
+            )
+        )
+    return votes
+
+
+def _yes_share(records: Sequence[Record]) -> float:
+    return sum(record["reference"] == YES for record in records) / len(records) if records else 0.0
+
+
+def _sample_solutions(config: Config, engine, tokenizer, problems: list[Record], policy_dir: str) -> list[Record]:
+    """``solutions_per_question`` solutions per problem at the policy's sampling settings, verified."""
+    params = replace(
+        SamplingParams.from_config(config.sample), n=config.verifier.solutions_per_question, seed=config.verifier.seed
+    )
+    records = sample_records(engine, tokenizer, problems, params, config.model.system_prompt, model_identity(policy_dir))
+    verified, _ = verify_records(records, get_task(config.task))
+    return verified
+
+
+def run_verifier_data(
+    config: Config, policy_dir: str, train_prompts_path: str | Path, eval_prompts_path: str | Path, output_dir: str | Path
+) -> dict:
+    """Sample and label the final policy's solutions; write them and the verifier's prompt files."""
+    verifier = config.verifier
+    train_problems = read_records(train_prompts_path, required=PROMPT_FIELDS)[: verifier.train_questions]
+    eval_problems = read_records(eval_prompts_path, required=PROMPT_FIELDS)[: config.task.eval_size]
+    engine, tokenizer = make_engine(config, policy_dir, config.sample.batch_size)
+    train_solutions = _sample_solutions(config, engine, tokenizer, train_problems, policy_dir)
+    eval_solutions = _sample_solutions(config, engine, tokenizer, eval_problems, policy_dir)
+    train_prompts = build_verifier_prompts(train_solutions)
+    if verifier.balance:
+        train_prompts = balance_labels(train_prompts, verifier.seed)
+    eval_prompts = build_verifier_prompts(eval_solutions)
+    output_dir = Path(output_dir)
+    for name, prompts in ((VERIFIER_TRAIN, train_prompts), (VERIFIER_EVAL, eval_prompts)):
+        if not prompts:
+            raise ValueError(f"{output_dir / name}: no verifier prompts (every sampled solution was empty)")
+    write_records(output_dir / SOLUTIONS_TRAIN, train_solutions)
+    write_records(output_dir / SOLUTIONS_EVAL, eval_solutions)
+    write_records(output_dir / VERIFIER_TRAIN, train_prompts)
+    write_records(output_dir / VERIFIER_EVAL, eval_prompts)
+    summary = {
+        "train_questions": len(train_problems),
+        "eval_questions": len(eval_problems),
+        "train_solutions": len(train_solutions),
+        "eval_solutions": len(eval_solutions),
+        "train_solution_accuracy": sum(r["correct"] for r in train_solutions) / len(train_solutions),
+        "eval_solution_accuracy": sum(r["correct"] for r in eval_solutions) / len(eval_solutions),
+        "verifier_train_prompts": len(train_prompts),
+        "verifier_eval_prompts": len(eval_prompts),
+        "verifier_train_yes_share": _yes_share(train_prompts),
+        "verifier_eval_yes_share": _yes_share(eval_prompts),
+    }
+    log.info("verifier data: %(verifier_train_prompts)d training and %(verifier_eval_prompts)d held-out pairs", summary)
+    return summary
+
+
+def run_train_verifier(
+    config: Config,
+    base_model_dir: str,
+    data_dir: str | Path,
+    output_dir: str | Path,
+    work_dir: str | Path,
+    on_step: StepCallback | None = None,
+) -> dict:
+    """Train the starting model as a verifier on ``data_dir``'s training pairs; save it to ``output_dir``.
+
+    The policy's stages in order, with ``verifier_config``: sample judgments from the starting
+    model, score them against the labels, curate, train. ``work_dir`` receives the intermediate
+    files (``judgments.jsonl``, ``judgments_verified.jsonl``, ``train_set.jsonl``, ``composition.json``).
+    """
+    verifier = verifier_config(config, *data_files(data_dir))
+    work = Path(work_dir)
+    judgments, verified, train_set = work / "judgments.jsonl", work / "judgments_verified.jsonl", work / "train_set.jsonl"
+    run_sample(verifier, base_model_dir, verifier.task.train_path, judgments, iteration=1)
+    scored = run_verify(verifier.task, judgments, verified)
+    composition = run_curate(verifier, verified, train_set, work / "composition.json")
+    trained = launch_train(verifier, base_model_dir, train_set, output_dir, on_step)
+    return {
+        "judgments": scored["count"],
+        "judgment_accuracy_before": scored["accuracy"],
+        "judgment_invalid_rate_before": scored["unparsable_rate"],
+        "curated_count": composition["count"],
+        "curated_positives": composition["positives"],
+        "curated_negatives": composition["negatives"],
+        **trained,
+    }
+
+
+def _judge(config: Config, model_dir: str, name: str) -> tuple[dict[str, float], dict[str, float]]:
+    """A verifier's greedy accuracy and invalid rate on the held-out pairs, and its P(correct) of each."""
+    prompts = read_records(config.task.eval_path, required=PROMPT_FIELDS)
+    with tempfile.TemporaryDirectory(prefix="topr-verifier-") as scratch:
+        greedy = run_evaluate(config, model_dir, config.task.eval_path, Path(scratch, "report.json"), Path(scratch, "judgments.jsonl"))
+    metrics = {
+        f"verifier_accuracy_{name}": greedy["pass_at_1"],
+        f"verifier_accuracy_{name}_ci_low": greedy["pass_at_1_ci_low"],
+        f"verifier_accuracy_{name}_ci_high": greedy["pass_at_1_ci_high"],
+        f"verifier_invalid_rate_{name}": greedy["parse_failure_rate"],
+    }
+    model, tokenizer = load_policy(model_dir)
+    weights = p_correct(model, tokenizer, [p["prompt"] for p in prompts], config.model.system_prompt, config.evaluate.batch_size)
+    return metrics, {p["prompt_id"]: weight for p, weight in zip(prompts, weights)}
+
+
+def run_evaluate_verifier(
+    config: Config, base_model_dir: str, verifier_dir: str, data_dir: str | Path, report_path: str | Path
+) -> dict:
+    """Judge the held-out pairs with the starting and the trained verifier; vote with their P(correct).
+
+    Writes the report (both models' identities and the metrics) to ``report_path``; returns the metrics.
+    """
+    verifier = verifier_config(config, *data_files(data_dir))
+    metrics: dict[str, float] = {"verifier_eval_pairs": len(read_records(verifier.task.eval_path))}
+    weights = {}
+    for name, model_dir in (("base", base_model_dir), ("trained", verifier_dir)):
+        judged, weights[name] = _judge(verifier, model_dir, name)
+        metrics |= judged
+    solutions = read_records(Path(data_dir, SOLUTIONS_EVAL), required=SOLUTION_FIELDS)
+    metrics |= vote_metrics(question_votes(solutions, weights))
+    models = {"base": model_identity(base_model_dir), "trained": model_identity(verifier_dir)}
+    write_json(report_path, {"models": models, "data": str(data_dir), "metrics": metrics})
+    log.info(
+        "verifier accuracy %.3f (base %.3f); weighted vote %.3f, majority %.3f",
+        metrics["verifier_accuracy_trained"], metrics["verifier_accuracy_base"],
+        metrics["vote_weighted_trained"], metrics["vote_majority"],
+    )  # fmt: skip
+    return metrics

@@ -1,0 +1,71 @@
+"""``topr experiment`` for real: two arms as kfp.local pipeline runs, one with the verifier branch."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+from mlflow import MlflowClient
+
+from topr.cli import main
+from topr.storage import file_sha256
+from topr.tracking import default_tracking_uri
+
+TINY = [
+    "task.train_size=2",
+    "task.eval_size=2",
+    "sample.samples_per_prompt=2",
+    "sample.max_new_tokens=4",
+    "evaluate.max_new_tokens=4",
+    "train.batch_size=2",
+    "verifier.train_questions=2",
+    "verifier.solutions_per_question=2",
+    "verifier.judgments_per_solution=2",
+    "verifier.max_new_tokens=3",
+]
+
+
+@pytest.mark.slow
+def test_two_arms_share_iteration_one_and_the_report_compares_them(tmp_path, tiny_model_dir, capsys):
+    spec = tmp_path / "tiny.yaml"
+    spec.write_text(yaml.safe_dump({
+        "description": "TOPR against REINFORCE, the first with the verifier branch.",
+        "overrides": ["run.iterations=1"],
+        "arms": {"topr": ["train.objective=topr", "verifier.enabled=true"], "reinforce": ["train.objective=reinforce"]},
+    }))
+
+    code = main(["experiment", str(spec), f"model.path={tiny_model_dir}", f"run.output_dir={tmp_path}", *TINY])
+
+    assert code == 0, capsys.readouterr().err
+    folder = tmp_path / "tiny"
+    results = json.loads((folder / "results.json").read_text())
+    assert {arm: result["status"] for arm, result in results["arms"].items()} == {"topr": "finished", "reinforce": "finished"}
+    client = MlflowClient(default_tracking_uri(tmp_path))
+    runs = {arm: client.get_run(result["run_id"]) for arm, result in results["arms"].items()}
+
+    # Both arms trained iteration 1 on the very samples the experiment drew once.
+    shared_digest = file_sha256(folder / "shared" / "iter1_samples.jsonl")[:16]
+    for arm, run in runs.items():
+        (collect,) = client.search_runs(
+            [run.info.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{run.info.run_id}' and attributes.run_name = 'iter1/collect_samples'"
+        )
+        assert [item.dataset.digest for item in collect.inputs.dataset_inputs] == [shared_digest], arm
+        assert run.data.params["sample.first_iteration_samples"] == str(folder / "shared" / "iter1_samples.jsonl")
+
+    # What the report reads from each arm: accuracy with intervals and the signs of degeneration.
+    for run in runs.values():
+        for key in ("pass_at_1_ci_low", "empty_rate", "mean_weight_negative", "final_logprob_negative", "curated_count"):
+            assert key in run.data.metrics, key
+    assert runs["reinforce"].data.metrics["mean_weight_negative"] == pytest.approx(1.0)
+    # The verifier branch ran in the topr arm only, and registered its model.
+    assert 0.0 <= runs["topr"].data.metrics["verifier_accuracy_trained"] <= 1.0
+    assert "vote_weighted_trained" in runs["topr"].data.metrics and "vote_k" in runs["topr"].data.metrics
+    assert "verifier_accuracy_trained" not in runs["reinforce"].data.metrics
+    assert [version.version for version in client.search_model_versions("name = 'tiny-topr-verifier'")] == ["1"]
+
+    report = (folder / "report.md").read_text()
+    assert "| topr | `train.objective=topr` `verifier.enabled=true` | shared | finished |" in report
+    assert "## Generative verifier" in report and "| reinforce | 1 |" in report
+    assert {"accuracy.png", "degeneration.png", "report.md", "results.json"} <= {path.name for path in folder.iterdir()}
+    assert report in capsys.readouterr().out
