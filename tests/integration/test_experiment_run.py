@@ -62,7 +62,7 @@ def test_two_arms_share_iteration_one_and_the_report_compares_them(tmp_path, tin
     assert 0.0 <= runs["topr"].data.metrics["verifier_accuracy_trained"] <= 1.0
     assert "vote_weighted_trained" in runs["topr"].data.metrics and "vote_k" in runs["topr"].data.metrics
     assert "verifier_accuracy_trained" not in runs["reinforce"].data.metrics
-    assert [version.version for version in client.search_model_versions("name = 'tiny-topr-verifier'")] == ["1"]
+    assert [str(version.version) for version in client.search_model_versions("name = 'tiny-topr-verifier'")] == ["1"]
 
     report = (folder / "report.md").read_text()
     assert "| topr | `train.objective=topr` `verifier.enabled=true` | shared | finished |" in report
