@@ -25,6 +25,15 @@ def test_wilson_known_values():
         wilson_interval(11, 10)
 
 
+@pytest.mark.parametrize("n", [1, 7, 108, 1000])
+def test_wilson_interval_always_contains_the_observed_rate(n):
+    # Plots draw p - low and high - p as error bars, which must not be negative.
+    for successes in range(n + 1):
+        low, high = wilson_interval(successes, n)
+        assert 0.0 <= low <= successes / n <= high <= 1.0
+    assert wilson_interval(0, n)[0] == 0.0 and wilson_interval(n, n)[1] == 1.0
+
+
 @pytest.mark.parametrize("n", range(1, 8))
 def test_pass_at_k_matches_enumeration(n):
     for c, k in itertools.product(range(n + 1), range(1, n + 1)):

@@ -140,7 +140,7 @@ def prepare_shared(experiment: Config, folder: Path, tracking_uri: str) -> dict:
     train_prompts, eval_prompts = folder / "train_prompts.jsonl", folder / "eval_prompts.jsonl"
     if not (model_dir / "config.json").exists():  # save_policy renames a complete folder into place
         prepare_base_model(registered_model_location(tracking_uri, experiment.model.path), model_dir)
-    run_prompts(experiment, train_prompts, eval_prompts)
+    prompt_counts = run_prompts(experiment, train_prompts, eval_prompts)
     if not samples.exists():
         run_sample(experiment, str(model_dir), train_prompts, samples, iteration=1)
     summary = run_verify(experiment.task, samples, folder / "iter1_verified.jsonl")
@@ -149,6 +149,7 @@ def prepare_shared(experiment: Config, folder: Path, tracking_uri: str) -> dict:
         "samples": str(samples),
         "samples_accuracy": summary["accuracy"],
         "samples_count": summary["count"],
+        "eval_prompts": prompt_counts["eval_prompts"],
         "minutes": (time.perf_counter() - started) / 60,
     }
 

@@ -23,7 +23,8 @@ def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, flo
     scale = 1.0 + z * z / n
     center = (p + z * z / (2 * n)) / scale
     half = z / scale * math.sqrt(p * (1.0 - p) / n + z * z / (4 * n * n))
-    return max(0.0, center - half), min(1.0, center + half)
+    # Clamped to contain p: in floating point, 0 successes would otherwise give a low end of 3e-18.
+    return min(p, max(0.0, center - half)), max(p, min(1.0, center + half))
 
 
 def bootstrap_interval(

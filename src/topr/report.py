@@ -38,6 +38,16 @@ def format_table(metrics: dict[str, dict[int, float]]) -> str:
     return "\n".join(lines)
 
 
+def error_bars(metrics: dict[str, dict[int, float]], steps: list[int]) -> list[list[float]]:
+    """Distances from pass@1 down to its interval's low end and up to its high end, at each step;
+    never negative (an interval of 0 successes logged as [3e-18, …] by older versions)."""
+    values = [metrics["pass_at_1"][step] for step in steps]
+    return [
+        [max(0.0, value - metrics["pass_at_1_ci_low"][step]) for step, value in zip(steps, values)],
+        [max(0.0, metrics["pass_at_1_ci_high"][step] - value) for step, value in zip(steps, values)],
+    ]
+
+
 def plot_accuracy(metrics: dict[str, dict[int, float]], path: Path) -> None:
     import matplotlib
 
@@ -46,12 +56,8 @@ def plot_accuracy(metrics: dict[str, dict[int, float]], path: Path) -> None:
 
     steps = sorted(metrics["pass_at_1"])
     values = [metrics["pass_at_1"][s] for s in steps]
-    errors = [
-        [v - metrics["pass_at_1_ci_low"][s] for s, v in zip(steps, values)],
-        [metrics["pass_at_1_ci_high"][s] - v for s, v in zip(steps, values)],
-    ]
     figure, axis = plt.subplots(figsize=(5, 3.5))
-    axis.errorbar(steps, values, yerr=errors, marker="o", capsize=4)
+    axis.errorbar(steps, values, yerr=error_bars(metrics, steps), marker="o", capsize=4)
     axis.set_xlabel("iteration (0 = starting model)")
     axis.set_ylabel("held-out pass@1 (greedy)")
     axis.set_xticks(steps)
@@ -171,8 +177,7 @@ def plot_arms_accuracy(results: dict[str, dict[str, dict[int, float]]], path: Pa
         steps = sorted(metrics["pass_at_1"])
         offset = (index - (len(results) - 1) / 2) * 0.04
         values = [metrics["pass_at_1"][s] for s in steps]
-        errors = [[v - metrics["pass_at_1_ci_low"][s] for s, v in zip(steps, values)], [metrics["pass_at_1_ci_high"][s] - v for s, v in zip(steps, values)]]
-        axis.errorbar([s + offset for s in steps], values, yerr=errors, marker="o", capsize=3, label=arm)
+        axis.errorbar([s + offset for s in steps], values, yerr=error_bars(metrics, steps), marker="o", capsize=3, label=arm)
     axis.set_xlabel("iteration (0 = starting model)")
     axis.set_ylabel("held-out pass@1 (greedy), 95% CI")
     axis.set_xticks(sorted({s for metrics in results.values() for s in metrics["pass_at_1"]}))
@@ -224,9 +229,8 @@ def plot_positive_fraction(results: dict[str, dict[str, dict[int, float]]], path
             continue
         last = max(metrics["pass_at_1"])
         value = metrics["pass_at_1"][last]
-        error = [[value - metrics["pass_at_1_ci_low"][last]], [metrics["pass_at_1_ci_high"][last] - value]]
         x = sum(fractions) / len(fractions)
-        axis.errorbar([x], [value], yerr=error, marker="o", capsize=3)
+        axis.errorbar([x], [value], yerr=error_bars(metrics, [last]), marker="o", capsize=3)
         axis.annotate(arm, (x, value), textcoords="offset points", xytext=(5, 5), fontsize=8)
     axis.set_xlabel("effective positive fraction of the training data")
     axis.set_ylabel("held-out pass@1 after training, 95% CI")
@@ -268,7 +272,7 @@ def _experiment_markdown(experiment, spec, arms: dict, results: dict, finished: 
         f"on {context['machine']} (minutes per arm below; the shared data took {context['shared']['minutes']:.1f}).",
         f"Shared by every arm that keeps the experiment's model, task and sample settings: the starting model "
         f"(`{experiment.model.path}`), the prompts ({experiment.task.name}, {experiment.task.train_size} per iteration, "
-        f"{experiment.task.eval_size} held out) and iteration 1's {shared['samples_count']} samples "
+        f"{shared['eval_prompts']} held out) and iteration 1's {shared['samples_count']} samples "
         f"({shared['samples_accuracy']:.1%} correct).",
         "",
         "| arm | overrides | iteration 1 data | status | minutes |",

@@ -213,7 +213,7 @@ def train(
         uri = publish(config, parent_run_id, iteration, output_dir, "model")
         run.log_artifacts(output_dir, "model")
         run.log_metrics({k: v for k, v in summary.items() if k != "weights_sha256"})
-        run.log_metrics({k: summary[k] for k in ("mean_weight_negative", "final_logprob_negative", "final_logprob_positive")}, on_parent=True)
+        run.log_metrics({k: summary[k] for k in ("mean_weight_negative", "final_logprob_negative", "final_logprob_positive") if k in summary}, on_parent=True)
         lineage = {
             "model_uri": uri or output_dir,
             "weights_sha256": summary["weights_sha256"],

@@ -157,18 +157,21 @@ def negatives_summary(history: list[dict[str, float]]) -> dict[str, float]:
     - ``final_logprob_negative`` / ``final_logprob_positive``: the mean per-token log π of
       negatives / positives over the last quarter of the steps. A policy collapsing under
       negatives drives both down, not only the first.
+
+    A figure is left out when its steps had no such sequences (no negatives, say).
     """
     last_quarter = history[-max(1, len(history) // 4) :]
 
-    def weighted(steps: list[dict[str, float]], value: str, count: str) -> float:
+    def weighted(steps: list[dict[str, float]], value: str, count: str) -> float | None:
         total = sum(step[count] for step in steps)
-        return sum(step[value] * step[count] for step in steps) / total if total else 0.0
+        return sum(step[value] * step[count] for step in steps) / total if total else None
 
-    return {
+    figures = {
         "mean_weight_negative": weighted(history, "mean_weight_negative", "negative_count"),
         "final_logprob_negative": weighted(last_quarter, "logprob_negative_mean", "negative_count"),
         "final_logprob_positive": weighted(last_quarter, "logprob_positive_mean", "positive_count"),
     }
+    return {name: value for name, value in figures.items() if value is not None}
 
 
 def run_train(
