@@ -258,12 +258,12 @@ def cmd_run(args) -> int:
 
 
 def cmd_experiment(args) -> int:
-    from topr.experiment import arm_configs, load_spec, named_specs, run_experiment
+    from topr.experiment import arm_configs, load_spec, run_experiment
     from topr.steps import check_services
     from topr.tracking import default_tracking_uri
 
     if args.list or not args.spec:
-        for name, path in sorted(named_specs().items()):
+        for name, path in sorted(named_experiments().items()):
             _, spec = load_spec(str(path))
             print(f"{name}\n    {' '.join(spec.description.split())}\n    arms: {', '.join(spec.arms)}\n")
         if not args.list:
