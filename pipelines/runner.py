@@ -6,6 +6,8 @@ SubprocessRunner in subprocesses of this interpreter (no container, no venv per 
 
 from __future__ import annotations
 
+import builtins
+import contextlib
 import json
 import logging
 import warnings
@@ -42,5 +44,22 @@ def run_local(config: Config, run_dir: str | Path, tracking_uri: str, run_name: 
     pipeline_root = Path(run_dir).resolve() / "pipeline_root"
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root), raise_on_error=True)
     pipeline = build_pipeline(config)
-    task = pipeline(config_json=json.dumps(config_to_dict(config)), tracking_uri=tracking_uri, run_name=run_name)
+    with print_restored():
+        task = pipeline(config_json=json.dumps(config_to_dict(config)), tracking_uri=tracking_uri, run_name=run_name)
     return task.output
+
+
+@contextlib.contextmanager
+def print_restored():
+    """Give the interpreter its own ``print`` back when the block ends.
+
+    kfp.local indents each task's streamed log by swapping ``builtins.print`` for the task's
+    duration. Sample shards (``dsl.ParallelFor``) run in threads, so their swaps interleave and
+    an indenting ``print`` can outlive the run: every later print of the process (the CLI's
+    tables, the next run's log) would start with stray spaces.
+    """
+    original = builtins.print
+    try:
+        yield
+    finally:
+        builtins.print = original

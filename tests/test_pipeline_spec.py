@@ -7,13 +7,14 @@ loopback server that records them.
 
 from __future__ import annotations
 
+import builtins
 import json
 from pathlib import Path
 
 import pytest
 import yaml
 
-from pipelines.runner import compile_pipeline
+from pipelines.runner import compile_pipeline, print_restored
 from topr.cli import main
 from topr.config import load_config
 
@@ -221,3 +222,12 @@ def test_verifier_branch_follows_the_last_iteration(tmp_path):
 def test_default_pipeline_has_no_verifier_branch(tmp_path):
     spec, _ = compiled(tmp_path)
     assert not VERIFIER_STAGES & set(tasks_by_stage(spec))
+
+
+def test_a_print_swapped_inside_a_local_run_does_not_outlive_it():
+    # kfp.local's threaded ParallelFor tasks can leave their indenting print installed (the fault injected here).
+    interpreter_print = builtins.print
+    with pytest.raises(RuntimeError), print_restored():
+        builtins.print = lambda *args, **kwargs: interpreter_print("    ", *args, **kwargs)
+        raise RuntimeError("task failed")
+    assert builtins.print is interpreter_print

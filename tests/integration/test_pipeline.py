@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 import json
 from pathlib import Path
 
@@ -68,7 +69,9 @@ def _artifact(pipeline_root: Path, task: str, output: str) -> Path:
 def test_local_run_two_iterations(tmp_path, tiny_model_dir):
     config = load_config(None, [f"model.path={tiny_model_dir}", "run.iterations=2", "sample.shards=2", *TINY_RUN])
     tracking_uri = default_tracking_uri(tmp_path)
+    interpreter_print = builtins.print
     parent_run_id = run_local(config, tmp_path / "run", tracking_uri, "pipeline-test")
+    assert builtins.print is interpreter_print  # kfp.local's threaded shards swap print; none outlives the run
 
     client = mlflow.MlflowClient(tracking_uri)
     parent = client.get_run(parent_run_id)
