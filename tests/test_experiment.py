@@ -22,7 +22,7 @@ TINY = ["task.train_size=2", "task.eval_size=2", "sample.samples_per_prompt=2", 
 
 
 def test_every_named_experiment_loads_and_its_arms_validate():
-    assert set(named_specs()) == {"objectives", "baseline", "curation", "positives", "ratio_level", "verifier"}
+    assert set(named_specs()) == {"objectives", "baseline", "curation", "positives", "ratio_level", "seeds", "verifier"}
     for name in named_specs():
         _, spec = load_spec(name)
         experiment, arms = arm_configs(spec, {}, [])
@@ -34,6 +34,10 @@ def test_every_named_experiment_loads_and_its_arms_validate():
     _, baseline = load_spec("baseline")
     assert baseline.compare == "effective_positive_fraction"
     assert sorted(arm.train.baseline for arm in arm_configs(baseline, {}, [])[1].values()) == [-0.5, -0.25, 0.0, 0.25, 0.5]
+    _, seeds = load_spec("seeds")
+    experiment, seeded = arm_configs(seeds, {}, [])
+    assert sorted((arm.train.objective, arm.train.seed) for arm in seeded.values()) == [(o, s) for o in ("rft", "topr") for s in (0, 1, 2)]
+    assert all(shares_first_iteration(arm, experiment) for arm in seeded.values())
     _, verifier = load_spec("verifier")
     assert all(arm.verifier.enabled for arm in arm_configs(verifier, {}, [])[1].values())
 
