@@ -167,7 +167,7 @@ def test_a_failed_arm_is_reported_the_others_run_and_resume_retries_only_it(tmp_
 def test_the_report_is_logged_to_mlflow_and_tags_every_arm(tmp_path, tiny_model_dir):
     from mlflow import MlflowClient
 
-    spec = ExperimentSpec(description="d", arms={"topr": [], "rft": ["train.objective=rft"]})
+    spec = ExperimentSpec(description="d", arms={"topr": [], "rft": ["train.objective=rft"]}, compare="effective_positive_fraction")
     experiment, arms = arm_configs(spec, {}, [f"model.path={tiny_model_dir}", *TINY])
     uri = default_tracking_uri(tmp_path)
     run_experiment("tagged", spec, experiment, arms, ScriptedArms(failing=set()), tmp_path / "tagged", uri)
@@ -179,7 +179,7 @@ def test_the_report_is_logged_to_mlflow_and_tags_every_arm(tmp_path, tiny_model_
     assert by_name["tagged/topr"].data.tags["topr.arm"] == "topr"
     assert by_name["tagged/report"].data.tags["topr.arm.rft"] == by_name["tagged/rft"].info.run_id
     logged = {item.path for item in client.list_artifacts(by_name["tagged/report"].info.run_id)}
-    assert logged == {"report.md", "results.json", "accuracy.png", "degeneration.png"}
+    assert logged == {"report.md", "results.json", "accuracy.png", "degeneration.png", "positive_fraction.png"}
 
 
 def test_tables_show_intervals_composition_and_the_verifier_only_when_it_ran():

@@ -232,6 +232,10 @@ def plot_positive_fraction(results: dict[str, dict[str, dict[int, float]]], path
         x = sum(fractions) / len(fractions)
         axis.errorbar([x], [value], yerr=error_bars(metrics, [last]), marker="o", capsize=3)
         axis.annotate(arm, (x, value), textcoords="offset points", xytext=(5, 5), fontsize=8)
+    starts = {metrics["pass_at_1"][0] for metrics in results.values() if 0 in metrics["pass_at_1"]}
+    if len(starts) == 1:  # every arm started from the same model
+        axis.axhline(starts.pop(), color="grey", linestyle="--", linewidth=1, label="before training")
+        axis.legend(loc="upper right", fontsize=8)
     axis.set_xlabel("effective positive fraction of the training data")
     axis.set_ylabel("held-out pass@1 after training, 95% CI")
     axis.set_xlim(0, 1)
