@@ -14,7 +14,7 @@ import yaml
 
 from topr.config import ConfigError
 from topr.experiment import ExperimentSpec, arm_config, arm_configs, load_spec, named_specs, run_experiment, shares_first_iteration
-from topr.records import read_records
+from topr.records import read_records, write_json
 from topr.report import accuracy_table, degeneration_table, verifier_table
 from topr.tracking import default_tracking_uri, start_pipeline_run
 
@@ -159,9 +159,12 @@ def test_a_failed_arm_is_reported_the_others_run_and_resume_retries_only_it(tmp_
     with pytest.raises(ConfigError, match="already exists: pass --resume"):
         run_experiment("exp", spec, experiment, arms, runner, folder, uri)
     runner.failing.clear()
+    write_json(folder / "shared" / "minutes.json", {"minutes": 12.34})  # as if the first preparation had been long
     run_experiment("exp", spec, experiment, arms, runner, folder, uri, resume=True)
     assert runner.calls == ["topr", "rft", "ppo", "ppo"]
-    assert "| ppo | `train.objective=ppo` | shared | finished |" in (folder / "report.md").read_text()
+    resumed = (folder / "report.md").read_text()
+    assert "| ppo | `train.objective=ppo` | shared | finished |" in resumed
+    assert "the shared data took 12.3" in resumed  # the first preparation's time, not the resume's
 
 
 def test_the_report_is_logged_to_mlflow_and_tags_every_arm(tmp_path, tiny_model_dir):

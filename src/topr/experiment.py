@@ -144,13 +144,16 @@ def prepare_shared(experiment: Config, folder: Path, tracking_uri: str) -> dict:
     if not samples.exists():
         run_sample(experiment, str(model_dir), train_prompts, samples, iteration=1)
     summary = run_verify(experiment.task, samples, folder / "iter1_verified.jsonl")
+    timing = folder / "minutes.json"  # how long the first, complete preparation took; a resume keeps it
+    if not timing.exists():
+        write_json(timing, {"minutes": (time.perf_counter() - started) / 60})
     return {
         "model_dir": str(model_dir),
         "samples": str(samples),
         "samples_accuracy": summary["accuracy"],
         "samples_count": summary["count"],
         "eval_prompts": prompt_counts["eval_prompts"],
-        "minutes": (time.perf_counter() - started) / 60,
+        "minutes": json.loads(timing.read_text())["minutes"],
     }
 
 
