@@ -193,8 +193,6 @@ def plot_degeneration(results: dict[str, dict[str, dict[int, float]]], path: Pat
     """By trained iteration: the mean weight on negatives, the log π of negatives at the end of
     training, and the held-out outputs with no parsable answer."""
     plt = _pyplot()
-    from matplotlib.ticker import MaxNLocator
-
     panels = (  # key, title, y range (None: automatic)
         ("mean_weight_negative", "mean weight on negatives", (0, 1.05)),
         ("final_logprob_negative", "log π of negatives (end of training)", None),
@@ -208,7 +206,10 @@ def plot_degeneration(results: dict[str, dict[str, dict[int, float]]], path: Pat
                 axis.plot([s for s, _ in points], [v for _, v in points], marker="o", label=arm)
         axis.set_title(title, fontsize=10)
         axis.set_xlabel("iteration")
-        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+        iterations = sorted({step for metrics in results.values() for step in metrics.get(key, {})})
+        if iterations:  # whole iterations only, with room around a single one
+            axis.set_xticks(iterations)
+            axis.set_xlim(iterations[0] - 0.5, iterations[-1] + 0.5)
         if limits:
             axis.set_ylim(*limits)
         axis.grid(alpha=0.3)
