@@ -263,9 +263,9 @@ def test_lineage_of_an_unknown_model_exits_2_naming_it(tmp_path, capsys):
 def test_experiment_list_names_every_experiment_and_what_it_compares(capsys):
     assert main(["experiment", "--list"]) == 0
     out = capsys.readouterr().out
-    for name in ("objectives", "baseline", "curation", "positives", "ratio_level", "seeds", "verifier"):
+    for name in ("objectives", "iterations", "baseline", "curation", "positives", "ratio_level", "seeds", "verifier"):
         assert f"\n{name}\n" in f"\n{out}"
-    assert "arms: topr, rft, reinforce, tis, ppo" in out
+    assert "arms: topr, rft, tis, reinforce; 6 replicate(s), compared with rft" in out
     assert main(["experiment"]) == 2
     assert "name one of these experiments" in capsys.readouterr().err
 
@@ -278,4 +278,8 @@ def test_experiment_rejects_unknown_arms_and_takes_overrides_after_options(tmp_p
     assert "unknown field train.objectiv" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["experiment", "objectives", "--arms", "topr", "--no-such-flag"])
+    assert main(["experiment", "objectives", "--reference", "dpo", f"run.output_dir={tmp_path}"]) == 2
+    assert "--reference dpo: no such arm" in capsys.readouterr().err
+    assert main(["experiment", "objectives", "--replicates", "0", f"run.output_dir={tmp_path}"]) == 2
+    assert "--replicates must be at least 1" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())

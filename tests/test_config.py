@@ -179,6 +179,11 @@ def test_malformed_override(override):
         ("curate.target_positive_fraction=1", "curate.target_positive_fraction"),
         ("task.name=nope", "task.name"),
         ("train.batch_size=many", "train.batch_size"),
+        ("train.lr_schedule=exponential", "train.lr_schedule"),
+        ("train.warmup_steps=-1", "train.warmup_steps"),
+        ("train.batch_order=sorted", "train.batch_order"),
+        ("train.length_normalization=token", "train.length_normalization"),
+        ("train.float32_head=maybe", "train.float32_head"),
     ],
 )
 def test_invalid_values_name_the_field(override, field):
@@ -187,6 +192,23 @@ def test_invalid_values_name_the_field(override, field):
     message = str(caught.value)
     assert f"\n  {field}" in message  # the error line starts with the field (its item for tuples)
     assert "command-line overrides" in message
+
+
+def test_training_options_default_to_the_papers_set_up_and_take_their_choices():
+    train = load_config().train
+    assert (train.lr_schedule, train.warmup_steps, train.batch_order) == ("constant", 0, "shuffle")
+    assert (train.length_normalization, train.float32_head) == ("sequence", True)
+    train = load_config(
+        overrides=[
+            "train.lr_schedule=cosine",
+            "train.warmup_steps=3",
+            "train.batch_order=stratified",
+            "train.length_normalization=constant",
+            "train.float32_head=false",
+        ]
+    ).train
+    assert (train.lr_schedule, train.warmup_steps, train.batch_order) == ("cosine", 3, "stratified")
+    assert (train.length_normalization, train.float32_head) == ("constant", False)
 
 
 def test_invalid_objective_lists_choices():

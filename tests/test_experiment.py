@@ -1,7 +1,8 @@
 """``topr experiment``: specs, arm configurations, shared data, failures, resuming and the report.
 
-The arms' pipeline is replaced here by a runner that logs hand-made figures to a real local
-MLflow store (or fails on purpose); tests/integration/test_experiment.py runs the real pipeline.
+The arms' runs are replaced here by a runner that logs hand-made figures to a real local MLflow
+store and writes each evaluation's per-problem results (or fails on purpose);
+tests/integration/test_experiment_run.py runs the real loop.
 """
 
 from __future__ import annotations
@@ -13,7 +14,16 @@ import pytest
 import yaml
 
 from topr.config import ConfigError
-from topr.experiment import ExperimentSpec, arm_config, arm_configs, load_spec, named_specs, run_experiment, shares_first_iteration
+from topr.experiment import (
+    ExperimentSpec,
+    arm_config,
+    arm_configs,
+    load_spec,
+    named_specs,
+    replicate_config,
+    run_experiment,
+    shares_first_iteration,
+)
 from topr.records import read_records, write_json
 from topr.report import accuracy_table, degeneration_table, verifier_table
 from topr.tracking import default_tracking_uri, start_pipeline_run
@@ -22,15 +32,18 @@ TINY = ["task.train_size=2", "task.eval_size=2", "sample.samples_per_prompt=2", 
 
 
 def test_every_named_experiment_loads_and_its_arms_validate():
-    assert set(named_specs()) == {"objectives", "baseline", "curation", "positives", "ratio_level", "seeds", "verifier"}
+    assert set(named_specs()) == {"objectives", "iterations", "baseline", "curation", "positives", "ratio_level", "seeds", "verifier"}
     for name in named_specs():
         _, spec = load_spec(name)
         experiment, arms = arm_configs(spec, {}, [])
         assert set(arms) == set(spec.arms)
     _, objectives = load_spec("objectives")
     _, arms = arm_configs(objectives, {}, [])
-    assert {arm.train.objective for arm in arms.values()} == {"topr", "rft", "reinforce", "tis", "ppo"}
-    assert {arm.run.iterations for arm in arms.values()} == {3}
+    assert {arm.train.objective for arm in arms.values()} == {"topr", "rft", "reinforce", "tis"}
+    assert {arm.run.iterations for arm in arms.values()} == {1}
+    assert (objectives.replicates, objectives.reference_arm) == (6, "rft")
+    _, iterations = load_spec("iterations")
+    assert {arm.run.iterations for arm in arm_configs(iterations, {}, [])[1].values()} == {3} and iterations.replicates == 3
     _, baseline = load_spec("baseline")
     assert baseline.compare == "effective_positive_fraction"
     assert sorted(arm.train.baseline for arm in arm_configs(baseline, {}, [])[1].values()) == [-0.5, -0.25, 0.0, 0.25, 0.5]
@@ -94,11 +107,11 @@ def test_only_arms_that_keep_model_task_and_sample_settings_share_iteration_one(
         arms={"same": ["train.objective=rft"], "hotter": ["sample.temperature=1.0"], "other_model": ["model.path=/elsewhere"]},
     )
     experiment, arms = arm_configs(spec, {}, [])
-    shared = {"model_dir": "/shared/base_model", "samples": "/shared/iter1_samples.jsonl"}
+    shared = {"model_dir": "/shared/base_model", "replicates": {"rep0": {"samples": "/shared/rep0/samples.jsonl"}}}
     running = {name: arm_config(name, "exp", arm, experiment, shared) for name, arm in arms.items()}
 
     assert shares_first_iteration(arms["same"], experiment) and not shares_first_iteration(arms["hotter"], experiment)
-    assert running["same"].sample.first_iteration_samples == shared["samples"]
+    assert running["same"].sample.first_iteration_samples == "/shared/rep0/samples.jsonl"
     assert running["same"].model.path == shared["model_dir"]
     assert running["hotter"].sample.first_iteration_samples is None
     assert running["hotter"].model.path == shared["model_dir"]  # same starting model, its own data
@@ -111,21 +124,63 @@ def test_only_arms_that_keep_model_task_and_sample_settings_share_iteration_one(
     }
 
 
+def test_a_replicate_moves_every_training_seed_and_keeps_the_held_out_problems():
+    experiment, _ = arm_configs(ExperimentSpec(description="d", arms={"a": []}), {}, ["train.seed=5", "task.train_size=4"])
+    second = replicate_config(experiment, 2)
+    assert replicate_config(experiment, 0) == experiment
+    assert (second.task.train_seed, second.sample.seed, second.curate.seed, second.train.seed) == (2, 2, 2, 7)
+    assert (second.task.seed, second.evaluate.seed) == (experiment.task.seed, experiment.evaluate.seed)
+
+
+def test_replicates_draw_their_own_training_prompts_but_share_the_held_out_ones(tmp_path):
+    from topr.prompts import run_prompts
+
+    experiment, _ = arm_configs(ExperimentSpec(description="d", arms={"a": []}), {}, ["task.train_size=8", "task.eval_size=8"])
+    prompts = {}
+    for replicate in (0, 1):
+        folder = tmp_path / f"rep{replicate}"
+        run_prompts(replicate_config(experiment, replicate), folder / "train.jsonl", folder / "eval.jsonl")
+        prompts[replicate] = [[r["prompt_id"] for r in read_records(folder / name)] for name in ("train.jsonl", "eval.jsonl")]
+    assert prompts[0][1] == prompts[1][1]  # the same held-out problems
+    assert prompts[0][0] != prompts[1][0]  # their own training prompts
+
+
+def test_spec_replicates_and_reference_are_checked():
+    spec = ExperimentSpec(description="d", arms={"a": [], "b": []}, replicates=3, reference="b")
+    assert (spec.replicates, spec.reference_arm) == (3, "b")
+    assert ExperimentSpec(description="d", arms={"a": [], "b": []}).reference_arm == "a"
+    with pytest.raises(ValueError, match="reference 'c' is not one of the arms"):
+        ExperimentSpec(description="d", arms={"a": []}, reference="c")
+    with pytest.raises(ValueError, match="greater than or equal to 1"):
+        ExperimentSpec(description="d", arms={"a": []}, replicates=0)
+
+
 class ScriptedArms:
-    """Stands in for the pipeline: logs the figures an arm's run would, or fails on purpose."""
+    """Stands in for the loop: logs the figures a unit's run would and writes its per-problem
+    results (two held-out problems), or fails on purpose."""
 
     def __init__(self, failing: set[str]):
         self.failing, self.calls = failing, []
 
-    def __call__(self, config, run_dir, tracking_uri, run_name):
+    def __call__(self, config, run_dir, tracking_uri, run_name, start):
         from mlflow import MlflowClient
         from mlflow.entities import Metric
 
-        self.calls.append(config.run.name)
+        from topr.loop import IterationFiles
+        from topr.records import write_records
+
+        replicate = run_name.rsplit("/", 1)[1]
+        self.calls.append(f"{config.run.name}/{replicate}")
         if config.run.name in self.failing:
             raise RuntimeError("curation left nothing to train on")
         run_id = start_pipeline_run(tracking_uri, config, run_name)
         accuracy = {"topr": 0.5, "rft": 0.4}.get(config.run.name, 0.3)
+        if replicate == "rep1":
+            accuracy = {"topr": 1.0, "rft": 0.5}.get(config.run.name, 0.5)
+        correct = [index < round(2 * accuracy) for index in range(2)]
+        write_records(IterationFiles(run_dir / "iter1").completions, [
+            {"prompt_id": f"p{index}", "decoding": "greedy", "correct": value} for index, value in enumerate(correct)
+        ])
         now = int(time.time() * 1000)
         figures = [("pass_at_1", 0.25, 0), ("pass_at_1_ci_low", 0.1, 0), ("pass_at_1_ci_high", 0.4, 0)]
         figures += [("pass_at_1", accuracy, 1), ("pass_at_1_ci_low", accuracy - 0.1, 1), ("pass_at_1_ci_high", accuracy + 0.1, 1)]
@@ -141,30 +196,52 @@ def test_a_failed_arm_is_reported_the_others_run_and_resume_retries_only_it(tmp_
     folder, uri = tmp_path / "exp", default_tracking_uri(tmp_path)
     runner = ScriptedArms(failing={"ppo"})
 
-    report = run_experiment("exp", spec, experiment, arms, runner, folder, uri)
+    report = run_experiment("exp", spec, experiment, arms, folder, uri, run_arm=runner)
 
     text = report.read_text()
-    assert "| ppo | `train.objective=ppo` | shared | failed: RuntimeError: curation left nothing to train on |" in text
+    assert "| ppo | `train.objective=ppo` | shared | 0/1 |" in text and "rep0: RuntimeError: curation left nothing to train on |" in text
     assert "| topr | 25.0% [10.0%, 40.0%] | 50.0% [40.0%, 60.0%] |" in text
     assert (folder / "accuracy.png").stat().st_size > 0 and (folder / "degeneration.png").stat().st_size > 0
     results = json.loads((folder / "results.json").read_text())
-    assert {arm: result["status"] for arm, result in results["arms"].items()} == {"topr": "finished", "rft": "finished", "ppo": "failed"}
-    # The shared data: one starting model, iteration 1's samples, each arm's config as it ran.
-    samples = read_records(folder / "shared" / "iter1_samples.jsonl")
-    assert len(samples) == 4 and {r["prompt_id"] for r in samples} == {r["prompt_id"] for r in read_records(folder / "shared" / "train_prompts.jsonl")[:2]}
-    ran = yaml.safe_load((folder / "arms" / "rft" / "config.yaml").read_text())
-    assert ran["sample"]["first_iteration_samples"] == str(folder / "shared" / "iter1_samples.jsonl")
+    assert {arm: unit["rep0"]["status"] for arm, unit in results["units"].items()} == {"topr": "finished", "rft": "finished", "ppo": "failed"}
+    # The shared data: one starting model and its evaluation, iteration 1's samples, each unit's config as it ran.
+    samples = read_records(folder / "shared" / "rep0" / "samples.jsonl")
+    assert len(samples) == 4 and {r["prompt_id"] for r in samples} == {r["prompt_id"] for r in read_records(folder / "shared" / "rep0" / "train_prompts.jsonl")[:2]}
+    assert len(read_records(folder / "shared" / "start" / "evaluation_completions.jsonl")) == 2
+    ran = yaml.safe_load((folder / "arms" / "rft" / "rep0" / "config.yaml").read_text())
+    assert ran["sample"]["first_iteration_samples"] == str(folder / "shared" / "rep0" / "samples.jsonl")
     assert ran["model"]["path"] == str(folder / "shared" / "base_model")
 
     with pytest.raises(ConfigError, match="already exists: pass --resume"):
-        run_experiment("exp", spec, experiment, arms, runner, folder, uri)
+        run_experiment("exp", spec, experiment, arms, folder, uri, run_arm=runner)
     runner.failing.clear()
     write_json(folder / "shared" / "minutes.json", {"minutes": 12.34})  # as if the first preparation had been long
-    run_experiment("exp", spec, experiment, arms, runner, folder, uri, resume=True)
-    assert runner.calls == ["topr", "rft", "ppo", "ppo"]
+    run_experiment("exp", spec, experiment, arms, folder, uri, resume=True, run_arm=runner)
+    assert runner.calls == ["topr/rep0", "rft/rep0", "ppo/rep0", "ppo/rep0"]
     resumed = (folder / "report.md").read_text()
-    assert "| ppo | `train.objective=ppo` | shared | finished |" in resumed
+    assert "| ppo | `train.objective=ppo` | shared | 1/1 |" in resumed
     assert "the shared data took 12.3" in resumed  # the first preparation's time, not the resume's
+
+
+def test_replicates_run_every_arm_on_their_own_data_and_the_report_pairs_them(tmp_path, tiny_model_dir):
+    spec = ExperimentSpec(description="Two objectives, two replicates.", arms={"rft": ["train.objective=rft"], "topr": []}, replicates=2)
+    experiment, arms = arm_configs(spec, {}, [f"model.path={tiny_model_dir}", *TINY])
+    folder, runner = tmp_path / "exp", ScriptedArms(failing=set())
+
+    report = run_experiment("exp", spec, experiment, arms, folder, default_tracking_uri(tmp_path), run_arm=runner)
+
+    assert runner.calls == ["rft/rep0", "topr/rep0", "rft/rep1", "topr/rep1"]  # replicate by replicate
+    ran = {rep: yaml.safe_load((folder / "arms" / "topr" / rep / "config.yaml").read_text()) for rep in ("rep0", "rep1")}
+    assert (ran["rep1"]["train"]["seed"], ran["rep1"]["sample"]["seed"], ran["rep1"]["task"]["train_seed"]) == (1, 1, 1)
+    assert ran["rep1"]["sample"]["first_iteration_samples"] == str(folder / "shared" / "rep1" / "samples.jsonl")
+    text = report.read_text()
+    # ScriptedArms: in rep0 both arms solve problem p0 only; in rep1 topr solves both, rft p0 only.
+    assert "| topr | 2 | 25.0% (25%, 25%) | 75.0% (50%, 100%) |" in text
+    assert "## Paired differences from `rft`, iteration 1" in text
+    comparisons = json.loads((folder / "results.json").read_text())["comparisons"]["1"]
+    assert [c["arm"] for c in comparisons] == ["topr"]
+    assert comparisons[0]["differences"] == pytest.approx([0.0, 0.5])
+    assert (folder / "paired_differences.png").stat().st_size > 0
 
 
 def test_the_report_is_logged_to_mlflow_and_tags_every_arm(tmp_path, tiny_model_dir):
@@ -173,14 +250,15 @@ def test_the_report_is_logged_to_mlflow_and_tags_every_arm(tmp_path, tiny_model_
     spec = ExperimentSpec(description="d", arms={"topr": [], "rft": ["train.objective=rft"]}, compare="effective_positive_fraction")
     experiment, arms = arm_configs(spec, {}, [f"model.path={tiny_model_dir}", *TINY])
     uri = default_tracking_uri(tmp_path)
-    run_experiment("tagged", spec, experiment, arms, ScriptedArms(failing=set()), tmp_path / "tagged", uri)
+    run_experiment("tagged", spec, experiment, arms, tmp_path / "tagged", uri, run_arm=ScriptedArms(failing=set()))
 
     client = MlflowClient(uri)
     found = client.search_runs([client.get_experiment_by_name("experiment-tagged").experiment_id])
     by_name = {run.info.run_name: run for run in found}
-    assert set(by_name) == {"tagged/topr", "tagged/rft", "tagged/report"}
-    assert by_name["tagged/topr"].data.tags["topr.arm"] == "topr"
-    assert by_name["tagged/report"].data.tags["topr.arm.rft"] == by_name["tagged/rft"].info.run_id
+    assert set(by_name) == {"tagged/topr/rep0", "tagged/rft/rep0", "tagged/report"}
+    assert by_name["tagged/topr/rep0"].data.tags["topr.arm"] == "topr"
+    assert by_name["tagged/topr/rep0"].data.tags["topr.replicate"] == "rep0"
+    assert by_name["tagged/report"].data.tags["topr.unit.rft.rep0"] == by_name["tagged/rft/rep0"].info.run_id
     logged = {item.path for item in client.list_artifacts(by_name["tagged/report"].info.run_id)}
     assert logged == {"report.md", "results.json", "accuracy.png", "degeneration.png", "positive_fraction.png"}
 
@@ -200,7 +278,7 @@ def test_tables_show_intervals_composition_and_the_verifier_only_when_it_ran():
     }
     assert accuracy_table({"topr": metrics}).splitlines()[2] == "| topr | 25.0% [10.0%, 40.0%] | 50.0% [40.0%, 60.0%] |"
     row = degeneration_table({"topr": metrics}).splitlines()[2]
-    assert row == "| topr | 1 | – | 10 (2/8) | 0.20 | 0.031 | -3.21 | – | 12.5% | – | – |"
+    assert row == "| topr | 1 | – | 10 (2/8) | 0.20 | – | 0.031 | – | – | -3.21 | – | 12.5% | – | – |"
     assert verifier_table({"topr": metrics}) is None
     votes = {key: {1: value} for key, value in {
         "verifier_accuracy_base": 0.3, "verifier_accuracy_trained": 0.7, "verifier_invalid_rate_base": 0.4,

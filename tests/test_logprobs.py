@@ -101,14 +101,47 @@ def test_no_checkpoint_without_grad(monkeypatch):
 
 
 def test_chunked_bfloat16_is_computed_in_float32():
+    """A bfloat16 head and hidden states: the product is taken in float32 (``float32_head``), or
+    in bfloat16 with only the log-softmax in float32."""
     hidden, head, targets = make_inputs()
     head = head.to(torch.bfloat16)
     hidden = hidden.to(torch.bfloat16)
     with torch.no_grad():
         result = chunked_token_logprobs(hidden, head, targets, chunk_size=3)
-        expected = naive_logprobs(hidden, head, targets)
-    assert result.dtype == torch.float32
-    assert_close(result, expected, rtol=0, atol=1e-4)
+        expected = naive_logprobs(hidden.float(), lambda h: h @ head.weight.float().T, targets)
+        low = chunked_token_logprobs(hidden, head, targets, chunk_size=3, float32_head=False)
+        expected_low = naive_logprobs(hidden, head, targets)
+    assert result.dtype == low.dtype == torch.float32
+    assert_close(result, expected, rtol=0, atol=1e-5)
+    assert_close(low, expected_low, rtol=0, atol=1e-4)
+
+
+def test_float32_head_under_bfloat16_autocast_matches_float32():
+    """Under autocast the head's logits would be bfloat16; log π would then be off by their rounding
+    (about 0.03 on a logit of 10) compared with the float32 log μ recorded at sampling."""
+    hidden, head, targets = make_inputs(n=64, width=32, vocab=4096)
+    with torch.no_grad():
+        exact = chunked_token_logprobs(hidden, head, targets, chunk_size=16)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            float32_head = chunked_token_logprobs(hidden, head, targets, chunk_size=16)
+            bfloat16_head = chunked_token_logprobs(hidden, head, targets, chunk_size=16, float32_head=False)
+    assert float32_head.dtype == bfloat16_head.dtype == torch.float32
+    assert_close(float32_head, exact, rtol=0, atol=1e-5)
+    assert (bfloat16_head - exact).abs().max() > 1e-3
+
+
+def test_float32_head_under_autocast_has_float32_gradients():
+    hidden, head, targets = make_inputs()
+    expected_hidden = hidden.clone().requires_grad_(True)
+    naive_logprobs(expected_hidden, head, targets).sum().backward()
+    expected_head, head.weight.grad = head.weight.grad.clone(), None
+    hidden.requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        result = chunked_token_logprobs(hidden, head, targets, chunk_size=3)
+    result.sum().backward()  # outside autocast, as in training
+    assert head.weight.grad.dtype == torch.float32
+    assert_close(head.weight.grad, expected_head, rtol=1e-4, atol=1e-5)
+    assert_close(hidden.grad, expected_hidden.grad, rtol=1e-4, atol=1e-5)
 
 
 def test_chunked_empty():
@@ -227,6 +260,25 @@ def test_completion_logprobs_gradient_matches_full_forward(tiny_llama):
         assert_close(chunked[name], parameter.grad, rtol=1e-4, atol=1e-6, msg=name)
     tiny_llama.zero_grad(set_to_none=True)
     assert chunked["model.embed_tokens.weight"].abs().sum() > 0
+
+
+def test_completion_logprobs_pass_float32_head_on(tiny_llama):
+    """Under bfloat16 autocast the backbone runs in bfloat16 either way; the head is float32 by default."""
+    batch = batch_prompt_completions(PROMPTS, COMPLETIONS, pad_token_id=PAD)
+    mask = batch["completion_mask"] > 0
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        hidden = tiny_llama.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        float32_head = completion_logprobs(tiny_llama, **batch)
+        bfloat16_head = completion_logprobs(tiny_llama, **batch, float32_head=False)
+    logits = hidden.float() @ tiny_llama.lm_head.weight.T
+    expected = [
+        torch.log_softmax(logits[row, len(prompt) - 1 : len(prompt) - 1 + len(completion)], dim=-1)[
+            torch.arange(len(completion)), torch.tensor(completion)
+        ]
+        for row, (prompt, completion) in enumerate(zip(PROMPTS, COMPLETIONS))
+    ]
+    assert_close(float32_head[mask], torch.cat(expected), rtol=0, atol=1e-5)
+    assert not torch.allclose(bfloat16_head[mask], float32_head[mask], rtol=0, atol=1e-5)
 
 
 def test_completion_logprobs_ignore_padding_contents(tiny_llama):

@@ -8,7 +8,15 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from topr.objectives import LOG_RATIO_CLAMP, OBJECTIVES, PRESETS, RATIO_LEVELS, policy_loss
+from topr.objectives import (
+    LENGTH_NORMALIZATIONS,
+    LOG_RATIO_CLAMP,
+    NEGATIVE_RATIO_STATS,
+    OBJECTIVES,
+    PRESETS,
+    RATIO_LEVELS,
+    policy_loss,
+)
 
 TAPERED = tuple(PRESETS)
 STATS_KEYS = {
@@ -27,6 +35,12 @@ STATS_KEYS = {
     "ratio_p90",
     "logprob_positive_mean",
     "logprob_negative_mean",
+    "ratio_negative_p10",
+    "ratio_negative_p50",
+    "ratio_negative_p90",
+    "gradient_weight_positive",
+    "gradient_weight_negative",
+    "log_ratio_per_token",
 }
 
 
@@ -415,6 +429,110 @@ def test_stats_with_no_negatives_use_zero():
     assert stats["positive_fraction"] == 1.0 and stats["negative_count"] == 0.0
     assert stats["mean_weight_positive"] == 1.0
     assert stats["mean_weight_negative"] == 0.0 and stats["logprob_negative_mean"] == 0.0
+    assert stats["gradient_weight_negative"] == 0.0
+    # No ratio on negatives at all, rather than a 0 that would read as a collapsed taper.
+    assert not set(NEGATIVE_RATIO_STATS) & set(stats)
+
+
+def rows_with_log_ratios(sequence_log_ratios, rewards, tokens=2):
+    """One completion per row whose tokens share its sequence log pi - log mu equally."""
+    log_ratios = torch.tensor(sequence_log_ratios, dtype=torch.float64)
+    logprobs = torch.full((len(log_ratios), tokens), -1.0, dtype=torch.float64, requires_grad=True)
+    behavior = logprobs.detach() - (log_ratios / tokens)[:, None]
+    return logprobs, behavior, torch.tensor(rewards, dtype=torch.float64), torch.ones(len(log_ratios), tokens)
+
+
+def test_ratio_quantiles_on_negatives_leave_the_positives_out():
+    log_ratios = [3.0, -1.0, 2.0, -2.0, -0.5, -3.0]  # the positives' ratios are the largest
+    rewards = [1.0, -1.0, 1.0, -1.0, -1.0, -1.0]
+    _, _, stats = loss_and_grad(*rows_with_log_ratios(log_ratios, rewards), objective="topr")
+    negatives = torch.tensor([-1.0, -2.0, -0.5, -3.0], dtype=torch.float64).exp()
+    expected = torch.quantile(negatives, torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64))
+    assert [stats[name] for name in NEGATIVE_RATIO_STATS] == pytest.approx(expected.tolist())
+    assert stats["ratio_negative_p50"] < stats["ratio_p50"]  # the batch's median mixes in the positives
+
+
+def test_gradient_weights_are_the_tapered_push_of_each_group():
+    # TOPR: positives at weight 1; negatives at clip(rho, 0, 1) = e^-1, then 1 (rho = e^0.5 > 1).
+    log_ratios, rewards = [-2.0, 0.0, -1.0, 0.5], [1.0, 0.5, -1.0, -2.0]
+    _, _, stats = loss_and_grad(*rows_with_log_ratios(log_ratios, rewards), objective="topr")
+    assert stats["gradient_weight_positive"] == pytest.approx((1.0 + 0.5) / 4)
+    assert stats["gradient_weight_negative"] == pytest.approx((math.exp(-1.0) * 1.0 + 1.0 * 2.0) / 4)
+    # TIS tapers positives too: clip(e^-2, 0, 1).
+    _, _, stats = loss_and_grad(*rows_with_log_ratios(log_ratios, rewards), objective="tis")
+    assert stats["gradient_weight_positive"] == pytest.approx((math.exp(-2.0) * 1.0 + 1.0 * 0.5) / 4)
+
+
+def test_gradient_weights_per_token_average_the_completions_token_weights():
+    # One negative of 2 tokens with ratios 0.5 and 2: TOPR's token weights 0.5 and 1.
+    logprobs = torch.full((2, 2), -1.0, dtype=torch.float64, requires_grad=True)
+    behavior = logprobs.detach() - torch.tensor([[math.log(0.5), math.log(2.0)], [0.0, 0.0]], dtype=torch.float64)
+    rewards, mask = torch.tensor([-1.0, 1.0], dtype=torch.float64), torch.tensor([[1.0, 1.0], [1.0, 0.0]])
+    _, _, stats = loss_and_grad(logprobs, behavior, rewards, mask, objective="topr", ratio_level="token")
+    assert stats["gradient_weight_negative"] == pytest.approx((0.5 + 1.0) / 2 / 2)
+    assert stats["gradient_weight_positive"] == pytest.approx(1.0 / 2)
+    # PPO: the negative's token at ratio 0.5 < 1 - eps is clipped (weight 0), the other keeps 2.
+    _, _, stats = loss_and_grad(logprobs, behavior, rewards, mask, objective="ppo")
+    assert stats["gradient_weight_negative"] == pytest.approx((0.0 + 2.0) / 2 / 2)
+
+
+def test_log_ratio_per_token_counts_every_completion_token_once():
+    logprobs, behavior, rewards, mask = random_batch(seed=12)
+    _, _, stats = loss_and_grad(logprobs, behavior, rewards, mask)
+    valid = mask != 0
+    expected = (logprobs.detach() - behavior)[valid].sum() / valid.sum()
+    assert stats["log_ratio_per_token"] == pytest.approx(expected.item())
+    on_policy = logprobs.detach().clone()
+    _, _, stats = loss_and_grad(logprobs, on_policy, rewards, mask)
+    assert stats["log_ratio_per_token"] == 0.0 and stats["ratio_negative_p50"] == 1.0
+
+
+# ----------------------------------------------------------------------------- length normalization
+
+
+@pytest.mark.parametrize("ratio_level", ["sequence", "token"])
+@pytest.mark.parametrize("length_normalization", LENGTH_NORMALIZATIONS)
+def test_length_normalization_divides_each_completion_by_its_length_or_a_constant(length_normalization, ratio_level):
+    logprobs, behavior, rewards, mask = random_batch(seed=13)
+    normalizer = 10.0 if length_normalization == "constant" else None
+    _, grad, _ = loss_and_grad(
+        logprobs, behavior, rewards, mask, objective="topr", ratio_level=ratio_level,
+        length_normalization=length_normalization, normalizer=normalizer,
+    )  # fmt: skip
+    # The closed form: d loss / d log pi(y_it) = -alpha * A_i / (B * L_i) on completion tokens.
+    valid = mask != 0
+    token_log_ratio = torch.where(valid, logprobs.detach() - behavior, 0.0)
+    log_ratio = token_log_ratio if ratio_level == "token" else token_log_ratio.sum(dim=1, keepdim=True)
+    positive = (rewards >= 0)[:, None]
+    alpha = torch.where(positive, 1.0, log_ratio.exp().clamp(0, 1))
+    lengths = valid.sum(dim=1, keepdim=True).clamp_min(1).double()
+    divisor = lengths if normalizer is None else torch.full_like(lengths, normalizer)
+    expected = torch.where(valid, -alpha * rewards[:, None] / (len(rewards) * divisor), 0.0)
+    assert_close(grad, expected)
+
+
+def test_constant_length_normalization_weighs_tokens_alike_whatever_the_length():
+    short, long = one_row(0.0, 1.0, tokens=2), one_row(0.0, 1.0, tokens=8)
+    grads = {
+        name: [loss_and_grad(*row, length_normalization=name, normalizer=normalizer)[1][0, 0].item() for row in (short, long)]
+        for name, normalizer in (("sequence", None), ("constant", 8.0))
+    }
+    assert grads["constant"][0] == grads["constant"][1] == pytest.approx(-1 / 8)
+    assert grads["sequence"] == pytest.approx([-1 / 2, -1 / 8])
+
+
+@pytest.mark.parametrize(
+    "arguments, named",
+    [
+        ({"length_normalization": "tokens"}, "length_normalization"),
+        ({"length_normalization": "constant"}, "normalizer"),
+        ({"length_normalization": "constant", "normalizer": 0.0}, "normalizer"),
+        ({"length_normalization": "sequence", "normalizer": 64.0}, "normalizer"),
+    ],
+)
+def test_length_normalization_arguments_are_checked(arguments, named):
+    with pytest.raises(ValueError, match=named):
+        policy_loss(*random_batch(), **arguments)
 
 
 # ----------------------------------------------------------------------------- validation

@@ -12,6 +12,8 @@ from topr.tracking import default_tracking_uri, start_pipeline_run
 EVALUATIONS = {0: (0.10, 0.05, 0.20, 0.30), 1: (0.25, 0.18, 0.33, 0.125), 2: (0.50, 0.40, 0.60, 0.0)}
 # iteration -> (sample accuracy, curated count, positives, negatives, effective positive fraction)
 CURATIONS = {1: (0.125, 40, 8, 32, 0.2), 2: (0.375, 30, 12, 18, 0.4)}
+# iteration -> (positive weight share after the taper, median ratio on negatives at the end); iteration 2 had no negatives' ratio
+TRAININGS = {1: (0.61, 0.042), 2: (0.7, None)}
 
 
 @pytest.fixture(scope="module")
@@ -41,6 +43,8 @@ def logged_run(tmp_path_factory):
             ("positive_fraction", positives / count, iteration),
             ("effective_positive_fraction", effective, iteration),
         ]
+    for iteration, (share, ratio) in TRAININGS.items():
+        figures += [("positive_weight_share", share, iteration)] + ([("final_ratio_negative_p50", ratio, iteration)] if ratio is not None else [])
     now = int(time.time() * 1000)
     MlflowClient(uri).log_batch(parent, metrics=[Metric(key, float(value), now, step) for key, value, step in figures])
     return uri, parent, root
@@ -68,9 +72,9 @@ def test_format_table_one_row_per_iteration(logged_run):
     assert set(lines[1]) == {"-"}
     assert len(lines) == 2 + 3
     assert table_rows(table) == [
-        ["0", "10.0%", "[5.0%,", "20.0%]", "30.0%", "-", "start", "-"],
-        ["1", "25.0%", "[18.0%,", "33.0%]", "12.5%", "12.5%", "40", "(8/32)", "0.20"],
-        ["2", "50.0%", "[40.0%,", "60.0%]", "0.0%", "37.5%", "30", "(12/18)", "0.40"],
+        ["0", "10.0%", "[5.0%,", "20.0%]", "30.0%", "-", "start", "-", "-", "-"],
+        ["1", "25.0%", "[18.0%,", "33.0%]", "12.5%", "12.5%", "40", "(8/32)", "0.20", "0.61", "0.042"],
+        ["2", "50.0%", "[40.0%,", "60.0%]", "0.0%", "37.5%", "30", "(12/18)", "0.40", "0.70", "-"],
     ]
 
 
@@ -88,7 +92,7 @@ def test_format_table_columns_line_up():
     }
     lines = format_table(metrics).splitlines()
     assert len({len(line) for line in lines}) == 1
-    assert lines[3].split() == ["1", "100.0%", "[90.0%,", "100.0%]", "0.0%", "50.0%", "3", "(1/2)", "0.33"]
+    assert lines[3].split() == ["1", "100.0%", "[90.0%,", "100.0%]", "0.0%", "50.0%", "3", "(1/2)", "0.33", "-", "-"]
 
 
 def test_plot_accuracy_writes_png(tmp_path, logged_run):

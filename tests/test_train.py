@@ -9,7 +9,9 @@ at 1e-2 (half the initialisation scale of this model) a few steps overshoot in e
 from __future__ import annotations
 
 import json
+import logging
 import math
+import random
 from pathlib import Path
 
 import pytest
@@ -20,8 +22,10 @@ from topr import train as train_module
 from topr.config import load_config
 from topr.logprobs import batch_prompt_completions, completion_logprobs
 from topr.models import PROVENANCE_FILE, load_policy, model_identity, prompt_token_ids
+from topr.objectives import NEGATIVE_RATIO_STATS
 from topr.records import RecordError, write_records
-from topr.train import launch_train, run_train
+from topr.sample import SamplingParams, TransformersEngine, sample_records
+from topr.train import global_batches, launch_train, run_train
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: one thread beats synchronising several
 
@@ -213,6 +217,132 @@ def test_policy_is_evaluated_at_the_sampling_temperature(policy, tiny_model_dir,
     assert abs(stats["other"]["log_ratio_mean"]) > 0.03  # near-uniform random model: small but clear
 
 
+def test_first_step_on_data_the_model_just_sampled_has_ratio_one(tiny_model_dir, tmp_path, caplog):
+    """Sampled at temperature 0.5 by the float32 model itself, π evaluated at the sampling temperature:
+    log π − log μ is 0 on every token up to float rounding, and nothing is reported as wrong."""
+    # A copy of its own: the engine sets the model's generation config.
+    model, tokenizer = load_policy(tiny_model_dir, device=torch.device("cpu"))
+    engine = TransformersEngine(model, tokenizer, batch_size=8, progress=False)
+    questions = [question for question, _, _ in POSITIVES + NEGATIVES]
+    problems = [{"prompt_id": f"p{i}", "prompt": question, "reference": "0"} for i, question in enumerate(questions)]
+    params = SamplingParams(n=2, temperature=0.5, top_k=0, top_p=1.0, max_new_tokens=6, seed=0)
+    records = sample_records(engine, tokenizer, problems, params, None, model_identity(tiny_model_dir))
+    for index, record in enumerate(records):
+        record.update(reward=1.0 if index % 2 else -1.0, correct=bool(index % 2))
+    with caplog.at_level(logging.WARNING, logger="topr.train"):
+        summary, steps, _ = train(tmp_path, tiny_model_dir, records, config("sample.temperature=0.5", "train.batch_size=8"))
+    assert abs(summary["first_step_log_ratio_per_token"]) < 1e-3
+    first = steps[0][1]
+    assert first["log_ratio_per_token"] == pytest.approx(0.0, abs=1e-3)
+    assert first["ratio_negative_p50"] == pytest.approx(1.0, abs=1e-3)
+    assert "sampled itself" not in caplog.text
+
+
+def test_a_warning_when_the_models_own_data_starts_off_policy(policy, tiny_model_dir, tmp_path, caplog):
+    """μ = π · e^0.05 per token: fine for data from another model, suspect for the model's own."""
+    records = make_records(policy, POSITIVES + NEGATIVES, behavior_shift=0.05)
+    itself, another = model_identity(tiny_model_dir), "sha256:another-model"
+    warnings = {}
+    for sampler in (itself, another):
+        caplog.clear()
+        for record in records:
+            record["behavior_model"] = sampler
+        with caplog.at_level(logging.WARNING, logger="topr.train"):
+            summary, _, _ = train(tmp_path, tiny_model_dir, records, config(), name=sampler[-5:])
+        assert summary["first_step_log_ratio_per_token"] == pytest.approx(-0.05, abs=1e-4)
+        warnings[sampler] = caplog.text
+    assert "sampled itself" in warnings[itself] and "-0.0500" in warnings[itself]
+    assert "sampled itself" not in warnings[another]
+
+
+# ----------------------------------------------------------------------------- options
+
+
+def test_learning_rate_follows_the_schedule_and_is_the_one_used(policy, tiny_model_dir, tmp_path):
+    records = make_records(policy, POSITIVES + NEGATIVES + POSITIVES[:1])
+    _, steps, _ = train(
+        tmp_path, tiny_model_dir, records, config("train.batch_size=1", "train.warmup_steps=2", "train.lr_schedule=linear")
+    )
+    # get_scheduler("linear") over 5 steps, 2 of warm-up: 0, 1/2, then from 1 down by thirds.
+    assert [stats["learning_rate"] for _, stats in steps] == pytest.approx([0.0, 1.5e-3, 3e-3, 2e-3, 1e-3])
+
+    # A single step inside the warm-up runs at learning rate 0: the weights stay as they were.
+    summary, steps, output = train(tmp_path, tiny_model_dir, records[:4], config("train.warmup_steps=1"), name="warm")
+    assert summary["steps"] == 1 and steps[0][1]["learning_rate"] == 0.0 and steps[0][1]["grad_norm"] > 0
+    trained, initial = load_file(output / "model.safetensors"), load_file(Path(tiny_model_dir) / "model.safetensors")
+    assert all(torch.equal(trained[name], initial[name]) for name in initial)
+
+
+def test_constant_length_normalization_divides_by_max_new_tokens(policy, tiny_model_dir, tmp_path):
+    records = make_records(policy, POSITIVES + NEGATIVES)
+    rewards = torch.tensor([r["reward"] for r in records])
+    lengths = torch.tensor([len(r["completion_token_ids"]) for r in records])
+    logprob_sums = sequence_logprobs(policy[0], records)
+    losses = {}
+    for normalization in ("sequence", "constant"):
+        cfg = config(f"train.length_normalization={normalization}", "sample.max_new_tokens=8")
+        losses[normalization] = train(tmp_path, tiny_model_dir, records, cfg, name=normalization)[1][0][1]["loss"]
+    # On-policy, every weight is 1: loss = -mean(A · Σ log π / L).
+    assert losses["constant"] == pytest.approx(-(rewards * logprob_sums).mean().item() / 8, rel=1e-4)
+    assert losses["sequence"] == pytest.approx(-(rewards * logprob_sums / lengths).mean().item(), rel=1e-4)
+
+
+def reward_records(rewards):
+    return [{"prompt_id": f"q{index}", "reward": reward} for index, reward in enumerate(rewards)]
+
+
+@pytest.mark.parametrize(
+    "count, positives, size, epochs", [(89, 10, 8, 3), (30, 7, 4, 2), (12, 6, 5, 3), (9, 0, 4, 2), (9, 9, 4, 1)]
+)
+def test_stratified_batches_spread_the_positives_evenly(count, positives, size, epochs):
+    records = reward_records([1.0] * positives + [-1.0] * (count - positives))
+    batches = global_batches(records, size, epochs, seed=5, order="stratified")
+
+    order = [r["prompt_id"] for batch in batches for r in batch]
+    for epoch in range(epochs):  # every record once per epoch, epochs back to back
+        assert sorted(order[epoch * count : (epoch + 1) * count]) == sorted(r["prompt_id"] for r in records)
+    assert all(len(batch) == size for batch in batches[:-1]) and len(order) == count * epochs
+    share = positives * size / count
+    for batch in batches:
+        if len(batch) == size:
+            assert sum(r["reward"] > 0 for r in batch) in {math.floor(share), math.ceil(share)}, batches
+    assert global_batches(records, size, epochs, seed=5, order="stratified") == batches  # deterministic
+    if 0 < positives < count:
+        assert global_batches(records, size, epochs, seed=6, order="stratified") != batches
+
+
+def test_stratified_batches_count_positives_against_the_baseline_and_shuffle_inside_a_batch():
+    records = reward_records([0.5] * 3 + [0.0] * 9)  # baseline 0.5: A = 0 counts as positive
+    batches = global_batches(records, 4, epochs=4, seed=1, order="stratified", baseline=0.5)
+    assert all(sum(r["reward"] == 0.5 for r in batch) == 1 for batch in batches)
+    places = {next(i for i, r in enumerate(batch) if r["reward"] == 0.5) for batch in batches}
+    assert len(places) > 1  # the positive is not always in the same place of its batch
+
+
+def test_shuffled_batches_are_as_before():
+    """The default order is unchanged, so a seed gives the batches that earlier runs had."""
+    records = reward_records([1.0, -1.0] * 5 + [1.0])
+    expected = []
+    for epoch in range(3):
+        epoch_order = list(range(len(records)))
+        random.Random(4 * 7919 + epoch).shuffle(epoch_order)
+        expected += epoch_order
+    batches = global_batches(records, 4, 3, seed=4)
+    assert [r["prompt_id"] for batch in batches for r in batch] == [f"q{i}" for i in expected]
+
+
+def test_training_takes_the_batch_order_asked_for(policy, tiny_model_dir, tmp_path):
+    records = make_records(policy, POSITIVES + NEGATIVES * 3)
+    positives = {
+        order: [sum(r["reward"] >= 0 for r in batch) for batch in global_batches(records, 2, 2, seed=0, order=order)]
+        for order in ("shuffle", "stratified")
+    }
+    assert positives["stratified"] != positives["shuffle"]  # so the steps show which order was taken
+    cfg = config("train.batch_order=stratified", "train.batch_size=2", "train.epochs=2")
+    _, steps, _ = train(tmp_path, tiny_model_dir, records, cfg)
+    assert [stats["positive_count"] for _, stats in steps] == positives["stratified"]
+
+
 # ----------------------------------------------------------------------------- steps and accumulation
 
 
@@ -241,6 +371,46 @@ def test_a_short_micro_batch_counts_its_sequences_not_as_a_whole_micro_batch(pol
     assert split_steps[0][1]["loss"] == pytest.approx(whole_steps[0][1]["loss"], rel=1e-4, abs=1e-6)
     assert split_steps[0][1]["grad_norm"] == pytest.approx(whole_steps[0][1]["grad_norm"], rel=1e-3)
     assert split_steps[0][1]["positive_fraction"] == pytest.approx(2 / 3)
+
+
+def test_a_groups_figures_weigh_each_micro_batch_by_the_groups_size(policy, tiny_model_dir, tmp_path):
+    """3 positives and a negative in micro-batches of 2: one micro-batch holds no negative, and the
+    figures on negatives are the negative's own, not halved by the micro-batch without one."""
+    records = make_records(policy, POSITIVES + POSITIVES[:1] + NEGATIVES[:1])
+    summary, steps, _ = train(
+        tmp_path, tiny_model_dir, records, config("train.batch_size=2", "train.gradient_accumulation=2")
+    )
+    stats = steps[0][1]
+    assert stats["mean_weight_negative"] == pytest.approx(1.0, abs=1e-4)  # on-policy: ratio 1
+    assert stats["logprob_negative_mean"] == pytest.approx(sum(records[3]["behavior_logprobs"]) / 3, abs=1e-4)
+    assert stats["ratio_negative_p50"] == pytest.approx(1.0, abs=1e-3)
+    assert stats["mean_weight_positive"] == pytest.approx(1.0)
+    # |α·A| = 1 for each of the 4 sequences: the positives carry 3/4 of the gradient weight.
+    assert stats["positive_weight_share"] == pytest.approx(0.75, abs=1e-4)
+    assert (stats["sequences"], stats["learning_rate"]) == (4, 3e-3)
+    assert summary["positive_weight_share"] == pytest.approx(0.75, abs=1e-4)
+    assert summary["final_ratio_negative_p50"] == pytest.approx(1.0, abs=1e-3)
+    assert abs(summary["first_step_log_ratio_per_token"]) < 1e-4
+
+    positives_only, steps, _ = train(tmp_path, tiny_model_dir, make_records(policy, POSITIVES * 2), config(), name="positives")
+    stats = steps[0][1]
+    assert not {"mean_weight_negative", "logprob_negative_mean", *NEGATIVE_RATIO_STATS} & set(stats)
+    assert stats["positive_weight_share"] == 1.0 and stats["gradient_weight_negative"] == 0.0
+    assert not {"mean_weight_negative", "final_logprob_negative", "final_ratio_negative_p50"} & set(positives_only)
+
+
+def test_log_ratio_per_token_weighs_each_micro_batch_by_its_tokens(policy, tiny_model_dir, tmp_path):
+    # log π − log μ: −0.3 on each of 3 tokens, +0.2 on each of 2 tokens; one micro-batch each.
+    records = make_records(policy, POSITIVES[:1], behavior_shift=0.3)
+    records += make_records(policy, NEGATIVES[1:], behavior_shift=-0.2)
+    summary, steps, _ = train(
+        tmp_path, tiny_model_dir, records, config("train.batch_size=1", "train.gradient_accumulation=2")
+    )
+    stats = steps[0][1]
+    assert stats["log_ratio_per_token"] == pytest.approx((3 * -0.3 + 2 * 0.2) / 5, abs=1e-4)
+    assert summary["first_step_log_ratio_per_token"] == stats["log_ratio_per_token"]
+    assert stats["ratio_negative_p50"] == pytest.approx(math.exp(0.4), rel=1e-3)  # the negative's own ratio
+    assert stats["mean_weight_negative"] == pytest.approx(1.0)  # TOPR: clip(e^0.4, 0, 1)
 
 
 def test_one_process_trains_here_and_reports_each_step_as_it_goes(policy, tiny_model_dir, tmp_path):
@@ -399,3 +569,31 @@ def test_negatives_summary_weighs_each_step_by_its_count_and_ends_on_the_last_qu
     assert summary["final_logprob_negative"] == pytest.approx(-4.0)  # the last quarter: the last step
     assert summary["final_logprob_positive"] == pytest.approx(-0.2)
     assert train_module.negatives_summary([step(0.0, 0, 0.0, 2, -0.1)]) == {"final_logprob_positive": pytest.approx(-0.1)}
+
+
+def test_summaries_count_only_the_steps_that_report_a_figure():
+    """A step without negatives reports no figure on them; the last quarter of 8 steps is the last 2."""
+    without_negatives = {"positive_count": 4, "negative_count": 0, "logprob_positive_mean": -0.5}
+    with_negatives = [
+        {"positive_count": 1, "negative_count": 3, "ratio_negative_p50": 0.9, "logprob_negative_mean": -2.0},
+        {"positive_count": 3, "negative_count": 1, "ratio_negative_p50": 0.3, "logprob_negative_mean": -3.0},
+        {"positive_count": 1, "negative_count": 3, "ratio_negative_p50": 0.1, "logprob_negative_mean": -4.0},
+    ]
+    ending_without = train_module.negatives_summary(with_negatives + [without_negatives] * 5)
+    assert ending_without == {"final_logprob_positive": pytest.approx(-0.5)}
+    ending_with = train_module.negatives_summary([without_negatives] * 5 + with_negatives)
+    assert ending_with["final_ratio_negative_p50"] == pytest.approx((1 * 0.3 + 3 * 0.1) / 4)
+    assert ending_with["final_logprob_negative"] == pytest.approx((1 * -3.0 + 3 * -4.0) / 4)
+
+
+def test_gradient_summary_weighs_each_step_by_its_sequences():
+    history = [
+        {"log_ratio_per_token": 0.004, "gradient_weight_positive": 0.25, "gradient_weight_negative": 0.75, "sequences": 4},
+        {"log_ratio_per_token": -0.5, "gradient_weight_positive": 1.0, "gradient_weight_negative": 0.0, "sequences": 4},
+        {"log_ratio_per_token": -0.9, "gradient_weight_positive": 0.4, "gradient_weight_negative": 0.1, "sequences": 2},
+    ]
+    summary = train_module.gradient_summary(history)
+    assert summary["first_step_log_ratio_per_token"] == 0.004
+    assert summary["positive_weight_share"] == pytest.approx((1.0 + 4.0 + 0.8) / (4.0 + 4.0 + 1.0))
+    silent = [{"log_ratio_per_token": 0.0, "gradient_weight_positive": 0.0, "gradient_weight_negative": 0.0, "sequences": 4}]
+    assert train_module.gradient_summary(silent) == {"first_step_log_ratio_per_token": 0.0}

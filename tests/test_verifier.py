@@ -241,7 +241,7 @@ def test_branch_end_to_end_on_the_tiny_model(tiny_model_dir, tmp_path):
     assert 0 <= summary["verifier_train_yes_share"] <= 1
 
     trained = run_train_verifier(config, tiny_model_dir, data, tmp_path / "verifier", tmp_path / "work")
-    judgments = read_records(tmp_path / "work" / "judgments.jsonl")
+    judgments = read_records(tmp_path / "work" / "samples.jsonl")  # topr.loop.IterationFiles
     assert trained["judgments"] == len(judgments) == 2 * summary["verifier_train_prompts"]
     assert 0 <= trained["judgment_accuracy_before"] <= 1 and 0 <= trained["judgment_invalid_rate_before"] <= 1
     assert trained["curated_count"] == trained["curated_positives"] + trained["curated_negatives"] > 0

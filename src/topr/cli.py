@@ -66,17 +66,23 @@ def _build_parser() -> argparse.ArgumentParser:
     experiment = commands.add_parser(
         "experiment",
         help="Compare objectives, curation, baselines, ratio levels or the verifier: several runs on the same data.",
-        description="Run every arm of an experiment as a local pipeline run (the starting model, the prompts "
-        "and iteration 1's samples shared), then write report.md with accuracy tables (95% CIs), signs of "
-        "degeneration and plots into <run.output_dir>/<experiment name>/, also logged to MLflow (experiment "
-        "'experiment-<name>'). An arm's config: --config, then the spec's overrides, the arm's, and the "
-        "command line's.\n\nNamed experiments:\n\n" + "\n".join(f"  {n}" for n in sorted(named_experiments())),
+        description="Run every arm of an experiment in every replicate, in this process (the starting model "
+        "and its evaluation shared; within a replicate, the training prompts, iteration 1's samples and the "
+        "seeds shared by all arms; every replicate scored on the same held-out problems). Then write report.md "
+        "with accuracy per arm and replicate, each arm's paired difference from the reference arm (mean with "
+        "its 95%% t-interval, sign-flip permutation p-value with Holm's correction, two-level bootstrap "
+        "interval), training diagnostics and plots into <run.output_dir>/<experiment name>/, also logged to "
+        "MLflow (experiment 'experiment-<name>', one run per arm and replicate). An arm's config: --config, "
+        "then the spec's overrides, the arm's, and the command line's.\n\nNamed experiments:\n\n"
+        + "\n".join(f"  {n}" for n in sorted(named_experiments())),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     experiment.add_argument("spec", nargs="?", help="A named experiment (see --list) or a YAML spec file.")
     experiment.add_argument("--list", action="store_true", help="List the named experiments and what each compares.")
     experiment.add_argument("--arms", help="Run only these arms (comma-separated names).")
-    experiment.add_argument("--resume", action="store_true", help="Finish an interrupted experiment: keep its finished arms.")
+    experiment.add_argument("--replicates", type=int, metavar="N", help="Replicates of every arm (default: the spec's `replicates`).")
+    experiment.add_argument("--reference", metavar="ARM", help="The arm the others are compared with (default: the spec's, else its first arm).")
+    experiment.add_argument("--resume", action="store_true", help="Finish an interrupted experiment: keep its finished arm × replicate units.")
     experiment.add_argument("--tracking-uri", help="MLflow tracking URI (sets run.tracking_uri).")
     _add_config_arguments(experiment)
 
@@ -265,7 +271,10 @@ def cmd_experiment(args) -> int:
     if args.list or not args.spec:
         for name, path in sorted(named_experiments().items()):
             _, spec = load_spec(str(path))
-            print(f"{name}\n    {' '.join(spec.description.split())}\n    arms: {', '.join(spec.arms)}\n")
+            print(
+                f"{name}\n    {' '.join(spec.description.split())}\n    arms: {', '.join(spec.arms)}; "
+                f"{spec.replicates} replicate(s), compared with {spec.reference_arm}\n"
+            )
         if not args.list:
             print("topr experiment: name one of these experiments or a spec file", file=sys.stderr)
         return 0 if args.list else 2
@@ -276,19 +285,29 @@ def cmd_experiment(args) -> int:
         if unknown:
             raise ConfigError(f"no arm(s) {', '.join(unknown)} in experiment {name} (arms: {', '.join(spec.arms)})")
         spec = spec.model_copy(update={"arms": {arm: spec.arms[arm] for arm in wanted}})
+    spec = _with_replicates_and_reference(spec, args.replicates, args.reference)
     base = read_config_file(args.config) if args.config else {}
     overrides = list(args.overrides) + ([f"run.tracking_uri={args.tracking_uri}"] if args.tracking_uri else [])
     experiment, arms = arm_configs(spec, base, overrides)
     name = experiment.run.name or name
     tracking_uri = experiment.run.tracking_uri or default_tracking_uri(experiment.run.output_dir)
     check_services(tracking_uri, experiment.run.artifact_store)
-
-    from pipelines.runner import run_local
-
-    report = run_experiment(name, spec, experiment, arms, run_local, Path(experiment.run.output_dir) / name, tracking_uri, args.resume)
+    report = run_experiment(name, spec, experiment, arms, Path(experiment.run.output_dir) / name, tracking_uri, args.resume)
     print(report.read_text())
     print(f"report: {report}")
     return 0
+
+
+def _with_replicates_and_reference(spec, replicates: int | None, reference: str | None):
+    """The spec with the command line's replicate count and reference arm, validated again."""
+    from topr.experiment import ExperimentSpec
+
+    update = {key: value for key, value in (("replicates", replicates), ("reference", reference)) if value is not None}
+    if reference is not None and reference not in spec.arms:
+        raise ConfigError(f"--reference {reference}: no such arm (arms: {', '.join(spec.arms)})")
+    if replicates is not None and replicates < 1:
+        raise ConfigError(f"--replicates must be at least 1, got {replicates}")
+    return ExperimentSpec.model_validate({**spec.model_dump(), **update}) if update else spec
 
 
 def cmd_compile(args) -> int:

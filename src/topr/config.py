@@ -61,6 +61,12 @@ class TaskConfig(Section):
     train_size: int = Field(64, ge=1, description="Training prompts per iteration.")
     eval_size: int = Field(200, ge=1, description="Held-out prompts for every evaluation.")
     seed: int = Field(0, description="Seed for generating (arithmetic) or choosing prompts.")
+    train_seed: int | None = Field(
+        None,
+        description="Seed for the training prompts alone; None uses task.seed. Held-out prompts always "
+        "come from task.seed, so runs with their own train_seed (experiment replicates) are scored on "
+        "the same problems.",
+    )
 
 
 class SampleConfig(Section):
@@ -121,6 +127,12 @@ class TrainConfig(Section):
     ratio_level: Literal["sequence", "token", "geometric"] = Field(
         "sequence", description="Importance ratio per sequence (paper), per token, or geometric mean."
     )
+    length_normalization: Literal["sequence", "constant"] = Field(
+        "sequence",
+        description="Divide each sequence's loss by its completion length |y| (sequence, the paper's) "
+        "or by sample.max_new_tokens (constant: a token's gradient weight does not depend on its "
+        "sequence's length).",
+    )
     positive_bounds: tuple[float, float] | None = Field(
         None, description="Override the preset's clip bounds [a+, b+] for non-negative advantages."
     )
@@ -135,17 +147,37 @@ class TrainConfig(Section):
         "data sampled by the current policy has ratio π/μ = 1.",
     )
     optimizer: Literal["adamw", "adafactor"] = Field("adamw", description="Optimizer.")
-    learning_rate: float = Field(3e-5, gt=0, description="Constant learning rate.")
+    learning_rate: float = Field(
+        3e-5, gt=0, description="Peak learning rate: reached after the warm-up, then held or decayed by lr_schedule."
+    )
+    lr_schedule: Literal["constant", "linear", "cosine"] = Field(
+        "constant",
+        description="Learning rate over the run's optimizer steps (transformers.get_scheduler): constant, "
+        "or a linear or cosine decay to 0 at the last step; each after warmup_steps of warm-up.",
+    )
+    warmup_steps: int = Field(
+        0, ge=0, description="Optimizer steps over which the learning rate rises linearly from 0 to learning_rate."
+    )
     weight_decay: float = Field(0.0, ge=0, description="Decoupled weight decay.")
     batch_size: int = Field(8, ge=1, description="Sequences per micro-batch.")
     gradient_accumulation: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
     epochs: int = Field(1, ge=1, description="Passes over the curated set.")
+    batch_order: Literal["shuffle", "stratified"] = Field(
+        "shuffle",
+        description="shuffle: each epoch in a random order; stratified: positives (reward >= baseline) "
+        "spread evenly, so every global batch holds about the set's share of them.",
+    )
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping (global L2 norm).")
     logprob_chunk_size: int = Field(
         1024, ge=1, description="Tokens per chunk when computing log-probs over the vocabulary."
     )
     dtype: Literal["auto", "float32", "bfloat16"] = Field(
         "auto", description="Training precision; auto = bfloat16 on GPU, float32 on CPU."
+    )
+    float32_head: bool = Field(
+        True,
+        description="Compute the output head and its log-softmax in float32 under bfloat16 autocast, as the "
+        "recorded log μ were; false keeps bfloat16 logits, whose rounding makes π/μ noisy.",
     )
     seed: int = Field(0, description="Seed for shuffling and initialisation.")
     processes: int | None = Field(

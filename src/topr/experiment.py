@@ -1,22 +1,27 @@
-"""``topr experiment``: several arms of the loop on the same prompts and data, compared in one report.
+"""``topr experiment``: several arms of the loop on the same prompts and data, in replicates, compared.
 
-An experiment is a spec (YAML): a description, overrides applied to every arm, and the arms,
-each a name and its own overrides. The named specs in ``topr/experiments/`` reproduce the paper's
-comparisons (``topr experiment --list``); a path to a YAML file of the same shape runs your own.
+An experiment is a spec (YAML): a description, overrides applied to every arm, the arms (each a
+name and its own overrides), how many replicates to run and which arm the others are compared
+with. The named specs in ``topr/experiments/`` hold this project's comparisons
+(``topr experiment --list``); a path to a YAML file of the same shape runs your own.
 
-Every arm is a whole ``topr run``: the same Kubeflow pipeline, run locally, tracked in MLflow as
-one parent run. For the arms to compare, the experiment first does the shared work once:
+A replicate draws its own training prompts, samples, curation choices and batch order (every seed
+of the experiment plus the replicate's index: ``replicate_config``), and every arm of that
+replicate uses the same ones; all replicates are scored on the same held-out problems. So arms
+compare by their paired difference per replicate (``topr.stats``), not by one seed's luck.
 
-- the starting model is prepared once (one HF directory, one weights digest for all arms);
-- iteration 1's samples are drawn once from it and handed to every arm whose model, task and
-  sample settings are the experiment's (``sample.first_iteration_samples``), so those arms
-  train their first iteration on the very same completions; later iterations sample from each
-  arm's own model, with the same seeds and the same sample budget;
-- held-out prompts, evaluation seeds and training seeds are the same by construction.
+Every arm × replicate is a whole run of the loop, in this process (``topr.inprocess``), tracked
+in MLflow as one parent run with the layout of a pipeline run. The shared work is done once:
+
+- the starting model is prepared once, and evaluated once on the held-out problems;
+- each replicate's iteration-1 samples are drawn once from it and handed to every arm whose
+  model, task and sample settings are the experiment's (``sample.first_iteration_samples``), so
+  those arms train their first iteration on the very same completions; later iterations sample
+  from each arm's own model, with the same seeds and the same sample budget.
 
 The configuration of arm ``a`` is: the config file, then the spec's overrides, then the arm's,
 then the command line's. An arm that fails is reported with its error and the others still run;
-``--resume`` keeps the arms an interrupted experiment had finished.
+``--resume`` keeps the units an interrupted experiment had finished.
 """
 
 from __future__ import annotations
@@ -33,15 +38,18 @@ from importlib import resources
 from pathlib import Path
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from topr.config import Config, ConfigError, apply_overrides, build_config, config_to_dict
+from topr.inprocess import SharedStart, run_in_process
+from topr.loop import IterationFiles
 from topr.records import write_json
 
 log = logging.getLogger(__name__)
 
-ArmRunner = Callable[[Config, Path, str, str], str]
-"""Runs one arm's pipeline: ``(config, run folder, tracking URI, run name) -> parent MLflow run id``."""
+ArmRunner = Callable[[Config, Path, str, str, SharedStart], str]
+"""Runs one arm × replicate: ``(config, run folder, tracking URI, run name, shared start) -> parent
+MLflow run id`` (``topr.inprocess.run_in_process``; tests hand in their own)."""
 
 SHARED_SECTIONS = ("model", "task", "sample")
 """The sections that decide iteration 1's data: arms that keep the experiment's share its samples."""
@@ -55,6 +63,16 @@ class ExperimentSpec(BaseModel):
     description: str = Field(description="What the experiment shows, one paragraph (goes into the report).")
     overrides: list[str] = Field(default_factory=list, description="section.field=value for every arm.")
     arms: dict[str, list[str]] = Field(description="Arm name -> its section.field=value overrides.")
+    replicates: int = Field(
+        1,
+        ge=1,
+        le=100,
+        description="Replicates of every arm, each with its own training prompts, samples and batch order "
+        "(shared by the arms of that replicate); `--replicates N` overrides it.",
+    )
+    reference: str | None = Field(
+        None, description="The arm every other arm is compared with (paired, per replicate); default: the first."
+    )
     compare: str = Field(
         "iteration",
         description="The report's main plot: accuracy by 'iteration', or by "
@@ -70,6 +88,16 @@ class ExperimentSpec(BaseModel):
             if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
                 raise ValueError(f"arm name {name!r} must be letters, digits, '.', '-' or '_' (it names a folder)")
         return arms
+
+    @model_validator(mode="after")
+    def _known_reference(self) -> ExperimentSpec:
+        if self.reference is not None and self.reference not in self.arms:
+            raise ValueError(f"reference {self.reference!r} is not one of the arms ({', '.join(self.arms)})")
+        return self
+
+    @property
+    def reference_arm(self) -> str:
+        return self.reference or next(iter(self.arms))
 
     @field_validator("compare")
     @classmethod
@@ -125,47 +153,81 @@ def shares_first_iteration(arm: Config, experiment: Config) -> bool:
     return all(getattr(arm, section) == getattr(experiment, section) for section in SHARED_SECTIONS)
 
 
-def prepare_shared(experiment: Config, folder: Path, tracking_uri: str) -> dict:
-    """The starting model (a path or a registered ``models:/`` one), the prompts and iteration 1's
-    verified samples, made once for all arms."""
+def replicate_config(config: Config, replicate: int) -> Config:
+    """``config`` for replicate ``replicate`` (0-based): its training prompts, sampling, curation and
+    training seeds each moved on by the replicate's index. Held-out prompts (``task.seed``) and the
+    evaluation seed stay, so every replicate is scored on the same problems; replicate 0 is
+    ``config`` itself."""
+    if replicate == 0:
+        return config
+    train_seed = config.task.seed if config.task.train_seed is None else config.task.train_seed
+    return config.model_copy(
+        update={
+            "task": config.task.model_copy(update={"train_seed": train_seed + replicate}),
+            "sample": config.sample.model_copy(update={"seed": config.sample.seed + replicate}),
+            "curate": config.curate.model_copy(update={"seed": config.curate.seed + replicate}),
+            "train": config.train.model_copy(update={"seed": config.train.seed + replicate}),
+        }
+    )
+
+
+def replicate_name(replicate: int) -> str:
+    return f"rep{replicate}"
+
+
+def prepare_shared(experiment: Config, folder: Path, tracking_uri: str, replicates: int) -> dict:
+    """Made once for all arms: the starting model (a path or a registered ``models:/`` one), its
+    evaluation on the held-out prompts, and each replicate's training prompts and verified
+    iteration-1 samples (``<folder>/rep<r>/``)."""
+    from topr.evaluate import run_evaluate
+    from topr.loop import LibraryStages
     from topr.models import prepare_base_model
     from topr.prompts import run_prompts
-    from topr.sample import run_sample
     from topr.steps import registered_model_location
-    from topr.verify import run_verify
 
     started = time.perf_counter()
     folder.mkdir(parents=True, exist_ok=True)
-    model_dir, samples = folder / "base_model", folder / "iter1_samples.jsonl"
-    train_prompts, eval_prompts = folder / "train_prompts.jsonl", folder / "eval_prompts.jsonl"
+    model_dir, eval_prompts, start = folder / "base_model", folder / "eval_prompts.jsonl", IterationFiles(folder / "start")
     if not (model_dir / "config.json").exists():  # save_policy renames a complete folder into place
         prepare_base_model(registered_model_location(tracking_uri, experiment.model.path), model_dir)
-    prompt_counts = run_prompts(experiment, train_prompts, eval_prompts)
-    if not samples.exists():
-        run_sample(experiment, str(model_dir), train_prompts, samples, iteration=1)
-    summary = run_verify(experiment.task, samples, folder / "iter1_verified.jsonl")
+    by_replicate = {}
+    for replicate in range(replicates):
+        config, files = replicate_config(experiment, replicate), IterationFiles(folder / replicate_name(replicate))
+        files.folder.mkdir(exist_ok=True)
+        train_prompts = files.folder / "train_prompts.jsonl"
+        counts = run_prompts(config, train_prompts, eval_prompts)
+        stages = LibraryStages(config)
+        if not files.samples.exists():
+            stages.sample(str(model_dir), train_prompts, files.samples, iteration=1)
+        summary = stages.verify(files.samples, files.verified, iteration=1)
+        by_replicate[replicate_name(replicate)] = {"samples": str(files.samples), "samples_accuracy": summary["accuracy"], "samples_count": summary["count"]}
+    if not start.evaluation.exists():
+        start.folder.mkdir(exist_ok=True)
+        run_evaluate(experiment, str(model_dir), eval_prompts, start.evaluation, start.completions)
     timing = folder / "minutes.json"  # how long the first, complete preparation took; a resume keeps it
     if not timing.exists():
         write_json(timing, {"minutes": (time.perf_counter() - started) / 60})
     return {
         "model_dir": str(model_dir),
-        "samples": str(samples),
-        "samples_accuracy": summary["accuracy"],
-        "samples_count": summary["count"],
-        "eval_prompts": prompt_counts["eval_prompts"],
+        "start_evaluation": str(start.evaluation),
+        "eval_prompts": counts["eval_prompts"],
+        "replicates": by_replicate,
         "minutes": json.loads(timing.read_text())["minutes"],
     }
 
 
-def arm_config(name: str, experiment_name: str, arm: Config, experiment: Config, shared: dict) -> Config:
-    """The arm's config as it runs: the shared starting model and data where they apply, its own names."""
+def arm_config(name: str, experiment_name: str, arm: Config, experiment: Config, shared: dict, replicate: int = 0) -> Config:
+    """The arm's config as it runs in ``replicate``: that replicate's seeds, the shared starting
+    model and data where they apply, its own names."""
+    arm, experiment = replicate_config(arm, replicate), replicate_config(experiment, replicate)
     update = {
         "run": arm.run.model_copy(update={"name": name, "registered_model": f"{experiment_name}-{name}", "experiment": f"experiment-{experiment_name}"}),
     }
     if arm.model == experiment.model:
         update["model"] = arm.model.model_copy(update={"path": shared["model_dir"]})
     if shares_first_iteration(arm, experiment):
-        update["sample"] = arm.sample.model_copy(update={"first_iteration_samples": shared["samples"]})
+        samples = shared["replicates"][replicate_name(replicate)]["samples"]
+        update["sample"] = arm.sample.model_copy(update={"first_iteration_samples": samples})
     return arm.model_copy(update=update)
 
 
@@ -174,49 +236,55 @@ def run_experiment(
     spec: ExperimentSpec,
     experiment: Config,
     arms: dict[str, Config],
-    run_arm: ArmRunner,
     folder: Path,
     tracking_uri: str,
     resume: bool = False,
+    run_arm: ArmRunner = run_in_process,
 ) -> Path:
-    """Run every arm (skipping those a resumed experiment had finished); write and log the report."""
+    """Run every arm in every replicate (replicate by replicate, so that an interrupted experiment
+    holds whole replicates), skipping the units a resumed experiment had finished; write and log
+    the report."""
     from topr.report import write_experiment_report
 
     if folder.exists() and not resume:
         raise ConfigError(f"experiment folder {folder} already exists: pass --resume to finish it, or choose another run.name")
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "spec.yaml").write_text(yaml.safe_dump(spec.model_dump(), sort_keys=False))
-    log.info("experiment %s: %d arm(s) %s, folder %s", name, len(arms), ", ".join(arms), folder)
-    shared = prepare_shared(experiment, folder / "shared", tracking_uri)
+    log.info("experiment %s: %d arm(s) %s × %d replicate(s), folder %s", name, len(arms), ", ".join(arms), spec.replicates, folder)
+    shared = prepare_shared(experiment, folder / "shared", tracking_uri, spec.replicates)
+    start = SharedStart(shared["model_dir"], Path(shared["start_evaluation"]))
     running = {arm_name: arm_config(arm_name, name, arm, experiment, shared) for arm_name, arm in arms.items()}
-    results = {
-        arm_name: _run_one_arm(f"{name}/{arm_name}", config, run_arm, folder / "arms" / arm_name, tracking_uri)
-        for arm_name, config in running.items()
-    }
-    context = {"name": name, "spec": spec, "shared": shared, "machine": machine_description()}
+    results: dict[str, dict[str, dict]] = {arm_name: {} for arm_name in arms}
+    for replicate in range(spec.replicates):
+        for arm_name, arm in arms.items():
+            config = arm_config(arm_name, name, arm, experiment, shared, replicate)
+            unit = f"{name}/{arm_name}/{replicate_name(replicate)}"
+            unit_folder = folder / "arms" / arm_name / replicate_name(replicate)
+            results[arm_name][replicate_name(replicate)] = _run_one_unit(unit, config, run_arm, unit_folder, tracking_uri, start)
+    context = {"name": name, "spec": spec, "shared": shared, "machine": machine_description(), "folder": folder}
     return write_experiment_report(folder, tracking_uri, experiment, running, results, context)
 
 
-def _run_one_arm(name: str, config: Config, run_arm: ArmRunner, folder: Path, tracking_uri: str) -> dict:
-    """Run one arm unless a previous attempt finished it; its result (run id or error) is kept in
-    ``result.json``, written only once the arm has ended."""
+def _run_one_unit(name: str, config: Config, run_arm: ArmRunner, folder: Path, tracking_uri: str, start: SharedStart) -> dict:
+    """Run one arm × replicate unless a previous attempt finished it; its result (run id or error)
+    is kept in ``result.json``, written only once the unit has ended."""
     result_path = folder / "result.json"
     if result_path.exists():
         result = json.loads(result_path.read_text())
         if result["status"] == "finished":
-            log.info("arm %s: finished earlier (MLflow run %s), kept", name, result["run_id"])
+            log.info("%s: finished earlier (MLflow run %s), kept", name, result["run_id"])
             return result
-    if folder.exists():  # a failed or interrupted attempt: start the arm again from scratch
+    if folder.exists():  # a failed or interrupted attempt: start the unit again from scratch
         shutil.rmtree(folder)
     folder.mkdir(parents=True)
     (folder / "config.yaml").write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
-    log.info("arm %s: starting (%s)", name, folder)
+    log.info("%s: starting (%s)", name, folder)
     started = time.perf_counter()
     try:
-        run_id = run_arm(config, folder / "run", tracking_uri, name)
+        run_id = run_arm(config, folder / "run", tracking_uri, name, start)
         result = {"status": "finished", "run_id": run_id}
-    except Exception as error:  # an arm's failure is a result too; the others still run
-        log.error("arm %s failed: %s", name, error)
+    except Exception as error:  # a unit's failure is a result too; the others still run
+        log.error("%s failed: %s", name, error)
         result = {"status": "failed", "run_id": None, "error": f"{type(error).__name__}: {error}"}
     result["minutes"] = (time.perf_counter() - started) / 60
     write_json(result_path, result)

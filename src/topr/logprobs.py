@@ -5,6 +5,11 @@ The naive ``log_softmax(model(...).logits.float())`` holds float32 logits of sha
 are gathered at the positions that predict completion tokens only, and the output head is
 applied ``chunk_size`` positions at a time; under autograd each chunk is checkpointed, so its
 logits are recomputed in the backward pass instead of being kept.
+
+Under bfloat16 autocast the head would give bfloat16 logits, whose rounding (about 0.03 on a
+logit of 10) shows in every log-probability, while the behaviour log-probs were recorded in
+float32: the ratio π/μ would be noisy even on data the model has just sampled. So by default
+(``float32_head``) the head and its log-softmax run in float32, outside autocast.
 """
 
 from __future__ import annotations
@@ -13,8 +18,22 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 
-def _chunk_logprobs(hidden: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor, temperature: float):
-    logits = head(hidden).float()
+def _float32_logits(hidden: torch.Tensor, head: torch.nn.Linear) -> torch.Tensor:
+    """head(hidden) computed in float32 whatever the autocast dtype.
+
+    The head's weight is normally float32 already (autocast keeps float32 master weights), and
+    ``.float()`` leaves it as it is; a lower-precision weight (FSDP gathers weights in the compute
+    dtype) is upcast for the product.
+    """
+    bias = None if head.bias is None else head.bias.float()
+    with torch.autocast(hidden.device.type, enabled=False):
+        return torch.nn.functional.linear(hidden.float(), head.weight.float(), bias)
+
+
+def _chunk_logprobs(
+    hidden: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor, temperature: float, float32_head: bool
+):
+    logits = _float32_logits(hidden, head) if float32_head else head(hidden).float()
     if temperature != 1.0:
         logits = logits / temperature
     return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
@@ -26,11 +45,15 @@ def chunked_token_logprobs(
     targets: torch.Tensor,
     chunk_size: int = 1024,
     temperature: float = 1.0,
+    float32_head: bool = True,
 ) -> torch.Tensor:
-    """log softmax(head(hidden) / temperature)[targets] for hidden [N, H], targets [N]."""
+    """log softmax(head(hidden) / temperature)[targets] for hidden [N, H], targets [N].
+
+    ``float32_head``: apply the head (an ``nn.Linear``) in float32 even under autocast.
+    """
     pieces = []
     for start in range(0, hidden.shape[0], chunk_size):
-        args = (hidden[start : start + chunk_size], head, targets[start : start + chunk_size], temperature)
+        args = (hidden[start : start + chunk_size], head, targets[start : start + chunk_size], temperature, float32_head)
         if torch.is_grad_enabled() and hidden.requires_grad:
             pieces.append(checkpoint(_chunk_logprobs, *args, use_reentrant=False))
         else:
@@ -80,8 +103,12 @@ def completion_logprobs(
     completion_start: torch.Tensor,
     chunk_size: int = 1024,
     temperature: float = 1.0,
+    float32_head: bool = True,
 ) -> torch.Tensor:
-    """log π(completion token | prefix) [B, T], zero at masked positions (see ``batch_prompt_completions``)."""
+    """log π(completion token | prefix) [B, T], zero at masked positions (see ``batch_prompt_completions``).
+
+    ``float32_head``: the output head and its log-softmax in float32 even under autocast.
+    """
     hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
     offsets = torch.arange(completion_ids.shape[1], device=hidden.device)
     # The hidden state at position p predicts the token at p + 1.
@@ -89,6 +116,7 @@ def completion_logprobs(
     mask = completion_mask.to(hidden.device) > 0
     selected = hidden[torch.arange(hidden.shape[0], device=hidden.device).unsqueeze(1), positions][mask]
     head = model.get_output_embeddings()
-    values = chunked_token_logprobs(selected, head, completion_ids.to(hidden.device)[mask], chunk_size, temperature)
+    targets = completion_ids.to(hidden.device)[mask]
+    values = chunked_token_logprobs(selected, head, targets, chunk_size, temperature, float32_head)
     logprobs = torch.zeros(completion_ids.shape, dtype=torch.float32, device=hidden.device)
     return logprobs.masked_scatter(mask, values)

@@ -6,13 +6,16 @@ completions y_i sampled from a behaviour policy mu (an earlier copy of the model
 completion carries a reward R_i and the advantage A_i = R_i - c for a baseline c. With the
 importance ratio rho_i = pi(y_i) / mu(y_i), the objective family is
 
-    loss = -(1/B) sum_i  alpha_i * A_i * (sum_t log pi(y_it)) / |y_i|
+    loss = -(1/B) sum_i  alpha_i * A_i * (sum_t log pi(y_it)) / L_i
 
     alpha_i = clip(rho_i, a+, b+)   if A_i >= 0
     alpha_i = clip(rho_i, a-, b-)   if A_i <  0
 
 where alpha_i is a constant (stop-gradient) weight, so the gradient of a sample is
-alpha_i * A_i * grad log pi(y_i) / |y_i|. The bounds select the method (``PRESETS``):
+alpha_i * A_i * grad log pi(y_i) / L_i, and L_i normalises for length (``length_normalization``):
+the completion length |y_i| (``"sequence"``, the paper's choice), or one constant L for every
+completion (``"constant"``; training passes sample.max_new_tokens), so that a token's gradient
+weight does not depend on the length of its sequence. The bounds select the method (``PRESETS``):
 
 ============  ==========  ==========  =====================================================
 objective     [a+, b+]    [a-, b-]    meaning
@@ -35,15 +38,15 @@ log pi(y_it) - log mu(y_it) over the completion tokens:
 - ``"sequence"`` (the paper's, the default): log rho_i = sum_t (log pi - log mu);
 - ``"geometric"``: that sum divided by |y_i| (a per-token geometric mean, length-independent);
 - ``"token"``: a ratio rho_it per token, clipped with the same bounds, weighting each token's
-  log-probability: loss = -(1/B) sum_i A_i * (sum_t alpha_it * log pi(y_it)) / |y_i|.
+  log-probability: loss = -(1/B) sum_i A_i * (sum_t alpha_it * log pi(y_it)) / L_i.
 
 ``objective="ppo"`` is the PPO-clip objective (Schulman et al., 2017), offered as a baseline. It
 always uses per-token ratios (``ratio_level`` is validated but has no effect) and, unlike the
 family above, lets the gradient flow through rho:
 
-    loss = -(1/B) sum_i (1/|y_i|) sum_t min(rho_it * A_i, clip(rho_it, 1 - eps, 1 + eps) * A_i)
+    loss = -(1/B) sum_i (1/L_i) sum_t min(rho_it * A_i, clip(rho_it, 1 - eps, 1 + eps) * A_i)
 
-so the gradient of token t is A_i * rho_it * grad log pi(y_it) / |y_i|, or zero where the clip
+so the gradient of token t is A_i * rho_it * grad log pi(y_it) / L_i, or zero where the clip
 is active (A_i > 0 and rho_it > 1 + eps, or A_i < 0 and rho_it < 1 - eps).
 
 Numerics: log-ratios are clamped to [-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP] before exponentiating,
@@ -64,6 +67,8 @@ LOG_RATIO_CLAMP = 20.0
 
 RATIO_LEVELS = ("sequence", "geometric", "token")
 
+LENGTH_NORMALIZATIONS = ("sequence", "constant")
+
 
 class Preset(NamedTuple):
     """Clip bounds (low, high) on the importance ratio for non-negative and negative advantages."""
@@ -82,6 +87,9 @@ PRESETS: dict[str, Preset] = {
 
 OBJECTIVES = (*PRESETS, "ppo")
 
+NEGATIVE_RATIO_STATS = ("ratio_negative_p10", "ratio_negative_p50", "ratio_negative_p90")
+"""Stats of ``policy_loss`` that it reports only when the batch has negatives."""
+
 
 def policy_loss(
     logprobs: Tensor,
@@ -95,6 +103,8 @@ def policy_loss(
     positive_bounds: tuple[float, float] | None = None,
     negative_bounds: tuple[float, float] | None = None,
     ppo_clip: float = 0.2,
+    length_normalization: str = "sequence",
+    normalizer: float | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
     """The loss to minimise for one batch of completions, and statistics to chart.
 
@@ -111,6 +121,9 @@ def policy_loss(
         positive_bounds: (a+, b+), replaces the preset's bounds for A >= 0.
         negative_bounds: (a-, b-), replaces the preset's bounds for A < 0.
         ppo_clip: epsilon of ``"ppo"``.
+        length_normalization: one of ``LENGTH_NORMALIZATIONS``: L_i = |y_i| (``"sequence"``) or
+            ``normalizer`` (``"constant"``).
+        normalizer: L of ``"constant"`` (> 0); not given with ``"sequence"``.
 
     Returns:
         ``(loss, stats)``: the scalar loss (mean over the B completions, empty ones counting 0)
@@ -128,16 +141,27 @@ def policy_loss(
           for ``"ppo"``: completion tokens whose gradient the clip zeroes);
         - ``log_ratio_mean``: mean of the (unclamped) sequence log-ratio sum_t log pi/mu;
         - ``ratio_p10``, ``ratio_p50``, ``ratio_p90``: quantiles of the sequence-level ratio;
+        - ``ratio_negative_p10``, ``ratio_negative_p50``, ``ratio_negative_p90``: the same over
+          negatives only; absent (not 0, which would read as a collapsed taper) when the batch
+          has no negatives;
+        - ``gradient_weight_positive``, ``gradient_weight_negative``: (1/B) sum over the
+          positives / negatives of |alpha_i * A_i|, the size of their push in the gradient after
+          the taper (alpha_i: the mean of the completion's token weights at ``ratio_level="token"``
+          and for ``"ppo"``; 0 for an empty completion);
+        - ``log_ratio_per_token``: sum of log pi - log mu over all completion tokens of the batch,
+          divided by their number (about 0 on data that the same model has just sampled);
         - ``logprob_positive_mean``, ``logprob_negative_mean``: mean per-token log pi over the
           completion tokens of positives / negatives (0.0 when there are none).
 
     Raises:
         ValueError: unknown ``objective`` or ``ratio_level`` (the message lists the choices),
             a shape mismatch (the message names the argument), bounds not satisfying
-            0 <= low <= high, bounds given with ``"ppo"`` (which has none), or ``ppo_clip < 0``.
+            0 <= low <= high, bounds given with ``"ppo"`` (which has none), ``ppo_clip < 0``,
+            or an unknown ``length_normalization`` or a ``normalizer`` that does not fit it.
     """
     _check_choice("objective", objective, OBJECTIVES)
     _check_choice("ratio_level", ratio_level, RATIO_LEVELS)
+    _check_normalization(length_normalization, normalizer)
     _check_shapes(logprobs, behavior_logprobs, rewards, mask)
 
     dtype = torch.promote_types(logprobs.dtype, torch.float32)
@@ -165,7 +189,8 @@ def policy_loss(
         else:
             per_completion = weights * advantages * logp.sum(dim=1)
 
-    loss = -(per_completion / lengths.clamp_min(1)).mean()
+    divisors = lengths.clamp_min(1) if normalizer is None else torch.full_like(lengths, normalizer)
+    loss = -(per_completion / divisors).mean()
     stats = _stats(loss, logp, valid, lengths, advantages, token_log_ratio, weights, clipped)
     return loss, stats
 
@@ -173,6 +198,14 @@ def policy_loss(
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ValueError(f"unknown {name} {value!r}; choose one of {', '.join(choices)}")
+
+
+def _check_normalization(length_normalization: str, normalizer: float | None) -> None:
+    _check_choice("length_normalization", length_normalization, LENGTH_NORMALIZATIONS)
+    if length_normalization == "sequence" and normalizer is not None:
+        raise ValueError("normalizer applies only to length_normalization='constant'")
+    if length_normalization == "constant" and not (normalizer is not None and normalizer > 0):
+        raise ValueError(f"length_normalization='constant' needs a normalizer > 0, got {normalizer}")
 
 
 def _check_shapes(
@@ -272,6 +305,9 @@ def _stats(
     sequence_ratio = sequence_log_ratio.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP).exp()
     levels = torch.tensor([0.1, 0.5, 0.9], dtype=sequence_ratio.dtype, device=logp.device)
     quantiles = torch.quantile(sequence_ratio, levels)
+    # NaN outside the negatives, so that no negative at all gives NaN: the figures are then dropped.
+    negative_quantiles = torch.nanquantile(torch.where(negative, sequence_ratio, math.nan), levels)
+    gradient_weights = _sequence_weights(weights, valid, lengths) * advantages.abs()
     logp = logp.detach()
     values = {
         "loss": loss.detach(),
@@ -287,8 +323,25 @@ def _stats(
         "ratio_p10": quantiles[0],
         "ratio_p50": quantiles[1],
         "ratio_p90": quantiles[2],
+        "ratio_negative_p10": negative_quantiles[0],
+        "ratio_negative_p50": negative_quantiles[1],
+        "ratio_negative_p90": negative_quantiles[2],
+        "gradient_weight_positive": torch.where(positive, gradient_weights, 0.0).mean(),
+        "gradient_weight_negative": torch.where(negative, gradient_weights, 0.0).mean(),
+        "log_ratio_per_token": sequence_log_ratio.sum() / lengths.sum().clamp_min(1),
         "logprob_positive_mean": _mean_over(logp, valid & positive[:, None]),
         "logprob_negative_mean": _mean_over(logp, valid & negative[:, None]),
     }
     stacked = torch.stack([value.to(torch.float64) for value in values.values()])
-    return dict(zip(values, torch.nan_to_num(stacked).tolist(), strict=True))
+    stats = dict(zip(values, torch.nan_to_num(stacked).tolist(), strict=True))
+    if not stats["negative_count"]:
+        for name in NEGATIVE_RATIO_STATS:
+            del stats[name]
+    return stats
+
+
+def _sequence_weights(weights: Tensor, valid: Tensor, lengths: Tensor) -> Tensor:
+    """alpha per completion: its weight, or the mean of its token weights; 0 for an empty one."""
+    if weights.dim() == 2:
+        return torch.where(valid, weights, 0.0).sum(dim=1) / lengths.clamp_min(1)
+    return torch.where(lengths > 0, weights, 0.0)

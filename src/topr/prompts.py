@@ -16,7 +16,8 @@ def run_prompts(config: Config, train_path: str | Path, eval_path: str | Path) -
     ``topr.sample.select_iteration_prompts``); a file with fewer prompts is cycled through.
     """
     task = get_task(config.task)
-    train = task.problems("train", config.task.train_size * config.run.iterations, config.task.seed)
+    train_seed = config.task.seed if config.task.train_seed is None else config.task.train_seed
+    train = task.problems("train", config.task.train_size * config.run.iterations, train_seed)
     held_out = task.problems("test", config.task.eval_size, config.task.seed)
     if not train or not held_out:
         raise ValueError(f"task {config.task.name} produced {len(train)} training and {len(held_out)} held-out prompts")

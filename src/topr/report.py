@@ -8,32 +8,47 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from topr.records import write_json
+from topr.records import read_records, write_json
 from topr.tracking import metric_history
 
 ACCURACY_KEYS = ("pass_at_1", "pass_at_1_ci_low", "pass_at_1_ci_high", "maj_at_k", "pass_at_k", "parse_failure_rate")
 COMPOSITION_KEYS = ("sample_accuracy", "curated_count", "curated_positives", "curated_negatives", "effective_positive_fraction")
+TRAINING_KEYS = ("positive_weight_share", "final_ratio_negative_p50", "first_step_log_ratio_per_token")
+"""What training did with the data (``topr.train``): the share of the gradient weight on positives
+after the taper, the median ratio π/μ on negatives at the end, and the first step's mean per-token
+log π/μ (≈ 0 on data the model just sampled)."""
 
 
 def run_metrics(tracking_uri: str, run_id: str) -> dict[str, dict[int, float]]:
-    return {key: metric_history(tracking_uri, run_id, key) for key in ACCURACY_KEYS + COMPOSITION_KEYS}
+    return {key: metric_history(tracking_uri, run_id, key) for key in ACCURACY_KEYS + COMPOSITION_KEYS + TRAINING_KEYS}
+
+
+def _figure(metrics: dict[str, dict[int, float]], key: str, step: int, form: str) -> str:
+    value = metrics.get(key, {}).get(step)
+    return "-" if value is None else form.format(value)
 
 
 def format_table(metrics: dict[str, dict[int, float]]) -> str:
-    """One row per evaluated iteration (0 = the starting model)."""
-    header = f"{'iteration':>9}  {'pass@1':>7}  {'95% CI':<15}  {'parse fail':>10}  {'sampled acc':>11}  {'curated (+/-)':>14}  {'eff. pos':>8}"
+    """One row per evaluated iteration (0 = the starting model): accuracy, the training data's
+    composition (eff. pos: the c-formula share of positives; pos. weight: the share of the
+    gradient weight they carried after the taper) and the median ratio on negatives at the end
+    of training (ρ⁻ p50)."""
+    header = (
+        f"{'iteration':>9}  {'pass@1':>7}  {'95% CI':<15}  {'parse fail':>10}  {'sampled acc':>11}  {'curated (+/-)':>14}  "
+        f"{'eff. pos':>8}  {'pos. weight':>11}  {'ρ⁻ p50':>7}"
+    )
     lines = [header, "-" * len(header)]
     for step in sorted(metrics["pass_at_1"]):
         ci = f"[{metrics['pass_at_1_ci_low'][step]:.1%}, {metrics['pass_at_1_ci_high'][step]:.1%}]"
         if step in metrics["curated_count"]:
             composition = f"{metrics['curated_count'][step]:.0f} ({metrics['curated_positives'][step]:.0f}/{metrics['curated_negatives'][step]:.0f})"
-            sampled = f"{metrics['sample_accuracy'][step]:.1%}"
-            effective = f"{metrics['effective_positive_fraction'][step]:.2f}"
         else:
-            composition, sampled, effective = "start", "-", "-"
+            composition = "start"
         lines.append(
             f"{step:>9}  {metrics['pass_at_1'][step]:>7.1%}  {ci:<15}  {metrics['parse_failure_rate'][step]:>10.1%}  "
-            f"{sampled:>11}  {composition:>14}  {effective:>8}"
+            f"{_figure(metrics, 'sample_accuracy', step, '{:.1%}'):>11}  {composition:>14}  "
+            f"{_figure(metrics, 'effective_positive_fraction', step, '{:.2f}'):>8}  "
+            f"{_figure(metrics, 'positive_weight_share', step, '{:.2f}'):>11}  {_figure(metrics, 'final_ratio_negative_p50', step, '{:.3f}'):>7}"
         )
     return "\n".join(lines)
 
@@ -87,6 +102,7 @@ def write_run_report(run_dir: Path, tracking_uri: str, run_id: str, minutes: flo
 # ---- experiments: several arms side by side (``topr experiment``) -------------------------------
 
 DEGENERATION_KEYS = ("empty_rate", "mean_completion_tokens", "mean_weight_negative", "final_logprob_negative", "final_logprob_positive")
+REPLICATE_POINT_KEYS = ("pass_at_1",)
 
 
 def arm_metrics(tracking_uri: str, run_id: str) -> dict[str, dict[int, float]]:
@@ -94,7 +110,7 @@ def arm_metrics(tracking_uri: str, run_id: str) -> dict[str, dict[int, float]]:
     degeneration and, when the verifier branch ran, the verifier's."""
     from topr.tracking import mlflow_client
 
-    keys = set(ACCURACY_KEYS + COMPOSITION_KEYS + DEGENERATION_KEYS) | set(mlflow_client(tracking_uri).get_run(run_id).data.metrics)
+    keys = set(ACCURACY_KEYS + COMPOSITION_KEYS + TRAINING_KEYS + DEGENERATION_KEYS) | set(mlflow_client(tracking_uri).get_run(run_id).data.metrics)
     return {key: metric_history(tracking_uri, run_id, key) for key in sorted(keys)}
 
 
@@ -117,19 +133,28 @@ def accuracy_table(results: dict[str, dict[str, dict[int, float]]]) -> str:
     return "\n".join(lines)
 
 
+def _count(value: float) -> str:
+    """A count, or a mean count over replicates with one decimal."""
+    return f"{value:.0f}" if float(value).is_integer() else f"{value:.1f}"
+
+
 def degeneration_table(results: dict[str, dict[str, dict[int, float]]]) -> str:
     """Per arm and trained iteration: what the data was and how training treated negatives."""
     header = (
-        "| arm | iteration | sampled acc. | curated (+/−) | eff. pos. | mean weight on negatives | log π negatives | log π positives "
+        "| arm | iteration | sampled acc. | curated (+/−) | eff. pos. | positive weight after taper | mean weight on negatives "
+        "| median ratio on negatives (end) | first step log π/μ per token | log π negatives | log π positives "
         "| held-out parse failures | empty outputs | mean tokens |"
     )
     lines = [header, "|---" * (header.count("|") - 1) + "|"]
     for arm, metrics in results.items():
         for step in sorted(metrics.get("curated_count", {})):
-            curated = f"{metrics['curated_count'][step]:.0f} ({metrics['curated_positives'][step]:.0f}/{metrics['curated_negatives'][step]:.0f})"
+            counts = [_count(metrics[key][step]) for key in ("curated_count", "curated_positives", "curated_negatives")]
+            curated = f"{counts[0]} ({counts[1]}/{counts[2]})"
             lines.append(
                 f"| {arm} | {step} | {_cell(metrics, 'sample_accuracy', step)} | {curated} | {_cell(metrics, 'effective_positive_fraction', step, '{:.2f}')} "
-                f"| {_cell(metrics, 'mean_weight_negative', step, '{:.3f}')} | {_cell(metrics, 'final_logprob_negative', step, '{:.2f}')} "
+                f"| {_cell(metrics, 'positive_weight_share', step, '{:.2f}')} | {_cell(metrics, 'mean_weight_negative', step, '{:.3f}')} "
+                f"| {_cell(metrics, 'final_ratio_negative_p50', step, '{:.3f}')} | {_cell(metrics, 'first_step_log_ratio_per_token', step, '{:+.4f}')} "
+                f"| {_cell(metrics, 'final_logprob_negative', step, '{:.2f}')} "
                 f"| {_cell(metrics, 'final_logprob_positive', step, '{:.2f}')} | {_cell(metrics, 'parse_failure_rate', step)} "
                 f"| {_cell(metrics, 'empty_rate', step)} | {_cell(metrics, 'mean_completion_tokens', step, '{:.1f}')} |"
             )
@@ -167,26 +192,6 @@ def _pyplot():
     import matplotlib.pyplot as plt
 
     return plt
-
-
-def plot_arms_accuracy(results: dict[str, dict[str, dict[int, float]]], path: Path) -> None:
-    """Held-out pass@1 by iteration, one line per arm, 95% intervals as error bars (arms nudged apart)."""
-    plt = _pyplot()
-    figure, axis = plt.subplots(figsize=(6.5, 4))
-    for index, (arm, metrics) in enumerate(results.items()):
-        steps = sorted(metrics["pass_at_1"])
-        offset = (index - (len(results) - 1) / 2) * 0.04
-        values = [metrics["pass_at_1"][s] for s in steps]
-        axis.errorbar([s + offset for s in steps], values, yerr=error_bars(metrics, steps), marker="o", capsize=3, label=arm)
-    axis.set_xlabel("iteration (0 = starting model)")
-    axis.set_ylabel("held-out pass@1 (greedy), 95% CI")
-    axis.set_xticks(sorted({s for metrics in results.values() for s in metrics["pass_at_1"]}))
-    axis.set_ylim(0, 1)
-    axis.grid(alpha=0.3)
-    axis.legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
 
 
 def plot_degeneration(results: dict[str, dict[str, dict[int, float]]], path: Path) -> None:
@@ -247,54 +252,228 @@ def plot_positive_fraction(results: dict[str, dict[str, dict[int, float]]], path
     plt.close(figure)
 
 
+Replicates = dict[str, dict[str, dict[int, float]]]
+"""An arm's figures by replicate: ``{replicate: {key: {iteration: value}}}``."""
+
+
+def mean_over_replicates(replicates: Replicates) -> dict[str, dict[int, float]]:
+    """Each figure's mean over the replicates that logged it, by key and iteration."""
+    sums: dict[str, dict[int, list[float]]] = {}
+    for metrics in replicates.values():
+        for key, values in metrics.items():
+            for step, value in values.items():
+                sums.setdefault(key, {}).setdefault(step, []).append(value)
+    return {key: {step: sum(values) / len(values) for step, values in steps.items()} for key, steps in sums.items()}
+
+
+def replicate_accuracy_table(finished: dict[str, Replicates]) -> str:
+    """Held-out pass@1 per arm and iteration: the mean over replicates with each replicate's value
+    (one replicate: its Wilson 95% interval instead)."""
+    if all(len(replicates) == 1 for replicates in finished.values()):
+        return accuracy_table({arm: next(iter(replicates.values())) for arm, replicates in finished.items()})
+    steps = sorted({step for replicates in finished.values() for metrics in replicates.values() for step in metrics["pass_at_1"]})
+    lines = ["| arm | replicates | " + " | ".join(f"iteration {step}" for step in steps) + " |", "|---" * (len(steps) + 2) + "|"]
+    for arm, replicates in finished.items():
+        cells = []
+        for step in steps:
+            values = [metrics["pass_at_1"][step] for metrics in replicates.values() if step in metrics["pass_at_1"]]
+            cells.append("–" if not values else f"{sum(values) / len(values):.1%} ({', '.join(f'{v:.0%}' for v in values)})")
+        lines.append(f"| {arm} | {len(replicates)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def per_problem_correct(folder: Path, shared: dict, finished: dict[str, Replicates]) -> dict[int, dict[str, dict[str, list[bool]]]]:
+    """Greedy correctness per held-out problem (in prompt-id order), by iteration, arm and replicate,
+    read from the units' evaluation completions (iteration 0: the shared starting model's)."""
+    from topr.loop import IterationFiles
+
+    def correct(path: Path) -> list[bool] | None:
+        if not path.exists():
+            return None
+        greedy = sorted((r for r in read_records(path) if r.get("decoding") == "greedy"), key=lambda r: r["prompt_id"])
+        return [bool(r["correct"]) for r in greedy]
+
+    start = correct(Path(shared["start_evaluation"]).with_name("evaluation_completions.jsonl"))
+    found: dict[int, dict[str, dict[str, list[bool]]]] = {}
+    for arm, replicates in finished.items():
+        for replicate, metrics in replicates.items():
+            for step in metrics["pass_at_1"]:
+                run = folder / "arms" / arm / replicate / "run"
+                values = start if step == 0 else correct(IterationFiles(run / f"iter{step}").completions)
+                if values is not None:
+                    found.setdefault(step, {}).setdefault(arm, {})[replicate] = values
+    return found
+
+
+def paired_comparisons(correct: dict[int, dict[str, dict[str, list[bool]]]], reference: str) -> dict[int, list]:
+    """Each trained iteration's comparisons of every arm with ``reference`` (``topr.stats.compare_arms``),
+    where the reference has the replicates that a paired comparison needs."""
+    from topr.stats import MIN_REPLICATES, compare_arms
+
+    return {
+        step: compare_arms(by_arm, reference)
+        for step, by_arm in sorted(correct.items())
+        if step > 0 and len(by_arm.get(reference, {})) >= MIN_REPLICATES and len(by_arm) > 1
+    }
+
+
+def plot_replicates_accuracy(finished: dict[str, Replicates], path: Path) -> None:
+    """Held-out pass@1 by iteration: every replicate's point, and each arm's mean as a line (one
+    replicate: its Wilson 95% interval as error bars)."""
+    plt = _pyplot()
+    figure, axis = plt.subplots(figsize=(6.5, 4))
+    for index, (arm, replicates) in enumerate(finished.items()):
+        offset = (index - (len(finished) - 1) / 2) * 0.06
+        means = mean_over_replicates(replicates)["pass_at_1"]
+        steps = sorted(means)
+        (line,) = axis.plot([s + offset for s in steps], [means[s] for s in steps], marker="o", label=f"{arm} (n={len(replicates)})")
+        for metrics in replicates.values():
+            points = sorted(metrics["pass_at_1"].items())
+            if len(replicates) == 1:
+                axis.errorbar([s + offset for s, _ in points], [v for _, v in points], yerr=error_bars(metrics, [s for s, _ in points]), capsize=3, color=line.get_color(), linestyle="none")
+            else:
+                axis.scatter([s + offset for s, _ in points], [v for _, v in points], s=14, alpha=0.45, color=line.get_color())
+    axis.set_xlabel("iteration (0 = starting model)")
+    axis.set_ylabel("held-out pass@1 (greedy)")
+    axis.set_xticks(sorted({s for replicates in finished.values() for m in replicates.values() for s in m["pass_at_1"]}))
+    axis.set_ylim(0, 1)
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def plot_paired_differences(comparisons: list, iteration: int, path: Path) -> None:
+    """Each arm's difference from the reference at one iteration: every replicate's difference as
+    a point, the mean with its 95% t-interval as a bar."""
+    plt = _pyplot()
+    figure, axis = plt.subplots(figsize=(6.5, 0.6 * len(comparisons) + 1.6))
+    for row, comparison in enumerate(comparisons):
+        differences = [100 * d for d in comparison.differences]
+        axis.scatter(differences, [row] * len(differences), s=18, alpha=0.5, color="tab:blue")
+        mean = 100 * comparison.mean_difference
+        if comparison.t_interval is not None:
+            low, high = (100 * bound for bound in comparison.t_interval)
+            axis.errorbar([mean], [row], xerr=[[mean - low], [high - mean]], fmt="D", color="black", capsize=4)
+        else:
+            axis.plot([mean], [row], "D", color="black")
+    axis.axvline(0, color="grey", linestyle="--", linewidth=1)
+    axis.set_yticks(range(len(comparisons)), [c.arm for c in comparisons])
+    axis.set_ylim(-0.7, len(comparisons) - 0.3)
+    reference = comparisons[0].reference if comparisons else ""
+    axis.set_xlabel(f"held-out pass@1 minus {reference}'s, points (iteration {iteration}); mean with 95% t-interval")
+    axis.grid(alpha=0.3, axis="x")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
 def write_experiment_report(folder: Path, tracking_uri: str, experiment, arms: dict, results: dict, context: dict) -> Path:
     """Write ``report.md``, its plots and ``results.json`` into the experiment folder, and log them
-    to an MLflow run of the experiment (tagging each arm's run); return the report's path."""
-    finished = {arm: arm_metrics(tracking_uri, result["run_id"]) for arm, result in results.items() if result["status"] == "finished"}
+    to an MLflow run of the experiment (tagging each unit's run); return the report's path.
+
+    ``results`` holds each unit's result by arm and replicate (``{arm: {replicate: result}}``)."""
+    finished = {
+        arm: {replicate: arm_metrics(tracking_uri, result["run_id"]) for replicate, result in by_replicate.items() if result["status"] == "finished"}
+        for arm, by_replicate in results.items()
+    }
+    finished = {arm: replicates for arm, replicates in finished.items() if replicates}
+    means = {arm: mean_over_replicates(replicates) for arm, replicates in finished.items()}
     spec = context["spec"]
+    comparisons = paired_comparisons(per_problem_correct(folder, context["shared"], finished), spec.reference_arm)
     figures = []
     if finished:
-        plot_arms_accuracy(finished, folder / "accuracy.png")
-        plot_degeneration(finished, folder / "degeneration.png")
+        plot_replicates_accuracy(finished, folder / "accuracy.png")
+        plot_degeneration(means, folder / "degeneration.png")
         figures = ["accuracy.png", "degeneration.png"]
+        if comparisons:
+            last = max(comparisons)
+            plot_paired_differences(comparisons[last], last, folder / "paired_differences.png")
+            figures.append("paired_differences.png")
         if spec.compare == "effective_positive_fraction":
-            plot_positive_fraction(finished, folder / "positive_fraction.png")
+            plot_positive_fraction(means, folder / "positive_fraction.png")
             figures.append("positive_fraction.png")
-    (folder / "report.md").write_text(_experiment_markdown(experiment, spec, arms, results, finished, context, figures))
-    write_json(folder / "results.json", {"arms": results, "metrics": {arm: {k: {str(s): v for s, v in m.items()} for k, m in metrics.items()} for arm, metrics in finished.items()}})
+    sections = _experiment_markdown(experiment, spec, arms, results, finished, means, comparisons, context, figures)
+    (folder / "report.md").write_text(sections)
+    write_json(
+        folder / "results.json",
+        {
+            "units": results,
+            "metrics": {arm: {rep: _json_metrics(metrics) for rep, metrics in replicates.items()} for arm, replicates in finished.items()},
+            "comparisons": {str(step): [c.as_dict() for c in found] for step, found in comparisons.items()},
+        },
+    )
     _log_experiment(folder, tracking_uri, context["name"], results, ["report.md", "results.json", *figures])
     return folder / "report.md"
 
 
-def _experiment_markdown(experiment, spec, arms: dict, results: dict, finished: dict, context: dict, figures: list[str]) -> str:
+def _json_metrics(metrics: dict[str, dict[int, float]]) -> dict[str, dict[str, float]]:
+    return {key: {str(step): value for step, value in values.items()} for key, values in metrics.items()}
+
+
+def _units_table(spec, arms: dict, results: dict, shared: dict) -> list[str]:
+    lines = ["| arm | overrides | iteration 1 data | replicates finished | minutes per unit | failures |", "|---|---|---|---|---|---|"]
+    shared_samples = {replicate["samples"] for replicate in shared["replicates"].values()}
+    for arm, by_replicate in results.items():
+        own = " ".join(f"`{o}`" for o in spec.arms[arm]) or "(none)"
+        data = "shared" if arms[arm].sample.first_iteration_samples in shared_samples else "its own"
+        done = sum(result["status"] == "finished" for result in by_replicate.values())
+        minutes = sum(result["minutes"] for result in by_replicate.values()) / len(by_replicate)
+        failures = "; ".join(f"{rep}: {result['error']}" for rep, result in by_replicate.items() if result["status"] != "finished") or "–"
+        lines.append(f"| {arm} | {own} | {data} | {done}/{len(by_replicate)} | {minutes:.1f} | {failures} |")
+    return lines
+
+
+def _experiment_markdown(experiment, spec, arms: dict, results: dict, finished: dict, means: dict, comparisons: dict, context: dict, figures: list[str]) -> str:
+    from topr.stats import format_comparisons
+
     shared = context["shared"]
+    units = [result for by_replicate in results.values() for result in by_replicate.values()]
+    samples = [f"{rep}: {data['samples_count']} ({data['samples_accuracy']:.1%} correct)" for rep, data in shared["replicates"].items()]
     lines = [
         f"# Experiment `{context['name']}`",
         "",
         spec.description.strip(),
         "",
-        f"{len(arms)} arm(s), run for {sum(result['minutes'] for result in results.values()):.1f} minutes in all "
-        f"on {context['machine']} (minutes per arm below; the shared data took {context['shared']['minutes']:.1f}).",
+        f"{len(arms)} arm(s) × {spec.replicates} replicate(s), run for {sum(u['minutes'] for u in units):.1f} minutes in all "
+        f"on {context['machine']} (the shared data took {shared['minutes']:.1f}).",
         f"Shared by every arm that keeps the experiment's model, task and sample settings: the starting model "
-        f"(`{experiment.model.path}`), the prompts ({experiment.task.name}, {experiment.task.train_size} per iteration, "
-        f"{shared['eval_prompts']} held out) and iteration 1's {shared['samples_count']} samples "
-        f"({shared['samples_accuracy']:.1%} correct).",
+        f"(`{experiment.model.path}`) and its evaluation, the held-out prompts ({shared['eval_prompts']}, the same in every replicate), "
+        f"and in each replicate its training prompts ({experiment.task.name}, {experiment.task.train_size} per iteration), seeds "
+        f"and iteration 1's samples ({'; '.join(samples)}).",
         "",
-        "| arm | overrides | iteration 1 data | status | minutes |",
-        "|---|---|---|---|---|",
+        *_units_table(spec, arms, results, shared),
+        "",
+        "Overrides of every arm: " + (" ".join(f"`{o}`" for o in spec.overrides) or "(none)"),
+        "",
     ]
-    for arm, result in results.items():
-        own = " ".join(f"`{o}`" for o in spec.arms[arm]) or "(none)"
-        data = "shared" if arms[arm].sample.first_iteration_samples == shared["samples"] else "its own"
-        status = result["status"] if result["status"] == "finished" else f"failed: {result['error']}"
-        lines.append(f"| {arm} | {own} | {data} | {status} | {result['minutes']:.1f} |")
-    lines += ["", "Overrides of every arm: " + (" ".join(f"`{o}`" for o in spec.overrides) or "(none)"), ""]
     if finished:
-        lines += ["## Held-out pass@1 (greedy decoding, Wilson 95% CI)", "", accuracy_table(finished), "", "![accuracy by iteration](accuracy.png)", ""]
-        lines += ["## Training data and signs of degeneration", "", degeneration_table(finished), "", "![degeneration](degeneration.png)", ""]
+        lines += ["## Held-out pass@1 (greedy decoding)", "", replicate_accuracy_table(finished), "", "![accuracy by iteration](accuracy.png)", ""]
+        for step, found in comparisons.items():
+            lines += [
+                f"## Paired differences from `{spec.reference_arm}`, iteration {step}",
+                "",
+                "Per replicate, the arm's held-out pass@1 minus the reference's on the same problems; the mean with its 95% "
+                "t-interval, a two-level bootstrap interval (replicates, then problems), the two-sided sign-flip permutation "
+                "p-value and its Holm correction across the arms.",
+                "",
+                format_comparisons(found),
+                "",
+            ]
+        if "paired_differences.png" in figures:
+            lines += ["![paired differences](paired_differences.png)", ""]
+        lines += [
+            "## Training data, what training did with it, and signs of degeneration" + (" (means over replicates)" if spec.replicates > 1 else ""),
+            "",
+            degeneration_table(means),
+            "",
+            "![degeneration](degeneration.png)",
+            "",
+        ]
         if "positive_fraction.png" in figures:
             lines += ["## Accuracy against the effective positive fraction", "", "![accuracy vs effective positive fraction](positive_fraction.png)", ""]
-        verifier = verifier_table(finished)
+        verifier = verifier_table(means)
         if verifier:
             lines += ["## Generative verifier", "", verifier, ""]
     return "\n".join(lines)
@@ -306,11 +485,13 @@ def _log_experiment(folder: Path, tracking_uri: str, name: str, results: dict, f
     client = mlflow_client(tracking_uri)
     mlflow_experiment_id = experiment_id(client, f"experiment-{name}", tracking_uri)
     run = client.create_run(mlflow_experiment_id, run_name=f"{name}/report", tags={**code_version(), "topr.experiment": name})
-    for arm, result in results.items():
-        client.set_tag(run.info.run_id, f"topr.arm.{arm}", result["run_id"] or result["status"])
-        if result["run_id"]:
-            client.set_tag(result["run_id"], "topr.experiment", name)
-            client.set_tag(result["run_id"], "topr.arm", arm)
+    for arm, by_replicate in results.items():
+        for replicate, result in by_replicate.items():
+            client.set_tag(run.info.run_id, f"topr.unit.{arm}.{replicate}", result["run_id"] or result["status"])
+            if result["run_id"]:
+                client.set_tag(result["run_id"], "topr.experiment", name)
+                client.set_tag(result["run_id"], "topr.arm", arm)
+                client.set_tag(result["run_id"], "topr.replicate", replicate)
     for file in files:
         client.log_artifact(run.info.run_id, str(folder / file))
     client.set_terminated(run.info.run_id, "FINISHED")

@@ -213,7 +213,7 @@ def train(
         uri = publish(config, parent_run_id, iteration, output_dir, "model")
         run.log_artifacts(output_dir, "model")
         run.log_metrics({k: v for k, v in summary.items() if k != "weights_sha256"})
-        run.log_metrics({k: summary[k] for k in ("mean_weight_negative", "final_logprob_negative", "final_logprob_positive") if k in summary}, on_parent=True)
+        run.log_metrics({k: summary[k] for k in ("mean_weight_negative", "final_logprob_negative", "final_logprob_positive", "first_step_log_ratio_per_token", "positive_weight_share", "final_ratio_negative_p50") if k in summary}, on_parent=True)
         lineage = {
             "model_uri": uri or output_dir,
             "weights_sha256": summary["weights_sha256"],
@@ -330,6 +330,7 @@ def train_verifier(config_json: str, tracking_uri: str, parent_run_id: str, mode
     """
     import tempfile
 
+    from topr.loop import IterationFiles
     from topr.models import model_identity
     from topr.verifier import data_files, run_train_verifier, verifier_config
 
@@ -338,14 +339,13 @@ def train_verifier(config_json: str, tracking_uri: str, parent_run_id: str, mode
     with stage_run(tracking_uri, parent_run_id, "train_verifier", iteration) as run, tempfile.TemporaryDirectory(prefix="topr-verifier-") as work:
         run.log_text(config_to_yaml(verifier_config(config, *data_files(data_dir))), "verifier_config.yaml")
         summary = run_train_verifier(config, model_dir, data_dir, output_dir, work, on_step=lambda step, stats: run.log_metrics(stats, step))
-        kept = {}
-        for file, name, context in (("judgments.jsonl", "verifier_judgments", "sampling"), ("train_set.jsonl", "verifier_train_set", "training")):
-            path = Path(work, file)
+        kept, files = {}, IterationFiles(Path(work))
+        for path, name, context in ((files.samples, "verifier_judgments", "sampling"), (files.train_set, "verifier_train_set", "training")):
             run.log_artifact(path)
             uri = publish(config, parent_run_id, iteration, str(path), f"{name}.jsonl")
             run.log_dataset(path, name, context, source=uri)
-            kept[name] = uri or f"runs:/{run.run_id}/{file}"
-        run.log_artifact(Path(work, "composition.json"))
+            kept[name] = uri or f"runs:/{run.run_id}/{path.name}"
+        run.log_artifact(files.composition)
         uri = publish(config, parent_run_id, iteration, output_dir, "verifier_model")
         run.log_artifacts(output_dir, "model")
         run.log_metrics({k: v for k, v in summary.items() if k != "weights_sha256"})

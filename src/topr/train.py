@@ -30,12 +30,34 @@ from topr import distributed
 from topr.config import Config, config_to_yaml
 from topr.logprobs import batch_prompt_completions, completion_logprobs
 from topr.models import load_policy, model_identity, save_policy, set_threads
-from topr.objectives import policy_loss
+from topr.objectives import NEGATIVE_RATIO_STATS, policy_loss
 from topr.records import TRAIN_FIELDS, Record, RecordError, read_records
 
 log = logging.getLogger(__name__)
 
 StepCallback = Callable[[int, dict[str, float]], None]
+
+SCHEDULES = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}
+"""``train.lr_schedule`` -> the name ``transformers.get_scheduler`` knows it by (warm-up included)."""
+
+GROUP_STATS = {
+    "mean_weight_positive": "positive_count",
+    "logprob_positive_mean": "positive_count",
+    "mean_weight_negative": "negative_count",
+    "logprob_negative_mean": "negative_count",
+    **dict.fromkeys(NEGATIVE_RATIO_STATS, "negative_count"),
+    "log_ratio_per_token": "completion_tokens",
+}
+"""Stats of ``policy_loss`` that describe one group of a micro-batch, and the size of that group.
+
+A step's figure for such a stat is its mean over the micro-batches weighted by the group's size
+(any other stat: by the micro-batch's sequences), and is left out when the group is empty in the
+whole step.
+"""
+
+FRESH_DATA_LOG_RATIO_TOLERANCE = 0.02
+"""Nats: |mean log π/μ per token| at step 0 beyond which π and μ disagree on data that the
+trained model sampled itself (where they should be the same distribution)."""
 
 
 def make_optimizer(model, config: Config) -> torch.optim.Optimizer:
@@ -54,18 +76,74 @@ def make_optimizer(model, config: Config) -> torch.optim.Optimizer:
     return torch.optim.AdamW(model.parameters(), lr=train.learning_rate, weight_decay=train.weight_decay)
 
 
-def global_batches(records: list[Record], size: int, epochs: int, seed: int) -> list[list[Record]]:
+def make_scheduler(optimizer: torch.optim.Optimizer, config: Config, steps: int):
+    """The learning rate over the run's ``steps`` optimizer steps; ``step()`` it after each."""
+    from transformers import get_scheduler
+
+    train = config.train
+    return get_scheduler(
+        SCHEDULES[train.lr_schedule], optimizer, num_warmup_steps=train.warmup_steps, num_training_steps=steps
+    )
+
+
+def global_batches(
+    records: list[Record], size: int, epochs: int, seed: int, order: str = "shuffle", baseline: float = 0.0
+) -> list[list[Record]]:
     """The training order in global batches of ``size`` sequences, one batch per optimizer step.
 
     Every epoch is a fresh shuffle with its own seed; epochs follow one another without a break,
-    so only the very last batch can be short.
+    so only the very last batch can be short. ``order="stratified"`` spreads the positives
+    (reward - ``baseline`` >= 0, as in ``policy_loss``) evenly (see ``stratified_order``).
     """
-    order = []
+    if order == "stratified":
+        indices = stratified_order(records, size, epochs, seed, baseline)
+    else:
+        indices = shuffled_order(len(records), epochs, seed)
+    return [[records[i] for i in indices[start : start + size]] for start in range(0, len(indices), size)]
+
+
+def epoch_random(seed: int, epoch: int) -> random.Random:
+    """The random source of one epoch's shuffles."""
+    return random.Random(seed * 7919 + epoch)
+
+
+def shuffled_order(count: int, epochs: int, seed: int) -> list[int]:
+    """Record indices, each epoch a fresh shuffle, epochs back to back."""
+    indices = []
     for epoch in range(epochs):
-        epoch_order = list(range(len(records)))
-        random.Random(seed * 7919 + epoch).shuffle(epoch_order)
-        order += epoch_order
-    return [[records[i] for i in order[start : start + size]] for start in range(0, len(order), size)]
+        epoch_indices = list(range(count))
+        epoch_random(seed, epoch).shuffle(epoch_indices)
+        indices += epoch_indices
+    return indices
+
+
+def stratified_order(records: list[Record], size: int, epochs: int, seed: int, baseline: float) -> list[int]:
+    """Record indices, each once per epoch, epochs back to back, with the positives spread evenly.
+
+    With P positives among N records, slot k of every epoch takes a positive when
+    floor((k + 1) P / N) > floor(k P / N), else a negative. These slots repeat with period N, so
+    any ``size`` consecutive slots, across an epoch boundary too, hold floor or ceil of
+    size · P / N positives: so does every full global batch. Each epoch deals its own shuffle of
+    the positives and of the negatives into the slots, then shuffles the order inside each
+    global batch (inside the epoch's part of a batch that spans two epochs).
+    Without stratification, 10 positives among 89 records in batches of 8 leave about a third
+    of the batches without any positive.
+    """
+    positive = [float(record["reward"]) - baseline >= 0 for record in records]
+    count, positives = len(records), sum(positive)
+    slots = [(k + 1) * positives // count > k * positives // count for k in range(count)]
+    groups = {sign: [i for i in range(count) if positive[i] == sign] for sign in (True, False)}
+    indices = []
+    for epoch in range(epochs):
+        rng = epoch_random(seed, epoch)
+        dealt = {sign: iter(rng.sample(members, len(members))) for sign, members in groups.items()}
+        epoch_indices = [next(dealt[slot]) for slot in slots]
+        start = epoch * count  # where this epoch begins in the run; batches start at multiples of size
+        cuts = sorted({0, count, *range(-start % size, count, size)})
+        for low, high in zip(cuts, cuts[1:]):
+            epoch_indices[low:high] = rng.sample(epoch_indices[low:high], high - low)
+        indices += epoch_indices
+    return indices
 
 
 def sequence_length(record: Record) -> int:
@@ -114,12 +192,19 @@ def training_dtype(config: Config, device: torch.device) -> torch.dtype | None:
 class CompletionLogprobs(torch.nn.Module):
     """log π of the completion tokens as one module's forward pass: DDP and FSDP act on forward."""
 
-    def __init__(self, policy, chunk_size: int, temperature: float):
+    def __init__(self, policy, chunk_size: int, temperature: float, float32_head: bool = True):
         super().__init__()
         self.policy, self.chunk_size, self.temperature = policy, chunk_size, temperature
+        self.float32_head = float32_head
 
     def forward(self, **tensors: torch.Tensor) -> torch.Tensor:
-        return completion_logprobs(self.policy, **tensors, chunk_size=self.chunk_size, temperature=self.temperature)
+        return completion_logprobs(
+            self.policy,
+            **tensors,
+            chunk_size=self.chunk_size,
+            temperature=self.temperature,
+            float32_head=self.float32_head,
+        )
 
 
 def loss_on_batch(scorer, batch: list[Record], config: Config, pad_token_id: int, device: torch.device):
@@ -134,6 +219,7 @@ def loss_on_batch(scorer, batch: list[Record], config: Config, pad_token_id: int
         behavior[row, : len(record["behavior_logprobs"])] = torch.tensor(record["behavior_logprobs"])
     rewards = torch.tensor([float(r["reward"]) for r in batch], device=device)
     train = config.train
+    normalizer = config.sample.max_new_tokens if train.length_normalization == "constant" else None
     return policy_loss(
         logprobs,
         behavior,
@@ -145,7 +231,56 @@ def loss_on_batch(scorer, batch: list[Record], config: Config, pad_token_id: int
         positive_bounds=train.positive_bounds,
         negative_bounds=train.negative_bounds,
         ppo_clip=train.ppo_clip,
+        length_normalization=train.length_normalization,
+        normalizer=normalizer,
     )
+
+
+def group_sizes(stats: dict[str, float], part: list[Record]) -> dict[str, float]:
+    """The size of each group that a micro-batch's stats describe (see ``GROUP_STATS``)."""
+    sizes = {
+        "sequences": len(part),
+        "positive_count": stats["positive_count"],
+        "negative_count": stats["negative_count"],
+        "completion_tokens": sum(len(r["completion_token_ids"]) for r in part),
+    }
+    # A rank's stand-in micro-batch (no sequences of its own) weighs nothing.
+    return {group: size if part else 0.0 for group, size in sizes.items()}
+
+
+def add_micro_batch(sums: dict[str, float], stats: dict[str, float], part: list[Record]) -> None:
+    """Add a micro-batch's stats to the step's sums: each value times its weight under its name,
+    the weight under ``weight/<name>``. Every stat of ``GROUP_STATS`` gets both, present or not,
+    so that every rank passes the same keys to ``distributed.sum_over_ranks``."""
+    sizes = group_sizes(stats, part)
+    for name in dict.fromkeys([*stats, *GROUP_STATS]):
+        weight = sizes[GROUP_STATS.get(name, "sequences")]
+        sums[name] = sums.get(name, 0.0) + stats.get(name, 0.0) * weight
+        sums[f"weight/{name}"] = sums.get(f"weight/{name}", 0.0) + weight
+
+
+def step_figures(totals: dict[str, float]) -> dict[str, float]:
+    """The step's figures from the sums of ``add_micro_batch`` over its micro-batches and ranks:
+    each stat's weighted mean (left out when its group is empty in the whole step), and
+    ``positive_weight_share``, the positives' part of the gradient weight after the taper
+    (left out when there is none)."""
+    figures = {
+        name: total / totals[f"weight/{name}"]
+        for name, total in totals.items()
+        if not name.startswith("weight/") and totals[f"weight/{name}"]
+    }
+    both = figures["gradient_weight_positive"] + figures["gradient_weight_negative"]
+    if both:
+        figures["positive_weight_share"] = figures["gradient_weight_positive"] / both
+    return figures
+
+
+def weighted_mean(steps: list[dict[str, float]], value: str, weight: str) -> float | None:
+    """The mean of ``value`` over the steps that report it, each weighted by its ``weight``;
+    None when they weigh nothing."""
+    steps = [step for step in steps if value in step]
+    total = sum(step[weight] for step in steps)
+    return sum(step[value] * step[weight] for step in steps) / total if total else None
 
 
 def negatives_summary(history: list[dict[str, float]]) -> dict[str, float]:
@@ -156,22 +291,54 @@ def negatives_summary(history: list[dict[str, float]]) -> dict[str, float]:
       REINFORCE; TOPR's tapered ratio falls towards 0 as π moves away from μ);
     - ``final_logprob_negative`` / ``final_logprob_positive``: the mean per-token log π of
       negatives / positives over the last quarter of the steps. A policy collapsing under
-      negatives drives both down, not only the first.
+      negatives drives both down, not only the first;
+    - ``final_ratio_negative_p50``: the median ratio π/μ of negatives over the last quarter of
+      the steps: how far the taper has gone by the end of training.
 
-    A figure is left out when its steps had no such sequences (no negatives, say).
+    A figure is left out when its steps had no such sequences (no negatives, say); a step that
+    does not report a figure (none of its group) does not count towards it.
     """
     last_quarter = history[-max(1, len(history) // 4) :]
-
-    def weighted(steps: list[dict[str, float]], value: str, count: str) -> float | None:
-        total = sum(step[count] for step in steps)
-        return sum(step[value] * step[count] for step in steps) / total if total else None
-
     figures = {
-        "mean_weight_negative": weighted(history, "mean_weight_negative", "negative_count"),
-        "final_logprob_negative": weighted(last_quarter, "logprob_negative_mean", "negative_count"),
-        "final_logprob_positive": weighted(last_quarter, "logprob_positive_mean", "positive_count"),
+        "mean_weight_negative": weighted_mean(history, "mean_weight_negative", "negative_count"),
+        "final_logprob_negative": weighted_mean(last_quarter, "logprob_negative_mean", "negative_count"),
+        "final_logprob_positive": weighted_mean(last_quarter, "logprob_positive_mean", "positive_count"),
+        "final_ratio_negative_p50": weighted_mean(last_quarter, "ratio_negative_p50", "negative_count"),
     }
     return {name: value for name, value in figures.items() if value is not None}
+
+
+def gradient_summary(history: list[dict[str, float]]) -> dict[str, float]:
+    """What the gradient was made of, from the per-step figures:
+
+    - ``first_step_log_ratio_per_token``: step 0's mean log π/μ per completion token, about 0
+      when the data was sampled by the model being trained (π evaluated as it sampled);
+    - ``positive_weight_share``: the positives' share of the gradient weight |α·A| over the
+      whole run, after the taper (each step weighted by its sequences); left out when there is
+      none. Compare with the c-formula "effective positive fraction" of curation, which counts
+      examples before any taper.
+    """
+    positive = sum(step["gradient_weight_positive"] * step["sequences"] for step in history)
+    negative = sum(step["gradient_weight_negative"] * step["sequences"] for step in history)
+    figures = {"first_step_log_ratio_per_token": history[0]["log_ratio_per_token"]}
+    if positive + negative:
+        figures["positive_weight_share"] = positive / (positive + negative)
+    return figures
+
+
+def warn_if_own_data_starts_off_policy(records: list[Record], model_dir: str, first_step_log_ratio: float) -> None:
+    """Warn when π and μ disagree at step 0 on data that the model being trained sampled itself."""
+    identity = model_identity(model_dir)
+    sampled_here = all(record.get("behavior_model") == identity for record in records)
+    if sampled_here and abs(first_step_log_ratio) > FRESH_DATA_LOG_RATIO_TOLERANCE:
+        log.warning(
+            "step 0: mean log π/μ per token is %.4f nats on data that this model sampled itself, where "
+            "π and μ should agree (|value| <= %g): truncated sampling (sample.top_k/top_p), a temperature "
+            "mismatch (train.policy_temperature) or a precision mismatch (train.float32_head, train.dtype) "
+            "makes every ratio π/μ start away from 1",
+            first_step_log_ratio,
+            FRESH_DATA_LOG_RATIO_TOLERANCE,
+        )
 
 
 def run_train(
@@ -199,19 +366,20 @@ def run_train(
         autocast_dtype = training_dtype(config, device)
         # π is evaluated at the sampling temperature, so on-policy data has ratio π/μ = 1.
         temperature = train.policy_temperature or config.sample.temperature
-        scorer = CompletionLogprobs(model, train.logprob_chunk_size, temperature)
+        scorer = CompletionLogprobs(model, train.logprob_chunk_size, temperature, train.float32_head)
         scorer = distributed.wrap(scorer, train.parallelism, device, autocast_dtype)
         optimizer = make_optimizer(scorer, config)
 
         step_size = train.batch_size * train.gradient_accumulation * ranks.world_size
-        batches = global_batches(records, step_size, train.epochs, train.seed)
+        batches = global_batches(records, step_size, train.epochs, train.seed, train.batch_order, train.baseline)
+        scheduler = make_scheduler(optimizer, config, len(batches))
         bar = tqdm(total=len(batches), desc="training", unit="step", disable=not ranks.main)
         history: list[dict[str, float]] = []
         started = time.perf_counter()
         tokens_seen = 0
         for step, batch in enumerate(batches):
             parts = distributed.micro_batches(by_length(batch, train.batch_size, ranks.world_size), train.batch_size, ranks)
-            sums = {"sequences": 0.0, "tokens": 0.0}
+            sums = {"tokens": 0.0}
             for index, part in enumerate(parts):
                 # A rank left without sequences in a short last batch runs one at weight 0, so that
                 # it still takes part in the collectives of the forward and backward passes.
@@ -223,20 +391,21 @@ def run_train(
                     with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
                         loss, stats = loss_on_batch(scorer, inputs, config, tokenizer.pad_token_id, device)
                     (loss * weight).backward()
-                for name, value in stats.items():
-                    sums[name] = sums.get(name, 0.0) + value * len(part)
-                sums["sequences"] += len(part)
+                add_micro_batch(sums, stats, part)
                 sums["tokens"] += sum(len(r["prompt_token_ids"]) + len(r["completion_token_ids"]) for r in part)
-            # The step's figures: means over all its sequences, on every rank.
+            # The step's figures: weighted means over all its sequences, on every rank.
             totals = distributed.sum_over_ranks(sums, device)
             tokens_seen += int(totals.pop("tokens"))
-            sequences = totals.pop("sequences")
-            step_stats = {name: total / sequences for name, total in totals.items()}
+            step_stats = step_figures(totals)
             grad_norm = distributed.clip_grad_norm(scorer, train.max_grad_norm)
+            learning_rate = optimizer.param_groups[0]["lr"]  # this step's, before the scheduler moves it
             optimizer.step()
+            scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             elapsed = time.perf_counter() - started
-            step_stats.update(grad_norm=grad_norm, learning_rate=train.learning_rate, tokens_per_second=tokens_seen / elapsed)
+            step_stats.update(
+                sequences=len(batch), grad_norm=grad_norm, learning_rate=learning_rate, tokens_per_second=tokens_seen / elapsed
+            )
             history.append(step_stats)
             if on_step and ranks.main:
                 on_step(step, step_stats)
@@ -262,8 +431,10 @@ def run_train(
         "tokens_per_second": tokens_seen / seconds,
         "final_loss": history[-1]["loss"],
         **negatives_summary(history),
+        **gradient_summary(history),
         "weights_sha256": digest,
     }
+    warn_if_own_data_starts_off_policy(records, model_dir, summary["first_step_log_ratio_per_token"])
     log.info("trained %(steps)d steps on %(examples)d examples in %(seconds).0f s", summary)
     return summary
 

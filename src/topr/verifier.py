@@ -31,15 +31,15 @@ from pathlib import Path
 import torch
 
 from topr.config import Config, build_config, config_to_dict
-from topr.curate import run_curate
 from topr.evaluate import run_evaluate
+from topr.loop import LibraryStages, run_iteration
 from topr.metrics import majority_vote, weighted_vote, wilson_interval
 from topr.models import load_policy, model_identity, prompt_token_ids
 from topr.records import PROMPT_FIELDS, Record, read_records, write_json, write_records
-from topr.sample import SamplingParams, make_engine, run_sample, sample_records
+from topr.sample import SamplingParams, make_engine, sample_records
 from topr.tasks import get_task
-from topr.train import StepCallback, launch_train
-from topr.verify import run_verify, verify_records
+from topr.train import StepCallback
+from topr.verify import verify_records
 
 log = logging.getLogger(__name__)
 
@@ -282,17 +282,15 @@ def run_train_verifier(
 ) -> dict:
     """Train the starting model as a verifier on ``data_dir``'s training pairs; save it to ``output_dir``.
 
-    The policy's stages in order, with ``verifier_config``: sample judgments from the starting
-    model, score them against the labels, curate, train. ``work_dir`` receives the intermediate
-    files (``judgments.jsonl``, ``judgments_verified.jsonl``, ``train_set.jsonl``, ``composition.json``).
+    One iteration of the policy's loop (``topr.loop.run_iteration``) with ``verifier_config``:
+    sample judgments from the starting model, score them against the labels, curate, train.
+    ``work_dir`` receives the intermediate files (``topr.loop.IterationFiles``: the judgments in
+    ``samples.jsonl``, then ``verified.jsonl``, ``train_set.jsonl`` and ``composition.json``).
     """
     verifier = verifier_config(config, *data_files(data_dir))
-    work = Path(work_dir)
-    judgments, verified, train_set = work / "judgments.jsonl", work / "judgments_verified.jsonl", work / "train_set.jsonl"
-    run_sample(verifier, base_model_dir, verifier.task.train_path, judgments, iteration=1)
-    scored = run_verify(verifier.task, judgments, verified)
-    composition = run_curate(verifier, verified, train_set, work / "composition.json")
-    trained = launch_train(verifier, base_model_dir, train_set, output_dir, on_step)
+    stages = LibraryStages(verifier, on_step)
+    summaries = run_iteration(stages, base_model_dir, verifier.task.train_path, 1, work_dir, model_output=output_dir)
+    scored, composition = summaries["verify"], summaries["curate"]
     return {
         "judgments": scored["count"],
         "judgment_accuracy_before": scored["accuracy"],
@@ -300,7 +298,7 @@ def run_train_verifier(
         "curated_count": composition["count"],
         "curated_positives": composition["positives"],
         "curated_negatives": composition["negatives"],
-        **trained,
+        **summaries["train"],
     }
 
 

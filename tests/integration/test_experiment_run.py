@@ -1,4 +1,5 @@
-"""``topr experiment`` for real: two arms as kfp.local pipeline runs, one with the verifier branch."""
+"""``topr experiment`` for real: every unit a run of the loop in this process (tiny model), tracked
+in MLflow like a pipeline run; the named P1 experiment in two replicates, and the verifier branch."""
 
 from __future__ import annotations
 
@@ -40,18 +41,18 @@ def test_two_arms_share_iteration_one_and_the_report_compares_them(tmp_path, tin
     assert code == 0, capsys.readouterr().err
     folder = tmp_path / "tiny"
     results = json.loads((folder / "results.json").read_text())
-    assert {arm: result["status"] for arm, result in results["arms"].items()} == {"topr": "finished", "reinforce": "finished"}
+    assert {arm: units["rep0"]["status"] for arm, units in results["units"].items()} == {"topr": "finished", "reinforce": "finished"}
     client = MlflowClient(default_tracking_uri(tmp_path))
-    runs = {arm: client.get_run(result["run_id"]) for arm, result in results["arms"].items()}
+    runs = {arm: client.get_run(units["rep0"]["run_id"]) for arm, units in results["units"].items()}
 
     # Both arms trained iteration 1 on the very samples the experiment drew once.
-    shared_digest = file_sha256(folder / "shared" / "iter1_samples.jsonl")[:16]
+    shared_samples = folder / "shared" / "rep0" / "samples.jsonl"
     for arm, run in runs.items():
         (collect,) = client.search_runs(
             [run.info.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{run.info.run_id}' and attributes.run_name = 'iter1/collect_samples'"
         )
-        assert [item.dataset.digest for item in collect.inputs.dataset_inputs] == [shared_digest], arm
-        assert run.data.params["sample.first_iteration_samples"] == str(folder / "shared" / "iter1_samples.jsonl")
+        assert [item.dataset.digest for item in collect.inputs.dataset_inputs] == [file_sha256(shared_samples)[:16]], arm
+        assert run.data.params["sample.first_iteration_samples"] == str(shared_samples)
 
     # What the report reads from each arm: accuracy with intervals and the signs of degeneration.
     for run in runs.values():
@@ -65,7 +66,30 @@ def test_two_arms_share_iteration_one_and_the_report_compares_them(tmp_path, tin
     assert [str(version.version) for version in client.search_model_versions("name = 'tiny-topr-verifier'")] == ["1"]
 
     report = (folder / "report.md").read_text()
-    assert "| topr | `train.objective=topr` `verifier.enabled=true` | shared | finished |" in report
+    assert "| topr | `train.objective=topr` `verifier.enabled=true` | shared | 1/1 |" in report
     assert "## Generative verifier" in report and "| reinforce | 1 |" in report
     assert {"accuracy.png", "degeneration.png", "report.md", "results.json"} <= {path.name for path in folder.iterdir()}
     assert report in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_the_objectives_experiment_in_two_replicates_pairs_every_arm_with_rft(tmp_path, tiny_model_dir, capsys):
+    code = main(["experiment", "objectives", "--replicates", "2", f"model.path={tiny_model_dir}", f"run.output_dir={tmp_path}", *TINY])
+
+    assert code == 0, capsys.readouterr().err
+    folder = tmp_path / "objectives"
+    results = json.loads((folder / "results.json").read_text())
+    assert {arm: sorted(units) for arm, units in results["units"].items()} == {arm: ["rep0", "rep1"] for arm in ("topr", "rft", "tis", "reinforce")}
+    assert all(unit["status"] == "finished" for units in results["units"].values() for unit in units.values())
+    # Each replicate trained on its own samples, shared by the arms of that replicate.
+    client = MlflowClient(default_tracking_uri(tmp_path))
+    for replicate in ("rep0", "rep1"):
+        used = {client.get_run(units[replicate]["run_id"]).data.params["sample.first_iteration_samples"] for units in results["units"].values()}
+        assert used == {str(folder / "shared" / replicate / "samples.jsonl")}
+    assert file_sha256(folder / "shared" / "rep0" / "samples.jsonl") != file_sha256(folder / "shared" / "rep1" / "samples.jsonl")
+    # Every arm but the reference compared with it, per replicate, on the same held-out problems.
+    comparisons = results["comparisons"]["1"]
+    assert [c["arm"] for c in comparisons] == ["topr", "tis", "reinforce"] and {c["reference"] for c in comparisons} == {"rft"}
+    assert all(len(c["differences"]) == 2 for c in comparisons)
+    report = (folder / "report.md").read_text()
+    assert "## Paired differences from `rft`, iteration 1" in report and (folder / "paired_differences.png").exists()
