@@ -140,3 +140,35 @@ def test_gpu_benchmark_without_a_gpu_says_so():
     result = subprocess.run([sys.executable, str(BENCH / "gpu_train.py")], capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert "needs a CUDA GPU" in result.stderr
+
+
+def test_gpu_experiment_code_path_on_cpu_writes_a_unit_per_arm_and_replicate(tmp_path):
+    """bench/gpu_experiment.py at toy sizes on CPU: tokenizer export, warm start, one JSON per unit, analysis."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    script = [sys.executable, str(BENCH / "gpu_experiment.py")]
+
+    def run(*arguments: str) -> str:
+        result = subprocess.run([*script, *arguments], capture_output=True, text=True, env=env, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+        return result.stdout
+
+    run("--export-tokenizer", str(tmp_path / "tokenizer"))
+    run("--quick", "--device", "cpu", "--tokenizer", str(tmp_path / "tokenizer"), "--out", str(tmp_path / "out"), "--arms", "topr,rft")
+    units = {path.name for path in (tmp_path / "out" / "units").iterdir()}
+    assert units == {"start.json", "topr-rep0.json", "rft-rep0.json", "topr-rep1.json", "rft-rep1.json"}
+    unit = json.loads((tmp_path / "out" / "units" / "topr-rep1.json").read_text())
+    assert len(unit["correct"]) == 16 and unit["train"]["steps"] >= 1
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["units"] == ["topr/rep0", "rft/rep0", "topr/rep1", "rft/rep1"]
+    assert "| topr | rft | 2 |" in run("--analyse", str(tmp_path / "out"))
+
+
+def test_gpu_experiment_stops_at_its_time_box(tmp_path):
+    """With no time left after the warm start, no unit starts, and the summary says why."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    script = [sys.executable, str(BENCH / "gpu_experiment.py")]
+    subprocess.run([*script, "--export-tokenizer", str(tmp_path / "tokenizer")], check=True, env=env, capture_output=True, timeout=300)
+    subprocess.run([*script, "--quick", "--device", "cpu", "--time-box", "1", "--tokenizer", str(tmp_path / "tokenizer"), "--out", str(tmp_path / "out")],
+                   check=True, env=env, capture_output=True, timeout=300)  # fmt: skip
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["units"] == [] and summary["stopped"].startswith("time box: 0 units done")

@@ -18,7 +18,8 @@ def test_defaults_validate():
     assert config == Config()
     assert config.task.name == "arithmetic"
     assert config.train.objective == "topr"
-    assert config.train.learning_rate == pytest.approx(3e-5)
+    assert config.train.learning_rate == pytest.approx(1e-5)
+    assert (config.train.gradient_accumulation, config.train.batch_order) == (4, "stratified")
     assert config.run.iterations == 2
 
 
@@ -194,20 +195,20 @@ def test_invalid_values_name_the_field(override, field):
     assert "command-line overrides" in message
 
 
-def test_training_options_default_to_the_papers_set_up_and_take_their_choices():
+def test_training_options_default_to_the_calibrated_set_up_and_take_their_choices():
     train = load_config().train
-    assert (train.lr_schedule, train.warmup_steps, train.batch_order) == ("constant", 0, "shuffle")
+    assert (train.lr_schedule, train.warmup_steps, train.batch_order) == ("constant", 0, "stratified")
     assert (train.length_normalization, train.float32_head) == ("sequence", True)
     train = load_config(
         overrides=[
             "train.lr_schedule=cosine",
             "train.warmup_steps=3",
-            "train.batch_order=stratified",
+            "train.batch_order=shuffle",
             "train.length_normalization=constant",
             "train.float32_head=false",
         ]
     ).train
-    assert (train.lr_schedule, train.warmup_steps, train.batch_order) == ("cosine", 3, "stratified")
+    assert (train.lr_schedule, train.warmup_steps, train.batch_order) == ("cosine", 3, "shuffle")
     assert (train.length_normalization, train.float32_head) == ("constant", False)
 
 

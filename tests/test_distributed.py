@@ -56,7 +56,7 @@ def make_records(count: int) -> list[dict]:
 def config(*overrides):
     return load_config(
         None,
-        ["sample.temperature=1.0", "train.learning_rate=3e-3", "train.batch_size=2", *overrides],
+        ["sample.temperature=1.0", "train.learning_rate=3e-3", "train.batch_size=2", "train.gradient_accumulation=1", *overrides],
     )
 
 

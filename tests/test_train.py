@@ -79,6 +79,8 @@ def config(*overrides):
             f"sample.temperature={TEMPERATURE}",
             "train.learning_rate=3e-3",
             "train.batch_size=4",
+            "train.gradient_accumulation=1",
+            "train.batch_order=shuffle",
             "train.epochs=1",
             *overrides,
         ],

@@ -148,7 +148,11 @@ class TrainConfig(Section):
     )
     optimizer: Literal["adamw", "adafactor"] = Field("adamw", description="Optimizer.")
     learning_rate: float = Field(
-        3e-5, gt=0, description="Peak learning rate: reached after the warm-up, then held or decayed by lr_schedule."
+        1e-5,
+        gt=0,
+        description="Peak learning rate: reached after the warm-up, then held or decayed by lr_schedule. "
+        "Calibrated (docs/results.md, P0) as the largest rate whose median ratio π/μ on negatives stays >= 0.3 "
+        "to the end of an epoch at the default global batch of 32: at 3e-5 it is 0 after one step.",
     )
     lr_schedule: Literal["constant", "linear", "cosine"] = Field(
         "constant",
@@ -160,10 +164,12 @@ class TrainConfig(Section):
     )
     weight_decay: float = Field(0.0, ge=0, description="Decoupled weight decay.")
     batch_size: int = Field(8, ge=1, description="Sequences per micro-batch.")
-    gradient_accumulation: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    gradient_accumulation: int = Field(
+        4, ge=1, description="Micro-batches per optimizer step (default: 4 × batch_size = 32 sequences per step)."
+    )
     epochs: int = Field(1, ge=1, description="Passes over the curated set.")
     batch_order: Literal["shuffle", "stratified"] = Field(
-        "shuffle",
+        "stratified",
         description="shuffle: each epoch in a random order; stratified: positives (reward >= baseline) "
         "spread evenly, so every global batch holds about the set's share of them.",
     )
