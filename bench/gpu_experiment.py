@@ -1,8 +1,10 @@
 """A scaled-down P1 on one GPU in a time box: TOPR, rft, tis and REINFORCE, one iteration, replicated.
 
 What ``topr experiment objectives`` does on the CPU machine, sized for an H100/H200 and for its
-image (no pydantic, MLflow, kfp, math-verify or gguf there, nothing to download): no pretrained
-weights travel (the default model's 93 MB GGUF does not fit the 64 MiB that can be carried), so
+image (no MLflow, kfp, math-verify or gguf there, nothing to download; the loop's stages need
+none of them, and pydantic, the one library they need that the image lacks, travels as wheels:
+see docs/performance.md). No pretrained weights travel (the default model's 93 MB GGUF does not
+fit the 64 MiB that can be carried), so
 
 1. a Llama is built from a config (``--hidden`` × ``--layers``, the default model's tokenizer,
    exported beforehand with ``--export-tokenizer``) and warm-started by supervised training on
@@ -91,7 +93,7 @@ def unit_config(args: argparse.Namespace, arm: str, replicate: int, samples: Pat
             "task": {"name": "arithmetic", "level": LEVEL, "train_size": args.train_size, "eval_size": args.eval_size, "train_seed": replicate},
             "sample": {"samples_per_prompt": args.samples_per_prompt, "temperature": 1.0, "max_new_tokens": 24, "batch_size": 512, "seed": replicate,
                        "first_iteration_samples": str(samples) if samples else None},
-            "train": {"objective": arm, "learning_rate": args.learning_rate, "batch_size": args.batch_size, "batch_order": "stratified",
+            "train": {"objective": arm, "learning_rate": args.learning_rate, "batch_size": args.batch_size, "gradient_accumulation": 1, "batch_order": "stratified",
                       "seed": replicate, "dtype": "bfloat16" if bf16 else "float32", "float32_head": True},
             "evaluate": {"max_new_tokens": 24, "batch_size": 512},
             "curate": {"seed": replicate},

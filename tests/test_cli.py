@@ -283,3 +283,13 @@ def test_experiment_rejects_unknown_arms_and_takes_overrides_after_options(tmp_p
     assert main(["experiment", "objectives", "--replicates", "0", f"run.output_dir={tmp_path}"]) == 2
     assert "--replicates must be at least 1" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
+
+
+def test_a_subset_of_arms_without_the_reference_compares_with_its_first_arm():
+    from topr.cli import _with_arms, _with_replicates_and_reference
+    from topr.experiment import load_spec
+
+    _, spec = load_spec("objectives")
+    chosen = _with_replicates_and_reference(_with_arms(spec, "objectives", ["topr", "tis"]), 2, None)
+    assert (list(chosen.arms), chosen.reference_arm, chosen.replicates) == (["topr", "tis"], "topr", 2)
+    assert _with_arms(spec, "objectives", ["topr", "rft"]).reference_arm == "rft"

@@ -23,6 +23,7 @@ from topr.experiment import (
     replicate_config,
     run_experiment,
     shares_first_iteration,
+    shares_start,
 )
 from topr.records import read_records, write_json
 from topr.report import accuracy_table, degeneration_table, verifier_table
@@ -32,7 +33,7 @@ TINY = ["task.train_size=2", "task.eval_size=2", "sample.samples_per_prompt=2", 
 
 
 def test_every_named_experiment_loads_and_its_arms_validate():
-    assert set(named_specs()) == {"objectives", "iterations", "baseline", "curation", "positives", "ratio_level", "seeds", "verifier"}
+    assert set(named_specs()) == {"calibration", "objectives", "iterations", "baseline", "curation", "positives", "ratio_level", "seeds", "verifier"}
     for name in named_specs():
         _, spec = load_spec(name)
         experiment, arms = arm_configs(spec, {}, [])
@@ -128,7 +129,7 @@ def test_a_replicate_moves_every_training_seed_and_keeps_the_held_out_problems()
     experiment, _ = arm_configs(ExperimentSpec(description="d", arms={"a": []}), {}, ["train.seed=5", "task.train_size=4"])
     second = replicate_config(experiment, 2)
     assert replicate_config(experiment, 0) == experiment
-    assert (second.task.train_seed, second.sample.seed, second.curate.seed, second.train.seed) == (2, 2, 2, 7)
+    assert (second.task.train_seed, second.sample.seed, second.curate.seed, second.train.seed) == (2, 200_000, 2, 7)
     assert (second.task.seed, second.evaluate.seed) == (experiment.task.seed, experiment.evaluate.seed)
 
 
@@ -232,7 +233,7 @@ def test_replicates_run_every_arm_on_their_own_data_and_the_report_pairs_them(tm
 
     assert runner.calls == ["rft/rep0", "topr/rep0", "rft/rep1", "topr/rep1"]  # replicate by replicate
     ran = {rep: yaml.safe_load((folder / "arms" / "topr" / rep / "config.yaml").read_text()) for rep in ("rep0", "rep1")}
-    assert (ran["rep1"]["train"]["seed"], ran["rep1"]["sample"]["seed"], ran["rep1"]["task"]["train_seed"]) == (1, 1, 1)
+    assert (ran["rep1"]["train"]["seed"], ran["rep1"]["sample"]["seed"], ran["rep1"]["task"]["train_seed"]) == (1, 100_000, 1)
     assert ran["rep1"]["sample"]["first_iteration_samples"] == str(folder / "shared" / "rep1" / "samples.jsonl")
     text = report.read_text()
     # ScriptedArms: in rep0 both arms solve problem p0 only; in rep1 topr solves both, rft p0 only.
@@ -291,3 +292,19 @@ def test_tables_show_intervals_composition_and_the_verifier_only_when_it_ran():
         "| topr | 30.0% → 70.0% | 40.0% → 0.0% | 4 | 40.0% [30.0%, 50.0%] | 50.0% [40.0%, 60.0%] "
         "| 50.0% [40.0%, 60.0%] | 60.0% [50.0%, 70.0%] |"
     )
+
+
+def test_an_arm_with_its_own_model_or_evaluation_does_not_take_the_shared_start():
+    spec = ExperimentSpec(description="d", arms={"same": [], "other_model": ["model.path=/elsewhere"], "longer": ["evaluate.max_new_tokens=128"]})
+    experiment, arms = arm_configs(spec, {}, [])
+    assert {name: shares_start(arm, experiment) for name, arm in arms.items()} == {"same": True, "other_model": False, "longer": False}
+
+
+def test_paired_comparisons_pair_problem_by_problem_whatever_the_order():
+    from topr.report import paired_comparisons
+
+    reference = {"rep0": {"a": True, "b": False, "c": False}, "rep1": {"c": True, "b": False, "a": False}}
+    # The same problems listed in another order, plus one that the reference was not scored on.
+    arm = {"rep0": {"c": True, "a": True, "b": True, "z": True}, "rep1": {"b": True, "a": False, "c": True, "z": False}}
+    (comparison,) = paired_comparisons({1: {"rft": reference, "topr": arm}}, "rft")[1]
+    assert comparison.arm == "topr" and comparison.differences == pytest.approx([2 / 3, 1 / 3])

@@ -348,6 +348,22 @@ def test_training_takes_the_batch_order_asked_for(policy, tiny_model_dir, tmp_pa
 # ----------------------------------------------------------------------------- steps and accumulation
 
 
+def test_a_steps_ratio_quantiles_are_over_all_its_negatives_and_its_counts_are_sums(policy, tiny_model_dir, tmp_path):
+    """Two micro-batches of 4 in one step (sorted by length): the median ratio on negatives is the
+    median over the step's 6 negatives, not the mean of the micro-batches' medians."""
+    lengths = [1, 2, 3, 4, 5, 6]
+    negatives = [(f"Question {n}?", list(range(3000, 3000 + n)), -1.0) for n in lengths]
+    shift = 0.5  # log μ = log π + 0.5 per token, so at step 0 a negative's ratio is exp(-0.5 |y|)
+    records = make_records(policy, POSITIVES + negatives, behavior_shift=shift)
+    cfg = config("train.batch_size=4", "train.gradient_accumulation=2", "train.learning_rate=1e-9")
+    _, steps, _ = train(tmp_path, tiny_model_dir, records, cfg)
+
+    (_, first), = steps
+    expected = torch.quantile(torch.tensor([math.exp(-shift * n) for n in lengths], dtype=torch.float64), torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64))
+    assert [first[f"ratio_negative_p{q}"] for q in (10, 50, 90)] == pytest.approx(expected.tolist(), rel=1e-4)
+    assert (first["positive_count"], first["negative_count"], first["sequences"]) == (2, 6, 8)
+
+
 def test_gradient_accumulation_matches_a_larger_batch(policy, tiny_model_dir, tmp_path):
     records = make_records(policy, POSITIVES + NEGATIVES)
     accumulated, accumulated_steps, _ = train(

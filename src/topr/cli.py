@@ -280,11 +280,7 @@ def cmd_experiment(args) -> int:
         return 0 if args.list else 2
     name, spec = load_spec(args.spec)
     if args.arms:
-        wanted = args.arms.split(",")
-        unknown = sorted(set(wanted) - set(spec.arms))
-        if unknown:
-            raise ConfigError(f"no arm(s) {', '.join(unknown)} in experiment {name} (arms: {', '.join(spec.arms)})")
-        spec = spec.model_copy(update={"arms": {arm: spec.arms[arm] for arm in wanted}})
+        spec = _with_arms(spec, name, args.arms.split(","))
     spec = _with_replicates_and_reference(spec, args.replicates, args.reference)
     base = read_config_file(args.config) if args.config else {}
     overrides = list(args.overrides) + ([f"run.tracking_uri={args.tracking_uri}"] if args.tracking_uri else [])
@@ -296,6 +292,17 @@ def cmd_experiment(args) -> int:
     print(report.read_text())
     print(f"report: {report}")
     return 0
+
+
+def _with_arms(spec, name: str, wanted: list[str]):
+    """The spec with only the ``wanted`` arms; without its reference arm, the first of them is the reference."""
+    from topr.experiment import ExperimentSpec
+
+    unknown = sorted(set(wanted) - set(spec.arms))
+    if unknown:
+        raise ConfigError(f"no arm(s) {', '.join(unknown)} in experiment {name} (arms: {', '.join(spec.arms)})")
+    reference = spec.reference if spec.reference in wanted else None
+    return ExperimentSpec.model_validate({**spec.model_dump(), "arms": {arm: spec.arms[arm] for arm in wanted}, "reference": reference})
 
 
 def _with_replicates_and_reference(spec, replicates: int | None, reference: str | None):

@@ -193,6 +193,15 @@ def sum_over_ranks(values: dict[str, float], device: torch.device) -> dict[str, 
     return dict(zip(names, totals.tolist()))
 
 
+def gather_over_ranks(values: list[float]) -> list[float]:
+    """Every process's values, concatenated in rank order, on every rank."""
+    if not dist.is_initialized():
+        return list(values)
+    gathered: list[list[float]] = [[] for _ in range(dist.get_world_size())]
+    dist.all_gather_object(gathered, values)
+    return [value for rank_values in gathered for value in rank_values]
+
+
 def gathered_policy(policy: torch.nn.Module, parallelism: str) -> torch.nn.Module | None:
     """The policy with all its weights, to save: on rank 0; None on the other ranks.
 

@@ -47,9 +47,9 @@ from topr.records import write_json
 
 log = logging.getLogger(__name__)
 
-ArmRunner = Callable[[Config, Path, str, str, SharedStart], str]
-"""Runs one arm × replicate: ``(config, run folder, tracking URI, run name, shared start) -> parent
-MLflow run id`` (``topr.inprocess.run_in_process``; tests hand in their own)."""
+ArmRunner = Callable[[Config, Path, str, str, SharedStart | None], str]
+"""Runs one arm × replicate: ``(config, run folder, tracking URI, run name, shared start or None)
+-> parent MLflow run id`` (``topr.inprocess.run_in_process``; tests hand in their own)."""
 
 SHARED_SECTIONS = ("model", "task", "sample")
 """The sections that decide iteration 1's data: arms that keep the experiment's share its samples."""
@@ -153,18 +153,29 @@ def shares_first_iteration(arm: Config, experiment: Config) -> bool:
     return all(getattr(arm, section) == getattr(experiment, section) for section in SHARED_SECTIONS)
 
 
+def shares_start(arm: Config, experiment: Config) -> bool:
+    """Whether ``arm`` starts from the experiment's model and would evaluate it exactly as the
+    shared evaluation did (same model, task and evaluation settings)."""
+    return all(getattr(arm, section) == getattr(experiment, section) for section in ("model", "task", "evaluate"))
+
+
+REPLICATE_SEED_STRIDE = 100_000
+"""Replicate r samples with seed + 100,000·r: beyond what iterations (≤ 50) and shards (1,000·s,
+s < 64) add, so no two replicates ever draw with the same seed."""
+
+
 def replicate_config(config: Config, replicate: int) -> Config:
-    """``config`` for replicate ``replicate`` (0-based): its training prompts, sampling, curation and
-    training seeds each moved on by the replicate's index. Held-out prompts (``task.seed``) and the
-    evaluation seed stay, so every replicate is scored on the same problems; replicate 0 is
-    ``config`` itself."""
+    """``config`` for replicate ``replicate`` (0-based): its training prompts, curation and training
+    seeds each moved on by the replicate's index, its sampling seed by ``REPLICATE_SEED_STRIDE``
+    times it. Held-out prompts (``task.seed``) and the evaluation seed stay, so every replicate is
+    scored on the same problems; replicate 0 is ``config`` itself."""
     if replicate == 0:
         return config
     train_seed = config.task.seed if config.task.train_seed is None else config.task.train_seed
     return config.model_copy(
         update={
             "task": config.task.model_copy(update={"train_seed": train_seed + replicate}),
-            "sample": config.sample.model_copy(update={"seed": config.sample.seed + replicate}),
+            "sample": config.sample.model_copy(update={"seed": config.sample.seed + REPLICATE_SEED_STRIDE * replicate}),
             "curate": config.curate.model_copy(update={"seed": config.curate.seed + replicate}),
             "train": config.train.model_copy(update={"seed": config.train.seed + replicate}),
         }
@@ -260,12 +271,13 @@ def run_experiment(
             config = arm_config(arm_name, name, arm, experiment, shared, replicate)
             unit = f"{name}/{arm_name}/{replicate_name(replicate)}"
             unit_folder = folder / "arms" / arm_name / replicate_name(replicate)
-            results[arm_name][replicate_name(replicate)] = _run_one_unit(unit, config, run_arm, unit_folder, tracking_uri, start)
+            unit_start = start if shares_start(arm, experiment) else None  # its own model or evaluation: made by the unit
+            results[arm_name][replicate_name(replicate)] = _run_one_unit(unit, config, run_arm, unit_folder, tracking_uri, unit_start)
     context = {"name": name, "spec": spec, "shared": shared, "machine": machine_description(), "folder": folder}
     return write_experiment_report(folder, tracking_uri, experiment, running, results, context)
 
 
-def _run_one_unit(name: str, config: Config, run_arm: ArmRunner, folder: Path, tracking_uri: str, start: SharedStart) -> dict:
+def _run_one_unit(name: str, config: Config, run_arm: ArmRunner, folder: Path, tracking_uri: str, start: SharedStart | None) -> dict:
     """Run one arm × replicate unless a previous attempt finished it; its result (run id or error)
     is kept in ``result.json``, written only once the unit has ended."""
     result_path = folder / "result.json"

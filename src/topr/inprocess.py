@@ -5,14 +5,14 @@ as a component would call it, so an arm's MLflow run has the layout of a pipelin
 run with the config, a nested run per stage and iteration (``iter1/sample`` …), datasets with
 digests, per-step training figures, the registered model and its lineage. What it leaves out:
 Kubeflow's task processes (about 5 s of start-up each), the promotion gate (arms are compared,
-not promoted) and, when the experiment hands it in, the starting model's evaluation, which every
-arm shares (greedy decoding of the same model on the same problems).
+not promoted) and, when the experiment hands it in, the starting model's preparation and
+evaluation, which every arm shares (greedy decoding of the same model on the same problems): the
+unit then logs those figures as its iteration 0, with the shared evaluation's file as a param.
 """
 
 from __future__ import annotations
 
 import json
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 

@@ -6,7 +6,7 @@ same order of the same files runs
 - bare, with the library's stage functions (``LibraryStages``): the verifier's training and any
   script of a researcher's own;
 - tracked in MLflow, with ``topr.steps`` around every stage (``topr.inprocess.TrackedStages``):
-  the arms of ``topr experiment``, which log exactly what a pipeline run logs.
+  the arms of ``topr experiment``, which log what a pipeline run logs, stage by stage.
 
 The Kubeflow pipeline (``pipelines/topr_pipeline.py``) composes the same stage functions as one
 component each; it is the cluster's form of this loop, not another copy of its logic.

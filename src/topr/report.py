@@ -282,39 +282,47 @@ def replicate_accuracy_table(finished: dict[str, Replicates]) -> str:
     return "\n".join(lines)
 
 
-def per_problem_correct(folder: Path, shared: dict, finished: dict[str, Replicates]) -> dict[int, dict[str, dict[str, list[bool]]]]:
-    """Greedy correctness per held-out problem (in prompt-id order), by iteration, arm and replicate,
-    read from the units' evaluation completions (iteration 0: the shared starting model's)."""
+ProblemResults = dict[int, dict[str, dict[str, dict[str, bool]]]]
+"""Greedy correctness by iteration, arm, replicate and held-out prompt id."""
+
+
+def per_problem_correct(folder: Path, shared: dict, finished: dict[str, Replicates]) -> ProblemResults:
+    """Greedy correctness per held-out problem, by iteration, arm and replicate, read from the
+    units' evaluation completions (iteration 0: the shared starting model's, else the unit's own)."""
     from topr.loop import IterationFiles
 
-    def correct(path: Path) -> list[bool] | None:
+    def correct(path: Path) -> dict[str, bool] | None:
         if not path.exists():
             return None
-        greedy = sorted((r for r in read_records(path) if r.get("decoding") == "greedy"), key=lambda r: r["prompt_id"])
-        return [bool(r["correct"]) for r in greedy]
+        return {r["prompt_id"]: bool(r["correct"]) for r in read_records(path) if r.get("decoding") == "greedy"}
 
     start = correct(Path(shared["start_evaluation"]).with_name("evaluation_completions.jsonl"))
-    found: dict[int, dict[str, dict[str, list[bool]]]] = {}
+    found: ProblemResults = {}
     for arm, replicates in finished.items():
         for replicate, metrics in replicates.items():
             for step in metrics["pass_at_1"]:
                 run = folder / "arms" / arm / replicate / "run"
-                values = start if step == 0 else correct(IterationFiles(run / f"iter{step}").completions)
+                own = correct(IterationFiles(run / f"iter{step}").completions)
+                values = own if own is not None or step > 0 else start
                 if values is not None:
                     found.setdefault(step, {}).setdefault(arm, {})[replicate] = values
     return found
 
 
-def paired_comparisons(correct: dict[int, dict[str, dict[str, list[bool]]]], reference: str) -> dict[int, list]:
+def paired_comparisons(correct: ProblemResults, reference: str) -> dict[int, list]:
     """Each trained iteration's comparisons of every arm with ``reference`` (``topr.stats.compare_arms``),
-    where the reference has the replicates that a paired comparison needs."""
+    where the reference has the replicates that a paired comparison needs. Arms pair on the
+    held-out problems that every unit of the iteration was scored on, problem by problem."""
     from topr.stats import MIN_REPLICATES, compare_arms
 
-    return {
-        step: compare_arms(by_arm, reference)
-        for step, by_arm in sorted(correct.items())
-        if step > 0 and len(by_arm.get(reference, {})) >= MIN_REPLICATES and len(by_arm) > 1
-    }
+    comparisons = {}
+    for step, by_arm in sorted(correct.items()):
+        if step == 0 or len(by_arm.get(reference, {})) < MIN_REPLICATES or len(by_arm) < 2:
+            continue
+        common = sorted(set.intersection(*(set(results) for replicates in by_arm.values() for results in replicates.values())))
+        aligned = {arm: {rep: [results[p] for p in common] for rep, results in replicates.items()} for arm, replicates in by_arm.items()}
+        comparisons[step] = compare_arms(aligned, reference)
+    return comparisons
 
 
 def plot_replicates_accuracy(finished: dict[str, Replicates], path: Path) -> None:
@@ -349,6 +357,7 @@ def plot_paired_differences(comparisons: list, iteration: int, path: Path) -> No
     a point, the mean with its 95% t-interval as a bar."""
     plt = _pyplot()
     figure, axis = plt.subplots(figsize=(6.5, 0.6 * len(comparisons) + 1.6))
+    comparisons = [c for c in comparisons if c.mean_difference is not None]  # an arm with no replicate in common: nothing to draw
     for row, comparison in enumerate(comparisons):
         differences = [100 * d for d in comparison.differences]
         axis.scatter(differences, [row] * len(differences), s=18, alpha=0.5, color="tab:blue")
@@ -369,6 +378,63 @@ def plot_paired_differences(comparisons: list, iteration: int, path: Path) -> No
     plt.close(figure)
 
 
+TAPER_KEY = "ratio_negative_p50"
+
+
+def stage_step_history(tracking_uri: str, parent_run_id: str, stage: str, key: str) -> dict[int, float]:
+    """``{step: value}`` of a per-step metric of a nested stage run (``iter1/train``), or {} when
+    that run or metric is missing."""
+    from topr.tracking import mlflow_client
+
+    client = mlflow_client(tracking_uri)
+    parent = client.get_run(parent_run_id)
+    found = client.search_runs(
+        [parent.info.experiment_id],
+        filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}' and attributes.run_name = '{stage}'",
+        max_results=1,
+    )
+    return metric_history(tracking_uri, found[0].info.run_id, key) if found else {}
+
+
+def plot_taper(histories: dict[str, dict[str, dict[int, float]]], path: Path) -> None:
+    """The median ratio π/μ on negatives at every optimizer step of iteration 1, one line per arm
+    (the mean over replicates) and a faint line per replicate: where the taper works (near 1,
+    negatives pushed down at full weight) and where it has shut them off (near 0)."""
+    plt = _pyplot()
+    figure, axis = plt.subplots(figsize=(6.5, 4))
+    for arm, by_replicate in histories.items():
+        steps = sorted({step for history in by_replicate.values() for step in history})
+        means = [sum(h[s] for h in by_replicate.values() if s in h) / sum(s in h for h in by_replicate.values()) for s in steps]
+        (line,) = axis.plot(steps, means, marker="o", markersize=3, label=arm)
+        if len(by_replicate) > 1:
+            for history in by_replicate.values():
+                points = sorted(history.items())
+                axis.plot([s for s, _ in points], [v for _, v in points], color=line.get_color(), alpha=0.25, linewidth=1)
+    axis.axhline(0.3, color="grey", linestyle="--", linewidth=1, label="0.3 (calibration threshold)")
+    axis.set_xlabel("optimizer step of iteration 1")
+    axis.xaxis.get_major_locator().set_params(integer=True)
+    axis.set_ylabel("median ratio π/μ on negatives")
+    axis.set_ylim(0, 1.05)
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def taper_histories(tracking_uri: str, results: dict) -> dict[str, dict[str, dict[int, float]]]:
+    """Iteration 1's per-step median ratio on negatives, by arm and replicate (a unit whose
+    training set had no negatives is left out)."""
+    histories: dict[str, dict[str, dict[int, float]]] = {}
+    for arm, by_replicate in results.items():
+        for replicate, result in by_replicate.items():
+            if result["status"] == "finished":
+                history = stage_step_history(tracking_uri, result["run_id"], "iter1/train", TAPER_KEY)
+                if history:
+                    histories.setdefault(arm, {})[replicate] = history
+    return histories
+
+
 def write_experiment_report(folder: Path, tracking_uri: str, experiment, arms: dict, results: dict, context: dict) -> Path:
     """Write ``report.md``, its plots and ``results.json`` into the experiment folder, and log them
     to an MLflow run of the experiment (tagging each unit's run); return the report's path.
@@ -387,6 +453,10 @@ def write_experiment_report(folder: Path, tracking_uri: str, experiment, arms: d
         plot_replicates_accuracy(finished, folder / "accuracy.png")
         plot_degeneration(means, folder / "degeneration.png")
         figures = ["accuracy.png", "degeneration.png"]
+        histories = taper_histories(tracking_uri, results)
+        if histories:
+            plot_taper(histories, folder / "taper.png")
+            figures.append("taper.png")
         if comparisons:
             last = max(comparisons)
             plot_paired_differences(comparisons[last], last, folder / "paired_differences.png")
@@ -471,6 +541,8 @@ def _experiment_markdown(experiment, spec, arms: dict, results: dict, finished: 
             "![degeneration](degeneration.png)",
             "",
         ]
+        if "taper.png" in figures:
+            lines += ["![median ratio on negatives by training step](taper.png)", ""]
         if "positive_fraction.png" in figures:
             lines += ["## Accuracy against the effective positive fraction", "", "![accuracy vs effective positive fraction](positive_fraction.png)", ""]
         verifier = verifier_table(means)

@@ -30,7 +30,7 @@ from topr import distributed
 from topr.config import Config, config_to_yaml
 from topr.logprobs import batch_prompt_completions, completion_logprobs
 from topr.models import load_policy, model_identity, save_policy, set_threads
-from topr.objectives import NEGATIVE_RATIO_STATS, policy_loss
+from topr.objectives import LOG_RATIO_CLAMP, NEGATIVE_RATIO_STATS, policy_loss
 from topr.records import TRAIN_FIELDS, Record, RecordError, read_records
 
 log = logging.getLogger(__name__)
@@ -45,15 +45,18 @@ GROUP_STATS = {
     "logprob_positive_mean": "positive_count",
     "mean_weight_negative": "negative_count",
     "logprob_negative_mean": "negative_count",
-    **dict.fromkeys(NEGATIVE_RATIO_STATS, "negative_count"),
     "log_ratio_per_token": "completion_tokens",
 }
 """Stats of ``policy_loss`` that describe one group of a micro-batch, and the size of that group.
 
 A step's figure for such a stat is its mean over the micro-batches weighted by the group's size
 (any other stat: by the micro-batch's sequences), and is left out when the group is empty in the
-whole step.
+whole step. The counts (``SUMMED_STATS``) are added up instead, and the quantiles of the ratio
+on negatives are taken over all the step's negatives (``negative_ratio_quantiles``), not
+averaged over micro-batches, whose sequences ``by_length`` groups by length.
 """
+
+SUMMED_STATS = ("positive_count", "negative_count")
 
 FRESH_DATA_LOG_RATIO_TOLERANCE = 0.02
 """Nats: |mean log π/μ per token| at step 0 beyond which π and μ disagree on data that the
@@ -208,7 +211,8 @@ class CompletionLogprobs(torch.nn.Module):
 
 
 def loss_on_batch(scorer, batch: list[Record], config: Config, pad_token_id: int, device: torch.device):
-    """``policy_loss`` of one micro-batch (the mean over its sequences) and its stats."""
+    """``policy_loss`` of one micro-batch (the mean over its sequences), its stats, and the
+    sequence ratios π/μ of its negatives (for the step's quantiles)."""
     tensors = batch_prompt_completions(
         [r["prompt_token_ids"] for r in batch], [r["completion_token_ids"] for r in batch], pad_token_id
     )
@@ -220,7 +224,7 @@ def loss_on_batch(scorer, batch: list[Record], config: Config, pad_token_id: int
     rewards = torch.tensor([float(r["reward"]) for r in batch], device=device)
     train = config.train
     normalizer = config.sample.max_new_tokens if train.length_normalization == "constant" else None
-    return policy_loss(
+    loss, stats = policy_loss(
         logprobs,
         behavior,
         rewards,
@@ -234,6 +238,22 @@ def loss_on_batch(scorer, batch: list[Record], config: Config, pad_token_id: int
         length_normalization=train.length_normalization,
         normalizer=normalizer,
     )
+    return loss, stats, negative_ratios(logprobs, behavior, tensors["completion_mask"], rewards - train.baseline)
+
+
+def negative_ratios(logprobs: torch.Tensor, behavior: torch.Tensor, mask: torch.Tensor, advantages: torch.Tensor) -> list[float]:
+    """The sequence ratio π/μ of every negative (advantage < 0), clamped as ``policy_loss`` does."""
+    log_ratio = torch.where(mask != 0, logprobs.detach().float() - behavior.float(), 0.0).sum(dim=1)
+    ratio = log_ratio.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP).exp()
+    return ratio[advantages < 0].tolist()
+
+
+def negative_ratio_quantiles(ratios: list[float]) -> dict[str, float]:
+    """``ratio_negative_p10/p50/p90`` over a step's negatives; empty without negatives."""
+    if not ratios:
+        return {}
+    levels = torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64)
+    return dict(zip(NEGATIVE_RATIO_STATS, torch.quantile(torch.tensor(ratios, dtype=torch.float64), levels).tolist(), strict=True))
 
 
 def group_sizes(stats: dict[str, float], part: list[Record]) -> dict[str, float]:
@@ -254,6 +274,11 @@ def add_micro_batch(sums: dict[str, float], stats: dict[str, float], part: list[
     so that every rank passes the same keys to ``distributed.sum_over_ranks``."""
     sizes = group_sizes(stats, part)
     for name in dict.fromkeys([*stats, *GROUP_STATS]):
+        if name in NEGATIVE_RATIO_STATS:
+            continue  # taken over the whole step's negatives
+        if name in SUMMED_STATS:
+            sums[name] = sums.get(name, 0.0) + (stats[name] if part else 0.0)
+            continue
         weight = sizes[GROUP_STATS.get(name, "sequences")]
         sums[name] = sums.get(name, 0.0) + stats.get(name, 0.0) * weight
         sums[f"weight/{name}"] = sums.get(f"weight/{name}", 0.0) + weight
@@ -264,10 +289,11 @@ def step_figures(totals: dict[str, float]) -> dict[str, float]:
     each stat's weighted mean (left out when its group is empty in the whole step), and
     ``positive_weight_share``, the positives' part of the gradient weight after the taper
     (left out when there is none)."""
-    figures = {
+    figures = {name: totals[name] for name in SUMMED_STATS if name in totals}
+    figures |= {
         name: total / totals[f"weight/{name}"]
         for name, total in totals.items()
-        if not name.startswith("weight/") and totals[f"weight/{name}"]
+        if not name.startswith("weight/") and name not in SUMMED_STATS and totals[f"weight/{name}"]
     }
     both = figures["gradient_weight_positive"] + figures["gradient_weight_negative"]
     if both:
@@ -379,7 +405,7 @@ def run_train(
         tokens_seen = 0
         for step, batch in enumerate(batches):
             parts = distributed.micro_batches(by_length(batch, train.batch_size, ranks.world_size), train.batch_size, ranks)
-            sums = {"tokens": 0.0}
+            sums, ratios = {"tokens": 0.0}, []
             for index, part in enumerate(parts):
                 # A rank left without sequences in a short last batch runs one at weight 0, so that
                 # it still takes part in the collectives of the forward and backward passes.
@@ -389,14 +415,15 @@ def run_train(
                 weight = len(part) * ranks.world_size / len(batch)
                 with distributed.gradient_sync(scorer, enabled=index == len(parts) - 1):
                     with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
-                        loss, stats = loss_on_batch(scorer, inputs, config, tokenizer.pad_token_id, device)
+                        loss, stats, part_ratios = loss_on_batch(scorer, inputs, config, tokenizer.pad_token_id, device)
                     (loss * weight).backward()
                 add_micro_batch(sums, stats, part)
+                ratios += part_ratios if part else []
                 sums["tokens"] += sum(len(r["prompt_token_ids"]) + len(r["completion_token_ids"]) for r in part)
             # The step's figures: weighted means over all its sequences, on every rank.
             totals = distributed.sum_over_ranks(sums, device)
             tokens_seen += int(totals.pop("tokens"))
-            step_stats = step_figures(totals)
+            step_stats = step_figures(totals) | negative_ratio_quantiles(distributed.gather_over_ranks(ratios))
             grad_norm = distributed.clip_grad_norm(scorer, train.max_grad_norm)
             learning_rate = optimizer.param_groups[0]["lr"]  # this step's, before the scheduler moves it
             optimizer.step()

@@ -93,3 +93,10 @@ def test_the_objectives_experiment_in_two_replicates_pairs_every_arm_with_rft(tm
     assert all(len(c["differences"]) == 2 for c in comparisons)
     report = (folder / "report.md").read_text()
     assert "## Paired differences from `rft`, iteration 1" in report and (folder / "paired_differences.png").exists()
+    # The taper at every training step of iteration 1 (rft's negatives have a ratio too, at weight 0).
+    assert "![median ratio on negatives by training step](taper.png)" in report and (folder / "taper.png").stat().st_size > 0
+    from topr.report import taper_histories
+
+    histories = taper_histories(default_tracking_uri(tmp_path), results["units"])
+    assert set(histories) == {"topr", "rft", "tis", "reinforce"} and all(len(reps) == 2 for reps in histories.values())
+    assert all(history[min(history)] == pytest.approx(1.0, abs=1e-3) for reps in histories.values() for history in reps.values())  # on-policy first
