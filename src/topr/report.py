@@ -23,11 +23,6 @@ def run_metrics(tracking_uri: str, run_id: str) -> dict[str, dict[int, float]]:
     return {key: metric_history(tracking_uri, run_id, key) for key in ACCURACY_KEYS + COMPOSITION_KEYS + TRAINING_KEYS}
 
 
-def _figure(metrics: dict[str, dict[int, float]], key: str, step: int, form: str) -> str:
-    value = metrics.get(key, {}).get(step)
-    return "-" if value is None else form.format(value)
-
-
 def format_table(metrics: dict[str, dict[int, float]]) -> str:
     """One row per evaluated iteration (0 = the starting model): accuracy, the training data's
     composition (eff. pos: the c-formula share of positives; pos. weight: the share of the
@@ -46,9 +41,9 @@ def format_table(metrics: dict[str, dict[int, float]]) -> str:
             composition = "start"
         lines.append(
             f"{step:>9}  {metrics['pass_at_1'][step]:>7.1%}  {ci:<15}  {metrics['parse_failure_rate'][step]:>10.1%}  "
-            f"{_figure(metrics, 'sample_accuracy', step, '{:.1%}'):>11}  {composition:>14}  "
-            f"{_figure(metrics, 'effective_positive_fraction', step, '{:.2f}'):>8}  "
-            f"{_figure(metrics, 'positive_weight_share', step, '{:.2f}'):>11}  {_figure(metrics, 'final_ratio_negative_p50', step, '{:.3f}'):>7}"
+            f"{_cell(metrics, 'sample_accuracy', step, '{:.1%}', missing='-'):>11}  {composition:>14}  "
+            f"{_cell(metrics, 'effective_positive_fraction', step, '{:.2f}', missing='-'):>8}  "
+            f"{_cell(metrics, 'positive_weight_share', step, '{:.2f}', missing='-'):>11}  {_cell(metrics, 'final_ratio_negative_p50', step, '{:.3f}', missing='-'):>7}"
         )
     return "\n".join(lines)
 
@@ -78,9 +73,7 @@ def plot_accuracy(metrics: dict[str, dict[int, float]], path: Path) -> None:
     axis.set_xticks(steps)
     axis.set_ylim(0, max(1e-3, max(metrics["pass_at_1_ci_high"].values())) * 1.1)
     axis.grid(alpha=0.3)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    _save(figure, path)
 
 
 def write_run_report(run_dir: Path, tracking_uri: str, run_id: str, minutes: float) -> str:
@@ -102,7 +95,6 @@ def write_run_report(run_dir: Path, tracking_uri: str, run_id: str, minutes: flo
 # ---- experiments: several arms side by side (``topr experiment``) -------------------------------
 
 DEGENERATION_KEYS = ("empty_rate", "mean_completion_tokens", "mean_weight_negative", "final_logprob_negative", "final_logprob_positive")
-REPLICATE_POINT_KEYS = ("pass_at_1",)
 
 
 def arm_metrics(tracking_uri: str, run_id: str) -> dict[str, dict[int, float]]:
@@ -114,9 +106,10 @@ def arm_metrics(tracking_uri: str, run_id: str) -> dict[str, dict[int, float]]:
     return {key: metric_history(tracking_uri, run_id, key) for key in sorted(keys)}
 
 
-def _cell(metrics: dict[str, dict[int, float]], key: str, step: int, form: str = "{:.1%}") -> str:
+def _cell(metrics: dict[str, dict[int, float]], key: str, step: int, form: str = "{:.1%}", missing: str = "–") -> str:
+    """One figure formatted, or ``missing`` when that key was not logged at that step."""
     value = metrics.get(key, {}).get(step)
-    return "–" if value is None else form.format(value)
+    return missing if value is None else form.format(value)
 
 
 def _accuracy_cell(metrics: dict[str, dict[int, float]], step: int) -> str:
@@ -185,6 +178,15 @@ def verifier_table(results: dict[str, dict[str, dict[int, float]]]) -> str | Non
     return "\n".join(lines)
 
 
+def _save(figure, path: Path) -> None:
+    """Lay out, write as PNG and close a figure."""
+    import matplotlib.pyplot as plt
+
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
 def _pyplot():
     import matplotlib
 
@@ -219,9 +221,7 @@ def plot_degeneration(results: dict[str, dict[str, dict[int, float]]], path: Pat
             axis.set_ylim(*limits)
         axis.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    _save(figure, path)
 
 
 def plot_positive_fraction(results: dict[str, dict[str, dict[int, float]]], path: Path) -> None:
@@ -247,9 +247,7 @@ def plot_positive_fraction(results: dict[str, dict[str, dict[int, float]]], path
     axis.set_xlim(0, 1)
     axis.set_ylim(0, 1)
     axis.grid(alpha=0.3)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    _save(figure, path)
 
 
 Replicates = dict[str, dict[str, dict[int, float]]]
@@ -347,9 +345,7 @@ def plot_replicates_accuracy(finished: dict[str, Replicates], path: Path) -> Non
     axis.set_ylim(0, 1)
     axis.grid(alpha=0.3)
     axis.legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    _save(figure, path)
 
 
 def plot_paired_differences(comparisons: list, iteration: int, path: Path) -> None:
@@ -373,9 +369,7 @@ def plot_paired_differences(comparisons: list, iteration: int, path: Path) -> No
     reference = comparisons[0].reference if comparisons else ""
     axis.set_xlabel(f"held-out pass@1 minus {reference}'s, points (iteration {iteration}); mean with 95% t-interval")
     axis.grid(alpha=0.3, axis="x")
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    _save(figure, path)
 
 
 TAPER_KEY = "ratio_negative_p50"
@@ -417,9 +411,7 @@ def plot_taper(histories: dict[str, dict[str, dict[int, float]]], path: Path) ->
     axis.set_ylim(0, 1.05)
     axis.grid(alpha=0.3)
     axis.legend(fontsize=7)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    _save(figure, path)
 
 
 def taper_histories(tracking_uri: str, results: dict) -> dict[str, dict[str, dict[int, float]]]:
