@@ -263,7 +263,7 @@ def test_lineage_of_an_unknown_model_exits_2_naming_it(tmp_path, capsys):
 def test_experiment_list_names_every_experiment_and_what_it_compares(capsys):
     assert main(["experiment", "--list"]) == 0
     out = capsys.readouterr().out
-    for name in ("objectives", "iterations", "baseline", "curation", "positives", "ratio_level", "seeds", "verifier"):
+    for name in ("objectives", "iterations", "composition", "baseline", "curation", "positives", "ratio_level", "seeds", "verifier"):
         assert f"\n{name}\n" in f"\n{out}"
     assert "arms: topr, rft, tis, reinforce; 6 replicate(s), compared with rft" in out
     assert main(["experiment"]) == 2

@@ -1,17 +1,21 @@
 """The end-of-run table and report, read back from a parent run in a local sqlite store."""
 
+import json
 import time
 
 import pytest
 
 from topr.config import load_config
-from topr.report import format_table, plot_accuracy, run_metrics, write_run_report
-from topr.tracking import default_tracking_uri, start_pipeline_run
+from topr.report import evaluation_gains, format_table, plot_accuracy, run_metrics, write_run_report
+from topr.tracking import EVALUATION_ARTIFACT, default_tracking_uri, stage_run, start_pipeline_run
 
 # iteration -> (pass@1, CI low, CI high, parse failure rate)
 EVALUATIONS = {0: (0.10, 0.05, 0.20, 0.30), 1: (0.25, 0.18, 0.33, 0.125), 2: (0.50, 0.40, 0.60, 0.0)}
 # iteration -> (sample accuracy, curated count, positives, negatives, effective positive fraction)
 CURATIONS = {1: (0.125, 40, 8, 32, 0.2), 2: (0.375, 30, 12, 18, 0.4)}
+# iteration -> the held-out problems (20) answered right: iteration 1 gains p2-p4, iteration 2 also
+# p5-p10 and loses p0
+CORRECT = {0: {"p0", "p1"}, 1: {f"p{i}" for i in range(5)}, 2: {f"p{i}" for i in range(1, 11)}}
 # iteration -> (positive weight share after the taper, median ratio on negatives at the end); iteration 2 had no negatives' ratio
 TRAININGS = {1: (0.61, 0.042), 2: (0.7, None)}
 
@@ -47,6 +51,12 @@ def logged_run(tmp_path_factory):
         figures += [("positive_weight_share", share, iteration)] + ([("final_ratio_negative_p50", ratio, iteration)] if ratio is not None else [])
     now = int(time.time() * 1000)
     MlflowClient(uri).log_batch(parent, metrics=[Metric(key, float(value), now, step) for key, value, step in figures])
+    for iteration, right in CORRECT.items():
+        with stage_run(uri, parent, "evaluate", iteration) as run:
+            run.log_text(json.dumps({"greedy_correct": {f"p{i}": f"p{i}" in right for i in range(20)}}), EVALUATION_ARTIFACT)
+    with pytest.raises(RuntimeError), stage_run(uri, parent, "evaluate", 1) as run:  # a failed retry: not read
+        run.log_text(json.dumps({"greedy_correct": {f"p{i}": False for i in range(20)}}), EVALUATION_ARTIFACT)
+        raise RuntimeError("evaluation failed")
     return uri, parent, root
 
 
@@ -109,7 +119,8 @@ def test_write_run_report(tmp_path, logged_run):
     run_dir = tmp_path / "my-run"
     run_dir.mkdir()
     table = write_run_report(run_dir, uri, parent, minutes=2.5)
-    assert table == format_table(run_metrics(uri, parent))
+    assert table.startswith(format_table(run_metrics(uri, parent)) + "\n\nheld-out gain over iteration 0")
+    assert "  iteration 2: +40.0 points, [" in table and "9 gained, 1 lost" in table
     report = (run_dir / "report.md").read_text()
     assert report.startswith("# topr run my-run")
     assert parent in report and "2.5 minutes" in report
@@ -121,3 +132,20 @@ def test_write_run_report(tmp_path, logged_run):
     assert {"report.md", "accuracy.png", "config.yaml"} <= {f.path for f in client.list_artifacts(parent)}
     downloaded = client.download_artifacts(parent, "report.md", str(tmp_path))
     assert open(downloaded).read() == report
+
+
+def test_each_iterations_gain_is_paired_with_the_start_problem_by_problem(logged_run):
+    uri, parent, _ = logged_run
+    gains = evaluation_gains(uri, parent)
+    assert sorted(gains) == [1, 2]
+    assert (gains[1].problems, gains[1].gained, gains[1].lost, gains[1].difference) == (20, 3, 0, pytest.approx(0.15))
+    assert (gains[2].gained, gains[2].lost, gains[2].difference) == (9, 1, pytest.approx(0.40))
+    assert gains[2].interval[0] > 0 and gains[2].p_value < 0.05 and gains[1].p_value == pytest.approx(0.25)
+
+
+def test_a_run_without_per_problem_results_reports_no_gains(tmp_path):
+    uri = default_tracking_uri(tmp_path)
+    parent = start_pipeline_run(uri, load_config(overrides=["run.experiment=topr-report-tests"]), "old-run", kfp_run_id="kfp-old")
+    with stage_run(uri, parent, "evaluate", 0) as run:
+        run.log_text(json.dumps({"metrics": {"pass_at_1": 0.1}}), EVALUATION_ARTIFACT)
+    assert evaluation_gains(uri, parent) == {}

@@ -13,6 +13,7 @@ import pytest
 from scipy import stats as scipy_stats
 
 from topr.stats import (
+    problem_gain,
     PairedComparison,
     _bootstrap_statistics,
     _difference_counts,
@@ -310,6 +311,29 @@ def test_comparisons_as_json_and_markdown():
     assert lines[2].startswith(f"| topr | rft | 3 | +4.3 | [{100 * low:+.1f}, {100 * high:+.1f}] |")
     assert "| late | rft | 1 | +20.0 | – | – | – | – |" in table
     assert "- late: 1 replicate(s) in common" in table
+
+
+def test_a_runs_gain_on_the_same_problems_is_an_exact_mcnemar_test_with_a_paired_bootstrap_interval():
+    from statsmodels.stats.contingency_tables import mcnemar
+
+    # 40 problems: 20 right both times, 10 wrong both, 8 gained, 2 lost.
+    before = [True] * 20 + [False] * 10 + [False] * 8 + [True] * 2
+    after = [True] * 20 + [False] * 10 + [True] * 8 + [False] * 2
+    gain = problem_gain(after, before)
+    assert (gain.problems, gain.gained, gain.lost) == (40, 8, 2)
+    assert gain.difference == pytest.approx(6 / 40)
+    assert gain.p_value == pytest.approx(mcnemar([[20, 2], [8, 10]], exact=True).pvalue)
+    low, high = gain.interval
+    assert -0.1 < low <= 0 < 6 / 40 < high < 0.35  # 6 net of 40 problems: not beyond the noise, as p says
+    clear = problem_gain([True] * 30 + [False] * 10, [False] * 12 + [True] * 18 + [False] * 10)
+    assert (clear.gained, clear.lost) == (12, 0) and clear.interval[0] > 0.1 and clear.p_value < 0.001
+    assert problem_gain(after, before) == gain  # seeded
+    assert str(gain).startswith("+15.0 points, [") and "8 gained, 2 lost, p 0.109 (exact McNemar)" in str(gain)
+
+    unchanged = problem_gain(before, before)
+    assert (unchanged.difference, unchanged.interval, unchanged.p_value) == (0.0, (0.0, 0.0), 1.0)
+    with pytest.raises(ValueError, match="same, non-empty list of problems"):
+        problem_gain(after, before[:-1])
 
 
 def test_importing_the_module_is_quick_and_loads_neither_scipy_nor_statsmodels():

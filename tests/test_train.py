@@ -333,6 +333,33 @@ def test_shuffled_batches_are_as_before():
     assert [r["prompt_id"] for batch in batches for r in batch] == [f"q{i}" for i in expected]
 
 
+@pytest.mark.parametrize("count, positives, steps, epochs", [(89, 10, 3, 2), (244, 27, 3, 1), (9, 2, 4, 3), (20, 10, 3, 1), (2, 1, 3, 2)])
+@pytest.mark.parametrize("order", ["shuffle", "stratified"])
+def test_a_fixed_number_of_steps_per_epoch_whatever_the_sets_size(count, positives, steps, epochs, order):
+    records = reward_records([1.0] * positives + [-1.0] * (count - positives))
+    batches = global_batches(records, 32, epochs, seed=2, order=order, steps_per_epoch=steps)
+
+    per_epoch = min(steps, count)
+    assert len(batches) == per_epoch * epochs
+    assert {len(batch) for batch in batches} <= {count // per_epoch, math.ceil(count / per_epoch)}
+    order_ids = [r["prompt_id"] for batch in batches for r in batch]
+    for epoch in range(epochs):  # every record once per epoch; no batch spans two epochs
+        epoch_batches = batches[epoch * per_epoch : (epoch + 1) * per_epoch]
+        assert sorted(r["prompt_id"] for batch in epoch_batches for r in batch) == sorted(r["prompt_id"] for r in records)
+    assert len(order_ids) == count * epochs
+    if order == "stratified":
+        for batch in batches:
+            share = positives * len(batch) / count
+            assert sum(r["reward"] > 0 for r in batch) in {math.floor(share), math.ceil(share)}
+
+
+def test_training_takes_the_steps_per_epoch_asked_for(policy, tiny_model_dir, tmp_path):
+    records = make_records(policy, POSITIVES + NEGATIVES + POSITIVES[:1])  # 5 records
+    summary, steps, _ = train(tmp_path, tiny_model_dir, records, config("train.batch_size=1", "train.steps_per_epoch=2", "train.epochs=2"))
+    assert summary["steps"] == 4  # batch_size × gradient_accumulation (1) would give 10
+    assert [stats["sequences"] for _, stats in steps] == [2, 3, 2, 3]
+
+
 def test_training_takes_the_batch_order_asked_for(policy, tiny_model_dir, tmp_path):
     records = make_records(policy, POSITIVES + NEGATIVES * 3)
     positives = {

@@ -165,9 +165,21 @@ class TrainConfig(Section):
     weight_decay: float = Field(0.0, ge=0, description="Decoupled weight decay.")
     batch_size: int = Field(8, ge=1, description="Sequences per micro-batch.")
     gradient_accumulation: int = Field(
-        4, ge=1, description="Micro-batches per optimizer step (default: 4 × batch_size = 32 sequences per step)."
+        4,
+        ge=1,
+        description="Micro-batches per optimizer step (default: 4 × batch_size = 32 sequences per step); "
+        "unused when steps_per_epoch is set.",
     )
     epochs: int = Field(1, ge=1, description="Passes over the curated set.")
+    steps_per_epoch: int | None = Field(
+        None,
+        ge=1,
+        description="If set, every epoch takes this many optimizer steps whatever the curated set's size: "
+        "a step's global batch is then ceil(N / steps_per_epoch) of the N sequences (micro-batches of "
+        "batch_size; gradient_accumulation is not used). AdamW moves each weight by about the learning rate "
+        "per step whatever the batch, so the taper's range (docs/results.md, P0) is set by the number of "
+        "steps: fixing it keeps that calibration at any set size and compares curations at equal steps.",
+    )
     batch_order: Literal["shuffle", "stratified"] = Field(
         "stratified",
         description="shuffle: each epoch in a random order; stratified: positives (reward >= baseline) "

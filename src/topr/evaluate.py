@@ -72,7 +72,8 @@ def run_evaluate(config: Config, model_dir: str, prompts_path: str | Path, repor
     metrics["mean_completion_tokens"] = sum(len(r["completion_token_ids"]) for r in greedy) / len(greedy)
     metrics["empty_rate"] = sum(not r["completion"].strip() for r in greedy) / len(greedy)
     write_records(completions_path, [{**r, "decoding": "greedy"} for r in greedy] + [{**r, "decoding": "sampled"} for r in sampled])
-    write_json(report_path, {"model": identity, "prompts": str(prompts_path), "metrics": metrics})
+    greedy_correct = {record["prompt_id"]: bool(record["correct"]) for record in greedy}
+    write_json(report_path, {"model": identity, "prompts": str(prompts_path), "metrics": metrics, "greedy_correct": greedy_correct})
     log.info("held-out pass@1 %.3f [%.3f, %.3f] on %d prompts", metrics["pass_at_1"], metrics["pass_at_1_ci_low"], metrics["pass_at_1_ci_high"], len(problems))
     return metrics
 

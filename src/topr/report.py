@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from topr.records import read_records, write_json
+from topr.stats import ProblemGain
 from topr.tracking import metric_history
 
 ACCURACY_KEYS = ("pass_at_1", "pass_at_1_ci_low", "pass_at_1_ci_high", "maj_at_k", "pass_at_k", "parse_failure_rate")
@@ -76,12 +77,44 @@ def plot_accuracy(metrics: dict[str, dict[int, float]], path: Path) -> None:
     _save(figure, path)
 
 
+def evaluation_gains(tracking_uri: str, run_id: str) -> dict[int, ProblemGain]:
+    """Each trained iteration's held-out gain over the starting model (iteration 0), problem by
+    problem on the problems both were scored on; {} when the run has no iteration-0 evaluation
+    with per-problem results (runs of older versions)."""
+    from topr.stats import problem_gain
+    from topr.tracking import EVALUATION_ARTIFACT, finished_stage_runs, load_json_artifact
+
+    correct = {}
+    for iteration, stage_run_id in finished_stage_runs(tracking_uri, run_id, "evaluate").items():
+        report = load_json_artifact(tracking_uri, stage_run_id, EVALUATION_ARTIFACT)
+        if report and "greedy_correct" in report:
+            correct[iteration] = report["greedy_correct"]
+    start = correct.pop(0, None)
+    if start is None:
+        return {}
+    gains = {}
+    for iteration, by_prompt in sorted(correct.items()):
+        common = [prompt_id for prompt_id in start if prompt_id in by_prompt]
+        gains[iteration] = problem_gain([by_prompt[p] for p in common], [start[p] for p in common])
+    return gains
+
+
+def format_gains(gains: dict[int, ProblemGain]) -> str:
+    """One line per trained iteration: its gain over iteration 0 on the same problems."""
+    if not gains:
+        return ""
+    lines = ["held-out gain over iteration 0, the same problems (the evaluation's noise only; training seeds vary more):"]
+    lines += [f"  iteration {iteration}: {gain}" for iteration, gain in gains.items()]
+    return "\n".join(lines)
+
+
 def write_run_report(run_dir: Path, tracking_uri: str, run_id: str, minutes: float) -> str:
-    """Write ``report.md`` and ``accuracy.png`` into the run folder, log both; return the table."""
+    """Write ``report.md`` and ``accuracy.png`` into the run folder, log both; return the table
+    and the gains over the starting model."""
     from topr.tracking import log_run_artifact
 
     metrics = run_metrics(tracking_uri, run_id)
-    table = format_table(metrics)
+    table = "\n\n".join(filter(None, (format_table(metrics), format_gains(evaluation_gains(tracking_uri, run_id)))))
     plot_accuracy(metrics, run_dir / "accuracy.png")
     (run_dir / "report.md").write_text(
         f"# topr run {run_dir.name}\n\nMLflow run `{run_id}` ({tracking_uri}), {minutes:.1f} minutes.\n\n"

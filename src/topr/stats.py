@@ -20,7 +20,6 @@ module costs only numpy.
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -132,7 +131,6 @@ def sign_flip_p_value(
     from scipy import stats
 
     exact = n <= EXACT_MAX_REPLICATES or 2**n <= n_resamples
-    seed_keyword = "rng" if "rng" in inspect.signature(stats.permutation_test).parameters else "random_state"
     result = stats.permutation_test(
         (arm, reference),
         _mean_difference,
@@ -140,7 +138,7 @@ def sign_flip_p_value(
         vectorized=True,
         n_resamples=np.inf if exact else n_resamples,
         alternative="two-sided",
-        **{seed_keyword: seed},
+        rng=seed,
     )
     return float(min(1.0, result.pvalue))
 
@@ -325,6 +323,54 @@ def _with_holm(comparisons: list[PairedComparison]) -> list[PairedComparison]:
     for i, p in zip(tested, adjusted):
         result[i] = dataclasses.replace(comparisons[i], p_holm=float(p))
     return result
+
+
+@dataclass(frozen=True)
+class ProblemGain:
+    """One model's held-out accuracy against another's (the same run's starting model) on the same
+    problems. This is the evaluation's noise only: a training seed moves results more (see
+    ``compare_arms`` for replicated arms). Figures are fractions."""
+
+    problems: int
+    gained: int  # wrong before, right after
+    lost: int  # right before, wrong after
+    difference: float
+    interval: tuple[float, float]
+    p_value: float
+
+    def __str__(self) -> str:
+        return (
+            f"{_points(self.difference)} points, {_interval(self.interval)} (paired bootstrap over the {self.problems} problems), "
+            f"{self.gained} gained, {self.lost} lost, p {_p(self.p_value)} (exact McNemar)"
+        )
+
+
+def problem_gain(
+    after: Sequence[bool], before: Sequence[bool], confidence: float = 0.95, n_resamples: int = 10_000, seed: int = 0
+) -> ProblemGain:
+    """``after``'s accuracy minus ``before``'s, problem by problem (the same problems, same order).
+
+    The interval is a percentile bootstrap over problems (``scipy.stats.bootstrap``, paired); the
+    p-value is the exact McNemar test: a two-sided binomial test (``scipy.stats.binomtest``) of
+    the problems gained among those that changed.
+    """
+    from scipy import stats
+
+    _check_confidence(confidence)
+    after_array, before_array = np.asarray(after, dtype=float), np.asarray(before, dtype=float)
+    if after_array.shape != before_array.shape or after_array.ndim != 1 or after_array.size == 0:
+        raise ValueError(f"need the same, non-empty list of problems twice, got {after_array.shape} and {before_array.shape}")
+    differences = after_array - before_array
+    gained, lost = int(np.sum(differences > 0)), int(np.sum(differences < 0))
+    mean = float(differences.mean())
+    if gained + lost == 0:
+        return ProblemGain(differences.size, 0, 0, mean, (mean, mean), 1.0)
+    result = stats.bootstrap(
+        (differences,), np.mean, confidence_level=confidence, n_resamples=n_resamples, method="percentile", rng=np.random.default_rng(seed)
+    )
+    interval = (float(result.confidence_interval.low), float(result.confidence_interval.high))
+    p_value = stats.binomtest(gained, gained + lost, 0.5).pvalue
+    return ProblemGain(differences.size, gained, lost, mean, interval, float(p_value))
 
 
 def format_comparisons(comparisons: Sequence[PairedComparison]) -> str:

@@ -14,6 +14,7 @@ from pathlib import Path
 from topr import storage
 from topr.config import Config, build_config, config_to_dict, config_to_yaml
 from topr.tracking import (
+    EVALUATION_ARTIFACT,
     check_tracking_server,
     finish_pipeline_run,
     flatten,
@@ -239,7 +240,7 @@ def evaluate(config_json: str, tracking_uri: str, parent_run_id: str, iteration:
         publish(config, parent_run_id, iteration, report_path, "evaluation.json")
         publish(config, parent_run_id, iteration, samples_path, "evaluation_completions.jsonl")
         run.log_dataset(prompts_path, "eval_prompts", "evaluation", source=published_uri(config, parent_run_id, 0, "eval_prompts.jsonl"))
-        run.log_artifact(report_path)
+        run.log_text(Path(report_path).read_text(), EVALUATION_ARTIFACT)
         run.log_metrics(metrics, on_parent=True)
     return metrics
 

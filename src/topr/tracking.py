@@ -23,6 +23,8 @@ from topr.storage import file_sha256
 log = logging.getLogger(__name__)
 
 STAGE_TAG, ITERATION_TAG = "topr.stage", "topr.iteration"
+EVALUATION_ARTIFACT = "evaluation.json"
+"""What an evaluate stage run logs: its metrics and each held-out problem's greedy correctness."""
 KFP_RUN_TAG = "kfp.pipeline_run_id"
 
 
@@ -227,6 +229,29 @@ def stage_run(tracking_uri: str, parent_run_id: str, stage: str, iteration: int,
 def metric_history(tracking_uri: str, run_id: str, key: str) -> dict[int, float]:
     """``{step: value}`` of a parent-run metric (the latest value for each step)."""
     return {m.step: m.value for m in sorted(mlflow_client(tracking_uri).get_metric_history(run_id, key), key=lambda m: m.timestamp)}
+
+
+def finished_stage_runs(tracking_uri: str, parent_run_id: str, stage: str) -> dict[int, str]:
+    """The ids of ``stage``'s finished nested runs under ``parent_run_id``, by iteration."""
+    client = mlflow_client(tracking_uri)
+    parent = client.get_run(parent_run_id)
+    runs = client.search_runs(
+        [parent.info.experiment_id],
+        filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}' and tags.`{STAGE_TAG}` = '{stage}' and attributes.status = 'FINISHED'",
+    )
+    return {int(run.data.tags[ITERATION_TAG]): run.info.run_id for run in runs}
+
+
+def load_json_artifact(tracking_uri: str, run_id: str, name: str) -> dict | None:
+    """A run's JSON artifact ``name``, or None when the run has none."""
+    import json
+    import tempfile
+
+    client = mlflow_client(tracking_uri)
+    if name not in {entry.path for entry in client.list_artifacts(run_id)}:
+        return None
+    with tempfile.TemporaryDirectory() as folder:
+        return json.loads(Path(client.download_artifacts(run_id, name, folder)).read_text())
 
 
 def log_run_artifact(tracking_uri: str, run_id: str, path: str | os.PathLike) -> None:

@@ -7,7 +7,8 @@ The behaviour log-probs come from the records, so no second model is held in mem
 
 Training runs in one process or, under torchrun, in several (``launch_train`` starts them when
 ``train.processes`` asks for more than one). An optimizer step takes one global batch of
-batch_size × gradient_accumulation × processes sequences; each process computes its own part
+batch_size × gradient_accumulation × processes sequences (or a fixed number of steps per epoch,
+``train.steps_per_epoch``); each process computes its own part
 of it (``topr.distributed`` holds the process group, the shards and the DDP/FSDP wrapping), and
 the gradient is the mean over all the batch's sequences, so N processes give the result of one
 process with N times the gradient accumulation. Rank 0 reports, saves and returns the summary.
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import random
 import tempfile
 import time
@@ -90,19 +92,33 @@ def make_scheduler(optimizer: torch.optim.Optimizer, config: Config, steps: int)
 
 
 def global_batches(
-    records: list[Record], size: int, epochs: int, seed: int, order: str = "shuffle", baseline: float = 0.0
+    records: list[Record],
+    size: int,
+    epochs: int,
+    seed: int,
+    order: str = "shuffle",
+    baseline: float = 0.0,
+    steps_per_epoch: int | None = None,
 ) -> list[list[Record]]:
     """The training order in global batches of ``size`` sequences, one batch per optimizer step.
 
     Every epoch is a fresh shuffle with its own seed; epochs follow one another without a break,
-    so only the very last batch can be short. ``order="stratified"`` spreads the positives
-    (reward - ``baseline`` >= 0, as in ``policy_loss``) evenly (see ``stratified_order``).
+    so only the very last batch can be short. With ``steps_per_epoch``, each epoch is cut instead
+    into that many batches of sizes differing by at most one (``size`` is then not used).
+    ``order="stratified"`` spreads the positives (reward - ``baseline`` >= 0, as in
+    ``policy_loss``) evenly (see ``stratified_order``).
     """
-    if order == "stratified":
-        indices = stratified_order(records, size, epochs, seed, baseline)
+    count = len(records)
+    if steps_per_epoch:
+        parts = min(steps_per_epoch, count)
+        cuts = [epoch * count + part * count // parts for epoch in range(epochs) for part in range(parts)]
     else:
-        indices = shuffled_order(len(records), epochs, seed)
-    return [[records[i] for i in indices[start : start + size]] for start in range(0, len(indices), size)]
+        cuts = list(range(0, count * epochs, size))
+    if order == "stratified":
+        indices = stratified_order(records, cuts, epochs, seed, baseline)
+    else:
+        indices = shuffled_order(count, epochs, seed)
+    return [[records[i] for i in indices[low:high]] for low, high in zip(cuts, cuts[1:] + [len(indices)])]
 
 
 def epoch_random(seed: int, epoch: int) -> random.Random:
@@ -120,15 +136,15 @@ def shuffled_order(count: int, epochs: int, seed: int) -> list[int]:
     return indices
 
 
-def stratified_order(records: list[Record], size: int, epochs: int, seed: int, baseline: float) -> list[int]:
+def stratified_order(records: list[Record], cuts: list[int], epochs: int, seed: int, baseline: float) -> list[int]:
     """Record indices, each once per epoch, epochs back to back, with the positives spread evenly.
 
     With P positives among N records, slot k of every epoch takes a positive when
     floor((k + 1) P / N) > floor(k P / N), else a negative. These slots repeat with period N, so
-    any ``size`` consecutive slots, across an epoch boundary too, hold floor or ceil of
-    size · P / N positives: so does every full global batch. Each epoch deals its own shuffle of
-    the positives and of the negatives into the slots, then shuffles the order inside each
-    global batch (inside the epoch's part of a batch that spans two epochs).
+    any L consecutive slots, across an epoch boundary too, hold floor or ceil of L · P / N
+    positives: so does every global batch. Each epoch deals its own shuffle of the positives and
+    of the negatives into the slots, then shuffles the order inside each global batch (``cuts``:
+    where each batch starts in the run; inside the epoch's part of a batch that spans two epochs).
     Without stratification, 10 positives among 89 records in batches of 8 leave about a third
     of the batches without any positive.
     """
@@ -141,9 +157,9 @@ def stratified_order(records: list[Record], size: int, epochs: int, seed: int, b
         rng = epoch_random(seed, epoch)
         dealt = {sign: iter(rng.sample(members, len(members))) for sign, members in groups.items()}
         epoch_indices = [next(dealt[slot]) for slot in slots]
-        start = epoch * count  # where this epoch begins in the run; batches start at multiples of size
-        cuts = sorted({0, count, *range(-start % size, count, size)})
-        for low, high in zip(cuts, cuts[1:]):
+        start = epoch * count  # where this epoch begins in the run
+        epoch_cuts = sorted({0, count, *(cut - start for cut in cuts if start < cut < start + count)})
+        for low, high in zip(epoch_cuts, epoch_cuts[1:]):
             epoch_indices[low:high] = rng.sample(epoch_indices[low:high], high - low)
         indices += epoch_indices
     return indices
@@ -397,7 +413,9 @@ def run_train(
         optimizer = make_optimizer(scorer, config)
 
         step_size = train.batch_size * train.gradient_accumulation * ranks.world_size
-        batches = global_batches(records, step_size, train.epochs, train.seed, train.batch_order, train.baseline)
+        batches = global_batches(
+            records, step_size, train.epochs, train.seed, train.batch_order, train.baseline, train.steps_per_epoch
+        )
         scheduler = make_scheduler(optimizer, config, len(batches))
         bar = tqdm(total=len(batches), desc="training", unit="step", disable=not ranks.main)
         history: list[dict[str, float]] = []
