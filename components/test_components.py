@@ -29,8 +29,8 @@ INTERFACES = {
         {**STAGE, "model": MODEL, "eval_prompts": DATASET},
         {"completions": DATASET, "report": ARTIFACT, "metrics": METRICS},
     ),
-    "gate": ({**STAGE, "model": MODEL, "eval_prompts": DATASET}, {"Output": "String"}),
-    "promote": ({**TRACKED, "model": MODEL}, {}),
+    "gate": ({**STAGE, "model": MODEL, "eval_prompts": DATASET}, {"Output": "String", "champion_version": "String"}),
+    "promote": ({**TRACKED, "model": MODEL, "champion_version": "String"}, {}),
     "verifier_data": (
         {**TRACKED, "model": MODEL, "train_prompts": DATASET, "eval_prompts": DATASET},
         {"verifier_data": DATASET, "metrics": METRICS},

@@ -5,7 +5,7 @@
                   └▶ iteration 1: sample ×shards ▶ collect ▶ verify ▶ curate ▶ train ▶ evaluate ─▶ model_1
                      iteration 2: the same, from model_1                       ─▶ model_2
                      …
-                     gate(model_N vs the registered champion) ─▶ if "promote": promote
+                     gate(model_N vs the registered champion) ─▶ if "promote": promote (if the champion is unchanged)
                      verifier (verifier.enabled): verifier_data(model_N) ▶ train_verifier(model_0) ▶ evaluate_verifier
     finish_run (exit handler: closes the MLflow run as FINISHED or FAILED)
 
@@ -117,8 +117,9 @@ def build_pipeline(config: Config, pipeline_root: str | None = None):
                 ).set_display_name(f"iteration {iteration}").output
             decision = gate(**tracking, iteration=iterations, model=model, eval_prompts=eval_prompts)
             on_cluster(decision.set_display_name("promotion gate"), "gate", cluster)
-            with dsl.If(decision.output == "promote", name="gain above margin"):
-                on_cluster(promote(**tracking, model=model).set_display_name("promote to champion"), "promote", cluster)
+            with dsl.If(decision.outputs["Output"] == "promote", name="gain above margin"):
+                promoted = promote(**tracking, model=model, champion_version=decision.outputs["champion_version"])
+                on_cluster(promoted.set_display_name("promote to champion"), "promote", cluster)
             if config.verifier.enabled:
                 verifier_branch(tracking, base.outputs["model"], model, prompt_sets.outputs["train_prompts"], eval_prompts, config)
         return parent_run_id

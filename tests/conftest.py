@@ -57,6 +57,19 @@ def tiny_model_dir(tmp_path_factory, real_tokenizer):
     return str(path)
 
 
+@pytest.fixture(scope="session")
+def nan_model_dir(tmp_path_factory, tiny_model_dir):
+    """The tiny policy with one NaN weight in its output head: every log-probability is NaN."""
+    from topr.models import load_policy, save_policy
+
+    model, tokenizer = load_policy(tiny_model_dir, device=torch.device("cpu"))
+    with torch.no_grad():
+        model.lm_head.weight[0, 0] = float("nan")
+    path = tmp_path_factory.mktemp("nan") / "model"
+    save_policy(model, tokenizer, path, provenance={"source": "tests/conftest.py tiny Llama with a NaN weight"})
+    return str(path)
+
+
 RECURRING_RUN = {"recurring_run_id": "rr-1", "display_name": "nightly", "status": "ENABLED", "trigger": {"cron_schedule": {"cron": "0 0 3 * * *"}}}
 
 

@@ -230,6 +230,36 @@ def test_invalid_value_in_file_names_file_and_field(tmp_path):
     assert "train.learning_rate" in message
 
 
+@pytest.mark.parametrize(
+    "override, field",
+    [
+        ("gate.margin=nan", "gate.margin"),
+        ("gate.margin=.nan", "gate.margin"),
+        ("train.baseline=inf", "train.baseline"),
+        ("train.baseline=-.inf", "train.baseline"),
+        ("train.max_grad_norm=.inf", "train.max_grad_norm"),
+        ("sample.temperature=.inf", "sample.temperature"),
+        ("train.negative_bounds=[0, .inf]", "train.negative_bounds.1"),
+    ],
+)
+def test_non_finite_numbers_are_refused_naming_the_field(override, field):
+    with pytest.raises(ConfigError) as caught:
+        load_config(overrides=[override])
+    message = str(caught.value)
+    assert f"\n  {field}: Input should be a finite number" in message
+
+
+def test_non_finite_number_in_file_names_file_and_field(tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_text("gate:\n  margin: .nan\ntrain:\n  baseline: .inf\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    message = str(caught.value)
+    assert str(path) in message
+    assert "gate.margin: Input should be a finite number" in message
+    assert "train.baseline: Input should be a finite number" in message
+
+
 def test_unknown_field_in_file_is_rejected(tmp_path):
     path = tmp_path / "config.yaml"
     path.write_text("train:\n  lr: 0.1\n")

@@ -276,22 +276,26 @@ def test_tables_show_intervals_composition_and_the_verifier_only_when_it_ran():
         "mean_weight_negative": {1: 0.0312},
         "final_logprob_negative": {1: -3.21},
         "parse_failure_rate": {1: 0.125},
+        "truncated_rate": {1: 0.5},
     }
     assert accuracy_table({"topr": metrics}).splitlines()[2] == "| topr | 25.0% [10.0%, 40.0%] | 50.0% [40.0%, 60.0%] |"
     row = degeneration_table({"topr": metrics}).splitlines()[2]
-    assert row == "| topr | 1 | – | 10 (2/8) | 0.20 | – | 0.031 | – | – | -3.21 | – | 12.5% | – | – |"
+    assert row == "| topr | 1 | – | 10 (2/8) | 0.20 | – | 0.031 | – | – | -3.21 | – | 12.5% | – | 50.0% | – |"
     assert verifier_table({"topr": metrics}) is None
     votes = {key: {1: value} for key, value in {
         "verifier_accuracy_base": 0.3, "verifier_accuracy_trained": 0.7, "verifier_invalid_rate_base": 0.4,
-        "verifier_invalid_rate_trained": 0.0, "vote_k": 4,
-        **{f"vote_{name}{end}": value for name, value in (("pass_at_1", 0.4), ("majority", 0.5), ("weighted_base", 0.5), ("weighted_trained", 0.6))
+        "verifier_invalid_rate_trained": 0.0, "vote_k": 4, "verifier_balanced_accuracy_base": 0.5,
+        "verifier_balanced_accuracy_trained": 0.65, "verifier_auroc_trained": 0.72, "verifier_auroc_trained_ci_low": 0.61,
+        "verifier_auroc_trained_ci_high": 0.8,
+        **{f"vote_{name}{end}": value for name, value in (("pass_at_1", 0.4), ("majority", 0.5), ("weighted_base", 0.5), ("weighted_trained", 0.6),
+                                                            ("gain_base", 0.0), ("gain_trained", 0.1))
            for end, value in (("", value), ("_ci_low", value - 0.1), ("_ci_high", value + 0.1))},
-    }.items()}
+    }.items()}  # fmt: skip
     table = verifier_table({"topr": {**metrics, **votes}})
     assert table.splitlines()[2] == (
-        "| topr | 30.0% → 70.0% | 40.0% → 0.0% | 4 | 40.0% [30.0%, 50.0%] | 50.0% [40.0%, 60.0%] "
-        "| 50.0% [40.0%, 60.0%] | 60.0% [50.0%, 70.0%] |"
-    )
+        "| topr | 30.0% → 70.0% | 50.0% → 65.0% | – → 0.72 [0.61, 0.80] | 40.0% → 0.0% | 4 | 40.0% [30.0%, 50.0%] "
+        "| 50.0% [40.0%, 60.0%] | 50.0% [40.0%, 60.0%] | 60.0% [50.0%, 70.0%] | +0.0 [-10.0, +10.0] → +10.0 [+0.0, +20.0] |"
+    )  # a figure that was not logged (the base verifier's AUROC here) shows as "–"
 
 
 def test_an_arm_with_its_own_model_or_evaluation_does_not_take_the_shared_start():

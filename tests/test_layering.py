@@ -24,7 +24,7 @@ def test_library_source_never_imports_kfp_or_the_upper_floors():
 
 
 def test_importing_every_stage_loads_no_kfp():
-    stages = "objectives logprobs records prompts sample verify curate train evaluate models tracking steps report config cli storage stack lineage verifier experiment loop inprocess stats"
+    stages = "objectives logprobs records prompts sample verify curate train evaluate models tracking steps report config cli storage stack lineage verifier experiment loop inprocess stats promotion"
     code = f"import sys; import {', '.join('topr.' + s for s in stages.split())}; print(any(m.split('.')[0] == 'kfp' for m in sys.modules))"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "False"

@@ -321,6 +321,19 @@ def test_extreme_log_ratios_stay_finite(objective, ratio_level):
         assert all(math.isfinite(value) for value in stats.values())
 
 
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_a_non_finite_loss_is_reported_as_such(bad):
+    """A NaN or infinite log π on a completion token is a fault, not noise: the loss statistic
+    shows it (training stops on it) instead of reading 0."""
+    logprobs, behavior, rewards, mask = random_batch(seed=5)
+    broken = logprobs.detach().clone()
+    row, column = (mask != 0).nonzero()[0]
+    broken[row, column] = bad
+    loss, stats = policy_loss(broken, behavior, rewards, mask)
+    assert not math.isfinite(loss.item())
+    assert not math.isfinite(stats["loss"])
+
+
 def test_log_ratio_clamp_bounds_the_importance_weight():
     logprobs, behavior, rewards, mask = one_row(log_ratio_per_token=100.0, reward=1.0)
     _, grad, stats = loss_and_grad(logprobs, behavior, rewards, mask, objective="is")

@@ -151,6 +151,16 @@ def test_two_shards_fan_sampling_out_and_collect_it(tmp_path):
     assert tasks["train"]["inputs"]["artifacts"]["samples"]["taskOutputArtifact"]["producerTask"] == "collect-samples"
 
 
+def test_promote_runs_on_the_gate_decision_and_gets_the_champion_it_beat(tmp_path):
+    spec, _ = compiled(tmp_path, "run.iterations=1")
+    (promote,) = tasks_by_stage(spec)["promote"]
+    # Inside the dsl.If, the gate's outputs arrive as channels of the condition's sub-DAG.
+    assert promote["inputs"]["parameters"]["champion_version"] == {"componentInputParameter": "pipelinechannel--gate-champion_version"}
+    (condition,) = [task for task in spec["components"]["comp-exit-handler-1"]["dag"]["tasks"].values() if "triggerPolicy" in task]
+    # kfp.local evaluates a condition only on an output named Output (see components/gate).
+    assert condition["triggerPolicy"]["condition"] == "inputs.parameter_values['pipelinechannel--gate-Output'] == 'promote'"
+
+
 def test_bad_cluster_settings_name_the_field(capsys, tmp_path):
     assert main(["compile", "--output", str(tmp_path / "x.yaml"), "cluster.stages={trian: {gpus: 2}}"]) == 2
     assert "cluster.stages: Value error, unknown stage(s) trian" in capsys.readouterr().err

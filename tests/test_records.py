@@ -113,6 +113,35 @@ def test_non_object_line(tmp_path, line, kind):
     assert kind in message
 
 
+@pytest.mark.parametrize(
+    "text, place, spelled",
+    [
+        ("NaN", "behavior_logprobs[1]", "NaN"),
+        ("Infinity", "behavior_logprobs[1]", "Infinity"),
+        ("-Infinity", "behavior_logprobs[1]", "-Infinity"),
+        ("1e999", "behavior_logprobs[1]", "Infinity"),  # valid JSON that overflows a float
+    ],
+)
+def test_non_finite_numbers_in_jsonl_are_refused_naming_line_and_field(tmp_path, text, place, spelled):
+    path = tmp_path / "records.jsonl"
+    write_lines(path, [json.dumps(RECORDS[0]), '{"prompt_id": "p2", "behavior_logprobs": [-0.5, %s]}' % text])
+    with pytest.raises(RecordError) as caught:
+        read_records(path)
+    assert str(caught.value) == f"{path}:2: {place} is {spelled}; record files hold finite numbers only"
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".parquet"])
+def test_non_finite_numbers_are_refused_in_every_format_and_nested_field(tmp_path, suffix):
+    path = tmp_path / f"records{suffix}"
+    write_records(path, [RECORDS[0], {**RECORDS[1], "reward": float("nan")}])
+    with pytest.raises(RecordError, match=rf"records\{suffix}:2: reward is NaN"):
+        read_records(path)
+    nested = tmp_path / "nested.jsonl"
+    write_lines(nested, ['{"scores": {"judge": [1.0, -Infinity]}}'])
+    with pytest.raises(RecordError, match=r"nested\.jsonl:1: scores\.judge\[1\] is -Infinity"):
+        read_records(nested)
+
+
 def test_missing_required_field_names_field_and_line(tmp_path):
     path = tmp_path / "records.jsonl"
     write_lines(

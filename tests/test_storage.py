@@ -1,5 +1,6 @@
 """Object storage against moto's S3 server on loopback (SeaweedFS is exercised in tests/integration)."""
 
+import hashlib
 import json
 
 import pytest
@@ -94,6 +95,76 @@ def test_changed_and_deleted_files_are_caught(s3, tmp_path):
     client.delete_object(Bucket=bucket, Key=f"m/{storage.MANIFEST_NAME}")
     assert storage.check_directory(f"{s3}/m") == [f"{s3}/m is not a published directory: {storage.MANIFEST_NAME} is missing"]
     assert not (tmp_path / "copy").exists()
+
+
+def forge(uri, relative, content, manifest_changes=None):
+    """Rewrite one published file and its manifest entry together, as someone with write access could."""
+    bucket, prefix = storage.split_s3(uri)
+    client = storage.s3_client()
+    client.put_object(Bucket=bucket, Key=storage.split_s3(storage.join(uri, relative))[1], Body=content)
+    manifest = json.loads(storage.read_bytes(storage.join(uri, storage.MANIFEST_NAME)))
+    manifest["files"][relative] = {"size": len(content), "sha256": hashlib.sha256(content).hexdigest()}
+    client.put_object(Bucket=bucket, Key=f"{prefix}/{storage.MANIFEST_NAME}", Body=json.dumps(manifest, indent=1).encode())
+
+
+@pytest.mark.parametrize("escape", ["relative", "absolute"])
+def test_a_manifest_naming_a_file_outside_its_directory_is_refused(s3, tmp_path, escape):
+    uri = f"{s3}/{escape}/m"
+    storage.publish_directory(model_dir(tmp_path), uri)
+    key = "../escaped.txt" if escape == "relative" else str(tmp_path / "escaped.txt")
+    forge(uri, key, b"planted")
+
+    refusal = f"{uri}/{storage.MANIFEST_NAME}: refusing the file {key!r}: a manifest names files inside its directory"
+    with pytest.raises(storage.StorageError) as caught:
+        storage.fetch_directory(uri, tmp_path / "fetched" / "copy")
+    assert str(caught.value).startswith(refusal)
+    assert not (tmp_path / "escaped.txt").exists() and not (tmp_path / "fetched").exists()
+    assert storage.check_directory(uri)[0].startswith(refusal)
+
+
+@pytest.mark.parametrize("body", [b"not json", b"[]", b'{"files": ["config.json"]}'])
+def test_a_manifest_that_is_not_one_is_refused(s3, tmp_path, body):
+    bucket, _ = storage.split_s3(s3)
+    storage.s3_client().put_object(Bucket=bucket, Key=f"odd/{storage.MANIFEST_NAME}", Body=body)
+    with pytest.raises(storage.StorageError, match=f"odd/{storage.MANIFEST_NAME}: not a topr manifest"):
+        storage.fetch_directory(f"{s3}/odd", tmp_path / "copy")
+    assert not (tmp_path / "copy").exists()
+
+
+def test_files_and_manifest_rewritten_together_are_caught_by_the_recorded_digest(s3, tmp_path):
+    uri = f"{s3}/m"
+    recorded = storage.manifest_sha256(storage.publish_directory(model_dir(tmp_path), uri))
+    assert storage.manifest_sha256(json.loads(storage.read_bytes(f"{uri}/{storage.MANIFEST_NAME}"))) == recorded
+    storage.fetch_directory(uri, tmp_path / "genuine", manifest_sha256=recorded)
+    assert storage.check_directory(uri, manifest_sha256=recorded) == []
+
+    forge(uri, "model.safetensors", b"forged weights")
+    assert storage.check_directory(uri) == []  # the manifest alone vouches for the forgery
+    problem = f"{uri}/{storage.MANIFEST_NAME}: SHA-256 differs from the one recorded when it was published ({recorded})"
+    with pytest.raises(storage.StorageError) as caught:
+        storage.fetch_directory(uri, tmp_path / "copy", manifest_sha256=recorded)
+    assert str(caught.value) == problem
+    assert not (tmp_path / "copy").exists()
+    assert storage.check_directory(uri, manifest_sha256=recorded) == [problem]
+    with pytest.raises(storage.StorageError, match="SHA-256 differs from the one recorded"):
+        with storage.local_directory(uri, manifest_sha256=recorded):
+            pass
+
+
+def test_a_manifest_that_appears_while_publishing_is_not_overwritten(s3, tmp_path, monkeypatch):
+    """Another writer publishes between the existence check and the manifest's write: the
+    conditional write (If-None-Match: *) refuses, and the first manifest stays."""
+    uri = f"{s3}/m"
+    first = storage.publish_directory(model_dir(tmp_path), uri)
+    monkeypatch.setattr(storage, "exists", lambda _uri: False)  # the check ran before the other writer finished
+    other = model_dir(tmp_path / "other")
+    (other / "config.json").write_text('{"layers": 3}')
+    with pytest.raises(storage.StorageError, match=f"{uri} is already published"):
+        storage.publish_directory(other, uri)
+    assert json.loads(storage.read_bytes(f"{uri}/{storage.MANIFEST_NAME}")) == first
+    # Its files were written before the refusal: a reader checking them against the manifest sees it.
+    with pytest.raises(storage.StorageError, match=r"m/config\.json: SHA-256 differs"):
+        storage.fetch_directory(uri, tmp_path / "copy")
 
 
 def test_output_directory_publishes_only_on_success(s3, tmp_path):

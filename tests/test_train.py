@@ -18,6 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from topr import distributed
 from topr import train as train_module
 from topr.config import load_config
 from topr.logprobs import batch_prompt_completions, completion_logprobs
@@ -25,7 +26,7 @@ from topr.models import PROVENANCE_FILE, load_policy, model_identity, prompt_tok
 from topr.objectives import NEGATIVE_RATIO_STATS
 from topr.records import RecordError, write_records
 from topr.sample import SamplingParams, TransformersEngine, sample_records
-from topr.train import global_batches, launch_train, run_train
+from topr.train import NonFiniteStepError, global_batches, launch_train, run_train
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: one thread beats synchronising several
 
@@ -568,6 +569,60 @@ def test_mismatched_lengths_name_file_and_line(tiny_model_dir, tmp_path):
     assert f"{data}:2:" in message
     assert "3 tokens" in message and "2 values" in message
     assert_untouched(tmp_path, output, data)
+
+
+@pytest.mark.parametrize(
+    "changes, problem",
+    [
+        ({"behavior_logprobs": [-1.0, 0.25]}, "behavior_logprobs[1] is 0.25: a log-probability is at most 0"),
+        ({"behavior_logprobs": [-1.0, math.nan]}, "behavior_logprobs[1] is NaN"),
+        ({"behavior_logprobs": [-math.inf, -1.0]}, "behavior_logprobs[0] is -Infinity"),
+        ({"reward": 0.5}, "reward is 0.5, not +1.0 (correct) or -1.0 (wrong)"),
+        ({"reward": 0.0}, "reward is 0.0, not +1.0 (correct) or -1.0 (wrong)"),
+        ({"reward": 1.0, "correct": False}, "reward 1.0 disagrees with correct=false"),
+        ({"reward": -1.0, "correct": True}, "reward -1.0 disagrees with correct=true"),
+    ],
+)
+def test_impossible_numbers_in_a_training_record_name_file_line_and_field(tiny_model_dir, tmp_path, changes, problem):
+    data = tmp_path / "bad.jsonl"
+    good = fake_record([5, 6], [-1.0, -1.0], reward=-1.0, correct=False)
+    write_records(data, [good, fake_record([5, 6], [-1.0, -1.0], **changes)])
+    output = existing_output(tmp_path)
+    with pytest.raises(RecordError) as error:
+        run_train(config(), tiny_model_dir, data, output)
+    assert str(error.value).startswith(f"{data}:2: {problem}")
+    assert_untouched(tmp_path, output, data)
+
+
+def test_a_non_finite_loss_stops_training_naming_the_step_and_saves_nothing(nan_model_dir, tmp_path):
+    data = tmp_path / "data.jsonl"
+    write_records(data, [fake_record([5, 6], [-1.0, -1.0]), fake_record([7], [-2.0], reward=-1.0)])
+    output = existing_output(tmp_path)
+    logged = []
+    with pytest.raises(NonFiniteStepError, match=r"training stopped at step 0 .*: the loss is nan") as error:
+        run_train(config(), nan_model_dir, data, output, on_step=lambda step, stats: logged.append(step))
+    assert "nothing was saved" in str(error.value)
+    assert logged == []
+    assert_untouched(tmp_path, output, data)
+
+
+def test_a_non_finite_gradient_norm_stops_training_before_the_weights_change(tiny_model_dir, tmp_path, monkeypatch):
+    """The second step's gradient overflows (injected): the first step was logged, nothing is saved."""
+    real_clip = distributed.clip_grad_norm
+    norms = []
+
+    def overflowing_clip(model, max_norm):
+        norms.append(real_clip(model, max_norm))
+        return norms[-1] if len(norms) == 1 else math.inf
+
+    monkeypatch.setattr(distributed, "clip_grad_norm", overflowing_clip)
+    data = tmp_path / "data.jsonl"
+    write_records(data, [fake_record([5, 6], [-1.0, -1.0]), fake_record([7], [-2.0], reward=-1.0)])
+    logged = []
+    with pytest.raises(NonFiniteStepError, match=r"training stopped at step 1 .*: the loss is \S+, the gradient norm is inf"):
+        run_train(config("train.batch_size=1"), tiny_model_dir, data, tmp_path / "trained", on_step=lambda step, stats: logged.append(step))
+    assert logged == [0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data.jsonl"]
 
 
 def test_missing_field_is_an_error(tiny_model_dir, tmp_path):

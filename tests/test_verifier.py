@@ -4,14 +4,21 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
+from scipy import stats
 
 from topr.config import TaskConfig, load_config
+from topr.curate import curate
+from topr.metrics import auroc, auroc_interval, balanced_accuracy
 from topr.models import load_policy, prompt_token_ids
+from topr.prompts import run_prompts
 from topr.records import read_records, write_records
-from topr.tasks import get_task
+from topr.tasks import ANSWER_INSTRUCTION, get_task
+from topr.tasks.jsonl import EXACT_INSTRUCTION
+from topr.tasks.math_task import BOXED_INSTRUCTION
 from topr.tasks.verifier import VerifierTask
 from topr.verifier import (
     SOLUTIONS_EVAL,
@@ -20,7 +27,9 @@ from topr.verifier import (
     VERIFIER_TRAIN,
     QuestionVotes,
     balance_labels,
+    both_judgments,
     build_verifier_prompts,
+    judgment_metrics,
     judgment_token_ids,
     p_correct,
     question_votes,
@@ -112,6 +121,21 @@ def test_build_verifier_prompts_labels_each_non_empty_solution():
     assert "What is 2 + 2?" in prompts[1]["prompt"] and "Yes or No" in prompts[1]["prompt"]
 
 
+@pytest.mark.parametrize("instruction", [ANSWER_INSTRUCTION, EXACT_INSTRUCTION, BOXED_INSTRUCTION])
+def test_verifier_prompt_leaves_out_the_policys_answer_instruction(instruction):
+    prompt = verifier_prompt(f"Tom has 3 apples and buys 4 more. How many apples?\n{instruction}", "3 + 4 = 7. Answer: 7")
+    assert instruction not in prompt and "End your reply" not in prompt
+    assert "Tom has 3 apples and buys 4 more. How many apples?\n\n" in prompt
+    assert "3 + 4 = 7. Answer: 7" in prompt and prompt.endswith("Reply with Yes or No only.")
+
+
+def test_verifier_prompt_of_a_task_prompt_holds_the_question_only():
+    problem = get_task(TaskConfig()).problems("train", 1, 0)[0]
+    question = problem["prompt"].removesuffix(f"\n{ANSWER_INSTRUCTION}")
+    assert question != problem["prompt"]
+    assert verifier_prompt(problem["prompt"], "Answer: 1") == verifier_prompt(question, "Answer: 1")
+
+
 def labelled(labels: str) -> list[dict]:
     return [{"prompt_id": f"p{i}", "reference": "Yes" if label == "Y" else "No"} for i, label in enumerate(labels)]
 
@@ -134,17 +158,35 @@ def test_balance_labels_keeps_everything_when_a_label_is_missing():
 def test_verifier_config_takes_the_verifier_section():
     config = load_config(
         None,
-        ["verifier.judgments_per_solution=3", "verifier.max_new_tokens=5", "verifier.objective=reinforce",
-         "verifier.learning_rate=1e-4", "verifier.epochs=2", "verifier.train_questions=4", "verifier.solutions_per_question=2",
-         "task.eval_size=10", "evaluate.samples_per_prompt=8", "train.batch_size=3"],
+        ["verifier.max_new_tokens=5", "verifier.objective=reinforce", "verifier.learning_rate=1e-4", "verifier.epochs=2",
+         "verifier.train_questions=4", "verifier.solutions_per_question=2", "task.eval_size=10", "evaluate.samples_per_prompt=8",
+         "train.batch_size=3", "train.policy_temperature=0.7", "curate.strategy=uniform", "curate.target_positive_fraction=0.3"],
     )  # fmt: skip
     verifier = verifier_config(config, "train.jsonl", "eval.jsonl")
     assert (verifier.task.name, verifier.task.train_path, verifier.task.eval_path) == ("verifier", "train.jsonl", "eval.jsonl")
     assert (verifier.task.train_size, verifier.task.eval_size) == (8, 20)
-    assert (verifier.sample.samples_per_prompt, verifier.sample.max_new_tokens, verifier.evaluate.max_new_tokens) == (3, 5, 5)
+    assert (verifier.sample.samples_per_prompt, verifier.sample.max_new_tokens, verifier.evaluate.max_new_tokens) == (2, 5, 5)
     assert verifier.evaluate.samples_per_prompt == 0
     assert (verifier.train.objective, verifier.train.learning_rate, verifier.train.epochs) == ("reinforce", 1e-4, 2)
-    assert verifier.train.batch_size == 3 and verifier.sample.temperature == config.sample.temperature
+    assert verifier.train.batch_size == 3
+    # π at temperature 1, as the judgments were scored; both judgments of every pair kept.
+    assert (verifier.sample.temperature, verifier.train.policy_temperature) == (1.0, None)
+    assert (verifier.curate.strategy, verifier.curate.target_positive_fraction) == ("all", None)
+
+
+def test_the_default_verifier_judges_in_two_tokens_and_trains_on_about_200_questions():
+    verifier = load_config(None, []).verifier
+    assert verifier.max_new_tokens == 2 and verifier.train_questions == 200
+
+
+def test_the_prompt_file_holds_the_verifiers_training_questions(tmp_path):
+    overrides = ["task.train_size=3", "run.iterations=2", "task.eval_size=2", "verifier.train_questions=10"]
+    run_prompts(load_config(None, overrides), tmp_path / "train.jsonl", tmp_path / "eval.jsonl")
+    assert len(read_records(tmp_path / "train.jsonl")) == 6
+    run_prompts(load_config(None, [*overrides, "verifier.enabled=true"]), tmp_path / "with.jsonl", tmp_path / "eval.jsonl")
+    with_verifier = read_records(tmp_path / "with.jsonl")
+    assert len(with_verifier) == 10
+    assert with_verifier[:6] == read_records(tmp_path / "train.jsonl")  # the policy's prompts are unchanged
 
 
 # --- votes -------------------------------------------------------------------------------------
@@ -168,6 +210,11 @@ def test_weighted_vote_can_beat_the_majority_and_ties_go_to_the_first_answer():
     assert metrics["vote_weighted_trained"] == pytest.approx(2 / 4)
     for name in ("vote_pass_at_1", "vote_majority", "vote_weighted_trained"):
         assert 0 <= metrics[f"{name}_ci_low"] <= metrics[name] <= metrics[f"{name}_ci_high"] <= 1
+    # The weighted vote against the majority vote, question by question: one gained, none lost.
+    assert metrics["vote_gain_trained"] == pytest.approx(1 / 4)
+    assert (metrics["vote_gain_trained_questions_gained"], metrics["vote_gain_trained_questions_lost"]) == (1, 0)
+    assert metrics["vote_gain_trained_ci_low"] <= metrics["vote_gain_trained"] <= metrics["vote_gain_trained_ci_high"]
+    assert metrics["vote_gain_trained_p_value"] == pytest.approx(1.0)  # exact McNemar, 1 of 1 changed
 
 
 def test_question_votes_group_solutions_and_weigh_those_without_a_verifier_prompt_zero():
@@ -182,6 +229,59 @@ def test_question_votes_group_solutions_and_weigh_those_without_a_verifier_promp
         QuestionVotes(("5", "6"), (False, True), {"base": (0.3, 0.6)}),
         QuestionVotes(("4", None), (True, False), {"base": (0.8, 0.0)}),
     ]
+
+
+# --- how well P(correct) separates correct from wrong solutions ---------------------------------
+
+LABELS = [True, True, True, False, False, False, False]
+SCORES = [0.9, 0.6, 0.4, 0.6, 0.3, 0.2, 0.2]  # one tie across the labels (0.6), one within (0.2)
+
+
+def test_auroc_is_the_mann_whitney_statistic_with_ties_counting_half():
+    # Of the 3 × 4 (correct, wrong) pairs, 10 are ranked right, 1 tied, 1 wrong: (10 + 0.5) / 12.
+    assert auroc(LABELS, SCORES) == pytest.approx(10.5 / 12)
+    positives = [s for s, label in zip(SCORES, LABELS) if label]
+    negatives = [s for s, label in zip(SCORES, LABELS) if not label]
+    u = stats.mannwhitneyu(positives, negatives).statistic
+    assert auroc(LABELS, SCORES) == pytest.approx(u / (len(positives) * len(negatives)))
+    assert auroc(LABELS, [1 - s for s in SCORES]) == pytest.approx(1 - 10.5 / 12)
+    assert auroc(LABELS, [0.5] * len(LABELS)) == pytest.approx(0.5)  # a constant judgment ranks nothing
+
+
+def test_auroc_interval_holds_the_estimate_and_narrows_with_more_pairs():
+    low, high = auroc_interval(LABELS, SCORES, seed=0)
+    assert 0 <= low <= auroc(LABELS, SCORES) <= high <= 1
+    assert auroc_interval(LABELS, SCORES, seed=0) == (low, high)
+    rng = np.random.default_rng(0)
+    labels = rng.random(400) < 0.3
+    scores = rng.random(400) + 0.5 * labels
+    many_low, many_high = auroc_interval(labels, scores, seed=0)
+    assert many_low <= auroc(labels, scores) <= many_high and many_high - many_low < high - low
+
+
+def test_balanced_accuracy_weighs_both_labels_alike_at_a_threshold_of_one_half():
+    # Correct: 2 of 3 called correct (0.9, 0.6); wrong: 3 of 4 called wrong (0.6 is called correct).
+    assert balanced_accuracy(LABELS, SCORES) == pytest.approx((2 / 3 + 3 / 4) / 2)
+    always_no = [0.1] * len(LABELS)
+    assert balanced_accuracy(LABELS, always_no) == pytest.approx(0.5)  # plain accuracy would be 4/7
+    assert balanced_accuracy(LABELS, [0.5] * len(LABELS)) == pytest.approx(0.5)  # 0.5 counts as "Yes"
+
+
+@pytest.mark.parametrize("function", [auroc, auroc_interval, balanced_accuracy])
+def test_ranking_metrics_need_both_labels(function):
+    with pytest.raises(ValueError, match="both"):
+        function([False, False], [0.2, 0.7])
+
+
+def test_judgment_metrics_name_the_verifier_and_are_left_out_when_labels_are_alike(caplog):
+    metrics = judgment_metrics("trained", LABELS, SCORES)
+    assert metrics["verifier_auroc_trained"] == pytest.approx(10.5 / 12)
+    assert metrics["verifier_auroc_trained_ci_low"] <= metrics["verifier_auroc_trained"] <= metrics["verifier_auroc_trained_ci_high"]
+    assert metrics["verifier_balanced_accuracy_trained"] == pytest.approx((2 / 3 + 3 / 4) / 2)
+    assert metrics["verifier_p_correct_on_correct_trained"] == pytest.approx(np.mean([0.9, 0.6, 0.4]))
+    assert metrics["verifier_p_correct_on_wrong_trained"] == pytest.approx(np.mean([0.6, 0.3, 0.2, 0.2]))
+    assert judgment_metrics("base", [False, False], [0.2, 0.7]) == {}
+    assert "labelled alike" in caplog.text
 
 
 # --- P(correct) --------------------------------------------------------------------------------
@@ -213,16 +313,83 @@ def test_p_correct_matches_an_unpadded_forward_pass(judge):
     assert p_correct(model, tokenizer, prompts, system_prompt=None, batch_size=1) == pytest.approx(batched, abs=1e-5)
 
 
+# --- training judgments: both replies of every pair ---------------------------------------------
+
+
+def test_both_judgments_of_every_pair_reach_training_and_the_right_one_is_the_positive(judge):
+    model, tokenizer = judge
+    pairs = build_verifier_prompts([
+        solution("q1", 0, "2 + 2 = 4. Answer: 4", "4", True),
+        solution("q1", 1, "2 + 2 = 5. Answer: 5", "5", False),
+        solution("q2", 0, "3 + 3 = 7. Answer: 7", "7", False, prompt="What is 3 + 3?"),
+    ])  # fmt: skip
+    judgments = both_judgments(model, tokenizer, pairs, system_prompt=None, batch_size=4, behavior_model="sha256:judge")
+    assert [(j["prompt_id"], j["completion"], j["sample_index"]) for j in judgments] == [
+        ("q1/s0", "Yes", 0), ("q1/s0", "No", 1), ("q1/s1", "Yes", 0), ("q1/s1", "No", 1), ("q2/s0", "Yes", 0), ("q2/s0", "No", 1),
+    ]  # fmt: skip
+    for judgment in judgments:  # the word, then the end of the reply
+        ids = judgment["completion_token_ids"]
+        assert 2 <= len(ids) <= load_config(None, []).verifier.max_new_tokens and ids[-1] == tokenizer.eos_token_id
+        assert tokenizer.decode(ids, skip_special_tokens=True) == judgment["completion"]
+        assert (judgment["behavior_model"], judgment["finish_reason"]) == ("sha256:judge", "stop")
+
+    verified, _ = verify_records(judgments, TASK)
+    curate_config = verifier_config(load_config(None, []), "train.jsonl", "eval.jsonl").curate
+    train_set, _ = curate(verified, curate_config, baseline=0.0)
+    rewards = {(r["prompt_id"], r["completion"]): r["reward"] for r in train_set}
+    assert rewards == {
+        ("q1/s0", "Yes"): 1.0, ("q1/s0", "No"): -1.0,  # a correct solution: "Yes" is the positive
+        ("q1/s1", "Yes"): -1.0, ("q1/s1", "No"): 1.0,  # a wrong one: "No" is
+        ("q2/s0", "Yes"): -1.0, ("q2/s0", "No"): 1.0,
+    }  # fmt: skip
+
+
+def test_the_behaviour_log_probs_of_a_judgment_are_its_tokens_log_probs_under_the_model(judge):
+    model, tokenizer = judge
+    pairs = build_verifier_prompts([solution("q1", 0, "Answer: 4", "4", True), solution("q1", 1, "It is 5, as 2 + 2 + 1 = 5.", "5", False)])
+    for judgment in both_judgments(model, tokenizer, pairs, system_prompt=None, batch_size=3, behavior_model="m"):
+        prompt, reply = judgment["prompt_token_ids"], judgment["completion_token_ids"]
+        assert prompt == prompt_token_ids(tokenizer, judgment["prompt"])
+        with torch.no_grad():
+            logprobs = model(torch.tensor([prompt + reply])).logits[0].float().log_softmax(-1)
+        expected = [logprobs[len(prompt) - 1 + offset, token].item() for offset, token in enumerate(reply)]
+        assert judgment["behavior_logprobs"] == pytest.approx(expected, abs=1e-4)
+
+
+def test_training_raises_p_yes_on_correct_pairs_and_lowers_it_on_wrong_ones(tiny_model_dir, tmp_path):
+    solutions = [
+        solution(f"q{a}", index, f"{a} + {a} = {2 * a + index}. Answer: {2 * a + index}", str(2 * a + index), index == 0, prompt=f"What is {a} + {a}?")
+        for a in (2, 3, 4)
+        for index in (0, 1)
+    ]  # fmt: skip
+    pairs = build_verifier_prompts(solutions)
+    write_records(tmp_path / "data" / VERIFIER_TRAIN, pairs)
+    write_records(tmp_path / "data" / VERIFIER_EVAL, pairs)
+    config = load_config(
+        None,
+        ["verifier.learning_rate=1e-3", "verifier.epochs=20", "train.batch_size=12", "train.gradient_accumulation=1", "sample.batch_size=12"],
+    )  # fmt: skip
+    prompts = [pair["prompt"] for pair in pairs]
+    before = p_correct(*load_policy(tiny_model_dir, device=torch.device("cpu")), prompts, None, batch_size=6)
+
+    summary = run_train_verifier(config, tiny_model_dir, tmp_path / "data", tmp_path / "verifier", tmp_path / "work")
+
+    assert summary["judgments"] == summary["curated_count"] == 2 * len(pairs)
+    assert summary["curated_positives"] == summary["curated_negatives"] == len(pairs)
+    assert summary["first_step_log_ratio_per_token"] == pytest.approx(0.0, abs=1e-5)  # π/μ = 1 at the first step
+    after = p_correct(*load_policy(str(tmp_path / "verifier"), device=torch.device("cpu")), prompts, None, batch_size=6)
+    for pair, old, new in zip(pairs, before, after):
+        assert (new > old) == pair["solution_correct"], (pair["prompt_id"], old, new)
+
+
 # --- end to end --------------------------------------------------------------------------------
 
 
 def test_branch_end_to_end_on_the_tiny_model(tiny_model_dir, tmp_path):
-    # curate.drop_empty=false: the random model's judgments may all be empty, and they are negatives too.
     config = load_config(
         None,
-        ["verifier.train_questions=2", "verifier.solutions_per_question=2", "verifier.judgments_per_solution=2",
-         "verifier.max_new_tokens=4", "verifier.learning_rate=1e-3", "task.eval_size=2", "sample.max_new_tokens=4",
-         "sample.temperature=1.0", "train.batch_size=4", "evaluate.batch_size=8", "curate.drop_empty=false"],
+        ["verifier.train_questions=2", "verifier.solutions_per_question=2", "verifier.learning_rate=1e-3", "task.eval_size=2",
+         "sample.max_new_tokens=4", "sample.temperature=1.0", "train.batch_size=4", "evaluate.batch_size=8"],
     )  # fmt: skip
     task = get_task(config.task)
     write_records(tmp_path / "train_prompts.jsonl", task.problems("train", 3, 0))
@@ -243,8 +410,7 @@ def test_branch_end_to_end_on_the_tiny_model(tiny_model_dir, tmp_path):
     trained = run_train_verifier(config, tiny_model_dir, data, tmp_path / "verifier", tmp_path / "work")
     judgments = read_records(tmp_path / "work" / "samples.jsonl")  # topr.loop.IterationFiles
     assert trained["judgments"] == len(judgments) == 2 * summary["verifier_train_prompts"]
-    assert 0 <= trained["judgment_accuracy_before"] <= 1 and 0 <= trained["judgment_invalid_rate_before"] <= 1
-    assert trained["curated_count"] == trained["curated_positives"] + trained["curated_negatives"] > 0
+    assert trained["curated_count"] == len(judgments) and trained["curated_positives"] == trained["curated_negatives"]
     assert trained["steps"] >= 1
     before, after = load_file(f"{tiny_model_dir}/model.safetensors"), load_file(tmp_path / "verifier" / "model.safetensors")
     assert any(not torch.equal(before[name], after[name]) for name in before)
@@ -255,5 +421,10 @@ def test_branch_end_to_end_on_the_tiny_model(tiny_model_dir, tmp_path):
     assert (metrics["vote_k"], metrics["vote_questions"], metrics["verifier_eval_pairs"]) == (2, 2, len(pairs_eval))
     for name in ("verifier_accuracy_base", "verifier_accuracy_trained", "vote_pass_at_1", "vote_majority", "vote_weighted_base", "vote_weighted_trained"):
         assert 0 <= metrics[f"{name}_ci_low"] <= metrics[name] <= metrics[f"{name}_ci_high"] <= 1, name
-    assert 0 <= metrics["verifier_invalid_rate_base"] <= 1 and 0 <= metrics["verifier_invalid_rate_trained"] <= 1
+    for name in ("base", "trained"):
+        assert 0 <= metrics[f"verifier_invalid_rate_{name}"] <= 1
+        assert metrics[f"vote_gain_{name}_ci_low"] <= metrics[f"vote_gain_{name}"] <= metrics[f"vote_gain_{name}_ci_high"]
+        # The random model's solutions may all be wrong: no AUROC then.
+        both_labels = len({p["reference"] for p in pairs_eval}) == 2
+        assert (f"verifier_auroc_{name}" in metrics) == (f"verifier_balanced_accuracy_{name}" in metrics) == both_labels
     assert metrics["vote_pass_at_1"] == pytest.approx(sum(r["correct"] for r in solutions_eval) / 4)

@@ -1,3 +1,5 @@
+from typing import NamedTuple
+
 from kfp import dsl
 from kfp.dsl import Dataset, Input, Model
 
@@ -12,8 +14,13 @@ def gate(
     iteration: int,
     model: Input[Model],
     eval_prompts: Input[Dataset],
-) -> str:
-    """Compare the new model with the registered champion on the same held-out prompts; return "promote" or "keep"."""
+) -> NamedTuple("GateOutputs", [("Output", str), ("champion_version", str)]):
+    """Compare the new model with the registered champion on the same held-out prompts: the
+    decision ("promote" or "keep") and the champion version compared against ("" for none).
+
+    The decision keeps the name ``Output``: kfp.local (2.17.0) resolves a ``dsl.If`` condition
+    only on an output so named, and takes any other for false, so promote would never run locally.
+    """
     from topr import steps
 
     version = str(int(model.metadata["registered_version"]))

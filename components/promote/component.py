@@ -5,8 +5,9 @@ from components import TOPR_IMAGE
 
 
 @dsl.component(base_image=TOPR_IMAGE, install_kfp_package=False)
-def promote(config_json: str, tracking_uri: str, parent_run_id: str, model: Input[Model]):
-    """Point the champion alias at the new model's registered version."""
+def promote(config_json: str, tracking_uri: str, parent_run_id: str, model: Input[Model], champion_version: str):
+    """Point the champion alias at the new model's registered version, if it still holds
+    ``champion_version``, the version the gate beat ("" for none); refuse otherwise."""
     from topr import steps
 
-    steps.promote(config_json, tracking_uri, parent_run_id, str(int(model.metadata["registered_version"])))
+    steps.promote(config_json, tracking_uri, parent_run_id, str(int(model.metadata["registered_version"])), champion_version)

@@ -19,7 +19,11 @@ EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    """A config section: unknown fields are errors, and so are NaN and infinite numbers, which
+    YAML reads from ``.nan``/``.inf`` and pydantic from ``nan``/``inf``: ``gate.margin=nan`` would
+    make every gate comparison false, ``train.baseline=inf`` every advantage infinite."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class ModelConfig(Section):
@@ -235,7 +239,12 @@ class VerifierConfig(Section):
 
     enabled: bool = Field(False, description="Run the verifier branch after the last iteration.")
     train_questions: int = Field(
-        32, ge=1, description="Training prompts whose solutions (from the final policy) the verifier learns to judge."
+        200,
+        ge=1,
+        description="Training prompts whose solutions (from the final policy) the verifier learns to judge; the "
+        "prompt file holds at least this many when the branch is on. 200 × 8 solutions at the policy's ~25% "
+        "accuracy give ~400 correct solutions, hence ~800 balanced pairs; 32 gave ~27 correct ones, too few "
+        "to teach 'Yes'.",
     )
     solutions_per_question: int = Field(
         8, ge=1, description="Solutions sampled per question (training data, and k of the held-out weighted vote)."
@@ -243,13 +252,14 @@ class VerifierConfig(Section):
     balance: bool = Field(
         True, description="Keep as many incorrect as correct solutions in the verifier's training data."
     )
-    judgments_per_solution: int = Field(4, ge=1, description="Verifier judgments sampled per solution for training.")
-    max_new_tokens: int = Field(8, ge=1, description="Longest judgment, in tokens (the verifier answers Yes or No).")
+    max_new_tokens: int = Field(
+        2, ge=1, description="Longest held-out judgment, in tokens: 'Yes' or 'No' and the end of the reply."
+    )
     objective: Literal["topr", "reinforce", "tis", "is", "rft", "ppo"] = Field(
         "topr", description="The verifier's objective; the other training settings come from `train`."
     )
     learning_rate: float = Field(3e-5, gt=0, description="The verifier's learning rate.")
-    epochs: int = Field(1, ge=1, description="Passes over the verifier's curated judgments.")
+    epochs: int = Field(1, ge=1, description="Passes over the verifier's judgments (two per pair).")
     seed: int = Field(0, description="Seed for choosing and balancing the verifier's data.")
 
 

@@ -1,8 +1,9 @@
 """The evaluation stage: held-out pass@1 (greedy), and pass@k and maj@k over k samples.
 
 Besides accuracy, it reports the signs of a degenerating policy on the greedy completions:
-``parse_failure_rate`` (no answer could be extracted), ``empty_rate`` (nothing but whitespace)
-and ``mean_completion_tokens``.
+``parse_failure_rate`` (no answer could be extracted), ``empty_rate`` (nothing but whitespace),
+``truncated_rate`` (cut off at ``evaluate.max_new_tokens`` before the end-of-sequence token) and
+``mean_completion_tokens``.
 
 The model is loaded once; the greedy completions and the k samples come from the same engine
 as training data does, and are scored by the task's own checker. Every evaluation of a run uses
@@ -71,6 +72,7 @@ def run_evaluate(config: Config, model_dir: str, prompts_path: str | Path, repor
     metrics = summarize_evaluation(prompt_results(greedy, sampled), seed=evaluation.seed)
     metrics["mean_completion_tokens"] = sum(len(r["completion_token_ids"]) for r in greedy) / len(greedy)
     metrics["empty_rate"] = sum(not r["completion"].strip() for r in greedy) / len(greedy)
+    metrics["truncated_rate"] = sum(r["finish_reason"] == "length" for r in greedy) / len(greedy)
     write_records(completions_path, [{**r, "decoding": "greedy"} for r in greedy] + [{**r, "decoding": "sampled"} for r in sampled])
     greedy_correct = {record["prompt_id"]: bool(record["correct"]) for record in greedy}
     write_json(report_path, {"model": identity, "prompts": str(prompts_path), "metrics": metrics, "greedy_correct": greedy_correct})

@@ -194,13 +194,14 @@ def prepare_shared(experiment: Config, folder: Path, tracking_uri: str, replicat
     from topr.loop import LibraryStages
     from topr.models import prepare_base_model
     from topr.prompts import run_prompts
-    from topr.steps import registered_model_location
+    from topr.steps import registered_model_source
 
     started = time.perf_counter()
     folder.mkdir(parents=True, exist_ok=True)
     model_dir, eval_prompts, start = folder / "base_model", folder / "eval_prompts.jsonl", IterationFiles(folder / "start")
     if not (model_dir / "config.json").exists():  # save_policy renames a complete folder into place
-        prepare_base_model(registered_model_location(tracking_uri, experiment.model.path), model_dir)
+        source, manifest_sha256 = registered_model_source(tracking_uri, experiment.model.path)
+        prepare_base_model(source, model_dir, manifest_sha256)
     by_replicate = {}
     for replicate in range(replicates):
         config, files = replicate_config(experiment, replicate), IterationFiles(folder / replicate_name(replicate))

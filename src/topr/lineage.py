@@ -6,6 +6,8 @@ Each trained model is a registered version whose tags (``topr.*``, written by
 ``topr.steps.train``) name its published files, its parent model's weights digest,
 its training set and samples; the parent is the registered version with that digest, or, at
 the end of the chain, the ``prepare_model`` run that converted the configured base model.
+A published model's tags (the base model's run parameters) also hold the SHA-256 of its
+manifest, which ``verify`` checks: files rewritten together with their manifest are caught.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ class Link:
     name: str
     uri: str
     digest: str = ""
+    manifest_sha256: str = ""  # a published model's manifest, as recorded in MLflow
 
 
 def resolve_version(client, reference: str):
@@ -64,7 +67,7 @@ def trace(tracking_uri: str, reference: str) -> list[Link]:
         tags = version.tags
         run = client.get_run(version.run_id)
         iteration = run.data.tags.get("topr.iteration", "?")
-        chain.append(Link("model", f"{version.name}/{version.version}", tags["topr.model_uri"], tags["topr.weights_sha256"]))
+        chain.append(Link("model", f"{version.name}/{version.version}", tags["topr.model_uri"], tags["topr.weights_sha256"], tags.get("topr.manifest_sha256", "")))
         chain.append(Link("training run", f"{run.info.run_name} ({run.info.run_id})", f"runs:/{run.info.run_id}"))
         chain.append(Link("curated set", f"iteration {iteration}", tags["topr.train_set_uri"], _dataset_digest(run, f"train_set_iter{iteration}")))
         samples_digest = _dataset_digest(run, f"samples_iter{iteration}")
@@ -81,23 +84,29 @@ def trace(tracking_uri: str, reference: str) -> list[Link]:
 
 
 def _base_model(client, run, digest: str, uri: str) -> Link:
-    found = client.search_runs(
-        [run.info.experiment_id],
-        f"tags.`topr.stage` = 'prepare_model' and params.weights_sha256 = '{digest}'",
-        max_results=1,
-    )
-    source = found[0].data.params.get("source", "") if found else "unknown (no prepare_model run with this digest)"
-    return Link("base model", source, uri, digest)
+    """The base model at ``uri``, named by the ``prepare_model`` run that published it there (or
+    any with its weights digest). Only the run that published ``uri`` vouches for its manifest:
+    another run's copy of the same weights may differ in its other files."""
+    wanted = f"tags.`topr.stage` = 'prepare_model' and params.weights_sha256 = '{digest}'"
+    for condition in (f"{wanted} and params.model_uri = '{uri}'", wanted):
+        found = client.search_runs([run.info.experiment_id], condition, max_results=1)
+        if found:
+            break
+    params = found[0].data.params if found else {}
+    source = params.get("source", "") if found else "unknown (no prepare_model run with this digest)"
+    manifest_sha256 = params.get("manifest_sha256", "") if params.get("model_uri") == uri else ""
+    return Link("base model", source, uri, digest, manifest_sha256)
 
 
 def verify(chain: list[Link]) -> list[str]:
-    """Re-read every artifact of the chain from storage, re-hash it; return what is missing or changed."""
+    """Re-read every artifact of the chain from storage, re-hash it; return what is missing or changed
+    (a published model's manifest against the digest recorded in MLflow, when one was)."""
     problems = []
     for link in chain:
         if not storage.is_s3(link.uri):
             continue
         if link.kind in ("model", "base model"):
-            problems += storage.check_directory(link.uri)
+            problems += storage.check_directory(link.uri, link.manifest_sha256 or None)
         elif not storage.exists(link.uri):
             problems.append(f"{link.uri}: missing")
         elif link.digest:

@@ -1,4 +1,4 @@
-"""Evaluation metrics as pure functions: intervals, pass@k, votes, and the per-run summary."""
+"""Evaluation metrics as pure functions: intervals, pass@k, votes, ranking, and the per-run summary."""
 
 from __future__ import annotations
 
@@ -78,6 +78,69 @@ def weighted_vote(answers: Sequence[str | None], weights: Sequence[float]) -> st
 def majority_vote(answers: Sequence[str | None]) -> str | None:
     """The most common non-``None`` answer; ties go to the answer seen first."""
     return weighted_vote(answers, [1.0] * len(answers))
+
+
+def _labels_and_scores(labels: Sequence[bool], scores: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+    """Labels and scores as arrays, checked: as many of each, and both labels present (the
+    figures below compare the two groups and mean nothing with one)."""
+    labels, scores = np.asarray(labels, dtype=bool), np.asarray(scores, dtype=float)
+    if labels.shape != scores.shape or labels.ndim != 1:
+        raise ValueError(f"need one score per label, got {labels.shape} labels and {scores.shape} scores")
+    if labels.all() or not labels.any():
+        raise ValueError("need both labels, positive and negative, among the labels")
+    return labels, scores
+
+
+def auroc(labels: Sequence[bool], scores: Sequence[float]) -> float:
+    """Area under the ROC curve (``sklearn.metrics.roc_auc_score``): the probability that a random
+    positive scores above a random negative, ties counting half; 0.5 is chance.
+
+    It judges the ranking, whatever the threshold: a classifier that always answers one label but
+    still scores positives higher shows here, where its accuracy at a threshold does not.
+    """
+    from sklearn.metrics import roc_auc_score
+
+    labels, scores = _labels_and_scores(labels, scores)
+    return float(roc_auc_score(labels, scores))
+
+
+def auroc_interval(
+    labels: Sequence[bool], scores: Sequence[float], n_resamples: int = 1000, seed: int = 0, confidence: float = 0.95
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of the AUROC (``scipy.stats.bootstrap``).
+
+    Positives and negatives are resampled separately (stratified), so every resample keeps both
+    labels, in their original numbers, and has an AUROC. Items are treated as independent.
+    """
+    from scipy import stats
+
+    labels, scores = _labels_and_scores(labels, scores)
+
+    def statistic(positives: np.ndarray, negatives: np.ndarray) -> float:
+        return auroc(np.r_[np.ones(positives.size, bool), np.zeros(negatives.size, bool)], np.r_[positives, negatives])
+
+    result = stats.bootstrap(
+        (scores[labels], scores[~labels]),
+        statistic,
+        n_resamples=n_resamples,
+        confidence_level=confidence,
+        method="percentile",
+        vectorized=False,
+        rng=np.random.default_rng(seed),
+    )
+    return float(result.confidence_interval.low), float(result.confidence_interval.high)
+
+
+def balanced_accuracy(labels: Sequence[bool], scores: Sequence[float], threshold: float = 0.5) -> float:
+    """The mean of the accuracy on positives and on negatives when a score ``>= threshold`` calls an
+    item positive (``sklearn.metrics.balanced_accuracy_score``).
+
+    Any constant answer scores 0.5, where plain accuracy is the share of the more common label.
+    """
+    from sklearn.metrics import balanced_accuracy_score
+
+    labels, scores = _labels_and_scores(labels, scores)
+    return float(balanced_accuracy_score(labels, scores >= threshold))
 
 
 @dataclass(frozen=True)

@@ -158,11 +158,12 @@ def prompt_token_ids(tokenizer, prompt: str, system_prompt: str | None = None) -
     return list(ids)
 
 
-def prepare_base_model(path: str, output_dir: str | os.PathLike) -> str:
+def prepare_base_model(path: str, output_dir: str | os.PathLike, manifest_sha256: str | None = None) -> str:
     """Convert the configured starting model (a directory, hub id, embedded name or published
-    ``s3://`` directory) into a saved HF directory; GGUF is read only here."""
+    ``s3://`` directory, checked against ``manifest_sha256`` when given) into a saved HF
+    directory; GGUF is read only here."""
     from topr.storage import local_directory
 
-    with local_directory(path) as local:
+    with local_directory(path, manifest_sha256) as local:
         model, tokenizer = load_policy(str(local), device=torch.device("cpu"))
     return save_policy(model, tokenizer, output_dir, provenance={"source": path, "parent": None})

@@ -127,9 +127,10 @@ def policy_loss(
 
     Returns:
         ``(loss, stats)``: the scalar loss (mean over the B completions, empty ones counting 0)
-        and a dict of finite Python floats:
+        and a dict of Python floats, finite when the inputs are at the completion tokens:
 
-        - ``loss``;
+        - ``loss``; non-finite when a completion token's log-probability is, so that training
+          can stop on it (``topr.train``) instead of reading a fault as 0;
         - ``positive_count``, ``negative_count``, ``positive_fraction``: completions with
           A >= 0 / A < 0, and the share of the first;
         - ``advantage_mean``, ``completion_tokens_mean``;
@@ -333,7 +334,7 @@ def _stats(
         "logprob_negative_mean": _mean_over(logp, valid & negative[:, None]),
     }
     stacked = torch.stack([value.to(torch.float64) for value in values.values()])
-    stats = dict(zip(values, torch.nan_to_num(stacked).tolist(), strict=True))
+    stats = dict(zip(values, stacked.tolist(), strict=True))
     if not stats["negative_count"]:
         for name in NEGATIVE_RATIO_STATS:
             del stats[name]

@@ -13,9 +13,12 @@ prompt_token_ids      list[int]      sample      the chat-templated prompt, as t
 completion            str            sample      the decoded completion (special tokens removed)
 completion_token_ids  list[int]      sample      the sampled tokens, end-of-sequence included
 behavior_logprobs     list[float]    sample      log mu of each sampled token under the distribution
-                                                 actually sampled from (temperature, top-k, top-p)
+                                                 actually sampled from (temperature, top-k, top-p);
+                                                 for the verifier's judgments, which are scored
+                                                 rather than sampled, under the scoring model
 sample_index          int            sample      0..n-1 within the prompt
-behavior_model        str            sample      digest or path of the model that sampled it
+behavior_model        str            sample      digest or path of the model that sampled (or
+                                                 scored) it
 finish_reason         str            sample      "stop" (end-of-sequence) or "length" (truncated)
 extracted             str | None     verify      the answer parsed from the completion, None if none
 correct               bool           verify      the checker's verdict
@@ -24,12 +27,16 @@ reward                float          verify      +1.0 when correct, -1.0 otherwi
 
 Each stage names the fields it needs (``PROMPT_FIELDS``, ``VERIFY_INPUT_FIELDS``, ...); a record
 missing one is reported with the file, the line and the field. Fields a stage does not know pass
-through unchanged, so users can score completions that came from elsewhere.
+through unchanged, so users can score completions that came from elsewhere. Numbers are finite:
+Python's ``json`` reads ``NaN``, ``Infinity`` and overflowing literals such as ``1e999``, which
+standard JSON has no place for and which would poison a loss, so a record holding one is refused
+(file, line and field).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -89,6 +96,10 @@ def iter_records(
             raise RecordError(
                 f"{path}:{line_number}: record is missing required field(s) {', '.join(missing)}"
             )
+        found = _first_non_finite(record)
+        if found is not None:
+            place, number = found
+            raise RecordError(f"{path}:{line_number}: {place} is {_json_spelling(number)}; record files hold finite numbers only")
         version = record.get("schema_version", SCHEMA_VERSION)
         if version != SCHEMA_VERSION:
             raise RecordError(
@@ -101,6 +112,35 @@ def iter_records(
             except ValueError as error:
                 raise RecordError(f"{path}:{line_number}: {error}") from None
         yield record
+
+
+def _first_non_finite(value: Any, place: str = "") -> tuple[str, float] | None:
+    """The place (``field[2].name``) of the first NaN or infinite number inside ``value``, and the number."""
+    if isinstance(value, float):
+        return None if math.isfinite(value) else (place, value)
+    if isinstance(value, dict):
+        children = ((f"{place}.{key}" if place else str(key), item) for key, item in value.items())
+    elif isinstance(value, list) and _finite_numbers(value):
+        return None
+    elif isinstance(value, list):
+        children = ((f"{place}[{index}]", item) for index, item in enumerate(value))
+    else:
+        return None
+    return next(filter(None, (_first_non_finite(item, where) for where, item in children)), None)
+
+
+def _finite_numbers(values: list) -> bool:
+    """True for a list of finite numbers (token ids, log-probs), in one fast pass: a NaN or an
+    infinity makes the exact sum non-finite or raises; anything else is left to the item walk."""
+    try:
+        return math.isfinite(math.fsum(values))
+    except (TypeError, ValueError, OverflowError):
+        return False
+
+
+def _json_spelling(number: float) -> str:
+    """A non-finite number as Python's ``json`` writes it: NaN, Infinity or -Infinity."""
+    return "NaN" if math.isnan(number) else ("Infinity" if number > 0 else "-Infinity")
 
 
 def _iter_jsonl(path: Path) -> Iterator[tuple[int, Record]]:

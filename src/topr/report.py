@@ -127,7 +127,7 @@ def write_run_report(run_dir: Path, tracking_uri: str, run_id: str, minutes: flo
 
 # ---- experiments: several arms side by side (``topr experiment``) -------------------------------
 
-DEGENERATION_KEYS = ("empty_rate", "mean_completion_tokens", "mean_weight_negative", "final_logprob_negative", "final_logprob_positive")
+DEGENERATION_KEYS = ("empty_rate", "truncated_rate", "mean_completion_tokens", "mean_weight_negative", "final_logprob_negative", "final_logprob_positive")
 
 
 def arm_metrics(tracking_uri: str, run_id: str) -> dict[str, dict[int, float]]:
@@ -169,7 +169,7 @@ def degeneration_table(results: dict[str, dict[str, dict[int, float]]]) -> str:
     header = (
         "| arm | iteration | sampled acc. | curated (+/−) | eff. pos. | positive weight after taper | mean weight on negatives "
         "| median ratio on negatives (end) | first step log π/μ per token | log π negatives | log π positives "
-        "| held-out parse failures | empty outputs | mean tokens |"
+        "| held-out parse failures | empty outputs | cut at the length limit | mean tokens |"
     )
     lines = [header, "|---" * (header.count("|") - 1) + "|"]
     for arm, metrics in results.items():
@@ -182,32 +182,63 @@ def degeneration_table(results: dict[str, dict[str, dict[int, float]]]) -> str:
                 f"| {_cell(metrics, 'final_ratio_negative_p50', step, '{:.3f}')} | {_cell(metrics, 'first_step_log_ratio_per_token', step, '{:+.4f}')} "
                 f"| {_cell(metrics, 'final_logprob_negative', step, '{:.2f}')} "
                 f"| {_cell(metrics, 'final_logprob_positive', step, '{:.2f}')} | {_cell(metrics, 'parse_failure_rate', step)} "
-                f"| {_cell(metrics, 'empty_rate', step)} | {_cell(metrics, 'mean_completion_tokens', step, '{:.1f}')} |"
+                f"| {_cell(metrics, 'empty_rate', step)} | {_cell(metrics, 'truncated_rate', step)} | {_cell(metrics, 'mean_completion_tokens', step, '{:.1f}')} |"
             )
     return "\n".join(lines)
 
 
 def verifier_table(results: dict[str, dict[str, dict[int, float]]]) -> str | None:
-    """The verifier's accuracy and invalid rate before and after training, and the votes; None
-    when no arm ran the verifier branch."""
+    """The verifier before → after training, and the votes it weights; None when no arm ran the
+    verifier branch.
+
+    Per verifier: greedy judgment accuracy, then the balanced accuracy and AUROC of its P(correct)
+    (the two that a verifier answering "No" to every pair cannot raise above 0.5), and the invalid
+    judgments. Over the k held-out solutions per question: pass@1, the majority vote, the vote
+    weighted by each verifier's P(correct), and the weighted vote minus the majority vote on the
+    same questions in points (``topr.stats.problem_gain``). A figure an arm did not log (AUROC when
+    its held-out pairs all had one label) shows as "–".
+    """
     rows = {arm: {key: max(values.items())[1] for key, values in metrics.items() if values} for arm, metrics in results.items()}
     rows = {arm: row for arm, row in rows.items() if "verifier_accuracy_trained" in row}
     if not rows:
         return None
+
+    def percent(x: float) -> str:
+        return f"{x:.1%}"
+
+    def points(x: float) -> str:
+        return f"{100 * x:+.1f}"
+
     lines = [
-        "| arm | verifier accuracy (base → trained) | invalid judgments (base → trained) | k | pass@1 | majority vote "
-        "| weighted vote, base verifier | weighted vote, trained verifier |",
-        "|---|---|---|---|---|---|---|---|",
+        "| arm | judgment accuracy | balanced accuracy | AUROC [95% CI] | invalid judgments | k | pass@1 | majority vote "
+        "| weighted vote, base verifier | weighted vote, trained verifier | weighted − majority, points (base → trained) |",
+        "|---" * 11 + "|",
     ]
     for arm, row in rows.items():
-        def interval(key: str) -> str:
-            return f"{row[key]:.1%} [{row[key + '_ci_low']:.1%}, {row[key + '_ci_high']:.1%}]"
 
-        lines.append(
-            f"| {arm} | {row['verifier_accuracy_base']:.1%} → {row['verifier_accuracy_trained']:.1%} "
-            f"| {row['verifier_invalid_rate_base']:.1%} → {row['verifier_invalid_rate_trained']:.1%} | {row['vote_k']:.0f} "
-            f"| {interval('vote_pass_at_1')} | {interval('vote_majority')} | {interval('vote_weighted_base')} | {interval('vote_weighted_trained')} |"
-        )
+        def value(key: str, form=percent) -> str:
+            return form(row[key]) if key in row else "–"
+
+        def interval(key: str, form=percent) -> str:
+            return f"{form(row[key])} [{form(row[key + '_ci_low'])}, {form(row[key + '_ci_high'])}]" if key in row else "–"
+
+        def change(key: str, show=value) -> str:
+            return f"{show(key.format('base'))} → {show(key.format('trained'))}"
+
+        cells = [
+            arm,
+            change("verifier_accuracy_{}"),
+            change("verifier_balanced_accuracy_{}"),
+            change("verifier_auroc_{}", lambda key: interval(key, "{:.2f}".format)),
+            change("verifier_invalid_rate_{}"),
+            value("vote_k", "{:.0f}".format),
+            interval("vote_pass_at_1"),
+            interval("vote_majority"),
+            interval("vote_weighted_base"),
+            interval("vote_weighted_trained"),
+            change("vote_gain_{}", lambda key: interval(key, points)),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

@@ -11,7 +11,7 @@ import json
 import logging
 from pathlib import Path
 
-from topr import storage
+from topr import promotion, storage
 from topr.config import Config, build_config, config_to_dict, config_to_yaml
 from topr.tracking import (
     EVALUATION_ARTIFACT,
@@ -61,6 +61,18 @@ def publish(config: Config, parent_run_id: str, iteration: int, local: str, name
     return uri
 
 
+def publish_model(config: Config, parent_run_id: str, iteration: int, local: str, name: str) -> dict[str, str]:
+    """Publish a model directory: its ``model_uri`` and ``manifest_sha256``, which registration
+    records so that readers can check the published manifest (``storage.fetch_directory``);
+    without an artifact store, only the local directory."""
+    uri = published_uri(config, parent_run_id, iteration, name)
+    if uri is None:
+        return {"model_uri": local}
+    manifest = storage.publish_directory(local, uri)
+    log.info("published %s", uri)
+    return {"model_uri": uri, "manifest_sha256": storage.manifest_sha256(manifest)}
+
+
 def start(config_json: str, tracking_uri: str, run_name: str, kfp_run_id: str = "") -> str:
     """Create the parent MLflow run; its id is handed to every later step."""
     config = parse_config(config_json)
@@ -74,15 +86,17 @@ def finish(config_json: str, tracking_uri: str, kfp_run_id: str, failed: bool) -
     finish_pipeline_run(tracking_uri, experiment, kfp_run_id, "FAILED" if failed else "FINISHED")
 
 
-def registered_model_location(tracking_uri: str, model_path: str) -> str:
-    """Where a ``models:/name@alias`` (or ``models:/name/version``) model's files are; other paths as given."""
+def registered_model_source(tracking_uri: str, model_path: str) -> tuple[str, str | None]:
+    """Where a ``models:/name@alias`` (or ``models:/name/version``) model's files are (other paths
+    as given), and the SHA-256 of its manifest recorded when it was registered (None when none
+    was: a path, or a model registered without an artifact store)."""
     if not model_path.startswith("models:/"):
-        return model_path
+        return model_path, None
     from topr.lineage import resolve_version
 
     version = resolve_version(mlflow_client(tracking_uri), model_path)
     log.info("%s is %s version %s at %s", model_path, version.name, version.version, version.tags["topr.model_uri"])
-    return version.tags["topr.model_uri"]
+    return version.tags["topr.model_uri"], version.tags.get("topr.manifest_sha256")
 
 
 def prepare_model(config_json: str, tracking_uri: str, parent_run_id: str, model_dir: str) -> dict:
@@ -90,10 +104,10 @@ def prepare_model(config_json: str, tracking_uri: str, parent_run_id: str, model
 
     config = parse_config(config_json)
     with stage_run(tracking_uri, parent_run_id, "prepare_model", 0) as run:
-        source = registered_model_location(tracking_uri, config.model.path)
-        digest = prepare_base_model(source, model_dir)
-        uri = publish(config, parent_run_id, 0, model_dir, "model")
-        run.log_params({"source": config.model.path, "resolved_source": source, "weights_sha256": digest, "model_uri": uri or model_dir})
+        source, manifest_sha256 = registered_model_source(tracking_uri, config.model.path)
+        digest = prepare_base_model(source, model_dir, manifest_sha256)
+        published = publish_model(config, parent_run_id, 0, model_dir, "model")
+        run.log_params({"source": config.model.path, "resolved_source": source, "weights_sha256": digest, **published})
     return {"weights_sha256": digest}
 
 
@@ -211,12 +225,12 @@ def train(
         run.log_dataset(data_path, f"train_set_iter{iteration}", "training", source=train_set_uri)
         run.log_dataset(samples_path, f"samples_iter{iteration}", "sampling", source=samples_uri)
         summary = launch_train(config, model_dir, data_path, output_dir, on_step=lambda step, stats: run.log_metrics(stats, step))
-        uri = publish(config, parent_run_id, iteration, output_dir, "model")
+        published = publish_model(config, parent_run_id, iteration, output_dir, "model")
         run.log_artifacts(output_dir, "model")
         run.log_metrics({k: v for k, v in summary.items() if k != "weights_sha256"})
         run.log_metrics({k: summary[k] for k in ("mean_weight_negative", "final_logprob_negative", "final_logprob_positive", "first_step_log_ratio_per_token", "positive_weight_share", "final_ratio_negative_p50") if k in summary}, on_parent=True)
         lineage = {
-            "model_uri": uri or output_dir,
+            **published,
             "weights_sha256": summary["weights_sha256"],
             "parent_model_uri": published_uri(config, parent_run_id, iteration - 1, "model") or model_dir,
             "parent_weights_sha256": model_identity(model_dir).removeprefix("sha256:"),
@@ -245,12 +259,15 @@ def evaluate(config_json: str, tracking_uri: str, parent_run_id: str, iteration:
     return metrics
 
 
-def gate(config_json: str, tracking_uri: str, parent_run_id: str, iteration: int, version: str, prompts_path: str) -> str:
-    """Compare the new model (registered ``version``) with the champion; return "promote" or "keep".
+def gate(config_json: str, tracking_uri: str, parent_run_id: str, iteration: int, version: str, prompts_path: str) -> tuple[str, str]:
+    """Compare the new model (registered ``version``) with the champion; return the decision
+    ("promote" or "keep") and the champion version compared against ("" for none), which
+    ``promote`` requires to still hold the alias.
 
     The new model's pass@1 is its last evaluation in this run; the champion is evaluated again
     on the same prompts with the same settings. The decision and its figures are recorded on
-    the gate's run, the parent run and the model version.
+    the gate's run, the parent run and the model version. A registry that cannot be read fails
+    the gate (``topr.promotion.alias_version``).
     """
     from topr.gate import decide
 
@@ -259,24 +276,15 @@ def gate(config_json: str, tracking_uri: str, parent_run_id: str, iteration: int
     client = mlflow_client(tracking_uri)
     with stage_run(tracking_uri, parent_run_id, "gate", iteration) as run:
         new_pass_at_1 = metric_history(tracking_uri, parent_run_id, "pass_at_1")[iteration]
-        champion = _alias_version(client, name, alias)
-        champion_pass_at_1 = None if champion is None else _evaluate_registered(config, champion, prompts_path)
+        champion = promotion.alias_version(client, name, alias)
+        champion_pass_at_1 = None if champion is None else _evaluate_registered(config, client.get_model_version(name, champion), prompts_path)
         decision = decide(new_pass_at_1, champion_pass_at_1, config.gate.margin)
-        run.log_params({"model": f"{name}/{version}", "champion": f"{name}/{champion.version}" if champion else "none", "decision": decision.label, "reason": decision.reason})
+        run.log_params({"model": f"{name}/{version}", "champion": f"{name}/{champion}" if champion else "none", "decision": decision.label, "reason": decision.reason})
         run.log_metrics(decision.figures(), on_parent=True)
         client.set_tag(parent_run_id, "topr.gate", f"{decision.label}: {decision.reason}")
         client.set_model_version_tag(name, version, "topr.gate", f"{decision.label}: {decision.reason}")
     log.info("gate: %s %s/%s (%s)", decision.label, name, version, decision.reason)
-    return decision.label
-
-
-def _alias_version(client, name: str, alias: str):
-    from mlflow.exceptions import MlflowException
-
-    try:
-        return client.get_model_version_by_alias(name, alias)
-    except MlflowException:
-        return None
+    return decision.label, champion or ""
 
 
 def _evaluate_registered(config: Config, version, prompts_path: str) -> float:
@@ -284,17 +292,28 @@ def _evaluate_registered(config: Config, version, prompts_path: str) -> float:
 
     from topr.evaluate import run_evaluate
 
-    with storage.local_directory(version.tags["topr.model_uri"]) as model_dir, tempfile.TemporaryDirectory() as scratch:
+    with storage.local_directory(version.tags["topr.model_uri"], version.tags.get("topr.manifest_sha256")) as model_dir, tempfile.TemporaryDirectory() as scratch:
         metrics = run_evaluate(config, str(model_dir), prompts_path, Path(scratch, "report.json"), Path(scratch, "completions.jsonl"))
     return metrics["pass_at_1"]
 
 
-def promote(config_json: str, tracking_uri: str, parent_run_id: str, version: str) -> None:
-    """Point the gate's alias at ``version``."""
+def promote(config_json: str, tracking_uri: str, parent_run_id: str, version: str, champion_version: str) -> None:
+    """Point the gate's alias at ``version`` if it still holds ``champion_version``, the version
+    the gate beat ("" for none); a compare-and-set under a lock (``topr.promotion``).
+
+    A refusal (the alias moved since the gate) is tagged on the parent run and the model
+    version, then raised, so the stage fails rather than look like a promotion.
+    """
     config = parse_config(config_json)
     name, alias = config.run.registered_model, config.gate.alias
-    mlflow_client(tracking_uri).set_registered_model_alias(name, alias, version)
-    mlflow_client(tracking_uri).set_tag(parent_run_id, "topr.promoted", f"{name}/{version}")
+    client = mlflow_client(tracking_uri)
+    try:
+        promotion.promote(client, name, alias, version, champion_version or None, parent_run_id)
+    except promotion.PromotionRefused as refusal:
+        client.set_tag(parent_run_id, "topr.promotion", f"refused: {refusal}")
+        client.set_model_version_tag(name, version, "topr.promotion", f"refused: {refusal}")
+        raise
+    client.set_tag(parent_run_id, "topr.promoted", f"{name}/{version}")
     log.info("%s@%s is now version %s", name, alias, version)
 
 
@@ -347,11 +366,11 @@ def train_verifier(config_json: str, tracking_uri: str, parent_run_id: str, mode
             run.log_dataset(path, name, context, source=uri)
             kept[name] = uri or f"runs:/{run.run_id}/{path.name}"
         run.log_artifact(files.composition)
-        uri = publish(config, parent_run_id, iteration, output_dir, "verifier_model")
+        published = publish_model(config, parent_run_id, iteration, output_dir, "verifier_model")
         run.log_artifacts(output_dir, "model")
         run.log_metrics({k: v for k, v in summary.items() if k != "weights_sha256"})
         lineage = {
-            "model_uri": uri or output_dir,
+            **published,
             "weights_sha256": summary["weights_sha256"],
             "parent_model_uri": published_uri(config, parent_run_id, 0, "model") or model_dir,
             "parent_weights_sha256": model_identity(model_dir).removeprefix("sha256:"),

@@ -10,6 +10,18 @@ by botocore's ``standard`` mode with exponential backoff and jitter, ``AWS_MAX_A
 A single object appears only when its upload completes, so files need no extra care. A model
 is a directory of files, and is published with a manifest written last (every file's size
 and SHA-256): readers accept only directories that have one, and check every file against it.
+The manifest names files inside its directory only (no absolute path, no ``..``).
+
+The manifest cannot vouch for itself: whoever can rewrite the files can rewrite it too. Its own
+SHA-256 (``manifest_sha256``) is therefore recorded in MLflow when the model is registered, and
+``fetch_directory``/``check_directory`` compare the manifest with it when the caller knows it.
+
+The manifest is written with ``If-None-Match: *``, so that of two writers racing to publish the
+same directory only one manifest lands and the other is refused. SeaweedFS honours the condition
+(412 PreconditionFailed, tested in tests/integration/test_published_models.py), as AWS S3 does; on a
+store that ignores it, the existence check made before any upload is the only guard. The files
+themselves go up unconditionally (boto3's managed transfer cannot pass the condition): a racing
+writer's files can replace them, and a reader then finds them differing from the manifest.
 """
 
 from __future__ import annotations
@@ -167,37 +179,87 @@ def directory_manifest(directory: str | os.PathLike) -> dict[str, Any]:
     return {"manifest_version": MANIFEST_VERSION, "files": files}
 
 
+def manifest_bytes(manifest: dict[str, Any]) -> bytes:
+    """A manifest as it is published."""
+    return json.dumps(manifest, indent=1).encode()
+
+
+def manifest_sha256(manifest: dict[str, Any]) -> str:
+    """The SHA-256 of a manifest as published: what MLflow records, to check the manifest by."""
+    return hashlib.sha256(manifest_bytes(manifest)).hexdigest()
+
+
+def _create_object(uri: str, body: bytes) -> bool:
+    """Write an object only if ``uri`` holds none yet (``If-None-Match: *``, see the module
+    docstring); False when one is there."""
+    from botocore.exceptions import ClientError
+
+    bucket, key = split_s3(uri)
+    with _s3_errors("uploading to", uri):
+        try:
+            s3_client().put_object(Bucket=bucket, Key=key, Body=body, IfNoneMatch="*")
+        except ClientError as error:
+            if error.response.get("Error", {}).get("Code") != "PreconditionFailed":
+                raise
+            return False
+    return True
+
+
 def publish_directory(directory: str | os.PathLike, uri: str) -> dict[str, Any]:
     """Upload every file of ``directory`` under ``uri``, then the manifest; return the manifest.
 
-    A directory already published at ``uri`` is never overwritten.
+    A directory already published at ``uri`` is never overwritten: that is checked before any
+    upload, and the manifest's write is conditional.
     """
     manifest_uri = join(uri, MANIFEST_NAME)
+    already = f"{uri} is already published (it has {MANIFEST_NAME}); refusing to overwrite it"
     if exists(manifest_uri):
-        raise StorageError(f"{uri} is already published (it has {MANIFEST_NAME}); refusing to overwrite it")
+        raise StorageError(already)
     manifest = directory_manifest(directory)
     for relative in manifest["files"]:
         upload_file(Path(directory, relative), join(uri, relative))
-    bucket, key = split_s3(manifest_uri)
-    with _s3_errors("uploading to", manifest_uri):
-        s3_client().put_object(Bucket=bucket, Key=key, Body=json.dumps(manifest, indent=1).encode())
+    if not _create_object(manifest_uri, manifest_bytes(manifest)):
+        raise StorageError(already)
     log.info("published %d files to %s", len(manifest["files"]), uri)
     return manifest
 
 
-def read_manifest(uri: str) -> dict[str, Any]:
-    """The manifest of a published directory; an error if it has none (unfinished or not ours)."""
+def read_manifest(uri: str, expected_sha256: str | None = None) -> dict[str, Any]:
+    """The manifest of a published directory; an error if it has none (unfinished or not ours),
+    if it differs from ``expected_sha256`` (the digest MLflow recorded), or if it names a file
+    outside the directory."""
     manifest_uri = join(uri, MANIFEST_NAME)
     try:
-        return json.loads(read_bytes(manifest_uri))
+        raw = read_bytes(manifest_uri)
     except MissingObjectError:
         raise MissingObjectError(f"{uri} is not a published directory: {MANIFEST_NAME} is missing") from None
+    if expected_sha256 and hashlib.sha256(raw).hexdigest() != expected_sha256:
+        raise StorageError(f"{manifest_uri}: SHA-256 differs from the one recorded when it was published ({expected_sha256})")
+    try:
+        manifest = json.loads(raw)
+    except ValueError:
+        manifest = None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
+        raise StorageError(f"{manifest_uri}: not a topr manifest (a JSON object with its files under 'files')")
+    for relative in manifest["files"]:
+        _check_inside(manifest_uri, relative)
+    return manifest
 
 
-def fetch_directory(uri: str, directory: str | os.PathLike) -> Path:
-    """Download a published directory, checking each file's size and SHA-256 against its manifest."""
+def _check_inside(manifest_uri: str, relative: str) -> None:
+    """Refuse a manifest entry that would be written outside the directory it is fetched into."""
+    if any(part in ("", ".", "..") for part in relative.split("/")):  # "/abs" starts with an empty part
+        raise StorageError(
+            f"{manifest_uri}: refusing the file {relative!r}: a manifest names files inside its directory "
+            "(a relative path without '.', '..' or empty parts)"
+        )
+
+
+def fetch_directory(uri: str, directory: str | os.PathLike, manifest_sha256: str | None = None) -> Path:
+    """Download a published directory, checking each file's size and SHA-256 against its manifest,
+    and the manifest against ``manifest_sha256`` when given (the digest recorded in MLflow)."""
     directory = Path(directory)
-    manifest = read_manifest(uri)
+    manifest = read_manifest(uri, manifest_sha256)
     directory.parent.mkdir(parents=True, exist_ok=True)
     partial = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     try:
@@ -222,10 +284,11 @@ def _mismatch(path: Path, expected: dict[str, Any]) -> str | None:
     return None
 
 
-def check_directory(uri: str) -> list[str]:
-    """Re-read every file of a published directory; return what is missing or changed."""
+def check_directory(uri: str, manifest_sha256: str | None = None) -> list[str]:
+    """Re-read every file of a published directory (and its manifest, against ``manifest_sha256``
+    when given); return what is missing or changed."""
     try:
-        manifest = read_manifest(uri)
+        manifest = read_manifest(uri, manifest_sha256)
     except StorageError as error:
         return [str(error)]
     problems = []
@@ -256,13 +319,14 @@ def local_file(location: str | os.PathLike) -> Iterator[Path]:
 
 
 @contextmanager
-def local_directory(location: str | os.PathLike) -> Iterator[Path]:
-    """A local model directory for ``location``: itself, or a checked copy of a published one."""
+def local_directory(location: str | os.PathLike, manifest_sha256: str | None = None) -> Iterator[Path]:
+    """A local model directory for ``location``: itself, or a checked copy of a published one
+    (see ``fetch_directory`` for ``manifest_sha256``)."""
     if not is_s3(location):
         yield Path(location)
         return
     with tempfile.TemporaryDirectory(prefix="topr-") as scratch:
-        yield fetch_directory(str(location), Path(scratch, "model"))
+        yield fetch_directory(str(location), Path(scratch, "model"), manifest_sha256)
 
 
 @contextmanager

@@ -191,13 +191,44 @@ def by_length(batch: list[Record], batch_size: int, world_size: int = 1) -> list
     ]
 
 
+REWARDS = (1.0, -1.0)
+"""The rewards a training record may carry: verify's +1 (correct) and -1 (wrong). The baseline
+(``train.baseline``) shifts them in the loss, never in the records."""
+
+
 def check_train_record(record: Record) -> None:
-    """One log mu per completion token, and at least one token to train on."""
+    """One log mu (at most 0) per completion token, at least one token to train on, and a reward
+    of +1 or -1 that agrees with ``correct`` when the record has it. (Non-finite numbers are
+    refused when the file is read.)"""
     tokens, logprobs = len(record["completion_token_ids"]), len(record["behavior_logprobs"])
     if tokens != logprobs:
         raise ValueError(f"completion_token_ids has {tokens} tokens but behavior_logprobs has {logprobs} values")
     if not tokens:
         raise ValueError("empty completion (curate drops these)")
+    positive = next((index for index, value in enumerate(record["behavior_logprobs"]) if value > 0), None)
+    if positive is not None:
+        raise ValueError(f"behavior_logprobs[{positive}] is {record['behavior_logprobs'][positive]}: a log-probability is at most 0")
+    reward = record["reward"]
+    if reward not in REWARDS:
+        raise ValueError(f"reward is {reward}, not +1.0 (correct) or -1.0 (wrong); train.baseline shifts rewards in the loss")
+    if "correct" in record and reward != (1.0 if record["correct"] else -1.0):
+        raise ValueError(f"reward {reward} disagrees with correct={json.dumps(record['correct'])}")
+
+
+class NonFiniteStepError(RuntimeError):
+    """A training step whose loss or gradient norm is NaN or infinite; training stops before it."""
+
+
+def check_finite_step(step: int, loss: float, grad_norm: float) -> None:
+    """Stop before the optimizer applies a non-finite step: it would turn the weights into NaN,
+    and the model saved after it would be published, registered and could be promoted."""
+    if math.isfinite(loss) and math.isfinite(grad_norm):
+        return
+    raise NonFiniteStepError(
+        f"training stopped at step {step} (counting from 0, as in the logged metrics): the loss is {loss}, "
+        f"the gradient norm is {grad_norm}; nothing was saved. Look for a model whose weights are already "
+        "NaN, a learning rate too high for the precision (train.dtype), or behaviour log-probs far from the policy's."
+    )
 
 
 def training_dtype(config: Config, device: torch.device) -> torch.dtype | None:
@@ -393,7 +424,9 @@ def run_train(
     """Train the policy in ``model_dir`` on the curated set at ``data_path``; save to ``output_dir``.
 
     Under torchrun every process runs this; rank 0 calls ``on_step`` with figures summed over all
-    processes, saves the model and returns the summary, the other ranks return None.
+    processes, saves the model and returns the summary, the other ranks return None. A step
+    whose loss or gradient norm is not finite stops training before the optimizer applies it
+    (``NonFiniteStepError``), and nothing is saved.
     """
     train = config.train
     records = read_records(data_path, required=TRAIN_FIELDS, check=check_train_record)
@@ -443,6 +476,7 @@ def run_train(
             tokens_seen += int(totals.pop("tokens"))
             step_stats = step_figures(totals) | negative_ratio_quantiles(distributed.gather_over_ranks(ratios))
             grad_norm = distributed.clip_grad_norm(scorer, train.max_grad_norm)
+            check_finite_step(step, step_stats["loss"], grad_norm)
             learning_rate = optimizer.param_groups[0]["lr"]  # this step's, before the scheduler moves it
             optimizer.step()
             scheduler.step()

@@ -5,38 +5,48 @@ After the last iteration (``verifier.enabled``):
 1. ``run_verifier_data``: the final policy samples ``solutions_per_question`` solutions for the
    first ``train_questions`` training prompts and for every held-out prompt; the task's checker
    labels them, and each (question, solution) pair becomes a verifier prompt ("Is this solution
-   correct? Yes or No") whose reference is the label. The training pairs are balanced so that
-   the verifier cannot do well by always giving the more common answer.
-2. ``run_train_verifier``: the starting model is trained on its own judgments of the training
-   pairs with the policy's machinery (sample, verify, curate, train) and the ``verifier`` section's
-   objective: a judgment that matches the label earns +1, a wrong or malformed one -1 (the
-   ``verifier`` task, ``topr.tasks.verifier``).
+   correct? Yes or No", without the policy's answer-format instruction) whose reference is the
+   label. The training pairs are balanced so that the verifier cannot do well by always giving
+   the more common answer.
+2. ``run_train_verifier``: the starting model is trained on the training pairs with the policy's
+   machinery (verify, curate, train) and the ``verifier`` section's objective. Instead of being
+   sampled, both judgments of every pair, "Yes" and "No", are scored under the starting model
+   (``both_judgments``): the one that matches the label earns +1, the other -1 (the ``verifier``
+   task, ``topr.tasks.verifier``), so the right label is a positive for every pair whatever the
+   model would have said. Sampled judgments from a model that always says "No" never give a
+   "Yes" positive, and nothing then teaches it to say "Yes".
 3. ``run_evaluate_verifier``: the starting and the trained verifier judge the held-out pairs
-   (greedy accuracy, malformed-judgment rate), and their P(correct) of each held-out solution
-   weights a vote over each question's solutions: an answer scores the sum of the P(correct) of
-   the solutions that reach it. The weighted vote is compared with maj@k and the mean sample
+   (greedy accuracy, malformed-judgment rate; ``judgment_metrics``: AUROC and balanced accuracy of
+   their P(correct)), and their P(correct) of each held-out solution weights a vote over each
+   question's solutions: an answer scores the sum of the P(correct) of the solutions that reach
+   it. The weighted vote is compared with maj@k, question by question, and with the mean sample
    accuracy over the same solutions.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import random
+import re
 import tempfile
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from statistics import fmean
 
 import torch
 
 from topr.config import Config, build_config, config_to_dict
 from topr.evaluate import run_evaluate
+from topr.logprobs import batch_prompt_completions, completion_logprobs
 from topr.loop import LibraryStages, run_iteration
-from topr.metrics import majority_vote, weighted_vote, wilson_interval
-from topr.models import load_policy, model_identity, prompt_token_ids
+from topr.metrics import auroc, auroc_interval, balanced_accuracy, majority_vote, weighted_vote, wilson_interval
+from topr.models import load_policy, model_identity, prompt_token_ids, set_threads
 from topr.records import PROMPT_FIELDS, Record, read_records, write_json, write_records
 from topr.sample import SamplingParams, make_engine, sample_records
+from topr.stats import problem_gain
 from topr.tasks import get_task
 from topr.train import StepCallback
 from topr.verify import verify_records
@@ -48,13 +58,25 @@ SOLUTIONS_EVAL = "solutions_eval.jsonl"
 VERIFIER_TRAIN = "verifier_train.jsonl"
 VERIFIER_EVAL = "verifier_eval.jsonl"
 YES, NO = "Yes", "No"
+JUDGMENTS = (YES, NO)  # a pair's training judgments, as sample_index 0 and 1
 SOLUTION_FIELDS = ("prompt_id", "prompt", "completion", "sample_index", "extracted", "correct")
+
+# The answer-format instruction every built-in task puts on its prompt's last line (topr.tasks
+# ANSWER_INSTRUCTION, topr.tasks.jsonl EXACT_INSTRUCTION, topr.tasks.math_task BOXED_INSTRUCTION).
+_ANSWER_INSTRUCTION = re.compile(r"\n(?:End your reply with 'Answer: <\w+>'|Put your final answer within \\boxed\{\})\.\s*\Z")
+
+
+def question_text(prompt: str) -> str:
+    """The policy's prompt without its answer-format instruction, which tells the policy how to
+    end a solution and would only ask the verifier for something other than Yes or No."""
+    return _ANSWER_INSTRUCTION.sub("", prompt)
 
 
 def verifier_prompt(question: str, solution: str) -> str:
+    """The verifier's prompt for one (question, solution) pair; ``question`` is the policy's prompt."""
     return (
         "Here is a question and a proposed solution.\n\n"
-        f"Question:\n{question}\n\n"
+        f"Question:\n{question_text(question)}\n\n"
         f"Proposed solution:\n{solution}\n\n"
         "Is the proposed solution correct? Reply with Yes or No only."
     )
@@ -102,11 +124,12 @@ def balance_labels(records: Sequence[Record], seed: int) -> list[Record]:
 
 def verifier_config(config: Config, train_path: str | Path, eval_path: str | Path) -> Config:
     """The configuration the verifier is trained and evaluated with: the ``verifier`` task on the
-    given prompt files, the ``verifier`` section's sampling and training settings, the rest as
-    in ``config``.
+    given prompt files, the ``verifier`` section's settings, the rest as in ``config``.
 
     ``train_size`` and ``eval_size`` are upper bounds on the number of verifier prompts (one per
-    solution), so every prompt of the files is used.
+    solution), so every prompt of the files is used. Training takes both judgments of every pair
+    (``both_judgments``), one positive and one negative, and computes π at temperature 1, the
+    temperature their behaviour log-probs were scored at, so the first step's ratio π/μ is 1.
     """
     verifier = config.verifier
     data = config_to_dict(config)
@@ -118,12 +141,13 @@ def verifier_config(config: Config, train_path: str | Path, eval_path: str | Pat
         eval_size=config.task.eval_size * verifier.solutions_per_question,
     )
     data["sample"].update(
-        samples_per_prompt=verifier.judgments_per_solution, max_new_tokens=verifier.max_new_tokens, first_iteration_samples=None
+        samples_per_prompt=len(JUDGMENTS), temperature=1.0, max_new_tokens=verifier.max_new_tokens, first_iteration_samples=None
     )
     data["evaluate"].update(samples_per_prompt=0, max_new_tokens=verifier.max_new_tokens)
-    # A malformed judgment is a negative to train on, even an empty one (the paper's rule).
-    data["curate"].update(drop_empty=False)
-    data["train"].update(objective=verifier.objective, learning_rate=verifier.learning_rate, epochs=verifier.epochs)
+    data["curate"].update(strategy="all", target_positive_fraction=None)
+    data["train"].update(
+        objective=verifier.objective, learning_rate=verifier.learning_rate, epochs=verifier.epochs, policy_temperature=None
+    )
     return build_config(data, source="verifier configuration")
 
 
@@ -132,14 +156,82 @@ def data_files(data_dir: str | Path) -> tuple[Path, Path]:
     return Path(data_dir, VERIFIER_TRAIN), Path(data_dir, VERIFIER_EVAL)
 
 
+def reply_token_ids(tokenizer, word: str) -> list[int]:
+    """The tokens of a reply that is ``word`` and nothing more: the word as a reply starts with it
+    (no leading space), then end-of-sequence, the token sampling stops at."""
+    return tokenizer.encode(word, add_special_tokens=False) + [tokenizer.eos_token_id]
+
+
 def judgment_token_ids(tokenizer) -> tuple[int, int]:
-    """The first token of "Yes" and of "No" as a reply starts with them (no leading space)."""
-    return tuple(tokenizer.encode(word, add_special_tokens=False)[0] for word in (YES, NO))
+    """The first token of the reply "Yes" and of the reply "No"."""
+    return tuple(reply_token_ids(tokenizer, word)[0] for word in JUDGMENTS)
+
+
+def both_judgments(
+    model, tokenizer, pairs: Sequence[Record], system_prompt: str | None, batch_size: int, behavior_model: str
+) -> list[Record]:
+    """Both training judgments of every verifier prompt, as sample records: "Yes" (``sample_index``
+    0) then "No" (1), each ending the reply.
+
+    They are scored, not sampled: the checker's label makes one of them the positive whatever
+    the model would have said. ``behavior_logprobs`` are log π of each reply token under
+    ``model`` at temperature 1, computed in float32 by the code training uses
+    (``topr.logprobs``), so the first training step's ratio π/μ is 1.
+    """
+    replies = [reply_token_ids(tokenizer, word) for word in JUDGMENTS]
+    records = [
+        {
+            **pair,
+            "prompt_token_ids": prompt_token_ids(tokenizer, pair["prompt"], system_prompt),
+            "completion": word,
+            "completion_token_ids": reply,
+            "sample_index": index,
+            "behavior_model": behavior_model,
+            "finish_reason": "stop",
+        }
+        for pair in pairs
+        for index, (word, reply) in enumerate(zip(JUDGMENTS, replies))
+    ]
+    for start in range(0, len(records), batch_size):
+        batch = records[start : start + batch_size]
+        for record, logprobs in zip(batch, _reply_logprobs(model, batch, tokenizer.pad_token_id)):
+            record["behavior_logprobs"] = logprobs
+    return records
+
+
+@torch.no_grad()
+def _reply_logprobs(model, batch: Sequence[Record], pad_token_id: int) -> list[list[float]]:
+    """log π of each record's completion tokens, in float32 (no autocast)."""
+    tensors = batch_prompt_completions([r["prompt_token_ids"] for r in batch], [r["completion_token_ids"] for r in batch], pad_token_id)
+    logprobs = completion_logprobs(model, **{name: value.to(model.device) for name, value in tensors.items()}).cpu()
+    return [row[: len(record["completion_token_ids"])].tolist() for row, record in zip(logprobs, batch)]
+
+
+def run_judgments(config: Config, model_dir: str, pairs_path: str | Path, output_path: str | Path) -> dict:
+    """Write both judgments of every verifier prompt in ``pairs_path``, scored under ``model_dir``."""
+    pairs = read_records(pairs_path, required=PROMPT_FIELDS)
+    set_threads(config.model.threads)
+    model, tokenizer = load_policy(model_dir)
+    records = both_judgments(model, tokenizer, pairs, config.model.system_prompt, config.sample.batch_size, model_identity(model_dir))
+    write_records(output_path, records)
+    return {"prompts": len(pairs), "samples": len(records)}
+
+
+class VerifierStages(LibraryStages):
+    """The loop's library stages, with both judgments of every pair scored in place of sampling."""
+
+    def sample(self, model_dir: str, prompts: Path, output: Path, iteration: int) -> dict:
+        return run_judgments(self.config, model_dir, prompts, output)
 
 
 @torch.no_grad()
 def p_correct(model, tokenizer, prompts: Sequence[str], system_prompt: str | None, batch_size: int) -> list[float]:
-    """For each verifier prompt, P(Yes) / (P(Yes) + P(No)) of the reply's first token.
+    """For each verifier prompt, P(Yes) / (P(Yes) + P(No)) of the reply's first token, at temperature 1.
+
+    Normalized over the two judgments: the mass on other first tokens ("The", "**") says how
+    well the model follows the format, which the greedy invalid rate reports, not which of the
+    two answers it prefers; unnormalized, a verifier that rarely starts with either word would
+    give every solution a weight near 0 in the vote.
 
     Prompts are left-padded with explicit position ids, so each prompt's last position sees
     exactly what an unpadded forward pass would, and only that position's logits are computed.
@@ -153,6 +245,34 @@ def p_correct(model, tokenizer, prompts: Sequence[str], system_prompt: str | Non
         logits = model(**padded, position_ids=positions, logits_to_keep=1).logits[:, -1].float()
         probabilities += torch.sigmoid(logits[:, yes] - logits[:, no]).tolist()
     return probabilities
+
+
+def judgment_metrics(name: str, correct: Sequence[bool], p: Sequence[float]) -> dict[str, float]:
+    """How well verifier ``name``'s P(correct) tells correct solutions (``correct``) from wrong ones.
+
+    ``verifier_auroc_<name>`` with its 95% interval (``_ci_low``, ``_ci_high``; stratified
+    bootstrap over pairs, which treats a question's solutions as independent, so it is
+    optimistic): the chance that a correct solution gets a higher P(correct) than a wrong one;
+    ``verifier_balanced_accuracy_<name>``: the mean of the accuracies on correct and on wrong
+    solutions, P(correct) >= 0.5 counting as "Yes". Both stay at 0.5 for a verifier that gives
+    every pair the same answer, where plain accuracy shows the share of the more common label.
+    ``verifier_p_correct_on_correct_<name>`` and ``..._on_wrong_<name>``: the mean P(correct) of
+    each group. None is defined when every pair has the same label: then none is returned.
+    """
+    correct = [bool(label) for label in correct]
+    if len(set(correct)) < 2:
+        log.warning("the held-out pairs are all labelled alike: no AUROC or balanced accuracy for verifier %s", name)
+        return {}
+    low, high = auroc_interval(correct, p)
+    key = f"verifier_auroc_{name}"
+    return {
+        key: auroc(correct, p),
+        f"{key}_ci_low": low,
+        f"{key}_ci_high": high,
+        f"verifier_balanced_accuracy_{name}": balanced_accuracy(correct, p),
+        f"verifier_p_correct_on_correct_{name}": fmean(q for q, label in zip(p, correct) if label),
+        f"verifier_p_correct_on_wrong_{name}": fmean(q for q, label in zip(p, correct) if not label),
+    }
 
 
 @dataclass(frozen=True)
@@ -176,12 +296,17 @@ def _rate(name: str, successes: int, n: int) -> dict[str, float]:
 
 
 def vote_metrics(questions: Sequence[QuestionVotes]) -> dict[str, float]:
-    """Accuracies over held-out questions, each with its 95% Wilson interval.
+    """Accuracies over held-out questions, each with its 95% Wilson interval, and each weighted
+    vote against the majority vote on the same questions.
 
     ``vote_pass_at_1``: the fraction of correct solutions (its interval treats the k·n solutions
     as independent, so it is optimistic); ``vote_majority``: maj@k; ``vote_weighted_<verifier>``:
     the answer with the largest sum of P(correct) is correct. Ties go to the answer seen first.
-    ``vote_k`` and ``vote_questions`` say what was voted on.
+    ``vote_gain_<verifier>``: weighted minus majority accuracy, question by question
+    (``topr.stats.problem_gain``), with its paired bootstrap interval (``_ci_low``, ``_ci_high``),
+    exact McNemar p-value (``_p_value``) and the questions it gained and lost
+    (``_questions_gained``, ``_questions_lost``). ``vote_k`` and ``vote_questions`` say what was
+    voted on.
     """
     if not questions:
         raise ValueError("no held-out questions to vote on")
@@ -189,12 +314,25 @@ def vote_metrics(questions: Sequence[QuestionVotes]) -> dict[str, float]:
     solutions = sum(len(question.correct) for question in questions)
     metrics = {"vote_k": k, "vote_questions": len(questions)}
     metrics |= _rate("vote_pass_at_1", sum(sum(question.correct) for question in questions), solutions)
-    majority = sum(_voted_correct(question, majority_vote(question.answers)) for question in questions)
-    metrics |= _rate("vote_majority", majority, len(questions))
+    majority = [_voted_correct(question, majority_vote(question.answers)) for question in questions]
+    metrics |= _rate("vote_majority", sum(majority), len(questions))
     for name in questions[0].weights:
-        weighted = sum(_voted_correct(q, weighted_vote(q.answers, q.weights[name])) for q in questions)
-        metrics |= _rate(f"vote_weighted_{name}", weighted, len(questions))
+        weighted = [_voted_correct(q, weighted_vote(q.answers, q.weights[name])) for q in questions]
+        metrics |= _rate(f"vote_weighted_{name}", sum(weighted), len(questions))
+        metrics |= _gain(f"vote_gain_{name}", weighted, majority)
     return metrics
+
+
+def _gain(name: str, after: Sequence[bool], before: Sequence[bool]) -> dict[str, float]:
+    gain = problem_gain(after, before)
+    return {
+        name: gain.difference,
+        f"{name}_ci_low": gain.interval[0],
+        f"{name}_ci_high": gain.interval[1],
+        f"{name}_p_value": gain.p_value,
+        f"{name}_questions_gained": gain.gained,
+        f"{name}_questions_lost": gain.lost,
+    }
 
 
 def question_votes(solutions: Sequence[Record], weights: Mapping[str, Mapping[str, float]]) -> list[QuestionVotes]:
@@ -282,19 +420,18 @@ def run_train_verifier(
 ) -> dict:
     """Train the starting model as a verifier on ``data_dir``'s training pairs; save it to ``output_dir``.
 
-    One iteration of the policy's loop (``topr.loop.run_iteration``) with ``verifier_config``:
-    sample judgments from the starting model, score them against the labels, curate, train.
-    ``work_dir`` receives the intermediate files (``topr.loop.IterationFiles``: the judgments in
-    ``samples.jsonl``, then ``verified.jsonl``, ``train_set.jsonl`` and ``composition.json``).
+    One iteration of the policy's loop (``topr.loop.run_iteration``) with ``verifier_config`` and
+    ``VerifierStages``: both judgments of every pair scored under the starting model, verified
+    against the labels, curated (all kept), trained on. ``work_dir`` receives the intermediate
+    files (``topr.loop.IterationFiles``: the judgments in ``samples.jsonl``, then
+    ``verified.jsonl``, ``train_set.jsonl`` and ``composition.json``).
     """
     verifier = verifier_config(config, *data_files(data_dir))
-    stages = LibraryStages(verifier, on_step)
+    stages = VerifierStages(verifier, on_step)
     summaries = run_iteration(stages, base_model_dir, verifier.task.train_path, 1, work_dir, model_output=output_dir)
-    scored, composition = summaries["verify"], summaries["curate"]
+    composition = summaries["curate"]
     return {
-        "judgments": scored["count"],
-        "judgment_accuracy_before": scored["accuracy"],
-        "judgment_invalid_rate_before": scored["unparsable_rate"],
+        "judgments": summaries["sample"]["samples"],
         "curated_count": composition["count"],
         "curated_positives": composition["positives"],
         "curated_negatives": composition["negatives"],
@@ -303,7 +440,8 @@ def run_train_verifier(
 
 
 def _judge(config: Config, model_dir: str, name: str) -> tuple[dict[str, float], dict[str, float]]:
-    """A verifier's greedy accuracy and invalid rate on the held-out pairs, and its P(correct) of each."""
+    """A verifier's greedy accuracy and invalid rate on the held-out pairs, how its P(correct)
+    separates them (``judgment_metrics``), and its P(correct) of each pair by prompt id."""
     prompts = read_records(config.task.eval_path, required=PROMPT_FIELDS)
     with tempfile.TemporaryDirectory(prefix="topr-verifier-") as scratch:
         greedy = run_evaluate(config, model_dir, config.task.eval_path, Path(scratch, "report.json"), Path(scratch, "judgments.jsonl"))
@@ -315,6 +453,7 @@ def _judge(config: Config, model_dir: str, name: str) -> tuple[dict[str, float],
     }
     model, tokenizer = load_policy(model_dir)
     weights = p_correct(model, tokenizer, [p["prompt"] for p in prompts], config.model.system_prompt, config.evaluate.batch_size)
+    metrics |= judgment_metrics(name, [p["reference"] == YES for p in prompts], weights)
     return metrics, {p["prompt_id"]: weight for p, weight in zip(prompts, weights)}
 
 
@@ -336,8 +475,9 @@ def run_evaluate_verifier(
     models = {"base": model_identity(base_model_dir), "trained": model_identity(verifier_dir)}
     write_json(report_path, {"models": models, "data": str(data_dir), "metrics": metrics})
     log.info(
-        "verifier accuracy %.3f (base %.3f); weighted vote %.3f, majority %.3f",
+        "verifier accuracy %.3f (base %.3f), AUROC %.3f (base %.3f); weighted vote %.3f, majority %.3f",
         metrics["verifier_accuracy_trained"], metrics["verifier_accuracy_base"],
+        metrics.get("verifier_auroc_trained", math.nan), metrics.get("verifier_auroc_base", math.nan),
         metrics["vote_weighted_trained"], metrics["vote_majority"],
     )  # fmt: skip
     return metrics

@@ -22,7 +22,6 @@ TINY = [
     "train.batch_size=2",
     "verifier.train_questions=2",
     "verifier.solutions_per_question=2",
-    "verifier.judgments_per_solution=2",
     "verifier.max_new_tokens=3",
 ]
 

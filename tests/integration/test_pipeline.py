@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from pipelines.runner import compile_pipeline, run_local
+from topr import promotion
 from topr.config import EMBEDDED_MODEL, load_config
 from topr.models import PROVENANCE_FILE
 from topr.records import SAMPLE_FIELDS, VERIFIED_FIELDS, read_records
@@ -139,6 +140,9 @@ def test_gate_keeps_or_moves_the_champion_and_runs_start_from_it(tmp_path, tiny_
     assert decisions["1"] == "promote: no champion yet"
     assert decisions["2"].startswith("keep: gain +0.0000") and "<= margin 1.0000" in decisions["2"]
     assert decisions["3"].startswith("promote: gain +0.0000") and "> margin -1.0000" in decisions["3"]
+    # Each move of the alias is kept on the registered model, from the version the gate beat.
+    moves = promotion.alias_history(client, "gated", "champion")
+    assert [(move["version"], move["previous"]) for move in moves] == [("1", None), ("3", "1")]
     second = client.search_runs([client.get_experiment_by_name("topr").experiment_id], "tags.mlflow.runName = 'second'")[0]
     assert second.data.params["model.path"] == "models:/gated@champion"
     assert second.data.metrics["gate_champion_pass_at_1"] == second.data.metrics["gate_new_pass_at_1"] - second.data.metrics["gate_gain"]

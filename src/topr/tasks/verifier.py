@@ -4,6 +4,8 @@ Its prompt files are written by ``topr.verifier`` (``prompt_id``, ``prompt``, ``
 or "No", plus where the judged solution came from) and are read as they are. A judgment is the
 first word of the reply; anything else ("Maybe", "The answer is yes", nothing) is no judgment,
 which ``topr.verify`` scores as wrong, so a malformed judgment earns the same -1 as a wrong one.
+The verifier trains on the two replies "Yes" and "No" of every pair (``topr.verifier.both_judgments``),
+which this checker scores +1 and -1 by the label; malformed replies show in held-out evaluation.
 """
 
 from __future__ import annotations

@@ -1,0 +1,180 @@
+"""The gate reads the champion failing closed; promotion moves the alias as a compare-and-set.
+
+Everything runs against a real (sqlite) MLflow store; a mock only injects a registry fault.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import mlflow
+import pytest
+from mlflow.exceptions import MlflowException
+from mlflow.protos import databricks_pb2
+
+from topr import promotion, steps
+from topr.config import config_to_dict, load_config
+from topr.tracking import default_tracking_uri
+
+NAME, ALIAS = "topr-policy", "champion"
+LOCK = NAME + promotion.LOCK_SUFFIX
+
+FAULTS = {
+    "unavailable": ("API request to endpoint /api/2.0/mlflow/registered-models/get failed with error code 503 != 200", "TEMPORARILY_UNAVAILABLE"),
+    "timeout": ("API request to http://mlflow:5000/api/2.0/mlflow/registered-models/get failed with exception ReadTimeout", "INTERNAL_ERROR"),
+    "unauthenticated": ("API request failed with error code 401 != 200", "UNAUTHENTICATED"),
+    "forbidden": ("Permission denied for registered model", "PERMISSION_DENIED"),
+    "proxy 404": ("API request to endpoint /api/2.0/mlflow/registered-models/get failed with error code 404 != 200", "ENDPOINT_NOT_FOUND"),
+}
+
+
+@pytest.fixture
+def store(tmp_path):
+    """A sqlite store with a pipeline run (pass@1 0.5 at iteration 1) and versions 1-3 of the model."""
+    tracking_uri = default_tracking_uri(tmp_path)
+    config_json = json.dumps(config_to_dict(load_config(None, [])))
+    run_id = steps.start(config_json, tracking_uri, "promotion-test")
+    client = mlflow.MlflowClient(tracking_uri)
+    client.log_metric(run_id, "pass_at_1", 0.5, step=1)
+    client.create_registered_model(NAME)
+    for _ in range(3):
+        client.create_model_version(NAME, str(tmp_path / "model"), run_id=run_id)
+    return tracking_uri, config_json, run_id, client
+
+
+def inject(monkeypatch, fault: str) -> None:
+    """A brief outage: the next registry read of the alias (by alias, or through the registered
+    model) fails with ``fault``; later calls reach the store."""
+    message, code = FAULTS[fault]
+    pending = [MlflowException(message, error_code=getattr(databricks_pb2, code))]
+    for method in ("get_model_version_by_alias", "get_registered_model"):
+
+        def flaky(self, *args, _read=getattr(mlflow.MlflowClient, method), **kwargs):
+            if pending:
+                raise pending.pop()
+            return _read(self, *args, **kwargs)
+
+        monkeypatch.setattr(mlflow.MlflowClient, method, flaky)
+
+
+# 1. The gate fails closed.
+
+
+@pytest.mark.parametrize("fault", sorted(FAULTS))
+def test_a_registry_fault_fails_the_gate_instead_of_promoting(store, monkeypatch, fault):
+    tracking_uri, config_json, run_id, client = store
+    client.set_registered_model_alias(NAME, ALIAS, "1")
+    inject(monkeypatch, fault)
+    with pytest.raises(promotion.RegistryError) as raised:
+        steps.gate(config_json, tracking_uri, run_id, 1, "2", "unused")
+    message = str(raised.value)
+    assert f"'{ALIAS}'" in message and f"'{NAME}'" in message and FAULTS[fault][1] in message
+    assert "topr.gate" not in client.get_model_version(NAME, "2").tags
+    assert "topr.gate" not in client.get_run(run_id).data.tags
+    (gate_run,) = client.search_runs([client.get_run(run_id).info.experiment_id], "tags.`topr.stage` = 'gate'")
+    assert gate_run.info.status == "FAILED"
+
+
+def test_a_missing_model_or_alias_is_no_champion(store):
+    tracking_uri, config_json, run_id, client = store
+    assert promotion.alias_version(client, "never-registered", ALIAS) is None
+    assert promotion.alias_version(client, NAME, ALIAS) is None
+    client.set_registered_model_alias(NAME, ALIAS, "2")
+    assert promotion.alias_version(client, NAME, ALIAS) == "2"
+
+
+def test_with_no_champion_the_gate_promotes_and_says_it_beat_none(store):
+    tracking_uri, config_json, run_id, client = store
+    assert steps.gate(config_json, tracking_uri, run_id, 1, "2", "unused") == ("promote", "")
+    assert client.get_model_version(NAME, "2").tags["topr.gate"] == "promote: no champion yet"
+
+
+# 2. Promotion is a compare-and-set.
+
+
+def test_a_promotion_moves_the_alias_and_records_each_move(store):
+    tracking_uri, config_json, run_id, client = store
+    steps.promote(config_json, tracking_uri, run_id, "1", "")
+    steps.promote(config_json, tracking_uri, run_id, "3", "1")
+    assert str(client.get_model_version_by_alias(NAME, ALIAS).version) == "3"
+    history = promotion.alias_history(client, NAME, ALIAS)
+    assert [(move["version"], move["previous"], move["run_id"]) for move in history] == [("1", None, run_id), ("3", "1", run_id)]
+    assert all(move["time"].endswith("+00:00") for move in history)
+    assert client.get_run(run_id).data.tags["topr.promoted"] == f"{NAME}/3"
+    assert client.search_registered_models(f"name = '{LOCK}'") == []  # the lock is released
+
+
+def test_a_promotion_refuses_when_the_alias_moved_since_the_gate(store):
+    tracking_uri, config_json, run_id, client = store
+    client.set_registered_model_alias(NAME, ALIAS, "2")  # moved after the gate saw version 1
+    with pytest.raises(promotion.PromotionRefused, match=f"{NAME}@{ALIAS} is now version 2; the gate beat version 1"):
+        steps.promote(config_json, tracking_uri, run_id, "3", "1")
+    assert str(client.get_model_version_by_alias(NAME, ALIAS).version) == "2"
+    assert promotion.alias_history(client, NAME, ALIAS) == []
+    assert client.get_run(run_id).data.tags["topr.promotion"].startswith("refused: ")
+    assert client.get_model_version(NAME, "3").tags["topr.promotion"].startswith("refused: ")
+    assert client.search_registered_models(f"name = '{LOCK}'") == []
+
+
+def test_a_registry_fault_during_promotion_moves_nothing_and_releases_the_lock(store, monkeypatch):
+    tracking_uri, config_json, run_id, client = store
+    inject(monkeypatch, "unavailable")
+    with pytest.raises(promotion.RegistryError):
+        steps.promote(config_json, tracking_uri, run_id, "1", "")
+    assert client.get_registered_model(NAME).aliases == {}
+    assert client.search_registered_models(f"name = '{LOCK}'") == []
+
+
+def test_two_promotions_at_once_exactly_one_wins(store):
+    """Two runs gated against the same (absent) champion promote at the same moment."""
+    tracking_uri, config_json, run_id, client = store
+    start, outcomes = threading.Barrier(2), {}
+
+    def promote(version: str) -> None:
+        start.wait()
+        try:
+            steps.promote(config_json, tracking_uri, run_id, version, "")
+            outcomes[version] = "won"
+        except promotion.PromotionRefused as refusal:
+            outcomes[version] = str(refusal)
+
+    threads = [threading.Thread(target=promote, args=(version,)) for version in ("1", "2")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    (winner,) = [version for version, outcome in outcomes.items() if outcome == "won"]
+    (loser,) = set(outcomes) - {winner}
+    assert f"{NAME}@{ALIAS} is now version {winner}; the gate beat no champion" in outcomes[loser]
+    assert str(client.get_model_version_by_alias(NAME, ALIAS).version) == winner
+    assert [move["version"] for move in promotion.alias_history(client, NAME, ALIAS)] == [winner]
+
+
+def test_a_promotion_waits_for_the_lock_then_sees_the_move_made_under_it(store):
+    tracking_uri, config_json, run_id, client = store
+    outcome = []
+    with promotion.promotion_lock(client, NAME, "another-run"):
+        thread = threading.Thread(target=lambda: outcome.append(_refusal(config_json, tracking_uri, run_id, "3", "")))
+        thread.start()
+        time.sleep(1.0)
+        assert thread.is_alive() and not outcome  # waiting for the lock, not reading the alias yet
+        client.set_registered_model_alias(NAME, ALIAS, "2")
+    thread.join()
+    assert f"{NAME}@{ALIAS} is now version 2; the gate beat no champion" in outcome[0]
+
+
+def test_a_lock_held_past_the_wait_refuses_naming_its_holder(store, monkeypatch):
+    tracking_uri, config_json, run_id, client = store
+    monkeypatch.setattr(promotion, "LOCK_WAIT_S", 0.5)
+    with promotion.promotion_lock(client, NAME, "run-that-died"):
+        refusal = _refusal(config_json, tracking_uri, run_id, "1", "")
+    assert "run-that-died" in refusal and LOCK in refusal
+    assert client.get_registered_model(NAME).aliases == {}
+
+
+def _refusal(config_json: str, tracking_uri: str, run_id: str, version: str, champion: str) -> str:
+    with pytest.raises(promotion.PromotionRefused) as raised:
+        steps.promote(config_json, tracking_uri, run_id, version, champion)
+    return str(raised.value)
