@@ -16,7 +16,8 @@ from mlflow.protos import databricks_pb2
 
 from topr import promotion, steps
 from topr.config import config_to_dict, load_config
-from topr.tracking import default_tracking_uri
+from topr.lineage import UncommittedModelError
+from topr.tracking import default_tracking_uri, stage_run
 
 NAME, ALIAS = "topr-policy", "champion"
 LOCK = NAME + promotion.LOCK_SUFFIX
@@ -32,15 +33,17 @@ FAULTS = {
 
 @pytest.fixture
 def store(tmp_path):
-    """A sqlite store with a pipeline run (pass@1 0.5 at iteration 1) and versions 1-3 of the model."""
+    """A sqlite store with a pipeline run (pass@1 0.5 at iteration 1) and versions 1-3 of the
+    model, registered by a train stage that finished (so committed, with no artifact store)."""
     tracking_uri = default_tracking_uri(tmp_path)
     config_json = json.dumps(config_to_dict(load_config(None, [])))
     run_id = steps.start(config_json, tracking_uri, "promotion-test")
     client = mlflow.MlflowClient(tracking_uri)
     client.log_metric(run_id, "pass_at_1", 0.5, step=1)
     client.create_registered_model(NAME)
-    for _ in range(3):
-        client.create_model_version(NAME, str(tmp_path / "model"), run_id=run_id)
+    with stage_run(tracking_uri, run_id, "train", 1) as train:
+        for _ in range(3):
+            client.create_model_version(NAME, str(tmp_path / "model"), run_id=train.run_id, tags={"topr.model_uri": str(tmp_path / "model")})
     return tracking_uri, config_json, run_id, client
 
 
@@ -104,6 +107,25 @@ def test_a_promotion_moves_the_alias_and_records_each_move(store):
     assert all(move["time"].endswith("+00:00") for move in history)
     assert client.get_run(run_id).data.tags["topr.promoted"] == f"{NAME}/3"
     assert client.search_registered_models(f"name = '{LOCK}'") == []  # the lock is released
+
+
+def test_a_retried_promotion_whose_first_attempt_moved_the_alias_succeeds(store):
+    tracking_uri, config_json, run_id, client = store
+    steps.promote(config_json, tracking_uri, run_id, "1", "")
+    steps.promote(config_json, tracking_uri, run_id, "1", "")  # Kubeflow retries the task
+    assert str(client.get_model_version_by_alias(NAME, ALIAS).version) == "1"
+    assert [(move["version"], move["previous"]) for move in promotion.alias_history(client, NAME, ALIAS)] == [("1", None)]
+
+
+def test_a_version_whose_train_stage_failed_is_never_promoted(store, tmp_path):
+    tracking_uri, config_json, run_id, client = store
+    with pytest.raises(RuntimeError, match="the upload failed"):
+        with stage_run(tracking_uri, run_id, "train", 2) as train:
+            client.create_model_version(NAME, str(tmp_path / "model"), run_id=train.run_id, tags={"topr.model_uri": str(tmp_path / "model")})
+            raise RuntimeError("the upload failed")
+    with pytest.raises(UncommittedModelError, match=f"{NAME}/4: the stage run .* that registered it is FAILED, not FINISHED"):
+        steps.promote(config_json, tracking_uri, run_id, "4", "")
+    assert client.get_registered_model(NAME).aliases == {}
 
 
 def test_a_promotion_refuses_when_the_alias_moved_since_the_gate(store):

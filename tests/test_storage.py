@@ -64,10 +64,71 @@ def test_published_directory_has_a_manifest_and_comes_back_checked(s3, tmp_path)
     assert storage.check_directory(f"{s3}/run/iter1/model") == []
 
 
+def other_model_dir(tmp_path):
+    directory = model_dir(tmp_path)
+    (directory / "config.json").write_text('{"layers": 3}')
+    return directory
+
+
+def last_modified(uri):
+    bucket, key = storage.split_s3(uri)
+    return storage.s3_client().head_object(Bucket=bucket, Key=key)["LastModified"]
+
+
 def test_a_published_directory_is_never_overwritten(s3, tmp_path):
+    first = storage.publish_directory(model_dir(tmp_path), f"{s3}/m")
+    with pytest.raises(storage.StorageError, match=f"{s3}/m is already published with other files"):
+        storage.publish_directory(other_model_dir(tmp_path / "other"), f"{s3}/m")
+    assert json.loads(storage.read_bytes(f"{s3}/m/{storage.MANIFEST_NAME}")) == first
+    assert storage.check_directory(f"{s3}/m") == []
+
+
+def test_publishing_the_same_directory_again_is_a_success_that_uploads_nothing(s3, tmp_path):
+    """A retried stage publishes the same model to the same key: that is done already."""
+    first = storage.publish_directory(model_dir(tmp_path), f"{s3}/m")
+    written = last_modified(f"{s3}/m/model.safetensors"), last_modified(f"{s3}/m/{storage.MANIFEST_NAME}")
+    again = storage.publish_directory(model_dir(tmp_path / "retry"), f"{s3}/m")
+    assert again == first
+    assert (last_modified(f"{s3}/m/model.safetensors"), last_modified(f"{s3}/m/{storage.MANIFEST_NAME}")) == written
+
+
+def test_an_uncommitted_directory_is_replaced_when_the_caller_says_so(s3, tmp_path):
     storage.publish_directory(model_dir(tmp_path), f"{s3}/m")
-    with pytest.raises(storage.StorageError, match="already published"):
-        storage.publish_directory(model_dir(tmp_path / "other"), f"{s3}/m")
+    replacement = storage.publish_directory(other_model_dir(tmp_path / "retry"), f"{s3}/m", replace_uncommitted=True)
+    assert json.loads(storage.read_bytes(f"{s3}/m/{storage.MANIFEST_NAME}")) == replacement
+    copy = storage.fetch_directory(f"{s3}/m", tmp_path / "copy")
+    assert (copy / "config.json").read_text() == '{"layers": 3}'
+
+
+def test_a_published_file_is_kept_when_the_same_and_replaced_only_when_uncommitted(s3, tmp_path):
+    first, other = tmp_path / "first.jsonl", tmp_path / "other.jsonl"
+    first.write_text('{"prompt_id": "p1"}\n')
+    other.write_text('{"prompt_id": "p2"}\n')
+    uri = storage.publish_file(first, f"{s3}/run/iter1/samples.jsonl")
+    written = last_modified(uri)
+    assert storage.publish_file(first, uri) == uri and last_modified(uri) == written
+    with pytest.raises(storage.StorageError, match=f"{uri} already holds a different file, committed by an earlier attempt"):
+        storage.publish_file(other, uri)
+    assert storage.read_bytes(uri) == first.read_bytes()
+    storage.publish_file(other, uri, replace_uncommitted=True)
+    assert storage.read_bytes(uri) == other.read_bytes()
+
+
+def test_a_commit_record_is_written_once(s3):
+    uri = f"{s3}/run/iter1/train.commit.json"
+    outputs = {"model": {"uri": f"{s3}/run/iter1/model", "manifest_sha256": "ab" * 32, "registered_version": "1"}}
+    assert storage.read_commit(uri) is None
+    record = storage.commit(uri, "train", 1, "run-a", outputs)
+    assert storage.read_commit(uri) == record == {"version": 1, "stage": "train", "iteration": 1, "stage_run_id": "run-a", "outputs": outputs}
+    assert storage.commit(uri, "train", 1, "run-b", outputs) == record  # a retry that made the same outputs
+    moved = {"model": {**outputs["model"], "registered_version": "2"}}
+    with pytest.raises(storage.StorageError, match=f"{uri}: the stage was already committed with other outputs"):
+        storage.commit(uri, "train", 1, "run-b", moved)
+    assert storage.read_commit(uri) == record
+    bucket, key = storage.split_s3(f"{s3}/run/iter2/train.commit.json")
+    storage.s3_client().put_object(Bucket=bucket, Key=key, Body=b"[]")
+    with pytest.raises(storage.StorageError, match="iter2/train.commit.json: not a topr commit record"):
+        storage.read_commit(f"{s3}/run/iter2/train.commit.json")
 
 
 def test_a_directory_without_manifest_is_refused(s3, tmp_path):

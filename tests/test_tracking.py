@@ -16,6 +16,7 @@ from topr.tracking import (
     ITERATION_TAG,
     KFP_RUN_TAG,
     STAGE_TAG,
+    StepMetrics,
     default_tracking_uri,
     find_pipeline_run,
     finish_pipeline_run,
@@ -82,6 +83,13 @@ def test_start_pipeline_run(store, config, client, parent):
 def test_start_pipeline_run_without_kfp_id_has_no_kfp_tag(store, config, client):
     run_id = start_pipeline_run(store[0], config, "no-kfp")
     assert KFP_RUN_TAG not in client.get_run(run_id).data.tags
+
+
+def test_a_retried_start_of_a_kubeflow_run_continues_its_parent_run(store, config, client):
+    first = start_pipeline_run(store[0], config, "retried", kfp_run_id="kfp-retried")
+    assert start_pipeline_run(store[0], config, "retried", kfp_run_id="kfp-retried") == first
+    experiment = client.get_experiment_by_name(EXPERIMENT).experiment_id
+    assert len(client.search_runs([experiment], f"tags.`{KFP_RUN_TAG}` = 'kfp-retried'")) == 1
 
 
 def test_experiment_artifacts_live_beside_the_database(store, client, parent):
@@ -214,3 +222,28 @@ def test_finish_pipeline_run_without_a_run_does_not_raise(store, client, parent)
     assert find_pipeline_run(store[0], "no-such-experiment", "kfp-parent") is None
     finish_pipeline_run(store[0], "no-such-experiment", "kfp-parent", "FAILED")
     assert client.get_run(parent).info.status == "RUNNING"
+
+
+def test_training_figures_outlast_a_tracking_outage(store, client, parent, monkeypatch, caplog):
+    """MLflow fails twice (past its own retries) while training logs its steps: training goes on,
+    the figures wait, and every step reaches MLflow once it is back."""
+    from mlflow.exceptions import MlflowException
+
+    with stage_run(store[0], parent, "train", 3) as run:
+        step_metrics, send = StepMetrics(run, every_s=0), run.client.log_batch
+        outage = [MlflowException("API request to endpoint /api/2.0/mlflow/runs/log-batch failed with error code 503 != 200")] * 2
+
+        def flaky(*args, **kwargs):
+            if outage:
+                raise outage.pop()
+            return send(*args, **kwargs)
+
+        monkeypatch.setattr(run.client, "log_batch", flaky)
+        step_metrics(0, {"loss": 1.0, "grad_norm": 2.0})
+        step_metrics(1, {"loss": 0.5, "grad_norm": 1.0})
+        assert len(step_metrics.pending) == 4 and "could not log 4 training figures" in caplog.text
+        step_metrics(2, {"loss": 0.25, "grad_norm": 0.5})
+        assert step_metrics.pending == [] and step_metrics.flush()
+    history = client.get_metric_history(run.run_id, "loss")
+    assert sorted((m.step, m.value) for m in history) == [(0, 1.0), (1, 0.5), (2, 0.25)]
+    assert client.get_run(run.run_id).info.status == "FINISHED"

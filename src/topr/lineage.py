@@ -23,6 +23,10 @@ class LineageError(LookupError):
     """A model reference that names no registered model version."""
 
 
+class UncommittedModelError(LineageError):
+    """A registered model version whose stage did not finish: no reader may use it."""
+
+
 @dataclass
 class Link:
     kind: str  # model, training run, curated set, samples, sampling model, base model
@@ -30,6 +34,8 @@ class Link:
     uri: str
     digest: str = ""
     manifest_sha256: str = ""  # a published model's manifest, as recorded in MLflow
+    commit_uri: str = ""  # a registered model's commit record (``committed_model``)
+    version: str = ""  # its registered version
 
 
 def resolve_version(client, reference: str):
@@ -51,6 +57,37 @@ def resolve_version(client, reference: str):
     raise LineageError(f"{reference!r} names no registered model version (use name@alias, name/version or a model URI)")
 
 
+def committed_model(client, version) -> tuple[str, str | None]:
+    """Where a registered version's files are and the SHA-256 of their manifest, once its stage is
+    known to have committed it: the commit record its ``topr.commit_uri`` tag names lists it (see
+    ``topr.steps.StageOutputs``), or, for a version registered without an artifact store (no
+    record), the stage run that registered it FINISHED. A stage that registers a model and then
+    fails leaves a version that no reader (the gate, promotion, a run starting from it) accepts.
+    """
+    tags, named = version.tags, f"{version.name}/{version.version}"
+    model_uri, commit_uri = tags["topr.model_uri"], tags.get("topr.commit_uri")
+    if commit_uri:
+        problem = commit_problem(commit_uri, model_uri, str(version.version))
+        if problem:
+            raise UncommittedModelError(f"{named}: {problem}")
+    else:
+        status = client.get_run(version.run_id).info.status
+        if status != "FINISHED":
+            raise UncommittedModelError(f"{named}: the stage run {version.run_id} that registered it is {status}, not FINISHED")
+    return model_uri, tags.get("topr.manifest_sha256")
+
+
+def commit_problem(commit_uri: str, model_uri: str, version: str = "") -> str | None:
+    """Why the commit record at ``commit_uri`` does not vouch for ``model_uri`` (registered as
+    ``version``, when given), or None when it does."""
+    record = storage.read_commit(commit_uri)
+    if record is None:
+        return f"the stage that registered it did not finish (no commit record at {commit_uri})"
+    if not any(out.get("uri") == model_uri and (not version or out.get("registered_version") == version) for out in record["outputs"].values()):
+        return f"the commit record {commit_uri} does not list it (a retried stage registered another version)"
+    return None
+
+
 def _dataset_digest(run, name: str) -> str:
     for dataset_input in run.inputs.dataset_inputs:
         if dataset_input.dataset.name == name:
@@ -67,7 +104,12 @@ def trace(tracking_uri: str, reference: str) -> list[Link]:
         tags = version.tags
         run = client.get_run(version.run_id)
         iteration = run.data.tags.get("topr.iteration", "?")
-        chain.append(Link("model", f"{version.name}/{version.version}", tags["topr.model_uri"], tags["topr.weights_sha256"], tags.get("topr.manifest_sha256", "")))
+        chain.append(
+            Link(
+                "model", f"{version.name}/{version.version}", tags["topr.model_uri"], tags["topr.weights_sha256"],
+                tags.get("topr.manifest_sha256", ""), tags.get("topr.commit_uri", ""), str(version.version),
+            )
+        )  # fmt: skip
         chain.append(Link("training run", f"{run.info.run_name} ({run.info.run_id})", f"runs:/{run.info.run_id}"))
         chain.append(Link("curated set", f"iteration {iteration}", tags["topr.train_set_uri"], _dataset_digest(run, f"train_set_iter{iteration}")))
         samples_digest = _dataset_digest(run, f"samples_iter{iteration}")
@@ -94,17 +136,22 @@ def _base_model(client, run, digest: str, uri: str) -> Link:
             break
     params = found[0].data.params if found else {}
     source = params.get("source", "") if found else "unknown (no prepare_model run with this digest)"
-    manifest_sha256 = params.get("manifest_sha256", "") if params.get("model_uri") == uri else ""
-    return Link("base model", source, uri, digest, manifest_sha256)
+    published_here = params.get("model_uri") == uri
+    manifest_sha256, commit_uri = (params.get("manifest_sha256", ""), params.get("commit_uri", "")) if published_here else ("", "")
+    return Link("base model", source, uri, digest, manifest_sha256, commit_uri)
 
 
 def verify(chain: list[Link]) -> list[str]:
     """Re-read every artifact of the chain from storage, re-hash it; return what is missing or changed
-    (a published model's manifest against the digest recorded in MLflow, when one was)."""
+    (a published model's manifest against the digest recorded in MLflow, when one was), and every
+    registered model whose stage did not commit it."""
     problems = []
     for link in chain:
         if not storage.is_s3(link.uri):
             continue
+        if link.commit_uri:
+            problem = commit_problem(link.commit_uri, link.uri, link.version)
+            problems += [f"{link.name}: {problem}"] if problem else []
         if link.kind in ("model", "base model"):
             problems += storage.check_directory(link.uri, link.manifest_sha256 or None)
         elif not storage.exists(link.uri):

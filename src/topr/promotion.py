@@ -85,17 +85,36 @@ def promote(client, name: str, alias: str, version: str, gate_champion: str | No
     """Point ``name@alias`` at ``version`` if it still points at ``gate_champion`` (None: unset).
 
     Raises ``PromotionRefused`` saying which version holds the alias now and which the gate beat.
+    A retry whose first attempt already moved the alias to ``version`` succeeds without a second
+    move (its move is recorded if the first attempt failed before recording it).
     """
     with promotion_lock(client, name, run_id):
         current = alias_version(client, name, alias)
+        if current == version != gate_champion:
+            return _retried(client, name, alias, Move(version, gate_champion, run_id, _now()))
         if current != gate_champion:
             raise PromotionRefused(
                 f"{name}@{alias} is now {_named(current)}; the gate beat {_named(gate_champion)}. "
                 f"Version {version} is not promoted: gate it again against the current champion"
             )
         client.set_registered_model_alias(name, alias, version)
-        move = Move(version, current, run_id, datetime.now(timezone.utc).isoformat(timespec="seconds"))
+        move = Move(version, current, run_id, _now())
         _record(client, name, alias, move)
+    return move
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _retried(client, name: str, alias: str, move: Move) -> Move:
+    """The move a retried promotion finds already made: the history's last, if it moved the alias
+    to this version; else ``move`` (the first attempt failed before recording it), recorded now."""
+    history = alias_history(client, name, alias)
+    if history and history[-1]["version"] == move.version:
+        log.info("%s@%s already holds version %s (moved by run %s)", name, alias, move.version, history[-1]["run_id"])
+        return Move(**history[-1])
+    _record(client, name, alias, move)
     return move
 
 

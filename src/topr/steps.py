@@ -15,6 +15,7 @@ from topr import promotion, storage
 from topr.config import Config, build_config, config_to_dict, config_to_yaml
 from topr.tracking import (
     EVALUATION_ARTIFACT,
+    StepMetrics,
     check_tracking_server,
     finish_pipeline_run,
     flatten,
@@ -48,29 +49,55 @@ def published_uri(config: Config, parent_run_id: str, iteration: int, name: str)
     return storage.join(config.run.artifact_store, parent_run_id, f"iter{iteration}", name)
 
 
-def publish(config: Config, parent_run_id: str, iteration: int, local: str, name: str) -> str | None:
-    """Copy a stage output to its run-scoped key (a model directory with its manifest last)."""
-    uri = published_uri(config, parent_run_id, iteration, name)
-    if uri is None:
-        return None
-    if Path(local).is_dir():
-        storage.publish_directory(local, uri)
-    else:
-        storage.upload_file(local, uri)
-    log.info("published %s", uri)
-    return uri
+class StageOutputs:
+    """What one stage publishes under ``<artifact_store>/<parent run>/iter<i>/``, and its commit
+    record ``<stage>.commit.json`` there, written last (``commit``): the outputs with their
+    digests. A retried stage finds its earlier attempt's outputs: the same content counts as
+    published; other content is replaced if that attempt never committed, else refused. Without an
+    artifact store nothing is published and the stage run's FINISHED status is the only record.
+    """
 
+    def __init__(self, config: Config, parent_run_id: str, iteration: int, stage: str, run):
+        self.config, self.parent_run_id, self.iteration, self.stage, self.run = config, parent_run_id, iteration, stage, run
+        self.commit_uri = published_uri(config, parent_run_id, iteration, f"{stage}.commit.json")
+        self.replace_uncommitted = self.commit_uri is None or storage.read_commit(self.commit_uri) is None
+        self.outputs: dict[str, dict[str, str]] = {}
 
-def publish_model(config: Config, parent_run_id: str, iteration: int, local: str, name: str) -> dict[str, str]:
-    """Publish a model directory: its ``model_uri`` and ``manifest_sha256``, which registration
-    records so that readers can check the published manifest (``storage.fetch_directory``);
-    without an artifact store, only the local directory."""
-    uri = published_uri(config, parent_run_id, iteration, name)
-    if uri is None:
-        return {"model_uri": local}
-    manifest = storage.publish_directory(local, uri)
-    log.info("published %s", uri)
-    return {"model_uri": uri, "manifest_sha256": storage.manifest_sha256(manifest)}
+    def file(self, local: str | Path, name: str) -> str | None:
+        """Publish a file as ``name``; its URI, or None without an artifact store."""
+        uri = published_uri(self.config, self.parent_run_id, self.iteration, name)
+        if uri is not None:
+            storage.publish_file(local, uri, self.replace_uncommitted)
+            self.outputs[name] = {"uri": uri, "sha256": storage.file_sha256(local)}
+        return uri
+
+    def directory(self, local: str | Path, name: str) -> str | None:
+        """Publish a directory (its manifest last) as ``name``; its URI, or None without an artifact store."""
+        uri = published_uri(self.config, self.parent_run_id, self.iteration, name)
+        if uri is not None:
+            manifest = storage.publish_directory(local, uri, self.replace_uncommitted)
+            self.outputs[name] = {"uri": uri, "manifest_sha256": storage.manifest_sha256(manifest)}
+        return uri
+
+    def model(self, local: str | Path, name: str) -> dict[str, str]:
+        """Publish a model directory as ``name``: what its registration records, ``model_uri``,
+        ``manifest_sha256`` (so that readers can check the manifest, ``storage.fetch_directory``)
+        and ``commit_uri`` (so that they can require the commit, ``lineage.committed_model``);
+        without an artifact store, only the local directory."""
+        uri = self.directory(local, name)
+        if uri is None:
+            return {"model_uri": str(local)}
+        return {"model_uri": uri, "manifest_sha256": self.outputs[name]["manifest_sha256"], "commit_uri": self.commit_uri}
+
+    def registered(self, name: str, version: str) -> None:
+        """Record in the commit that the output ``name`` was registered as ``version``."""
+        if name in self.outputs:
+            self.outputs[name]["registered_version"] = str(version)
+
+    def commit(self) -> None:
+        """The stage's last act: its commit record (see ``storage.commit``)."""
+        if self.commit_uri is not None:
+            storage.commit(self.commit_uri, self.stage, self.iteration, self.run.run_id, self.outputs)
 
 
 def start(config_json: str, tracking_uri: str, run_name: str, kfp_run_id: str = "") -> str:
@@ -92,11 +119,13 @@ def registered_model_source(tracking_uri: str, model_path: str) -> tuple[str, st
     was: a path, or a model registered without an artifact store)."""
     if not model_path.startswith("models:/"):
         return model_path, None
-    from topr.lineage import resolve_version
+    from topr.lineage import committed_model, resolve_version
 
-    version = resolve_version(mlflow_client(tracking_uri), model_path)
-    log.info("%s is %s version %s at %s", model_path, version.name, version.version, version.tags["topr.model_uri"])
-    return version.tags["topr.model_uri"], version.tags.get("topr.manifest_sha256")
+    client = mlflow_client(tracking_uri)
+    version = resolve_version(client, model_path)
+    model_uri, manifest_sha256 = committed_model(client, version)
+    log.info("%s is %s version %s at %s", model_path, version.name, version.version, model_uri)
+    return model_uri, manifest_sha256
 
 
 def prepare_model(config_json: str, tracking_uri: str, parent_run_id: str, model_dir: str) -> dict:
@@ -104,10 +133,12 @@ def prepare_model(config_json: str, tracking_uri: str, parent_run_id: str, model
 
     config = parse_config(config_json)
     with stage_run(tracking_uri, parent_run_id, "prepare_model", 0) as run:
+        outputs = StageOutputs(config, parent_run_id, 0, "prepare_model", run)
         source, manifest_sha256 = registered_model_source(tracking_uri, config.model.path)
         digest = prepare_base_model(source, model_dir, manifest_sha256)
-        published = publish_model(config, parent_run_id, 0, model_dir, "model")
+        published = outputs.model(model_dir, "model")
         run.log_params({"source": config.model.path, "resolved_source": source, "weights_sha256": digest, **published})
+        outputs.commit()
     return {"weights_sha256": digest}
 
 
@@ -116,11 +147,13 @@ def prompts(config_json: str, tracking_uri: str, parent_run_id: str, train_path:
 
     config = parse_config(config_json)
     with stage_run(tracking_uri, parent_run_id, "prompts", 0) as run:
+        outputs = StageOutputs(config, parent_run_id, 0, "prompts", run)
         counts = run_prompts(config, train_path, eval_path)
         for path, name, context in ((train_path, "train_prompts", "training"), (eval_path, "eval_prompts", "evaluation")):
-            uri = publish(config, parent_run_id, 0, path, f"{name}.jsonl")
+            uri = outputs.file(path, f"{name}.jsonl")
             run.log_dataset(path, name, context, source=uri)
         run.log_metrics(counts)
+        outputs.commit()
     return counts
 
 
@@ -155,10 +188,12 @@ def collect_samples(
 
     config = parse_config(config_json)
     with stage_run(tracking_uri, parent_run_id, "collect_samples", iteration) as run:
+        outputs = StageOutputs(config, parent_run_id, iteration, "collect_samples", run)
         summary = collect_shards(shard_paths, output_path)
-        uri = publish(config, parent_run_id, iteration, output_path, "samples.jsonl")
+        uri = outputs.file(output_path, "samples.jsonl")
         run.log_dataset(output_path, f"samples_iter{iteration}", "sampling", source=uri)
         run.log_metrics(summary)
+        outputs.commit()
     return summary
 
 
@@ -167,11 +202,13 @@ def verify(config_json: str, tracking_uri: str, parent_run_id: str, iteration: i
 
     config = parse_config(config_json)
     with stage_run(tracking_uri, parent_run_id, "verify", iteration) as run:
+        outputs = StageOutputs(config, parent_run_id, iteration, "verify", run)
         summary = run_verify(config.task, input_path, output_path)
-        uri = publish(config, parent_run_id, iteration, output_path, "verified.jsonl")
+        uri = outputs.file(output_path, "verified.jsonl")
         run.log_dataset(output_path, f"verified_iter{iteration}", "verification", source=uri)
         run.log_metrics(summary)
         run.log_metrics({"sample_accuracy": summary["accuracy"]}, on_parent=True)
+        outputs.commit()
     return summary
 
 
@@ -180,15 +217,17 @@ def curate(config_json: str, tracking_uri: str, parent_run_id: str, iteration: i
 
     config = parse_config(config_json)
     with stage_run(tracking_uri, parent_run_id, "curate", iteration) as run:
+        outputs = StageOutputs(config, parent_run_id, iteration, "curate", run)
         run.log_params(config.curate.model_dump())
         report = run_curate(config, input_path, output_path, report_path)
-        uri = publish(config, parent_run_id, iteration, output_path, "train_set.jsonl")
-        publish(config, parent_run_id, iteration, report_path, "composition.json")
+        uri = outputs.file(output_path, "train_set.jsonl")
+        outputs.file(report_path, "composition.json")
         run.log_dataset(output_path, f"train_set_iter{iteration}", "training", source=uri)
         run.log_artifact(report_path)
         composition = {f"curated_{key}": report[key] for key in ("count", "positives", "negatives")}
         composition.update(positive_fraction=report["positive_fraction"], effective_positive_fraction=report["effective_positive_fraction"])
         run.log_metrics(composition, on_parent=True)
+        outputs.commit()
     return report
 
 
@@ -219,14 +258,17 @@ def train(
 
     config = parse_config(config_json)
     with stage_run(tracking_uri, parent_run_id, "train", iteration) as run:
+        outputs = StageOutputs(config, parent_run_id, iteration, "train", run)
         run.log_params(flatten(config_to_dict(config)))
         train_set_uri = published_uri(config, parent_run_id, iteration, "train_set.jsonl")
         samples_uri = published_uri(config, parent_run_id, iteration, "samples.jsonl")
         run.log_dataset(data_path, f"train_set_iter{iteration}", "training", source=train_set_uri)
         run.log_dataset(samples_path, f"samples_iter{iteration}", "sampling", source=samples_uri)
-        summary = launch_train(config, model_dir, data_path, output_dir, on_step=lambda step, stats: run.log_metrics(stats, step))
-        published = publish_model(config, parent_run_id, iteration, output_dir, "model")
-        run.log_artifacts(output_dir, "model")
+        step_metrics = StepMetrics(run)
+        summary = launch_train(config, model_dir, data_path, output_dir, on_step=step_metrics)
+        step_metrics.flush()
+        published = outputs.model(output_dir, "model")
+        registered_source = _model_source(run, output_dir, published)
         run.log_metrics({k: v for k, v in summary.items() if k != "weights_sha256"})
         run.log_metrics({k: summary[k] for k in ("mean_weight_negative", "final_logprob_negative", "final_logprob_positive", "first_step_log_ratio_per_token", "positive_weight_share", "final_ratio_negative_p50") if k in summary}, on_parent=True)
         lineage = {
@@ -240,9 +282,20 @@ def train(
         }
         run.log_params(lineage)
         run.log_text(config_to_yaml(config), "config.yaml")
-        version = run.register_model(config.run.registered_model, "model", {f"topr.{k}": v for k, v in lineage.items()})
+        version = run.register_model(config.run.registered_model, registered_source, {f"topr.{k}": v for k, v in lineage.items()})
         summary["registered_version"] = int(version)
+        outputs.registered("model", version)
+        outputs.commit()
     return summary
+
+
+def _model_source(run, output_dir: str, published: dict[str, str]) -> str:
+    """What a trained model is registered from: its published copy, or, without an artifact
+    store, a copy logged to the stage run (``model``)."""
+    if storage.is_s3(published["model_uri"]):
+        return published["model_uri"]
+    run.log_artifacts(output_dir, "model")
+    return "model"
 
 
 def evaluate(config_json: str, tracking_uri: str, parent_run_id: str, iteration: int, model_dir: str, prompts_path: str, report_path: str, samples_path: str) -> dict:
@@ -250,12 +303,14 @@ def evaluate(config_json: str, tracking_uri: str, parent_run_id: str, iteration:
 
     config = parse_config(config_json)
     with stage_run(tracking_uri, parent_run_id, "evaluate", iteration) as run:
+        outputs = StageOutputs(config, parent_run_id, iteration, "evaluate", run)
         metrics = run_evaluate(config, model_dir, prompts_path, report_path, samples_path)
-        publish(config, parent_run_id, iteration, report_path, "evaluation.json")
-        publish(config, parent_run_id, iteration, samples_path, "evaluation_completions.jsonl")
+        outputs.file(report_path, "evaluation.json")
+        outputs.file(samples_path, "evaluation_completions.jsonl")
         run.log_dataset(prompts_path, "eval_prompts", "evaluation", source=published_uri(config, parent_run_id, 0, "eval_prompts.jsonl"))
         run.log_text(Path(report_path).read_text(), EVALUATION_ARTIFACT)
         run.log_metrics(metrics, on_parent=True)
+        outputs.commit()
     return metrics
 
 
@@ -277,7 +332,7 @@ def gate(config_json: str, tracking_uri: str, parent_run_id: str, iteration: int
     with stage_run(tracking_uri, parent_run_id, "gate", iteration) as run:
         new_pass_at_1 = metric_history(tracking_uri, parent_run_id, "pass_at_1")[iteration]
         champion = promotion.alias_version(client, name, alias)
-        champion_pass_at_1 = None if champion is None else _evaluate_registered(config, client.get_model_version(name, champion), prompts_path)
+        champion_pass_at_1 = None if champion is None else _evaluate_registered(config, client, client.get_model_version(name, champion), prompts_path)
         decision = decide(new_pass_at_1, champion_pass_at_1, config.gate.margin)
         run.log_params({"model": f"{name}/{version}", "champion": f"{name}/{champion}" if champion else "none", "decision": decision.label, "reason": decision.reason})
         run.log_metrics(decision.figures(), on_parent=True)
@@ -287,12 +342,14 @@ def gate(config_json: str, tracking_uri: str, parent_run_id: str, iteration: int
     return decision.label, champion or ""
 
 
-def _evaluate_registered(config: Config, version, prompts_path: str) -> float:
+def _evaluate_registered(config: Config, client, version, prompts_path: str) -> float:
     import tempfile
 
     from topr.evaluate import run_evaluate
 
-    with storage.local_directory(version.tags["topr.model_uri"], version.tags.get("topr.manifest_sha256")) as model_dir, tempfile.TemporaryDirectory() as scratch:
+    from topr.lineage import committed_model
+
+    with storage.local_directory(*committed_model(client, version)) as model_dir, tempfile.TemporaryDirectory() as scratch:
         metrics = run_evaluate(config, str(model_dir), prompts_path, Path(scratch, "report.json"), Path(scratch, "completions.jsonl"))
     return metrics["pass_at_1"]
 
@@ -302,11 +359,15 @@ def promote(config_json: str, tracking_uri: str, parent_run_id: str, version: st
     the gate beat ("" for none); a compare-and-set under a lock (``topr.promotion``).
 
     A refusal (the alias moved since the gate) is tagged on the parent run and the model
-    version, then raised, so the stage fails rather than look like a promotion.
+    version, then raised, so the stage fails rather than look like a promotion. A version whose
+    stage did not commit is never promoted (``topr.lineage.committed_model``).
     """
+    from topr.lineage import committed_model
+
     config = parse_config(config_json)
     name, alias = config.run.registered_model, config.gate.alias
     client = mlflow_client(tracking_uri)
+    committed_model(client, client.get_model_version(name, version))
     try:
         promotion.promote(client, name, alias, version, champion_version or None, parent_run_id)
     except promotion.PromotionRefused as refusal:
@@ -332,12 +393,14 @@ def verifier_data(
         (VERIFIER_EVAL, "verifier_eval", "evaluation"),
     )
     with stage_run(tracking_uri, parent_run_id, "verifier_data", iteration) as run:
+        outputs = StageOutputs(config, parent_run_id, iteration, "verifier_data", run)
         run.log_params(config.verifier.model_dump())
         summary = run_verifier_data(config, model_dir, train_prompts_path, eval_prompts_path, output_dir)
-        uri = publish(config, parent_run_id, iteration, output_dir, "verifier_data")
+        uri = outputs.directory(output_dir, "verifier_data")
         for file, name, context in datasets:
             run.log_dataset(Path(output_dir, file), name, context, source=uri and storage.join(uri, file))
         run.log_metrics(summary)
+        outputs.commit()
     return summary
 
 
@@ -358,16 +421,19 @@ def train_verifier(config_json: str, tracking_uri: str, parent_run_id: str, mode
     iteration = config.run.iterations
     with stage_run(tracking_uri, parent_run_id, "train_verifier", iteration) as run, tempfile.TemporaryDirectory(prefix="topr-verifier-") as work:
         run.log_text(config_to_yaml(verifier_config(config, *data_files(data_dir))), "verifier_config.yaml")
-        summary = run_train_verifier(config, model_dir, data_dir, output_dir, work, on_step=lambda step, stats: run.log_metrics(stats, step))
+        step_metrics = StepMetrics(run)
+        summary = run_train_verifier(config, model_dir, data_dir, output_dir, work, on_step=step_metrics)
+        step_metrics.flush()
+        outputs = StageOutputs(config, parent_run_id, iteration, "train_verifier", run)
         kept, files = {}, IterationFiles(Path(work))
         for path, name, context in ((files.samples, "verifier_judgments", "sampling"), (files.train_set, "verifier_train_set", "training")):
             run.log_artifact(path)
-            uri = publish(config, parent_run_id, iteration, str(path), f"{name}.jsonl")
+            uri = outputs.file(path, f"{name}.jsonl")
             run.log_dataset(path, name, context, source=uri)
             kept[name] = uri or f"runs:/{run.run_id}/{path.name}"
         run.log_artifact(files.composition)
-        published = publish_model(config, parent_run_id, iteration, output_dir, "verifier_model")
-        run.log_artifacts(output_dir, "model")
+        published = outputs.model(output_dir, "verifier_model")
+        registered_source = _model_source(run, output_dir, published)
         run.log_metrics({k: v for k, v in summary.items() if k != "weights_sha256"})
         lineage = {
             **published,
@@ -379,8 +445,10 @@ def train_verifier(config_json: str, tracking_uri: str, parent_run_id: str, mode
             "sampling_models": model_identity(model_dir),
         }
         run.log_params(lineage)
-        version = run.register_model(f"{config.run.registered_model}-verifier", "model", {f"topr.{k}": v for k, v in lineage.items()})
+        version = run.register_model(f"{config.run.registered_model}-verifier", registered_source, {f"topr.{k}": v for k, v in lineage.items()})
         summary["registered_version"] = int(version)
+        outputs.registered("verifier_model", version)
+        outputs.commit()
     return summary
 
 
@@ -393,10 +461,12 @@ def evaluate_verifier(
     config = parse_config(config_json)
     iteration = config.run.iterations
     with stage_run(tracking_uri, parent_run_id, "evaluate_verifier", iteration) as run:
+        outputs = StageOutputs(config, parent_run_id, iteration, "evaluate_verifier", run)
         metrics = run_evaluate_verifier(config, base_model_dir, verifier_dir, data_dir, report_path)
-        publish(config, parent_run_id, iteration, report_path, "verifier_evaluation.json")
+        outputs.file(report_path, "verifier_evaluation.json")
         data_uri = published_uri(config, parent_run_id, iteration, "verifier_data")
         run.log_dataset(Path(data_dir, VERIFIER_EVAL), "verifier_eval", "evaluation", source=data_uri and storage.join(data_uri, VERIFIER_EVAL))
         run.log_artifact(report_path)
         run.log_metrics(metrics, on_parent=True)
+        outputs.commit()
     return metrics

@@ -22,6 +22,14 @@ same directory only one manifest lands and the other is refused. SeaweedFS honou
 store that ignores it, the existence check made before any upload is the only guard. The files
 themselves go up unconditionally (boto3's managed transfer cannot pass the condition): a racing
 writer's files can replace them, and a reader then finds them differing from the manifest.
+
+Retries and commit records. A Kubeflow task that fails is run again with the same output keys,
+so publishing is idempotent: a file or directory already there with the same content counts as
+published. Different content is replaced only when the caller says the earlier copy was never
+committed (``replace_uncommitted``); otherwise it is refused. A stage's last act is its commit
+record (``commit``): every output it published, with its digest, written once with
+``If-None-Match: *``. Outputs without a commit record are an unfinished attempt's, and readers
+of registered models require the record (``topr.lineage.committed_model``).
 """
 
 from __future__ import annotations
@@ -205,23 +213,98 @@ def _create_object(uri: str, body: bytes) -> bool:
     return True
 
 
-def publish_directory(directory: str | os.PathLike, uri: str) -> dict[str, Any]:
+def publish_file(path: str | os.PathLike, uri: str, replace_uncommitted: bool = False) -> str:
+    """Upload one file to ``uri``; an object already there with the same SHA-256 counts as
+    published. A different one is replaced only if ``replace_uncommitted`` (it was left by an
+    attempt that did not commit), else refused."""
+    if exists(uri):
+        if object_sha256(uri) == file_sha256(path):
+            log.info("%s is already published with the same content", uri)
+            return uri
+        if not replace_uncommitted:
+            raise StorageError(f"{uri} already holds a different file, committed by an earlier attempt; refusing to overwrite it")
+        log.warning("replacing %s, left by an attempt that did not commit", uri)
+    return upload_file(path, uri)
+
+
+def object_sha256(uri: str) -> str:
+    with local_file(uri) as local:
+        return file_sha256(local)
+
+
+def publish_directory(directory: str | os.PathLike, uri: str, replace_uncommitted: bool = False) -> dict[str, Any]:
     """Upload every file of ``directory`` under ``uri``, then the manifest; return the manifest.
 
-    A directory already published at ``uri`` is never overwritten: that is checked before any
-    upload, and the manifest's write is conditional.
+    A directory already published at ``uri`` with the same files counts as published (a retry).
+    One with other files is never overwritten, unless ``replace_uncommitted`` says that an
+    attempt which did not commit left it: its manifest is then removed before any upload, so the
+    directory is never a mix under a valid manifest. The manifest's write is conditional.
     """
     manifest_uri = join(uri, MANIFEST_NAME)
-    already = f"{uri} is already published (it has {MANIFEST_NAME}); refusing to overwrite it"
-    if exists(manifest_uri):
-        raise StorageError(already)
     manifest = directory_manifest(directory)
+    if exists(manifest_uri):
+        if _same_manifest(uri, manifest):
+            log.info("%s is already published with the same files", uri)
+            return manifest
+        _remove_uncommitted(uri, replace_uncommitted)
     for relative in manifest["files"]:
         upload_file(Path(directory, relative), join(uri, relative))
-    if not _create_object(manifest_uri, manifest_bytes(manifest)):
-        raise StorageError(already)
+    if not _create_object(manifest_uri, manifest_bytes(manifest)) and not _same_manifest(uri, manifest):
+        raise StorageError(f"{uri} is already published (by another writer, meanwhile) with other files; refusing to overwrite it")
     log.info("published %d files to %s", len(manifest["files"]), uri)
     return manifest
+
+
+def _same_manifest(uri: str, manifest: dict[str, Any]) -> bool:
+    try:
+        return read_manifest(uri)["files"] == manifest["files"]
+    except StorageError:
+        return False
+
+
+def _remove_uncommitted(uri: str, replace_uncommitted: bool) -> None:
+    """Remove the manifest of a directory published at ``uri`` with other files, if an attempt
+    that did not commit left it there; else refuse."""
+    if not replace_uncommitted:
+        raise StorageError(f"{uri} is already published with other files (it has {MANIFEST_NAME}); refusing to overwrite it")
+    log.warning("replacing %s, left by an attempt that did not commit", uri)
+    manifest_uri = join(uri, MANIFEST_NAME)
+    bucket, key = split_s3(manifest_uri)
+    with _s3_errors("removing", manifest_uri):
+        s3_client().delete_object(Bucket=bucket, Key=key)
+
+
+COMMIT_VERSION = 1
+
+
+def commit(uri: str, stage: str, iteration: int, stage_run_id: str, outputs: dict[str, dict[str, str]]) -> dict[str, Any]:
+    """Write a stage's commit record at ``uri``: its published ``outputs`` (name -> uri and
+    digest), the last thing the stage does. A record already there with the same outputs (a
+    retried stage) counts as written; one with other outputs is refused."""
+    record = {"version": COMMIT_VERSION, "stage": stage, "iteration": iteration, "stage_run_id": stage_run_id, "outputs": outputs}
+    if _create_object(uri, json.dumps(record, indent=1, sort_keys=True).encode()):
+        log.info("committed %s", uri)
+        return record
+    existing = read_commit(uri)
+    if existing is None or existing.get("outputs") != outputs:
+        raise StorageError(f"{uri}: the stage was already committed with other outputs; refusing to overwrite its record")
+    log.info("%s was already committed with the same outputs", uri)
+    return existing
+
+
+def read_commit(uri: str) -> dict[str, Any] | None:
+    """A stage's commit record, or None if the stage never committed."""
+    try:
+        raw = read_bytes(uri)
+    except MissingObjectError:
+        return None
+    try:
+        record = json.loads(raw)
+    except ValueError:
+        record = None
+    if not isinstance(record, dict) or not isinstance(record.get("outputs"), dict):
+        raise StorageError(f"{uri}: not a topr commit record (a JSON object with its outputs under 'outputs')")
+    return record
 
 
 def read_manifest(uri: str, expected_sha256: str | None = None) -> dict[str, Any]:

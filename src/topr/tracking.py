@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import subprocess
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,7 +19,7 @@ from typing import Any
 
 import topr
 from topr.config import Config, config_to_dict, config_to_yaml
-from topr.storage import file_sha256
+from topr.storage import file_sha256, is_s3
 
 log = logging.getLogger(__name__)
 
@@ -104,13 +105,18 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, str]:
 
 
 def start_pipeline_run(tracking_uri: str, config: Config, run_name: str, kfp_run_id: str = "") -> str:
-    """Create the parent run (left RUNNING until ``finish_pipeline_run``); return its id."""
+    """Create the parent run (left RUNNING until ``finish_pipeline_run``); return its id.
+
+    A retried start of the same Kubeflow run (``kfp_run_id``) continues the run its first
+    attempt created, so a pipeline run never has two parent runs.
+    """
     client = mlflow_client(tracking_uri)
-    tags = {**code_version(), "mlflow.runName": run_name}
-    if kfp_run_id:
-        tags[KFP_RUN_TAG] = kfp_run_id
-    run = client.create_run(experiment_id(client, config.run.experiment, tracking_uri), run_name=run_name, tags=tags)
-    run_id = run.info.run_id
+    run_id = find_pipeline_run(tracking_uri, config.run.experiment, kfp_run_id) if kfp_run_id else None
+    if run_id is None:
+        tags = {**code_version(), "mlflow.runName": run_name, **({KFP_RUN_TAG: kfp_run_id} if kfp_run_id else {})}
+        run_id = client.create_run(experiment_id(client, config.run.experiment, tracking_uri), run_name=run_name, tags=tags).info.run_id
+    else:
+        log.info("MLflow run %s already belongs to Kubeflow run %s: continuing it", run_id, kfp_run_id)
     params = flatten(config_to_dict(config))
     from mlflow.entities import Param
 
@@ -149,12 +155,10 @@ class StageRun:
 
     def log_metrics(self, metrics: dict[str, float], step: int = 0, on_parent: bool = False) -> None:
         """Log numeric metrics here (and on the parent run at ``step = iteration`` if asked)."""
-        import time
-
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        numeric = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        numeric = _numeric(metrics)
         entries = [Metric(key, value, now, step) for key, value in numeric.items()]
         self.client.log_batch(self.run_id, metrics=entries)
         if on_parent:
@@ -190,8 +194,10 @@ class StageRun:
     def log_text(self, text: str, artifact_file: str) -> None:
         self.client.log_text(self.run_id, text, artifact_file)
 
-    def register_model(self, name: str, artifact_path: str, tags: dict[str, str]) -> str:
-        """Register this run's ``artifact_path`` as a new version of ``name``; return the version."""
+    def register_model(self, name: str, source: str, tags: dict[str, str]) -> str:
+        """Register ``source`` as a new version of ``name``; return the version. ``source`` is a
+        published copy (an ``s3://`` URI), registered where it is rather than uploaded again
+        through MLflow, or an artifact path of this run."""
         from mlflow.exceptions import MlflowException
 
         try:
@@ -199,10 +205,52 @@ class StageRun:
         except MlflowException as error:
             if error.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise
-        source = f"{self.client.get_run(self.run_id).info.artifact_uri}/{artifact_path}"
+        if not is_s3(source):
+            source = f"{self.client.get_run(self.run_id).info.artifact_uri}/{source}"
         version = self.client.create_model_version(name, source, run_id=self.run_id, tags=tags)
         log.info("registered %s version %s (%s)", name, version.version, source)
         return version.version
+
+
+class StepMetrics:
+    """Training's per-step figures, logged best-effort: kept in memory and sent in one batch every
+    ``every_s`` seconds and at ``flush``. A tracking server that is down for a while (past
+    MLflow's own retries) costs a warning, not the training run: what could not be sent is kept
+    and sent with the next batch. Each failed send still waits out those retries
+    (``MLFLOW_HTTP_REQUEST_MAX_RETRIES``, ``MLFLOW_HTTP_REQUEST_TIMEOUT``) before training goes on."""
+
+    BATCH = 1000  # MLflow's limit on metrics per log_batch
+
+    def __init__(self, run: StageRun, every_s: float = 30.0):
+        self.run, self.every_s = run, every_s
+        self.pending: list = []
+        self.sent_at = time.monotonic()
+
+    def __call__(self, step: int, stats: dict[str, float]) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self.pending += [Metric(key, value, now, step) for key, value in _numeric(stats).items()]
+        if time.monotonic() - self.sent_at >= self.every_s:
+            self.flush()
+
+    def flush(self) -> bool:
+        """Send what is pending; False (with a warning) if the server could not take it."""
+        from mlflow.exceptions import MlflowException
+
+        self.sent_at = time.monotonic()
+        while self.pending:
+            try:
+                self.run.client.log_batch(self.run.run_id, metrics=self.pending[: self.BATCH])
+            except (MlflowException, OSError) as error:
+                log.warning("could not log %d training figures to MLflow, keeping them for the next try: %s", len(self.pending), error)
+                return False
+            del self.pending[: self.BATCH]
+        return True
+
+
+def _numeric(metrics: dict[str, Any]) -> dict[str, float]:
+    return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
 @contextmanager

@@ -130,6 +130,9 @@ def verifier_config(config: Config, train_path: str | Path, eval_path: str | Pat
     solution), so every prompt of the files is used. Training takes both judgments of every pair
     (``both_judgments``), one positive and one negative, and computes π at temperature 1, the
     temperature their behaviour log-probs were scored at, so the first step's ratio π/μ is 1.
+    Its set is balanced by construction, so it trains with baseline 0 (both judgments weigh 1)
+    and takes a step per global batch of train.batch_size × gradient_accumulation judgments,
+    whatever the policy's baseline and steps per epoch.
     """
     verifier = config.verifier
     data = config_to_dict(config)
@@ -146,7 +149,12 @@ def verifier_config(config: Config, train_path: str | Path, eval_path: str | Pat
     data["evaluate"].update(samples_per_prompt=0, max_new_tokens=verifier.max_new_tokens)
     data["curate"].update(strategy="all", target_positive_fraction=None)
     data["train"].update(
-        objective=verifier.objective, learning_rate=verifier.learning_rate, epochs=verifier.epochs, policy_temperature=None
+        objective=verifier.objective,
+        learning_rate=verifier.learning_rate,
+        epochs=verifier.epochs,
+        policy_temperature=None,
+        baseline=0.0,
+        steps_per_epoch=None,
     )
     return build_config(data, source="verifier configuration")
 

@@ -54,8 +54,16 @@ def test_run_publishes_every_artifact_under_run_scoped_keys(stack, tmp_path, tin
         "train_set_iter1": {"uri": f"{store}/{parent_run_id}/iter1/train_set.jsonl"},
         "samples_iter1": {"uri": f"{store}/{parent_run_id}/iter1/samples.jsonl"},
     }
-    # The MLflow server proxies run artifacts into the same object store.
-    assert any(key.endswith("model/model.safetensors") for key in object_keys(stack.bucket, "mlflow/"))
+    # The published copy is what is registered: the model is not uploaded a second time through MLflow.
+    assert client.get_model_version("stack-test", "1").source == model_uri
+    assert not any(key.endswith("model.safetensors") for key in object_keys(stack.bucket, "mlflow/"))
+    # What a stage committed, with digests, is its last object.
+    committed = storage.read_commit(f"{store}/{parent_run_id}/iter1/train.commit.json")
+    assert committed["outputs"]["model"] == {
+        "uri": model_uri, "manifest_sha256": storage.manifest_sha256(storage.read_manifest(model_uri)), "registered_version": "1",
+    }  # fmt: skip
+    assert {f"iter0/{stage}.commit.json" for stage in ("prepare_model", "prompts", "evaluate")} <= keys
+    assert {f"iter1/{stage}.commit.json" for stage in ("collect_samples", "verify", "curate", "train", "evaluate")} <= keys
     check_lineage(stack, store, parent_run_id, tiny_model_dir, capsys)
 
 

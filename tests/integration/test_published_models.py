@@ -13,6 +13,8 @@ from botocore.exceptions import ClientError
 from topr import steps, storage
 from topr.cli import main
 from topr.config import config_to_dict, load_config
+from topr.lineage import UncommittedModelError
+from topr.tracking import KFP_RUN_TAG
 from topr.records import write_records
 from topr.train import NonFiniteStepError
 
@@ -45,6 +47,7 @@ def test_seaweedfs_refuses_to_overwrite_an_object_on_if_none_match(stack, tmp_pa
     (source / "config.json").write_text("{}")
     first = storage.publish_directory(source, uri)
     monkeypatch.setattr(storage, "exists", lambda _uri: False)
+    (source / "config.json").write_text('{"layers": 3}')
     with pytest.raises(storage.StorageError, match=f"{uri} is already published"):
         storage.publish_directory(source, uri)
     assert json.loads(storage.read_bytes(f"{uri}/{storage.MANIFEST_NAME}")) == first
@@ -84,7 +87,7 @@ def test_files_and_manifest_rewritten_together_are_caught_by_lineage_and_on_fetc
     steps.prepare_model(config_json, stack.tracking_uri, parent_run_id, str(tmp_path / "base"))
     data = _train_set(tmp_path / "train_set.jsonl")
     for name in ("train_set.jsonl", "samples.jsonl"):  # as curate and collect_samples do
-        steps.publish(steps.parse_config(config_json), parent_run_id, 1, data, name)
+        storage.publish_file(data, steps.published_uri(steps.parse_config(config_json), parent_run_id, 1, name))
     steps.train(config_json, stack.tracking_uri, parent_run_id, 1, str(tmp_path / "base"), data, data, str(tmp_path / "trained"))
 
     version = mlflow.MlflowClient(stack.tracking_uri).get_model_version("manifest-test", "1")
@@ -127,3 +130,66 @@ def test_a_model_that_turns_nan_is_neither_published_nor_registered(stack, tmp_p
     (train_run,) = client.search_runs([client.get_run(parent_run_id).info.experiment_id], f"tags.mlflow.parentRunId = '{parent_run_id}'")
     assert train_run.info.status == "FAILED"
     assert client.search_model_versions("name = 'nan-test'") == []
+
+
+def test_a_retried_start_continues_the_parent_run_of_its_kubeflow_run(stack):
+    config_json = _config_json(stack, "unused", "retry-start")
+    first = steps.start(config_json, stack.tracking_uri, "retry-start", kfp_run_id="kfp-run-7")
+    assert steps.start(config_json, stack.tracking_uri, "retry-start", kfp_run_id="kfp-run-7") == first
+    client = mlflow.MlflowClient(stack.tracking_uri)
+    runs = client.search_runs([client.get_run(first).info.experiment_id], f"tags.`{KFP_RUN_TAG}` = 'kfp-run-7'")
+    assert [run.info.run_id for run in runs] == [first]
+    steps.finish(config_json, stack.tracking_uri, "kfp-run-7", failed=False)
+    assert client.get_run(first).info.status == "FINISHED"
+
+
+def test_a_retried_stage_that_publishes_the_same_outputs_succeeds_and_commits_once(stack, tmp_path, tiny_model_dir):
+    config_json = _config_json(stack, tiny_model_dir, "retry-prepare")
+    config = steps.parse_config(config_json)
+    parent_run_id = steps.start(config_json, stack.tracking_uri, "retry-prepare")
+    first = steps.prepare_model(config_json, stack.tracking_uri, parent_run_id, str(tmp_path / "base"))
+    assert steps.prepare_model(config_json, stack.tracking_uri, parent_run_id, str(tmp_path / "base-retry")) == first
+    record = storage.read_commit(steps.published_uri(config, parent_run_id, 0, "prepare_model.commit.json"))
+    model_uri = steps.published_uri(config, parent_run_id, 0, "model")
+    assert record["stage"] == "prepare_model"
+    assert record["outputs"] == {"model": {"uri": model_uri, "manifest_sha256": storage.manifest_sha256(storage.read_manifest(model_uri))}}
+
+
+def test_a_model_whose_stage_failed_after_registering_it_is_refused_by_every_reader(stack, tmp_path, tiny_model_dir, monkeypatch, capsys):
+    """The object store fails as train writes its commit record, after the model was published and
+    registered: the version is there, but the gate's reads, promotion, a run starting from it and
+    lineage all refuse it. The retried stage finds the same model published, registers it again
+    and commits that version, which readers then accept."""
+    config_json = _config_json(stack, tiny_model_dir, "uncommitted-test")
+    parent_run_id = steps.start(config_json, stack.tracking_uri, "uncommitted-test")
+    steps.prepare_model(config_json, stack.tracking_uri, parent_run_id, str(tmp_path / "base"))
+    data = _train_set(tmp_path / "train_set.jsonl")
+    train = (config_json, stack.tracking_uri, parent_run_id, 1, str(tmp_path / "base"), data, data)
+
+    def store_down(_outputs):
+        raise storage.StorageError("s3://bucket: the object store is unreachable")
+
+    with monkeypatch.context() as fault:
+        fault.setattr(steps.StageOutputs, "commit", store_down)
+        with pytest.raises(storage.StorageError, match="unreachable"):
+            steps.train(*train, str(tmp_path / "trained"))
+    client = mlflow.MlflowClient(stack.tracking_uri)
+    assert client.get_model_version("uncommitted-test", "1").tags["topr.model_uri"]
+    did_not_finish = "uncommitted-test/1: the stage that registered it did not finish"
+    with pytest.raises(UncommittedModelError, match=did_not_finish):
+        steps.registered_model_source(stack.tracking_uri, "models:/uncommitted-test/1")
+    with pytest.raises(UncommittedModelError, match=did_not_finish):
+        steps.promote(config_json, stack.tracking_uri, parent_run_id, "1", "")
+    assert client.get_registered_model("uncommitted-test").aliases == {}
+    capsys.readouterr()
+    assert main(["lineage", "--tracking-uri", stack.tracking_uri, "--verify", "uncommitted-test/1"]) == 1
+    assert "the stage that registered it did not finish" in capsys.readouterr().err
+
+    summary = steps.train(*train, str(tmp_path / "trained-retry"))
+    assert summary["registered_version"] == 2
+    model_uri, _ = steps.registered_model_source(stack.tracking_uri, "models:/uncommitted-test/2")
+    assert model_uri == client.get_model_version("uncommitted-test", "1").tags["topr.model_uri"]
+    with pytest.raises(UncommittedModelError, match="uncommitted-test/1: the commit record .* does not list it"):
+        steps.registered_model_source(stack.tracking_uri, "models:/uncommitted-test/1")
+    steps.promote(config_json, stack.tracking_uri, parent_run_id, "2", "")
+    assert client.get_registered_model("uncommitted-test").aliases == {"champion": "2"}
