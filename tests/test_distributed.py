@@ -56,7 +56,9 @@ def make_records(count: int) -> list[dict]:
 def config(*overrides):
     return load_config(
         None,
-        ["sample.temperature=1.0", "train.learning_rate=3e-3", "train.batch_size=2", "train.gradient_accumulation=1", *overrides],
+        # c = 0 and a step per global batch, the settings these checks were written for.
+        ["sample.temperature=1.0", "train.learning_rate=3e-3", "train.batch_size=2", "train.gradient_accumulation=1",
+         "train.baseline=0", "train.steps_per_epoch=null", *overrides],
     )
 
 
@@ -158,7 +160,7 @@ def test_torchrun_two_processes_end_with_the_weights_of_one(tiny_model_dir, tmp_
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={WORKERS}", "-m", "topr.cli",
         "train", "--model", f"{s3}/iter0/model", "--data", data, "--output", output, "--summary", str(summary_path),
         "sample.temperature=1.0", "train.learning_rate=3e-3", "train.batch_size=2", "train.epochs=2",
-        "train.gradient_accumulation=1",
+        "train.gradient_accumulation=1", "train.baseline=0", "train.steps_per_epoch=null",
     ]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-4000:]
@@ -197,6 +199,9 @@ class RecordingRun:
 
     def log_metrics(self, metrics, step=0, on_parent=False):
         self.metrics.append((step, dict(metrics)))
+
+    def log_steps(self, steps):
+        self.metrics += [(step, dict(figures)) for step, _, figures in steps]
 
     def log_params(self, params):
         pass

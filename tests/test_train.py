@@ -81,6 +81,8 @@ def config(*overrides):
             "train.learning_rate=3e-3",
             "train.batch_size=4",
             "train.gradient_accumulation=1",
+            "train.baseline=0",  # c = 0 and a step per global batch: the settings these checks were written for
+            "train.steps_per_epoch=null",
             "train.batch_order=shuffle",
             "train.epochs=1",
             *overrides,

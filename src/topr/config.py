@@ -132,8 +132,8 @@ class TrainConfig(Section):
         description="Baseline c: train on advantage R - c, so positives weigh 1 - c and negatives 1 + c. "
         "The paper's TOPR has c = 0; with ~11% positives in a curated set that puts ~90% of the weight on "
         "negatives, and at this scale its answers then grow until the length limit cuts them (docs/results.md, "
-        "P1-P3). c = -0.8 puts about half the weight on positives: it matched rft at equal steps in P3 and "
-        "gained beyond its interval over two iterations in the default run.",
+        "P1-P3). c = -0.8 puts about half the weight on positives: it ties rft at equal steps and keeps its "
+        "gains over iterations, every replicate beyond its interval after three (docs/results.md, P2 at the defaults).",
     )
     ratio_level: Literal["sequence", "token", "geometric"] = Field(
         "sequence", description="Importance ratio per sequence (paper), per token, or geometric mean."

@@ -165,6 +165,13 @@ class StageRun:
             parent = [Metric(key, value, now, self.iteration) for key, value in numeric.items()]
             self.client.log_batch(self.parent_run_id, metrics=parent)
 
+    def log_steps(self, steps: list[tuple[int, int, dict[str, float]]]) -> None:
+        """Log several steps' figures in one request: ``(step, time in ms, figures)`` each."""
+        from mlflow.entities import Metric
+
+        entries = [Metric(key, value, timestamp, step) for step, timestamp, figures in steps for key, value in figures.items()]
+        self.client.log_batch(self.run_id, metrics=entries)
+
     def log_params(self, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
 
@@ -223,14 +230,11 @@ class StepMetrics:
 
     def __init__(self, run: StageRun, every_s: float = 30.0):
         self.run, self.every_s = run, every_s
-        self.pending: list = []
+        self.pending: list[tuple[int, int, dict[str, float]]] = []  # (step, time in ms, figures)
         self.sent_at = time.monotonic()
 
     def __call__(self, step: int, stats: dict[str, float]) -> None:
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        self.pending += [Metric(key, value, now, step) for key, value in _numeric(stats).items()]
+        self.pending.append((step, int(time.time() * 1000), _numeric(stats)))
         if time.monotonic() - self.sent_at >= self.every_s:
             self.flush()
 
@@ -240,12 +244,16 @@ class StepMetrics:
 
         self.sent_at = time.monotonic()
         while self.pending:
+            count, size = 0, 0
+            while count < len(self.pending) and (count == 0 or size + len(self.pending[count][2]) <= self.BATCH):
+                size += len(self.pending[count][2])
+                count += 1
             try:
-                self.run.client.log_batch(self.run.run_id, metrics=self.pending[: self.BATCH])
+                self.run.log_steps(self.pending[:count])
             except (MlflowException, OSError) as error:
-                log.warning("could not log %d training figures to MLflow, keeping them for the next try: %s", len(self.pending), error)
+                log.warning("could not log %d steps' training figures to MLflow, keeping them for the next try: %s", len(self.pending), error)
                 return False
-            del self.pending[: self.BATCH]
+            del self.pending[:count]
         return True
 
 
