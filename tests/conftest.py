@@ -18,7 +18,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest
 import torch
 
-from topr import storage
+from topr import promotion, storage
 from topr.config import EMBEDDED_MODEL
 
 torch.set_num_threads(2)
@@ -170,3 +170,31 @@ def s3(s3_endpoint, monkeypatch, request):
     bucket = f"topr-tests-{request.node.name.replace('_', '-')[:40].lower()}"
     storage.s3_client().create_bucket(Bucket=bucket)
     return f"s3://{bucket}"
+
+
+@pytest.fixture
+def promotion_race():
+    """Runs ``promote(version)`` for every version at the same moment, each in its own thread;
+    returns the version that won and the text of the other's refusal."""
+
+    def race(promote, versions: tuple[str, str]) -> tuple[str, str]:
+        start, outcomes = threading.Barrier(len(versions)), {}
+
+        def attempt(version: str) -> None:
+            start.wait()
+            try:
+                promote(version)
+                outcomes[version] = "won"
+            except promotion.PromotionRefused as refusal:
+                outcomes[version] = str(refusal)
+
+        threads = [threading.Thread(target=attempt, args=(version,)) for version in versions]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        (winner,) = [version for version, outcome in outcomes.items() if outcome == "won"]
+        (loser,) = set(outcomes) - {winner}
+        return winner, outcomes[loser]
+
+    return race

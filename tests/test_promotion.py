@@ -149,27 +149,11 @@ def test_a_registry_fault_during_promotion_moves_nothing_and_releases_the_lock(s
     assert client.search_registered_models(f"name = '{LOCK}'") == []
 
 
-def test_two_promotions_at_once_exactly_one_wins(store):
+def test_two_promotions_at_once_exactly_one_wins(store, promotion_race):
     """Two runs gated against the same (absent) champion promote at the same moment."""
     tracking_uri, config_json, run_id, client = store
-    start, outcomes = threading.Barrier(2), {}
-
-    def promote(version: str) -> None:
-        start.wait()
-        try:
-            steps.promote(config_json, tracking_uri, run_id, version, "")
-            outcomes[version] = "won"
-        except promotion.PromotionRefused as refusal:
-            outcomes[version] = str(refusal)
-
-    threads = [threading.Thread(target=promote, args=(version,)) for version in ("1", "2")]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    (winner,) = [version for version, outcome in outcomes.items() if outcome == "won"]
-    (loser,) = set(outcomes) - {winner}
-    assert f"{NAME}@{ALIAS} is now version {winner}; the gate beat no champion" in outcomes[loser]
+    winner, refusal = promotion_race(lambda version: steps.promote(config_json, tracking_uri, run_id, version, ""), ("1", "2"))
+    assert f"{NAME}@{ALIAS} is now version {winner}; the gate beat no champion" in refusal
     assert str(client.get_model_version_by_alias(NAME, ALIAS).version) == winner
     assert [move["version"] for move in promotion.alias_history(client, NAME, ALIAS)] == [winner]
 

@@ -298,13 +298,18 @@ def read_commit(uri: str) -> dict[str, Any] | None:
         raw = read_bytes(uri)
     except MissingObjectError:
         return None
+    return _json_holding(raw, uri, "outputs", "commit record")
+
+
+def _json_holding(raw: bytes, uri: str, key: str, what: str) -> dict[str, Any]:
+    """``raw`` read as a JSON object holding an object under ``key``; else an error naming ``uri``."""
     try:
-        record = json.loads(raw)
+        value = json.loads(raw)
     except ValueError:
-        record = None
-    if not isinstance(record, dict) or not isinstance(record.get("outputs"), dict):
-        raise StorageError(f"{uri}: not a topr commit record (a JSON object with its outputs under 'outputs')")
-    return record
+        value = None
+    if not isinstance(value, dict) or not isinstance(value.get(key), dict):
+        raise StorageError(f"{uri}: not a topr {what} (a JSON object with its {key} under '{key}')")
+    return value
 
 
 def read_manifest(uri: str, expected_sha256: str | None = None) -> dict[str, Any]:
@@ -318,12 +323,7 @@ def read_manifest(uri: str, expected_sha256: str | None = None) -> dict[str, Any
         raise MissingObjectError(f"{uri} is not a published directory: {MANIFEST_NAME} is missing") from None
     if expected_sha256 and hashlib.sha256(raw).hexdigest() != expected_sha256:
         raise StorageError(f"{manifest_uri}: SHA-256 differs from the one recorded when it was published ({expected_sha256})")
-    try:
-        manifest = json.loads(raw)
-    except ValueError:
-        manifest = None
-    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
-        raise StorageError(f"{manifest_uri}: not a topr manifest (a JSON object with its files under 'files')")
+    manifest = _json_holding(raw, manifest_uri, "files", "manifest")
     for relative in manifest["files"]:
         _check_inside(manifest_uri, relative)
     return manifest

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import threading
-
 import mlflow
 import pytest
 
@@ -23,29 +21,16 @@ def test_over_rest_only_a_missing_model_or_alias_is_no_champion(stack):
         promotion.alias_version(wrong, name, ALIAS)
 
 
-def test_two_promotions_through_the_server_exactly_one_wins(stack):
+def test_two_promotions_through_the_server_exactly_one_wins(stack, promotion_race):
     client, name = mlflow.MlflowClient(stack.tracking_uri), "rest-race"
     client.create_registered_model(name)
-    versions = [str(client.create_model_version(name, f"s3://{stack.bucket}/{name}/model{i}").version) for i in (1, 2)]
-    start, outcomes = threading.Barrier(len(versions)), {}
+    versions = tuple(str(client.create_model_version(name, f"s3://{stack.bucket}/{name}/model{i}").version) for i in (1, 2))
 
-    def promote(version: str) -> None:
-        own_client = mlflow.MlflowClient(stack.tracking_uri)
-        start.wait()
-        try:
-            promotion.promote(own_client, name, ALIAS, version, None, f"run-{version}")
-            outcomes[version] = "won"
-        except promotion.PromotionRefused as refusal:
-            outcomes[version] = str(refusal)
+    def promote(version: str) -> None:  # each with its own client, as two runs would be
+        promotion.promote(mlflow.MlflowClient(stack.tracking_uri), name, ALIAS, version, None, f"run-{version}")
 
-    threads = [threading.Thread(target=promote, args=(version,)) for version in versions]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    (winner,) = [version for version, outcome in outcomes.items() if outcome == "won"]
-    (loser,) = set(outcomes) - {winner}
-    assert f"{name}@{ALIAS} is now version {winner}; the gate beat no champion" in outcomes[loser]
+    winner, refusal = promotion_race(promote, versions)
+    assert f"{name}@{ALIAS} is now version {winner}; the gate beat no champion" in refusal
     assert promotion.alias_version(client, name, ALIAS) == winner
     assert [(move["version"], move["run_id"]) for move in promotion.alias_history(client, name, ALIAS)] == [(winner, f"run-{winner}")]
     assert client.search_registered_models(f"name = '{name}{promotion.LOCK_SUFFIX}'") == []
