@@ -23,6 +23,7 @@ from topr import distributed, steps, storage
 from topr.config import config_to_dict, load_config
 from topr.distributed import Ranks, WorkerError
 from topr.records import write_records
+from topr.checkpoint import TrainCheckpoint
 from topr.train import global_batches, launch_train, run_train
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: one thread beats synchronising several
@@ -189,6 +190,26 @@ def test_fsdp_two_processes_end_with_the_weights_of_one(tiny_model_dir, tmp_path
     assert_same_history([stats for _, stats in history], reference_history)
     assert_same_weights(tmp_path / "model", reference_dir)
     assert json.loads((tmp_path / "model" / "topr_model.json").read_text())["weights_sha256"] == summary["weights_sha256"]
+
+
+def test_ddp_workers_checkpoint_and_a_second_launch_resumes_from_the_last_step(tiny_model_dir, tmp_path, two_epochs):
+    """The workers get the checkpoint's path; rank 0 saves after every step but the last, so a
+    second launch on the same job resumes at the last step: it replays the steps before it,
+    takes that one, and ends with the weights of one process."""
+    records, (reference_dir, reference, reference_history) = two_epochs
+    data = tmp_path / "data.jsonl"
+    write_records(data, records)
+    cfg = config("train.epochs=2", f"train.processes={WORKERS}", "train.checkpoint_minutes=0")
+    checkpoint = TrainCheckpoint(tmp_path / "checkpoint" / "train.pt", every_minutes=0)
+    launch_train(cfg, tiny_model_dir, data, tmp_path / "first", checkpoint=checkpoint)
+    saved = torch.load(checkpoint.path, weights_only=True)
+    assert saved["next_step"] == reference["steps"] - 1 and len(saved["history"]) == reference["steps"] - 1
+
+    history = []
+    launch_train(cfg, tiny_model_dir, data, tmp_path / "resumed", lambda step, stats: history.append((step, stats)), checkpoint)
+    assert [step for step, _ in history] == list(range(reference["steps"]))
+    assert_same_history([stats for _, stats in history], reference_history)
+    assert_same_weights(tmp_path / "resumed", reference_dir)
 
 
 class RecordingRun:

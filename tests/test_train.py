@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 
 from topr import distributed
 from topr import train as train_module
+from topr.checkpoint import TrainCheckpoint
 from topr.config import load_config
 from topr.logprobs import batch_prompt_completions, completion_logprobs
 from topr.models import PROVENANCE_FILE, load_policy, model_identity, prompt_token_ids
@@ -532,6 +533,98 @@ def test_by_length_gives_every_rank_neighbouring_lengths_and_keeps_every_sequenc
         for k in range(len(micro[0])):  # micro-batch k of every rank: one contiguous run of lengths
             lengths = sorted(train_module.sequence_length(r) for parts in micro for r in parts[k])
             assert lengths == list(range(lengths[0], lengths[0] + len(lengths)))
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+class NodeLost(RuntimeError):
+    pass
+
+
+def fail_at(step_index):
+    """An ``on_step`` that records the steps and kills the run as step ``step_index`` reports."""
+    seen = []
+
+    def on_step(step, stats):
+        if step == step_index:
+            raise NodeLost(f"the node went away at step {step}")
+        seen.append(step)
+
+    return on_step, seen
+
+
+CHECKPOINTED = ("train.batch_size=2", "train.epochs=2", "train.lr_schedule=cosine", "train.warmup_steps=1", "train.checkpoint_minutes=0")
+
+
+def test_a_run_killed_at_step_k_resumes_from_its_checkpoint_to_the_uninterrupted_weights(policy, tiny_model_dir, tmp_path):
+    """Weights, Adam's moments, the schedule and the figures all continue: the resumed run ends
+    with the weights of one that never stopped, and reports every step once, in order."""
+    records = make_records(policy, POSITIVES + NEGATIVES)  # 4 records, 2 per step, 2 epochs: 4 steps
+    cfg = config(*CHECKPOINTED)
+    uninterrupted, uninterrupted_steps, _ = train(tmp_path, tiny_model_dir, records, cfg, name="uninterrupted")
+    data = tmp_path / "data.jsonl"
+    write_records(data, records)
+    checkpoint = TrainCheckpoint(tmp_path / "ckpt" / "train.pt", every_minutes=0)
+
+    killer, reported = fail_at(2)
+    with pytest.raises(NodeLost):
+        run_train(cfg, tiny_model_dir, data, tmp_path / "killed", killer, checkpoint)
+    assert reported == [0, 1] and not (tmp_path / "killed").exists()
+    assert torch.load(checkpoint.path, weights_only=True)["next_step"] == 2
+
+    resumed_steps = []
+    resumed = run_train(cfg, tiny_model_dir, data, tmp_path / "resumed", lambda step, stats: resumed_steps.append((step, stats)), checkpoint)
+    assert resumed["weights_sha256"] == uninterrupted["weights_sha256"]
+    assert resumed["steps"] == uninterrupted["steps"] == 4 and resumed["tokens"] == uninterrupted["tokens"]
+    assert [step for step, _ in resumed_steps] == [0, 1, 2, 3]
+    for (_, got), (_, expected) in zip(resumed_steps, uninterrupted_steps):
+        assert got["loss"] == expected["loss"] and got["learning_rate"] == expected["learning_rate"]
+
+
+def test_without_its_optimizer_state_the_resumed_run_would_differ(policy, tiny_model_dir, tmp_path, monkeypatch):
+    """The check above can fail: resuming with fresh Adam moments ends elsewhere."""
+    records = make_records(policy, POSITIVES + NEGATIVES)
+    cfg = config(*CHECKPOINTED)
+    uninterrupted, _, _ = train(tmp_path, tiny_model_dir, records, cfg, name="uninterrupted")
+    data = tmp_path / "data.jsonl"
+    write_records(data, records)
+    checkpoint = TrainCheckpoint(tmp_path / "train.pt", every_minutes=0)
+    with pytest.raises(NodeLost):
+        run_train(cfg, tiny_model_dir, data, tmp_path / "killed", fail_at(2)[0], checkpoint)
+    monkeypatch.setattr(train_module, "resume", lambda state, optimizer, scheduler: scheduler.load_state_dict(state["scheduler"]))
+    forgetful = run_train(cfg, tiny_model_dir, data, tmp_path / "resumed", None, checkpoint)
+    assert forgetful["weights_sha256"] != uninterrupted["weights_sha256"]
+
+
+def test_a_checkpoint_of_other_data_is_ignored_and_training_starts_over(policy, tiny_model_dir, tmp_path, caplog):
+    records = make_records(policy, POSITIVES + NEGATIVES)
+    cfg = config(*CHECKPOINTED)
+    checkpoint = TrainCheckpoint(tmp_path / "train.pt", every_minutes=0)
+    other = tmp_path / "other.jsonl"
+    write_records(other, records[:2] + records[:2])
+    with pytest.raises(NodeLost):
+        run_train(cfg, tiny_model_dir, other, tmp_path / "killed", fail_at(2)[0], checkpoint)
+    data = tmp_path / "data.jsonl"
+    write_records(data, records)
+    seen = []
+    with caplog.at_level(logging.WARNING, logger="topr.checkpoint"):
+        run_train(cfg, tiny_model_dir, data, tmp_path / "out", lambda step, stats: seen.append(step), checkpoint)
+    assert seen == [0, 1, 2, 3]
+    assert "saved by training on other data or settings" in caplog.text
+
+
+def test_checkpoints_are_saved_when_due_and_not_after_the_last_step(policy, tiny_model_dir, tmp_path, monkeypatch):
+    records = make_records(policy, POSITIVES + NEGATIVES)
+    data = tmp_path / "data.jsonl"
+    write_records(data, records)
+    saved = []
+    monkeypatch.setattr(TrainCheckpoint, "save", lambda self, state: saved.append(state["next_step"]))
+    run_train(config(*CHECKPOINTED), tiny_model_dir, data, tmp_path / "every", None, TrainCheckpoint(tmp_path / "a.pt", every_minutes=0))
+    assert saved == [1, 2, 3]
+    saved.clear()
+    run_train(config(*CHECKPOINTED), tiny_model_dir, data, tmp_path / "hourly", None, TrainCheckpoint(tmp_path / "b.pt", every_minutes=60))
+    assert saved == []
 
 
 # ----------------------------------------------------------------------------- failures

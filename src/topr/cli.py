@@ -179,6 +179,12 @@ def _build_parser() -> argparse.ArgumentParser:
     train.add_argument("--data", required=True, help="Curated training records.")
     train.add_argument("--output", required=True, help="Directory for the trained model.")
     train.add_argument("--summary", help="Also write the summary, with every step's figures under 'history', here (JSON).")
+    train.add_argument(
+        "--checkpoint",
+        help="Save the training state to this file every train.checkpoint_minutes, and resume from it if it "
+        "holds this job's state (same data, model and settings); deleted when training ends.",
+    )
+    train.add_argument("--checkpoint-uri", help="Also upload the checkpoint to this s3:// URI, and fetch it from there.")
     _add_config_arguments(train)
 
     evaluate = commands.add_parser("evaluate", help="Held-out pass@1, pass@k, maj@k with 95%% CIs.")
@@ -447,9 +453,14 @@ def cmd_train(args) -> int:
     """
     import json
 
-    from topr.distributed import current_ranks
+    from topr.checkpoint import TrainCheckpoint
+    from topr.distributed import current_ranks, under_torchrun
     from topr.train import launch_train
 
+    config = _config(args)
+    checkpoint = None
+    if args.checkpoint and config.train.checkpoint_minutes is not None:
+        checkpoint = TrainCheckpoint(args.checkpoint, args.checkpoint_uri, config.train.checkpoint_minutes)
     main_rank = current_ranks().main
     if not main_rank:  # rank 0 speaks for all
         from transformers.utils import logging as transformers_logging
@@ -460,7 +471,9 @@ def cmd_train(args) -> int:
     with ExitStack() as stack:
         outputs = {"output": "directory", "summary": "file"} if main_rank else {}
         _local_copies(stack, args, {"model": "directory", "data": "file"}, outputs)
-        summary = launch_train(_config(args), args.model, args.data, args.output, on_step=lambda step, stats: history.append(stats))
+        summary = launch_train(config, args.model, args.data, args.output, lambda step, stats: history.append(stats), checkpoint)
+        if checkpoint and not under_torchrun():  # torchrun's workers leave it to the command that launched them
+            checkpoint.remove()
         if main_rank:
             if args.summary:
                 Path(args.summary).write_text(json.dumps({**summary, "history": history}, indent=2))

@@ -79,7 +79,7 @@ DEFAULT_STAGES: dict[str, dict[str, Any]] = {
     "collect_samples": _stage(cpu="1", memory="8Gi", retries=2, timeout_minutes=30),
     "verify": _stage(cpu="4", memory="8Gi", retries=2, timeout_minutes=60),
     "curate": _stage(cpu="1", memory="8Gi", retries=1, timeout_minutes=30),
-    "train": _stage(cpu="8", memory="64Gi", gpus=1, retries=0, timeout_minutes=1440),
+    "train": _stage(cpu="8", memory="64Gi", gpus=1, retries=1, timeout_minutes=1440),  # resumes from its checkpoint
     "evaluate": _stage(cpu="8", memory="64Gi", gpus=1, retries=2, timeout_minutes=180),
     "gate": _stage(cpu="8", memory="64Gi", gpus=1, retries=2, timeout_minutes=180),
     "promote": _stage(cpu="500m", memory="1Gi", retries=2, timeout_minutes=10),

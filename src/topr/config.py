@@ -223,6 +223,15 @@ class TrainConfig(Section):
         "fully_shard: weights, gradients and optimizer state sharded, for models too big for one GPU).",
     )
 
+    checkpoint_minutes: float | None = Field(
+        30.0,
+        ge=0,
+        description="Minutes between checkpoints of the train stage, which with an artifact store saves its "
+        "state to <store>/<run id>/iter<i>/train.checkpoint.pt; a retried stage resumes from the last one "
+        "and ends with the weights of an uninterrupted run (topr.checkpoint). 0: after every step; null: never. "
+        "Written by the one or several ddp processes, not under fsdp.",
+    )
+
     @field_validator("positive_bounds", "negative_bounds")
     @classmethod
     def _ordered(cls, bounds: tuple[float, float] | None) -> tuple[float, float] | None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import tempfile
 from pathlib import Path
 
 from topr import promotion, storage
@@ -252,6 +253,8 @@ def train(
 
     With ``train.processes`` > 1 (default: one per GPU) training runs in torchrun workers
     (``topr.train.launch_train``); their per-step figures are logged here when they finish.
+    With an artifact store, training checkpoints there (``train_checkpoint``), a retried stage
+    resumes from the last checkpoint, and the checkpoint is deleted once the stage commits.
     """
     from topr.models import model_identity
     from topr.train import launch_train
@@ -265,7 +268,8 @@ def train(
         run.log_dataset(data_path, f"train_set_iter{iteration}", "training", source=train_set_uri)
         run.log_dataset(samples_path, f"samples_iter{iteration}", "sampling", source=samples_uri)
         step_metrics = StepMetrics(run)
-        summary = launch_train(config, model_dir, data_path, output_dir, on_step=step_metrics)
+        checkpoint = train_checkpoint(config, parent_run_id, iteration)
+        summary = launch_train(config, model_dir, data_path, output_dir, step_metrics, checkpoint)
         step_metrics.flush()
         published = outputs.model(output_dir, "model")
         registered_source = _model_source(run, output_dir, published)
@@ -286,7 +290,22 @@ def train(
         summary["registered_version"] = int(version)
         outputs.registered("model", version)
         outputs.commit()
+    if checkpoint:
+        checkpoint.remove()
     return summary
+
+
+def train_checkpoint(config: Config, parent_run_id: str, iteration: int):
+    """The train stage's checkpoint, ``<store>/<run>/iter<i>/train.checkpoint.pt`` staged in the
+    temporary folder; None without an artifact store (nothing retries a local run) or when
+    ``train.checkpoint_minutes`` is null."""
+    from topr.checkpoint import TrainCheckpoint
+
+    remote = published_uri(config, parent_run_id, iteration, "train.checkpoint.pt")
+    if remote is None or config.train.checkpoint_minutes is None:
+        return None
+    local = Path(tempfile.gettempdir(), "topr-checkpoints", parent_run_id, f"iter{iteration}-train.checkpoint.pt")
+    return TrainCheckpoint(local, remote, config.train.checkpoint_minutes)
 
 
 def _model_source(run, output_dir: str, published: dict[str, str]) -> str:
@@ -343,8 +362,6 @@ def gate(config_json: str, tracking_uri: str, parent_run_id: str, iteration: int
 
 
 def _evaluate_registered(config: Config, client, version, prompts_path: str) -> float:
-    import tempfile
-
     from topr.evaluate import run_evaluate
 
     from topr.lineage import committed_model
@@ -411,8 +428,6 @@ def train_verifier(config_json: str, tracking_uri: str, parent_run_id: str, mode
     The intermediate judgments and training set are kept as artifacts of the stage's run (and
     published), since the folder they are written to is temporary.
     """
-    import tempfile
-
     from topr.loop import IterationFiles
     from topr.models import model_identity
     from topr.verifier import data_files, run_train_verifier, verifier_config

@@ -162,6 +162,13 @@ def download_file(uri: str, path: str | os.PathLike) -> Path:
     return Path(path)
 
 
+def delete(uri: str) -> None:
+    """Delete one object; a missing one is not an error (S3 answers both alike)."""
+    bucket, key = split_s3(uri)
+    with _s3_errors("deleting", uri):
+        s3_client().delete_object(Bucket=bucket, Key=key)
+
+
 def read_bytes(uri: str) -> bytes:
     bucket, key = split_s3(uri)
     with _s3_errors("reading", uri):

@@ -29,6 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from topr import distributed
+from topr.checkpoint import TrainCheckpoint, job_fingerprint
 from topr.config import Config, config_to_yaml
 from topr.logprobs import batch_prompt_completions, completion_logprobs
 from topr.models import load_policy, model_identity, save_policy, set_threads
@@ -414,19 +415,53 @@ def warn_if_own_data_starts_off_policy(records: list[Record], model_dir: str, fi
         )
 
 
+def usable_checkpoint(checkpoint: TrainCheckpoint | None, config: Config, world_size: int) -> TrainCheckpoint | None:
+    """``checkpoint``, unless FSDP shards the state over several processes (not checkpointed)."""
+    if checkpoint and config.train.parallelism == "fsdp" and world_size > 1:
+        log.warning("training under fsdp writes no checkpoints: a retried stage starts from step 0")
+        return None
+    return checkpoint
+
+
+def training_state(fingerprint: str, next_step: int, model, optimizer, scheduler, history: list, tokens_seen: int, seconds: float) -> dict:
+    """What a checkpoint holds (see ``topr.checkpoint``)."""
+    return {
+        "fingerprint": fingerprint,
+        "next_step": next_step,
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "rng": torch.get_rng_state(),
+        "history": history,
+        "tokens_seen": tokens_seen,
+        "seconds": seconds,
+    }
+
+
+def resume(state: dict, optimizer, scheduler) -> None:
+    """Put the optimizer, the scheduler and the random state back as a checkpoint saved them
+    (the weights are loaded before the model is wrapped)."""
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["rng"])
+
+
 def run_train(
     config: Config,
     model_dir: str,
     data_path: str | Path,
     output_dir: str | Path,
     on_step: StepCallback | None = None,
+    checkpoint: TrainCheckpoint | None = None,
 ) -> dict | None:
     """Train the policy in ``model_dir`` on the curated set at ``data_path``; save to ``output_dir``.
 
     Under torchrun every process runs this; rank 0 calls ``on_step`` with figures summed over all
     processes, saves the model and returns the summary, the other ranks return None. A step
     whose loss or gradient norm is not finite stops training before the optimizer applies it
-    (``NonFiniteStepError``), and nothing is saved.
+    (``NonFiniteStepError``), and nothing is saved. With a ``checkpoint``, rank 0 saves the
+    training state when it is due, and a run that finds its job's checkpoint resumes from it,
+    first replaying the finished steps' figures to ``on_step``.
     """
     train = config.train
     records = read_records(data_path, required=TRAIN_FIELDS, check=check_train_record)
@@ -435,7 +470,12 @@ def run_train(
     set_threads(config.model.threads)
     torch.manual_seed(train.seed)
     with distributed.process_group() as (ranks, device):
+        checkpoint = usable_checkpoint(checkpoint, config, ranks.world_size)
+        fingerprint = job_fingerprint(config, model_dir, data_path, ranks.world_size) if checkpoint else ""
+        resumed = checkpoint.load(fingerprint) if checkpoint else None
         model, tokenizer = load_policy(model_dir, device=torch.device("cpu"))  # wrap() places it
+        if resumed:
+            model.load_state_dict(resumed["model"])
         model.train()
         model.config.use_cache = False
         autocast_dtype = training_dtype(config, device)
@@ -450,11 +490,17 @@ def run_train(
             records, step_size, train.epochs, train.seed, train.batch_order, train.baseline, train.steps_per_epoch
         )
         scheduler = make_scheduler(optimizer, config, len(batches))
-        bar = tqdm(total=len(batches), desc="training", unit="step", disable=not ranks.main)
-        history: list[dict[str, float]] = []
-        started = time.perf_counter()
-        tokens_seen = 0
-        for step, batch in enumerate(batches):
+        history: list[dict[str, float]] = resumed["history"] if resumed else []
+        tokens_seen = resumed["tokens_seen"] if resumed else 0
+        started = time.perf_counter() - (resumed["seconds"] if resumed else 0.0)
+        if resumed:
+            resume(resumed, optimizer, scheduler)
+            for step, stats in enumerate(history):
+                if on_step and ranks.main:
+                    on_step(step, stats)
+        bar = tqdm(total=len(batches), initial=len(history), desc="training", unit="step", disable=not ranks.main)
+        for step in range(len(history), len(batches)):
+            batch = batches[step]
             parts = distributed.micro_batches(by_length(batch, train.batch_size, ranks.world_size), train.batch_size, ranks)
             sums, ratios = {"tokens": 0.0}, []
             for index, part in enumerate(parts):
@@ -488,6 +534,8 @@ def run_train(
             history.append(step_stats)
             if on_step and ranks.main:
                 on_step(step, step_stats)
+            if checkpoint and ranks.main and step + 1 < len(batches) and checkpoint.due():
+                checkpoint.save(training_state(fingerprint, step + 1, model, optimizer, scheduler, history, tokens_seen, elapsed))
             bar.update()
             bar.set_postfix(loss=f"{step_stats['loss']:.4f}", tokens_per_s=f"{step_stats['tokens_per_second']:.0f}")
         bar.close()
@@ -524,20 +572,26 @@ def launch_train(
     data_path: str | Path,
     output_dir: str | Path,
     on_step: StepCallback | None = None,
+    checkpoint: TrainCheckpoint | None = None,
 ) -> dict | None:
     """``run_train`` here, or in torchrun workers when ``train.processes`` (default: one per GPU)
     is more than one and this process is not already one of them.
 
     The workers run ``topr train`` (the same code, under torchrun); rank 0 writes the summary with
     every step's figures to a file, and ``on_step`` is then called here for each step, in order.
+    A remote checkpoint is fetched here, once, for all of them.
     """
+    if checkpoint:
+        checkpoint.fetch()
     if not distributed.should_launch(config.train.processes):
-        return run_train(config, model_dir, data_path, output_dir, on_step)
+        return run_train(config, model_dir, data_path, output_dir, on_step, checkpoint)
     processes = distributed.process_count(config.train.processes)
     with tempfile.TemporaryDirectory(prefix="topr-train-") as scratch:
         config_path, summary_path = Path(scratch, "config.yaml"), Path(scratch, "summary.json")
         config_path.write_text(config_to_yaml(config))
         arguments = ["--model", str(model_dir), "--data", str(data_path), "--output", str(output_dir)]
+        if checkpoint:
+            arguments += ["--checkpoint", str(checkpoint.path), *(["--checkpoint-uri", checkpoint.remote] if checkpoint.remote else [])]
         distributed.launch(processes, ["train", *arguments, "--config", str(config_path), "--summary", str(summary_path)])
         summary = json.loads(summary_path.read_text())
     for step, stats in enumerate(summary.pop("history")):

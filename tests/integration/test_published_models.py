@@ -11,10 +11,11 @@ import pytest
 from botocore.exceptions import ClientError
 
 from topr import steps, storage
+from topr import train as train_module
 from topr.cli import main
 from topr.config import config_to_dict, load_config
 from topr.lineage import UncommittedModelError
-from topr.tracking import KFP_RUN_TAG
+from topr.tracking import KFP_RUN_TAG, metric_history
 from topr.records import write_records
 from topr.train import NonFiniteStepError
 
@@ -193,3 +194,40 @@ def test_a_model_whose_stage_failed_after_registering_it_is_refused_by_every_rea
         steps.registered_model_source(stack.tracking_uri, "models:/uncommitted-test/1")
     steps.promote(config_json, stack.tracking_uri, parent_run_id, "2", "")
     assert client.get_registered_model("uncommitted-test").aliases == {"champion": "2"}
+
+
+def test_a_train_stage_killed_mid_training_resumes_on_retry_from_its_checkpoint_in_the_store(stack, tmp_path, tiny_model_dir, monkeypatch):
+    """The pod dies at step 2 of 4: the checkpoint saved after step 1 waits in the object store;
+    the retry, on a node without the local copy, fetches it, trains steps 2 and 3, ends with the
+    weights of an uninterrupted stage, logs the whole curve and deletes the checkpoint."""
+    overrides = ("train.batch_size=1", "train.gradient_accumulation=1", "train.epochs=2", "train.steps_per_epoch=null", "train.checkpoint_minutes=0")
+    config_json = _config_json(stack, tiny_model_dir, "checkpointed", *overrides)
+    config = steps.parse_config(config_json)
+    data = _train_set(tmp_path / "train_set.jsonl")
+    reference_run = steps.start(config_json, stack.tracking_uri, "uninterrupted")
+    uninterrupted = steps.train(config_json, stack.tracking_uri, reference_run, 1, tiny_model_dir, data, data, str(tmp_path / "reference"))
+
+    parent_run_id = steps.start(config_json, stack.tracking_uri, "killed")
+    train = (config_json, stack.tracking_uri, parent_run_id, 1, tiny_model_dir, data, data)
+    checkpoint = steps.train_checkpoint(config, parent_run_id, 1)
+    checked = train_module.check_finite_step
+
+    def node_lost(step, loss, grad_norm):
+        if step == 2:
+            raise RuntimeError("the node went away")
+        checked(step, loss, grad_norm)
+
+    with monkeypatch.context() as fault:
+        fault.setattr(train_module, "check_finite_step", node_lost)
+        with pytest.raises(RuntimeError, match="the node went away"):
+            steps.train(*train, str(tmp_path / "killed"))
+    assert storage.exists(checkpoint.remote)
+    checkpoint.path.unlink()  # the retry runs on another node
+
+    resumed = steps.train(*train, str(tmp_path / "retried"))
+    assert resumed["weights_sha256"] == uninterrupted["weights_sha256"] and resumed["steps"] == 4
+    assert not storage.exists(checkpoint.remote) and not checkpoint.path.exists()
+    client = mlflow.MlflowClient(stack.tracking_uri)
+    experiment = client.get_run(parent_run_id).info.experiment_id
+    (retry_run,) = client.search_runs([experiment], f"tags.mlflow.parentRunId = '{parent_run_id}' and attributes.status = 'FINISHED'")
+    assert sorted(metric_history(stack.tracking_uri, retry_run.info.run_id, "loss")) == [0, 1, 2, 3]
