@@ -26,7 +26,7 @@
 #     writable by that user: mount a volume there to keep them between pods;
 #   * HF_HUB_OFFLINE is deliberately not set, so a cluster with access to the Hugging Face Hub
 #     can load models by id. Set HF_HUB_OFFLINE=1 in the pod where models only come from S3 or
-#     the image (k8s/examples/trainjob.yaml does);
+#     the image (pipeline pods do, pipelines/cluster_settings.py; so does k8s/examples/trainjob.yaml);
 #   * no credentials of any kind: S3 keys and MLflow settings come from Kubernetes Secrets and
 #     ConfigMaps at run time (k8s/README.md).
 

@@ -20,6 +20,7 @@ from topr.config import Config, build_config, config_to_dict
 log = logging.getLogger(__name__)
 
 FILE_TASKS = ("jsonl", "gsm8k", "math")
+DEFAULT_SERVICE_ACCOUNT = "topr-pipeline"  # k8s/base/rbac.yaml
 
 
 def check_cron(cron: str) -> str:
@@ -57,8 +58,10 @@ def create_schedule(
     tracking_uri: str,
     name: str,
     pipeline_root: str | None = None,
+    service_account: str = DEFAULT_SERVICE_ACCOUNT,
 ):
-    """Create a recurring run (one at a time, no catch-up) of ``config`` made a scheduled one."""
+    """Create a recurring run (one at a time, no catch-up) of ``config`` made a scheduled one,
+    whose pods run as ``service_account`` (KFP's default runner account has far broader rights)."""
     cron = check_cron(cron)
     config = scheduled_config(config)
     client = endpoint.client()
@@ -75,6 +78,7 @@ def create_schedule(
             params={"config_json": json.dumps(config_to_dict(config)), "tracking_uri": tracking_uri, "run_name": name},
             pipeline_package_path=str(package),
             pipeline_root=pipeline_root,
+            service_account=service_account,
         )
     log.info("recurring run %s (%s) created: %s", recurring.recurring_run_id, name, cron)
     return recurring

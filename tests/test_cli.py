@@ -89,6 +89,17 @@ def test_verify_writes_rewards_and_prints_summary(tmp_path, capsys):
     assert summary["prompts_with_a_correct"] == 2
 
 
+@pytest.mark.parametrize("task, right", [("gsm8k", "6 × 7. Answer: 42"), ("math", "6 × 7 = \\boxed{42}"), ("jsonl", "Answer: 42")])
+def test_verify_scores_completions_from_elsewhere_without_prompt_files(tmp_path, capsys, task, right):
+    """A file task's checker needs no train or eval file: ``topr verify --task gsm8k`` just scores."""
+    source, output = tmp_path / "samples.jsonl", tmp_path / "verified.jsonl"
+    write_jsonl(source, [{"prompt_id": "p1", "reference": "42", "completion": right},
+                         {"prompt_id": "p2", "reference": "5", "completion": "Answer: 6"}])  # fmt: skip
+    assert main(["verify", "--task", task, "--input", str(source), "--output", str(output)]) == 0
+    assert [r["correct"] for r in read_records(output)] == [True, False]
+    assert json.loads(capsys.readouterr().out)["accuracy"] == 0.5
+
+
 def test_verify_malformed_line_exits_2_and_names_file_and_line(tmp_path, capsys):
     source, output = tmp_path / "samples.jsonl", tmp_path / "verified.jsonl"
     lines = [json.dumps(record) for record in COMPLETIONS]
@@ -293,3 +304,11 @@ def test_a_subset_of_arms_without_the_reference_compares_with_its_first_arm():
     chosen = _with_replicates_and_reference(_with_arms(spec, "objectives", ["topr", "tis"]), 2, None)
     assert (list(chosen.arms), chosen.reference_arm, chosen.replicates) == (["topr", "tis"], "topr", 2)
     assert _with_arms(spec, "objectives", ["topr", "rft"]).reference_arm == "rft"
+
+
+@pytest.mark.parametrize("command", [["lineage", "m/1"], ["submit", "--host", "http://kfp"], ["run"]])
+def test_a_tracking_uri_flag_with_a_password_is_refused(capsys, command):
+    with pytest.raises(SystemExit) as exited:
+        main([*command, "--tracking-uri", "http://topr:s3cret@mlflow:5000"])
+    assert exited.value.code == 2
+    assert "must not carry a password" in capsys.readouterr().err

@@ -23,6 +23,27 @@ def test_defaults_validate():
     assert config.run.iterations == 2
 
 
+def test_each_task_registers_into_its_own_model_by_default():
+    """So that a run on one task is never gated against a champion trained on another."""
+    assert load_config().run.registered_model == "topr-arithmetic"
+    files = ["task.train_path=train.jsonl", "task.eval_path=eval.jsonl"]
+    assert load_config(None, ["task.name=gsm8k", *files]).run.registered_model == "topr-gsm8k"
+    assert load_config(None, ["task.name=gsm8k", *files, "run.registered_model=mine"]).run.registered_model == "mine"
+
+
+@pytest.mark.parametrize("name", ["../elsewhere", "/etc", "a/b", "..", ".hidden", "with space"])
+def test_a_run_name_is_one_safe_folder_name(name):
+    with pytest.raises(ConfigError, match="run.name"):
+        load_config(None, [f"run.name={name}"])
+
+
+def test_a_tracking_uri_with_a_password_is_refused():
+    """It would be logged as a parameter of every run and shown in the pipeline UI."""
+    with pytest.raises(ConfigError, match="run.tracking_uri: .*must not carry a password.*MLFLOW_TRACKING_PASSWORD"):
+        load_config(None, ["run.tracking_uri=https://topr:s3cret@mlflow.example.com"])
+    assert load_config(None, ["run.tracking_uri=https://topr@mlflow.example.com"]).run.tracking_uri.startswith("https://topr@")
+
+
 def test_yaml_round_trip(tmp_path):
     config = load_config(overrides=["train.objective=tis", "sample.temperature=0.7"])
     path = tmp_path / "config.yaml"

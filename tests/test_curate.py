@@ -1,4 +1,5 @@
 import json
+import logging
 
 import pytest
 
@@ -148,7 +149,29 @@ def test_target_fraction_unreachable_warns_and_keeps_all(records):
     only_negatives = [record for record in records if record["prompt_id"] == "p2"]
     curated, report = curate(only_negatives, CurateConfig(target_positive_fraction=0.5), baseline=0.0)
     assert len(curated) == 4
-    assert len(report["warnings"]) == 1 and "no positives" in report["warnings"][0]
+    assert "cannot be reached: the curated set has no positives" in report["warnings"][0]
+
+
+def test_a_set_without_positives_is_said_with_what_to_try(tmp_path, records, caplog):
+    """As a new user meets it: the model solves none of its prompts. The warning reaches the
+    report and the console (a WARNING), and says what to change."""
+    only_negatives = [record for record in records if record["prompt_id"] == "p2"]
+    input_path = tmp_path / "verified.jsonl"
+    write_records(input_path, only_negatives)
+    with caplog.at_level(logging.WARNING, logger="topr.curate"):
+        report = run_curate(run_config(), input_path, tmp_path / "train.jsonl", tmp_path / "report.json")
+    (warning,) = report["warnings"]
+    assert "has no positives: none of its 4 completions is correct" in warning
+    assert "sample.samples_per_prompt" in warning and "sample.temperature" in warning and "easier task" in warning
+    assert [r.levelname for r in caplog.records if warning in r.getMessage()] == ["WARNING"]
+
+
+def test_a_set_without_negatives_is_said_and_a_mixed_one_is_not(records):
+    only_positives = [record for record in records if record["correct"]]
+    _, report = curate(only_positives, CurateConfig(strategy="all"), baseline=0.0)
+    assert len(report["warnings"]) == 1 and "has no negatives" in report["warnings"][0]
+    _, report = curate(records, CurateConfig(strategy="all"), baseline=0.0)
+    assert report["warnings"] == []
 
 
 def test_report_uses_baseline(records):

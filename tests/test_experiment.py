@@ -224,6 +224,19 @@ def test_a_failed_arm_is_reported_the_others_run_and_resume_retries_only_it(tmp_
     assert "the shared data took 12.3" in resumed  # the first preparation's time, not the resume's
 
 
+def test_resume_refuses_when_a_finished_units_configuration_changed(tmp_path, tiny_model_dir):
+    spec = ExperimentSpec(description="Two objectives.", arms={"topr": [], "rft": ["train.objective=rft"]})
+    experiment, arms = arm_configs(spec, {}, [f"model.path={tiny_model_dir}", *TINY])
+    folder, uri, runner = tmp_path / "exp", default_tracking_uri(tmp_path), ScriptedArms(failing=set())
+    run_experiment("exp", spec, experiment, arms, folder, uri, run_arm=runner)
+
+    changed = ExperimentSpec(description="Two objectives.", arms={"topr": ["train.learning_rate=1e-4"], "rft": ["train.objective=rft"]})
+    experiment, arms = arm_configs(changed, {}, [f"model.path={tiny_model_dir}", *TINY])
+    with pytest.raises(ConfigError, match=r"cannot resume: exp/topr/rep0 finished with another configuration \(train.learning_rate: 1e-05 then, 0.0001 now\)"):
+        run_experiment("exp", changed, experiment, arms, folder, uri, resume=True, run_arm=runner)
+    assert runner.calls == ["topr/rep0", "rft/rep0"]  # nothing ran again
+
+
 def test_replicates_run_every_arm_on_their_own_data_and_the_report_pairs_them(tmp_path, tiny_model_dir):
     spec = ExperimentSpec(description="Two objectives, two replicates.", arms={"rft": ["train.objective=rft"], "topr": []}, replicates=2)
     experiment, arms = arm_configs(spec, {}, [f"model.path={tiny_model_dir}", *TINY])

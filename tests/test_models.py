@@ -7,6 +7,7 @@ SmolLM2-135M-Instruct GGUF and generates with it.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -54,10 +55,31 @@ def test_missing_path_is_a_plain_model_not_found_error(tmp_path):
         load_policy(str(missing))
 
 
-def test_hub_like_id_offline_is_not_found(monkeypatch):
+def test_a_hub_model_needs_its_scheme_and_an_online_machine(monkeypatch):
+    """A relative path with one slash that does not exist is a missing path, not a hub id: only
+    hf://org/name goes to the hub, and not when HF_HUB_OFFLINE=1."""
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    with pytest.raises(ModelNotFoundError, match="'models/policy' does not exist.*hf://org/name"):
+        resolve_model_source("models/policy")
+    assert resolve_model_source("hf://HuggingFaceTB/SmolLM2-135M-Instruct") == ModelSource("HuggingFaceTB/SmolLM2-135M-Instruct")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(ModelNotFoundError, match="nobody/no-such-model"):
-        resolve_model_source("nobody/no-such-model")
+    with pytest.raises(ModelNotFoundError, match="hf://nobody/no-such-model: the hub is off .HF_HUB_OFFLINE=1."):
+        resolve_model_source("hf://nobody/no-such-model")
+    with pytest.raises(ModelNotFoundError, match="not a hub id"):
+        resolve_model_source("hf://just-a-name/with/two-slashes")
+
+
+def test_weights_are_read_from_safetensors_only(tiny_model_dir, tmp_path, monkeypatch):
+    """A directory holding pickled weights (pytorch_model.bin) alone is refused: unpickling runs code."""
+    import transformers
+
+    pickled = tmp_path / "pickled"
+    shutil.copytree(tiny_model_dir, pickled)
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    (pickled / "model.safetensors").unlink()
+    torch.save(model.state_dict(), pickled / "pytorch_model.bin")
+    with pytest.raises(OSError, match="safetensors|model.safetensors"):
+        load_policy(str(pickled), device=torch.device("cpu"))
 
 
 def test_directory_without_config_or_gguf_is_an_error(tmp_path):

@@ -99,11 +99,65 @@ def test_every_stage_gets_credentials_from_secrets_and_runs_as_non_root(tmp_path
         }, name
         (endpoints,) = platform["configMapAsEnv"]
         assert endpoints["configMapName"] == "topr-endpoints"
-        assert platform["securityContext"]["runAsNonRoot"] is True
+        assert platform["securityContext"] == {"runAsUser": "1000", "runAsGroup": "1000", "runAsNonRoot": True}  # int64 as JSON
         assert platform["imagePullPolicy"] == "IfNotPresent"
     # No credential value is ever written into the spec itself.
     text = json.dumps(spec)
     assert "AWS_SECRET_ACCESS_KEY" not in text and "MLFLOW_TRACKING_PASSWORD" not in text
+
+
+def empty_dirs(platform: dict) -> dict[str, dict]:
+    """The emptyDir mounts of one executor, by mount path."""
+    return {mount["mountPath"]: mount for mount in platform.get("emptyDirMounts", [])}
+
+
+def test_every_stage_writes_to_bounded_empty_dirs_and_gpu_stages_get_a_memory_shm(tmp_path):
+    # /tmp and /cache are emptyDirs with a sizeLimit (the kubelet evicts a pod past it), ready for
+    # a read-only root filesystem; GPU stages get a memory-backed /dev/shm (NCCL, vLLM workers).
+    _, executors = compiled(tmp_path)
+    tmp = {}
+    for name, platform in executors.items():
+        mounts = empty_dirs(platform)
+        assert mounts["/tmp"]["sizeLimit"] and "medium" not in mounts["/tmp"], name
+        assert mounts["/cache"]["sizeLimit"] and "medium" not in mounts["/cache"], name
+        if stage_of(name) in GPU_STAGES:
+            assert mounts["/dev/shm"]["medium"] == "Memory" and mounts["/dev/shm"]["sizeLimit"], name
+        else:
+            assert "/dev/shm" not in mounts, name
+        tmp[stage_of(name)] = mounts["/tmp"]["sizeLimit"]
+    # train stages its checkpoint (~16 bytes per parameter) in /tmp: it gets the most room.
+    gibibytes = {stage: int(size.removesuffix("Gi")) for stage, size in tmp.items()}
+    assert gibibytes["train"] == max(gibibytes.values()) >= 100
+    assert gibibytes["gate"] >= 50  # it downloads the champion into /tmp
+
+
+def test_scratch_space_and_shared_memory_come_from_the_stage_settings(tmp_path):
+    stages = (
+        "cluster.stages={train: {ephemeral_storage: 300Gi},"
+        " sample: {ephemeral_storage: 20Gi, ephemeral_storage_limit: 40Gi, shared_memory: 32Gi}}"
+    )
+    _, executors = compiled(tmp_path, stages)
+    mounts = {stage_of(name): empty_dirs(platform) for name, platform in executors.items()}
+    assert mounts["train"]["/tmp"]["sizeLimit"] == "300Gi"  # no limit given: the request
+    assert mounts["sample"]["/tmp"]["sizeLimit"] == "40Gi"  # the limit, when one is given
+    assert mounts["sample"]["/dev/shm"]["sizeLimit"] == "32Gi"
+    assert main(["compile", "--output", str(tmp_path / "x.yaml"), "cluster.stages={train: {ephemeral_storage: lots}}"]) == 2
+
+
+def test_pipeline_pods_never_reach_the_model_hub(tmp_path):
+    spec, _ = compiled(tmp_path)
+    for name, executor in spec["deploymentSpec"]["executors"].items():
+        env = {entry["name"]: entry["value"] for entry in executor["container"].get("env", [])}
+        assert env.get("HF_HUB_OFFLINE") == "1", name
+
+
+def test_a_stage_can_have_its_own_s3_secret(tmp_path):
+    # e.g. read-only keys for the stages that publish nothing (docs/deploy.md, "S3 credentials per role").
+    _, executors = compiled(tmp_path, "cluster.stages={sample: {s3_secret: topr-s3-read}, gate: {s3_secret: topr-s3-read}}")
+    for name, platform in executors.items():
+        (secret,) = platform["secretAsEnv"]
+        expected = "topr-s3-read" if stage_of(name) in {"sample", "gate"} else "topr-s3-credentials"
+        assert secret["secretName"] == expected, name
 
 
 def test_secrets_can_be_left_out(tmp_path):
@@ -174,7 +228,7 @@ def test_bad_cluster_settings_name_the_field(capsys, tmp_path):
 def test_submit_sends_the_compiled_pipeline_and_prints_the_run_url(kfp_api, capsys):
     host, requests = kfp_api
     command = ["submit", "--host", host, "--tracking-uri", "http://mlflow.topr:5000", "--run-name", "nightly-1",
-               "--pipeline-root", "s3://topr/kfp", "--service-account", "topr-pipeline", "--token", "secret-token",
+               "--pipeline-root", "s3://topr/kfp", "--service-account", "topr-pipeline",
                "run.iterations=1", "sample.shards=2"]  # fmt: skip
     assert main(command) == 0
     out = capsys.readouterr().out
@@ -193,11 +247,28 @@ def test_submit_sends_the_compiled_pipeline_and_prints_the_run_url(kfp_api, caps
     assert "exec-train" in package["platform_spec"]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
 
 
-def test_submit_sends_the_token(kfp_api, kfp_authorizations):
+@pytest.mark.parametrize("source", ["environment", "file"])
+def test_submit_sends_the_token_from_the_environment_or_a_file(kfp_api, kfp_authorizations, monkeypatch, tmp_path, source):
     host, requests = kfp_api
-    assert main(["submit", "--host", host, "--tracking-uri", "http://m:5000", "--token", "secret-token"]) == 0
+    arguments = ["submit", "--host", host, "--tracking-uri", "http://m:5000"]
+    if source == "environment":
+        monkeypatch.setenv("KF_PIPELINES_TOKEN", "secret-token")
+    else:
+        monkeypatch.delenv("KF_PIPELINES_TOKEN", raising=False)
+        (tmp_path / "token").write_text("secret-token\n")
+        arguments += ["--token-file", str(tmp_path / "token")]
+    assert main(arguments) == 0
     assert len(kfp_authorizations) == len(requests) > 0
     assert set(kfp_authorizations) == {"Bearer secret-token"}
+
+
+def test_a_token_is_never_taken_on_the_command_line_where_ps_shows_it(capsys):
+    with pytest.raises(SystemExit) as exited:
+        main(["submit", "--host", "http://kfp", "--tracking-uri", "http://m:5000", "--token", "secret-token"])
+    assert exited.value.code == 2
+    assert "a token on the command line shows in ps" in capsys.readouterr().err
+    assert main(["submit", "--host", "http://kfp", "--tracking-uri", "http://m:5000", "--token-file", "/no/such/token"]) == 2
+    assert "/no/such/token" in capsys.readouterr().err
 
 
 VERIFIER_STAGES = {"verifier_data", "train_verifier", "evaluate_verifier"}

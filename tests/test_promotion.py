@@ -16,6 +16,7 @@ from mlflow.protos import databricks_pb2
 
 from topr import promotion, steps
 from topr.config import config_to_dict, load_config
+from topr.gate import TaskMismatchError, check_same_task
 from topr.lineage import UncommittedModelError
 from topr.tracking import default_tracking_uri, stage_run
 
@@ -36,7 +37,7 @@ def store(tmp_path):
     """A sqlite store with a pipeline run (pass@1 0.5 at iteration 1) and versions 1-3 of the
     model, registered by a train stage that finished (so committed, with no artifact store)."""
     tracking_uri = default_tracking_uri(tmp_path)
-    config_json = json.dumps(config_to_dict(load_config(None, [])))
+    config_json = json.dumps(config_to_dict(load_config(None, [f"run.registered_model={NAME}"])))
     run_id = steps.start(config_json, tracking_uri, "promotion-test")
     client = mlflow.MlflowClient(tracking_uri)
     client.log_metric(run_id, "pass_at_1", 0.5, step=1)
@@ -86,6 +87,24 @@ def test_a_missing_model_or_alias_is_no_champion(store):
     assert promotion.alias_version(client, NAME, ALIAS) is None
     client.set_registered_model_alias(NAME, ALIAS, "2")
     assert promotion.alias_version(client, NAME, ALIAS) == "2"
+
+
+def test_a_champion_of_another_task_fails_the_gate_before_any_comparison(store):
+    """A run on task arithmetic, told to register into a model whose champion learnt gsm8k."""
+    tracking_uri, config_json, run_id, client = store
+    client.set_model_version_tag(NAME, "1", "topr.task", "gsm8k")
+    client.set_registered_model_alias(NAME, ALIAS, "1")
+    with pytest.raises(TaskMismatchError, match=f"{NAME}/1 was trained on task 'gsm8k' and this run's task is 'arithmetic'"):
+        steps.gate(config_json, tracking_uri, run_id, 1, "2", "unused")
+    assert "topr.gate" not in client.get_model_version(NAME, "2").tags
+    assert client.get_registered_model(NAME).aliases == {ALIAS: 1}
+
+
+def test_the_task_check_passes_the_same_task_and_versions_that_predate_it():
+    check_same_task("m/1", "arithmetic", "arithmetic")
+    check_same_task("m/1", None, "arithmetic")
+    with pytest.raises(TaskMismatchError, match="run.registered_model"):
+        check_same_task("m/1", "math", "arithmetic")
 
 
 def test_with_no_champion_the_gate_promotes_and_says_it_beat_none(store):

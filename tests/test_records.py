@@ -159,6 +159,48 @@ def test_missing_required_field_names_field_and_line(tmp_path):
     assert "completion" not in message.split("field(s)")[-1]
 
 
+def test_bytes_that_are_not_utf8_name_file_and_line(tmp_path):
+    path = tmp_path / "records.jsonl"
+    path.write_bytes(json.dumps(RECORDS[0]).encode() + b"\n" + b'{"prompt_id": "p2", "completion": "caf\xe9"}\n')
+    with pytest.raises(RecordError, match=rf"{path}:2: not UTF-8 text \(byte 0xe9 at column 39\)"):
+        read_records(path)
+
+
+@pytest.mark.parametrize(
+    "field, value, expected",
+    [
+        ("completion_token_ids", "5 6 7", "a list of integers, got str"),
+        ("completion_token_ids", [5, 6.5], "a list of integers, got a list holding float"),
+        ("behavior_logprobs", [-0.5, "x"], "a list of numbers, got a list holding str"),
+        ("reward", "1", "a number, got str"),
+        ("reward", True, "a number, got bool"),
+        ("correct", "yes", "true or false, got str"),
+        ("completion", 19, "text, got int"),
+        ("extracted", ["19"], "text or null, got list"),
+        ("sample_index", 1.0, "an integer, got float"),
+    ],
+)
+def test_a_field_of_the_wrong_type_names_file_line_and_field(tmp_path, field, value, expected):
+    path = tmp_path / "records.jsonl"
+    write_records(path, [RECORDS[0], {**RECORDS[1], field: value}])
+    with pytest.raises(RecordError, match=rf"{path}:2: {field} should be {expected}"):
+        read_records(path)
+
+
+def test_a_parquet_column_of_the_wrong_type_names_the_row(tmp_path):
+    path = tmp_path / "records.parquet"
+    write_records(path, [{**record, "reward": str(record["reward"])} for record in RECORDS])
+    with pytest.raises(RecordError, match=rf"{path}:1: reward should be a number, got str"):
+        read_records(path)
+
+
+def test_references_and_ids_may_be_numbers(tmp_path):
+    """Completions scored from elsewhere often carry numeric ids and answers."""
+    path = tmp_path / "records.jsonl"
+    write_records(path, [{**RECORDS[0], "prompt_id": 7, "reference": 19}])
+    assert read_records(path)[0]["reference"] == 19
+
+
 def test_missing_several_fields_names_all(tmp_path):
     path = tmp_path / "records.jsonl"
     write_lines(path, [json.dumps({"prompt_id": "p1"})])

@@ -6,7 +6,7 @@ import time
 import pytest
 
 from topr.config import load_config
-from topr.report import evaluation_gains, format_table, plot_accuracy, run_metrics, write_run_report
+from topr.report import evaluation_gains, format_table, format_warnings, plot_accuracy, run_metrics, write_run_report
 from topr.tracking import EVALUATION_ARTIFACT, default_tracking_uri, stage_run, start_pipeline_run
 
 # iteration -> (pass@1, CI low, CI high, parse failure rate)
@@ -103,6 +103,15 @@ def test_format_table_columns_line_up():
     lines = format_table(metrics).splitlines()
     assert len({len(line) for line in lines}) == 1
     assert lines[3].split() == ["1", "100.0%", "[90.0%,", "100.0%]", "0.0%", "50.0%", "3", "(1/2)", "0.33", "-", "-"]
+
+
+def test_an_iteration_trained_without_positives_or_negatives_is_a_warning_under_the_table():
+    metrics = {"curated_count": {1: 256.0, 2: 30.0, 3: 12.0}, "curated_positives": {1: 0.0, 2: 12.0, 3: 12.0}}
+    lines = format_warnings(metrics).splitlines()
+    assert len(lines) == 2
+    assert lines[0].startswith("Warning, iteration 1: the training set has no positives: none of its 256 completions")
+    assert lines[1].startswith("Warning, iteration 3: the training set has no negatives")
+    assert format_warnings({"curated_count": {1: 30.0}, "curated_positives": {1: 12.0}}) == ""
 
 
 def test_plot_accuracy_writes_png(tmp_path, logged_run):

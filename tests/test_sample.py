@@ -16,7 +16,7 @@ from torch.testing import assert_close
 from topr.config import load_config
 from topr.logprobs import batch_prompt_completions, completion_logprobs
 from topr.models import load_policy, model_identity, prompt_token_ids
-from topr.records import SAMPLE_FIELDS, read_records, write_records
+from topr.records import SAMPLE_FIELDS, RecordError, read_records, write_records
 from topr.sample import (
     Completion,
     SamplingParams,
@@ -256,6 +256,22 @@ def test_run_sample_writes_readable_records(tiny_model_dir, tmp_path):
     assert [p.name for p in output.parent.iterdir()] == ["samples.jsonl"]
 
 
+def test_a_prompt_too_long_for_the_context_is_refused_before_the_model_loads(tiny_model_dir, tmp_path, monkeypatch):
+    """The tiny model has 512 positions: a prompt of ~600 tokens leaves no room for a completion."""
+    prompts_path = tmp_path / "prompts.jsonl"
+    write_records(prompts_path, [{"prompt_id": "short", "prompt": "What is 1 + 1?", "reference": "2"},
+                                 {"prompt_id": "essay", "prompt": "seven " * 600, "reference": "7"}])  # fmt: skip
+    config = load_config(None, ["task.train_size=2", "sample.max_new_tokens=8"])
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr("topr.sample.load_policy", no_model)
+    with pytest.raises(RecordError, match=rf"{prompts_path}: prompt essay is 6\d\d tokens; with max_new_tokens=8 it does not fit the model's context of 512 tokens"):
+        run_sample(config, tiny_model_dir, prompts_path, tmp_path / "samples.jsonl")
+    assert not (tmp_path / "samples.jsonl").exists()
+
+
 def test_vllm_engine_without_vllm_names_the_extra(monkeypatch, tiny_model_dir):
     monkeypatch.setitem(sys.modules, "vllm", None)  # import vllm -> ImportError
     with pytest.raises(RuntimeError, match=r"topr\[gpu\]"):
@@ -325,7 +341,7 @@ def test_vllm_engine_asks_for_processed_logprobs_and_makes_the_same_records(monk
 
     # log mu must be that of the distribution sampled from (temperature, top-k, top-p applied):
     # vLLM returns raw log-probs unless asked for processed ones.
-    assert fake.made == {"model": tiny_model_dir, "tensor_parallel_size": 2, "seed": 0, "logprobs_mode": "processed_logprobs"}
+    assert fake.made == {"model": tiny_model_dir, "tensor_parallel_size": 2, "seed": 0, "logprobs_mode": "processed_logprobs", "load_format": "safetensors"}
     assert fake.sampling == {"n": 2, "temperature": 0.5, "top_k": 5, "top_p": 1.0, "max_tokens": 6, "seed": 1, "logprobs": 0}
     from_vllm, from_transformers = read_records(tmp_path / "v.jsonl"), read_records(tmp_path / "t.jsonl")
     assert from_vllm == from_transformers  # same samples, same fields, same order, same log-probs

@@ -41,13 +41,22 @@ def test_create_sends_a_cron_recurring_run_that_starts_from_the_champion(kfp_api
     runtime = sent["runtime_config"]
     assert runtime["pipeline_root"] == "s3://artifacts/kfp"
     config = json.loads(runtime["parameters"]["config_json"])
-    assert config["model"]["path"] == "models:/topr-policy@champion"
+    assert config["model"]["path"] == "models:/topr-jsonl@champion"  # its task's registered model
     assert config["task"]["train_path"] == "s3://data/prompts/train.jsonl"
     assert config["task"]["eval_path"] == "s3://data/prompts/eval.jsonl"
     assert runtime["parameters"]["tracking_uri"] == "http://mlflow.mlops:5000"
     # The compiled pipeline travels inline, with its three unrolled iterations and the gate.
     tasks = sent["pipeline_spec"]["pipeline_spec"]["components"]["comp-exit-handler-1"]["dag"]["tasks"]
     assert {"iteration-1", "iteration-2", "iteration-3", "gate"} <= set(tasks)
+
+
+def test_scheduled_runs_use_the_pipeline_service_account(kfp_api):
+    # Without one, KFP's default runner account (broad rights) would run every scheduled run.
+    host, requests = kfp_api
+    assert main(create_command(host)) == 0
+    assert main(create_command(host, "--service-account", "topr-nightly")) == 0
+    sent = [body for method, path, body in requests if method == "POST" and path == "/apis/v2beta1/recurringruns"]
+    assert [body.get("service_account") for body in sent] == ["topr-pipeline", "topr-nightly"]
 
 
 def test_list_and_delete(kfp_api, capsys):

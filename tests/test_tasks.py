@@ -192,6 +192,21 @@ def test_numbers_equal():
     assert not numbers_equal("abc", "abc")
 
 
+def test_huge_exponents_are_numbers_not_overflow_errors():
+    """A completion saying "1e999999999" is scored, not a crash of the verify stage."""
+    assert normalize_number("1e999999999") == "1e999999999"
+    assert normalize_number("-2.50E+100000000000") == "-25e99999999999"
+    assert normalize_number("1e-999999999") == "1e-999999999"
+    assert numbers_equal("1e999999999", "10e999999998")
+    assert normalize_number("1.5e-2") == "0.015" and normalize_number("1e3") == "1000"
+
+
+def test_long_numbers_compare_every_digit():
+    """Decimal's 28-digit context must not round two different answers into one."""
+    assert not numbers_equal("12345678901234567890123456789012", "12345678901234567890123456789000")
+    assert numbers_equal("12345678901234567890123456789012", "12,345,678,901,234,567,890,123,456,789,012.000")
+
+
 def test_a_minus_between_numbers_is_not_a_sign():
     assert last_number("5-3=2") == "2"
     assert last_number("from 10-3") == "3"

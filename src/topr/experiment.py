@@ -285,6 +285,7 @@ def _run_one_unit(name: str, config: Config, run_arm: ArmRunner, folder: Path, t
     if result_path.exists():
         result = json.loads(result_path.read_text())
         if result["status"] == "finished":
+            refuse_changed_config(name, folder / "config.yaml", config)
             log.info("%s: finished earlier (MLflow run %s), kept", name, result["run_id"])
             return result
     if folder.exists():  # a failed or interrupted attempt: start the unit again from scratch
@@ -302,6 +303,22 @@ def _run_one_unit(name: str, config: Config, run_arm: ArmRunner, folder: Path, t
     result["minutes"] = (time.perf_counter() - started) / 60
     write_json(result_path, result)
     return result
+
+
+def refuse_changed_config(name: str, saved_path: Path, config: Config) -> None:
+    """A finished unit is kept only if it ran with the configuration it would run with now: a
+    spec, an override or a default changed since would mix two experiments in one report.
+    Fields that did not exist when it ran are not compared."""
+    from topr.tracking import flatten
+
+    saved = flatten(yaml.safe_load(saved_path.read_text()))
+    now = flatten(config_to_dict(config))
+    changed = [f"{key}: {saved[key]} then, {now[key]} now" for key in sorted(saved.keys() & now.keys()) if saved[key] != now[key]]
+    if changed:
+        raise ConfigError(
+            f"cannot resume: {name} finished with another configuration ({'; '.join(changed)}). "
+            "The spec, the overrides or a default changed; choose another run.name to run it anew"
+        )
 
 
 def machine_description() -> str:

@@ -28,6 +28,21 @@ class Decision:
         return figures
 
 
+class TaskMismatchError(RuntimeError):
+    """The champion was trained on another task, so this run's held-out prompts do not measure it."""
+
+
+def check_same_task(champion: str, champion_task: str | None, task: str) -> None:
+    """Refuse to compare with a champion of another task (versions registered before the task
+    was recorded, ``champion_task`` None, are compared)."""
+    if champion_task is not None and champion_task != task:
+        raise TaskMismatchError(
+            f"{champion} was trained on task {champion_task!r} and this run's task is {task!r}: refusing to "
+            "compare across tasks. Give this task a registered model of its own (run.registered_model; its "
+            "default, topr-<task.name>, is one per task)"
+        )
+
+
 def decide(new_pass_at_1: float, champion_pass_at_1: float | None, margin: float) -> Decision:
     """Promote when there is no champion yet, or when new − champion > margin."""
     if champion_pass_at_1 is None:

@@ -118,11 +118,19 @@ def trace(tracking_uri: str, reference: str) -> list[Link]:
         short_names = ", ".join(model[: len("sha256:") + 12] for model in sampling_models.split(","))
         chain.append(Link("sampling model", short_names, "", sampling_models.removeprefix("sha256:")))
         parent_digest = tags["topr.parent_weights_sha256"]
-        parents = client.search_model_versions(f"name = '{version.name}' and tags.`topr.weights_sha256` = '{parent_digest}'")
-        version = parents[0] if parents else None
+        version = _parent_version(client, version, parent_digest)
         if version is None:
             chain.append(_base_model(client, run, parent_digest, tags["topr.parent_model_uri"]))
     return chain
+
+
+def _parent_version(client, version, parent_digest: str):
+    """The latest version registered before ``version`` with the parent's weights, or None. Only
+    earlier versions count, so the walk ends even where digests repeat (a step that changed no
+    weight makes a model its own parent)."""
+    found = client.search_model_versions(f"name = '{version.name}' and tags.`topr.weights_sha256` = '{parent_digest}'")
+    earlier = [candidate for candidate in found if int(candidate.version) < int(version.version)]
+    return max(earlier, key=lambda candidate: int(candidate.version)) if earlier else None
 
 
 def _base_model(client, run, digest: str, uri: str) -> Link:

@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 
 EMBEDDED_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PROVENANCE_FILE = "topr_model.json"
+HUB_SCHEME = "hf://"
 
 
 class ModelNotFoundError(FileNotFoundError):
@@ -54,13 +55,33 @@ def resolve_model_source(path: str) -> ModelSource:
         return ModelSource(str(local))
     if local.is_file() and local.suffix == ".gguf":
         return ModelSource(str(local.parent), local.name)
-    looks_like_hub_id = path.count("/") == 1 and not path.startswith((".", "/", "~"))
-    if looks_like_hub_id and os.environ.get("HF_HUB_OFFLINE") != "1":
-        return ModelSource(path)
+    if path.startswith(HUB_SCHEME):
+        return _hub_source(path)
     raise ModelNotFoundError(
         f"model path {path!r} does not exist (expected a Hugging Face model directory, a .gguf "
-        f"file, '{EMBEDDED_MODEL}', or a hub id when the machine is online)"
+        f"file, '{EMBEDDED_MODEL}', or a hub model as {HUB_SCHEME}org/name)"
     )
+
+
+def _hub_source(path: str) -> ModelSource:
+    """``hf://org/name``: a hub id, only with its scheme, so that a mistyped local path is never
+    fetched from the internet, and never when ``HF_HUB_OFFLINE=1`` (pipeline pods)."""
+    hub_id = path.removeprefix(HUB_SCHEME)
+    if hub_id.count("/") != 1 or not all(hub_id.split("/")):
+        raise ModelNotFoundError(f"{path}: not a hub id (expected {HUB_SCHEME}org/name)")
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        raise ModelNotFoundError(f"{path}: the hub is off (HF_HUB_OFFLINE=1); give a local directory or a published s3:// copy")
+    return ModelSource(hub_id)
+
+
+def context_length(path: str) -> int | None:
+    """The model's number of positions (``max_position_embeddings``), read from its config
+    without loading the weights; None when the config does not say."""
+    from transformers import AutoConfig
+
+    source = resolve_model_source(path)
+    config = AutoConfig.from_pretrained(source.location, gguf_file=source.gguf_file)
+    return getattr(config, "max_position_embeddings", None)
 
 
 def pick_device() -> torch.device:
@@ -90,7 +111,9 @@ def load_policy(path: str, device: torch.device | None = None, dtype: torch.dtyp
 
     source = resolve_model_source(path)
     log.info("loading model from %s%s", source.location, f" ({source.gguf_file})" if source.gguf_file else "")
-    model = AutoModelForCausalLM.from_pretrained(source.location, gguf_file=source.gguf_file, dtype=dtype)
+    # Weights from safetensors only: a pickled pytorch_model.bin can run code as it loads.
+    weights = {"gguf_file": source.gguf_file} if source.gguf_file else {"use_safetensors": True}
+    model = AutoModelForCausalLM.from_pretrained(source.location, dtype=dtype, **weights)
     if source.gguf_file:
         _forget_gguf_quantization(model)
     model.to(device or pick_device())

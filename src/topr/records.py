@@ -96,6 +96,9 @@ def iter_records(
             raise RecordError(
                 f"{path}:{line_number}: record is missing required field(s) {', '.join(missing)}"
             )
+        problem = _type_problem(record)
+        if problem:
+            raise RecordError(f"{path}:{line_number}: {problem}")
         found = _first_non_finite(record)
         if found is not None:
             place, number = found
@@ -112,6 +115,51 @@ def iter_records(
             except ValueError as error:
                 raise RecordError(f"{path}:{line_number}: {error}") from None
         yield record
+
+
+def _is_integer(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _list_of(item_test: Callable[[Any], bool]) -> Callable[[Any], bool]:
+    return lambda value: isinstance(value, list) and all(map(item_test, value))
+
+
+FIELD_TYPES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "prompt_id": (lambda v: isinstance(v, str) or _is_integer(v), "text or an integer"),
+    "prompt": (lambda v: isinstance(v, str), "text"),
+    "reference": (lambda v: isinstance(v, str) or _is_number(v), "text or a number"),
+    "prompt_token_ids": (_list_of(_is_integer), "a list of integers"),
+    "completion": (lambda v: isinstance(v, str), "text"),
+    "completion_token_ids": (_list_of(_is_integer), "a list of integers"),
+    "behavior_logprobs": (_list_of(_is_number), "a list of numbers"),
+    "sample_index": (_is_integer, "an integer"),
+    "extracted": (lambda v: v is None or isinstance(v, str), "text or null"),
+    "correct": (lambda v: isinstance(v, bool), "true or false"),
+    "reward": (_is_number, "a number"),
+}
+"""The schema's fields that a stage reads, with their type test and how an error names the type.
+Fields that only pass through (and fields the schema does not know) are not checked."""
+
+
+def _type_problem(record: Record) -> str | None:
+    """What is wrong with the first schema field of ``record`` that has the wrong type, if any."""
+    for field, (is_valid, expected) in FIELD_TYPES.items():
+        if field in record and not is_valid(record[field]):
+            return f"{field} should be {expected}, got {_describe(record[field], is_valid, expected)}"
+    return None
+
+
+def _describe(value: Any, is_valid: Callable[[Any], bool], expected: str) -> str:
+    """A wrong value's type; where a list is expected and given, the type of its first wrong item."""
+    if isinstance(value, list) and expected.startswith("a list"):
+        wrong = next(item for item in value if not is_valid([item]))
+        return f"a list holding {type(wrong).__name__}"
+    return type(value).__name__
 
 
 def _first_non_finite(value: Any, place: str = "") -> tuple[str, float] | None:
@@ -144,8 +192,13 @@ def _json_spelling(number: float) -> str:
 
 
 def _iter_jsonl(path: Path) -> Iterator[tuple[int, Record]]:
-    with path.open(encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, start=1):
+    with path.open("rb") as handle:
+        for line_number, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                byte = raw[error.start]
+                raise RecordError(f"{path}:{line_number}: not UTF-8 text (byte 0x{byte:02x} at column {error.start + 1})") from None
             if not line.strip():
                 continue
             try:

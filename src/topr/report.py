@@ -49,6 +49,14 @@ def format_table(metrics: dict[str, dict[int, float]]) -> str:
     return "\n".join(lines)
 
 
+def format_warnings(metrics: dict[str, dict[int, float]]) -> str:
+    """A line for each iteration whose training set held no positive or no negative."""
+    from topr.curate import one_sided_warning
+
+    warnings = {step: one_sided_warning(int(metrics["curated_positives"][step]), int(count)) for step, count in metrics.get("curated_count", {}).items()}
+    return "\n".join(f"Warning, iteration {step}: {warning}." for step, warning in sorted(warnings.items()) if warning)
+
+
 def error_bars(metrics: dict[str, dict[int, float]], steps: list[int]) -> list[list[float]]:
     """Distances from pass@1 down to its interval's low end and up to its high end, at each step;
     never negative (an interval of 0 successes logged as [3e-18, …] by older versions)."""
@@ -114,7 +122,7 @@ def write_run_report(run_dir: Path, tracking_uri: str, run_id: str, minutes: flo
     from topr.tracking import log_run_artifact
 
     metrics = run_metrics(tracking_uri, run_id)
-    table = "\n\n".join(filter(None, (format_table(metrics), format_gains(evaluation_gains(tracking_uri, run_id)))))
+    table = "\n\n".join(filter(None, (format_table(metrics), format_gains(evaluation_gains(tracking_uri, run_id)), format_warnings(metrics))))
     plot_accuracy(metrics, run_dir / "accuracy.png")
     (run_dir / "report.md").write_text(
         f"# topr run {run_dir.name}\n\nMLflow run `{run_id}` ({tracking_uri}), {minutes:.1f} minutes.\n\n"

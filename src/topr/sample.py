@@ -23,8 +23,8 @@ import torch
 from tqdm.auto import tqdm
 
 from topr.config import Config, SampleConfig
-from topr.models import load_policy, model_identity, prompt_token_ids, set_threads
-from topr.records import PROMPT_FIELDS, SAMPLE_FIELDS, Record, read_records, write_records
+from topr.models import context_length, load_policy, load_tokenizer, model_identity, prompt_token_ids, set_threads
+from topr.records import PROMPT_FIELDS, SAMPLE_FIELDS, Record, RecordError, read_records, write_records
 
 log = logging.getLogger(__name__)
 
@@ -165,6 +165,7 @@ class VLLMEngine:
             tensor_parallel_size=tensor_parallel_size,
             seed=seed,
             logprobs_mode="processed_logprobs",
+            load_format="safetensors",  # as load_policy: never unpickle weights
         )
 
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[Completion]]:
@@ -194,12 +195,26 @@ def make_engine(config: Config, model_dir: str, batch_size: int):
     """Build the configured engine; returns ``(engine, tokenizer)``."""
     set_threads(config.model.threads)
     if config.sample.engine == "vllm":
-        from topr.models import load_tokenizer
-
         engine = VLLMEngine(model_dir, config.sample.tensor_parallel_size, config.sample.seed)
         return engine, load_tokenizer(model_dir)
     model, tokenizer = load_policy(model_dir)
     return TransformersEngine(model, tokenizer, batch_size), tokenizer
+
+
+def check_prompt_lengths(model_dir: str, problems: list[Record], max_new_tokens: int, system_prompt: str | None, source: str | Path) -> None:
+    """Refuse, before the model loads, a prompt that leaves no room in the model's context for a
+    completion of ``max_new_tokens`` (only the tokenizer and the model's config are read)."""
+    limit = context_length(model_dir)
+    if limit is None:
+        return
+    tokenizer = load_tokenizer(model_dir)
+    for problem in problems:
+        length = len(prompt_token_ids(tokenizer, problem["prompt"], system_prompt))
+        if length + max_new_tokens > limit:
+            raise RecordError(
+                f"{source}: prompt {problem['prompt_id']} is {length} tokens; with max_new_tokens={max_new_tokens} "
+                f"it does not fit the model's context of {limit} tokens (shorten it, or lower max_new_tokens)"
+            )
 
 
 def sample_records(
@@ -319,6 +334,7 @@ def run_sample(
         records = recorded_samples(config.sample.first_iteration_samples, problems, config.sample.samples_per_prompt)
         write_records(output_path, records)
         return {**_counts(problems, records), "recorded": 1}
+    check_prompt_lengths(model_dir, problems, config.sample.max_new_tokens, config.model.system_prompt, prompts_path)
     engine, tokenizer = make_engine(config, model_dir, config.sample.batch_size)
     params = SamplingParams.from_config(config.sample, seed_offset=iteration + SHARD_SEED_STRIDE * shard)
     started = time.perf_counter()

@@ -232,6 +232,15 @@ def curate(config_json: str, tracking_uri: str, parent_run_id: str, iteration: i
     return report
 
 
+def training_set_warning(data_path: str) -> str | None:
+    """``topr.curate.one_sided_warning`` for a training set: one without positives or negatives."""
+    from topr.curate import one_sided_warning
+    from topr.records import iter_records
+
+    rewards = [float(record["reward"]) for record in iter_records(data_path)]
+    return one_sided_warning(sum(reward > 0 for reward in rewards), len(rewards))
+
+
 def behavior_models(data_path: str) -> list[str]:
     """The models that generated a training set's samples (offline data may come from older ones)."""
     from topr.records import iter_records
@@ -277,6 +286,7 @@ def train(
         run.log_metrics({k: summary[k] for k in ("mean_weight_negative", "final_logprob_negative", "final_logprob_positive", "first_step_log_ratio_per_token", "positive_weight_share", "final_ratio_negative_p50") if k in summary}, on_parent=True)
         lineage = {
             **published,
+            "task": config.task.name,
             "weights_sha256": summary["weights_sha256"],
             "parent_model_uri": published_uri(config, parent_run_id, iteration - 1, "model") or model_dir,
             "parent_weights_sha256": model_identity(model_dir).removeprefix("sha256:"),
@@ -286,7 +296,12 @@ def train(
         }
         run.log_params(lineage)
         run.log_text(config_to_yaml(config), "config.yaml")
-        version = run.register_model(config.run.registered_model, registered_source, {f"topr.{k}": v for k, v in lineage.items()})
+        tags = {f"topr.{k}": v for k, v in lineage.items()}
+        warning = training_set_warning(data_path)
+        if warning:  # on the run and on the model version, where whoever promotes it will see it
+            run.set_tag("topr.warning", warning)
+            tags["topr.warning"] = warning
+        version = run.register_model(config.run.registered_model, registered_source, tags)
         summary["registered_version"] = int(version)
         outputs.registered("model", version)
         outputs.commit()
@@ -343,7 +358,7 @@ def gate(config_json: str, tracking_uri: str, parent_run_id: str, iteration: int
     the gate's run, the parent run and the model version. A registry that cannot be read fails
     the gate (``topr.promotion.alias_version``).
     """
-    from topr.gate import decide
+    from topr.gate import check_same_task, decide
 
     config = parse_config(config_json)
     name, alias = config.run.registered_model, config.gate.alias
@@ -351,7 +366,11 @@ def gate(config_json: str, tracking_uri: str, parent_run_id: str, iteration: int
     with stage_run(tracking_uri, parent_run_id, "gate", iteration) as run:
         new_pass_at_1 = metric_history(tracking_uri, parent_run_id, "pass_at_1")[iteration]
         champion = promotion.alias_version(client, name, alias)
-        champion_pass_at_1 = None if champion is None else _evaluate_registered(config, client, client.get_model_version(name, champion), prompts_path)
+        champion_pass_at_1 = None
+        if champion is not None:
+            champion_version = client.get_model_version(name, champion)
+            check_same_task(f"{name}/{champion}", champion_version.tags.get("topr.task"), config.task.name)
+            champion_pass_at_1 = _evaluate_registered(config, client, champion_version, prompts_path)
         decision = decide(new_pass_at_1, champion_pass_at_1, config.gate.margin)
         run.log_params({"model": f"{name}/{version}", "champion": f"{name}/{champion}" if champion else "none", "decision": decision.label, "reason": decision.reason})
         run.log_metrics(decision.figures(), on_parent=True)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import os
 import time
 
 import mlflow
@@ -25,11 +27,15 @@ def object_keys(bucket: str, prefix: str) -> set[str]:
 
 
 @pytest.mark.slow
-def test_run_publishes_every_artifact_under_run_scoped_keys(stack, tmp_path, tiny_model_dir, capsys):
+def test_run_publishes_every_artifact_under_run_scoped_keys(stack, tmp_path, tiny_model_dir, capsys, caplog, monkeypatch):
     store = f"s3://{stack.bucket}/runs"
     overrides = [f"model.path={tiny_model_dir}", "run.iterations=1", f"run.artifact_store={store}", "run.registered_model=stack-test"]
     config = load_config(None, [*overrides, *TINY_RUN])
-    parent_run_id = run_local(config, tmp_path / "run", stack.tracking_uri, "stack-test")
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "topr")  # sent, and ignored by a server without auth
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", TRACKING_PASSWORD)
+    with caplog.at_level(logging.DEBUG, logger="topr"):
+        parent_run_id = run_local(config, tmp_path / "run", stack.tracking_uri, "stack-test")
+    check_no_credentials(stack, parent_run_id, tmp_path / "run", capsys.readouterr(), caplog.text)
 
     keys = object_keys(stack.bucket, f"runs/{parent_run_id}/")
     expected = {
@@ -65,6 +71,23 @@ def test_run_publishes_every_artifact_under_run_scoped_keys(stack, tmp_path, tin
     assert {f"iter0/{stage}.commit.json" for stage in ("prepare_model", "prompts", "evaluate")} <= keys
     assert {f"iter1/{stage}.commit.json" for stage in ("collect_samples", "verify", "curate", "train", "evaluate")} <= keys
     check_lineage(stack, store, parent_run_id, tiny_model_dir, capsys)
+
+
+TRACKING_PASSWORD = "tracking-password-4f1c"
+
+
+def check_no_credentials(stack, parent_run_id, run_folder, captured, logged):
+    """Neither the object store's secret key nor MLflow's password is in any param or tag of
+    the run and its stages, any model version's tags, the run's files, or what it printed."""
+    secrets = [os.environ["AWS_SECRET_ACCESS_KEY"], TRACKING_PASSWORD]
+    client = mlflow.MlflowClient(stack.tracking_uri)
+    experiment = client.get_run(parent_run_id).info.experiment_id
+    runs = client.search_runs([experiment], f"tags.mlflow.parentRunId = '{parent_run_id}'") + [client.get_run(parent_run_id)]
+    texts = [json.dumps([run.data.params, run.data.tags]) for run in runs]
+    texts += [json.dumps(version.tags) for version in client.search_model_versions("name = 'stack-test'")]
+    texts += [path.read_text(errors="replace") for path in run_folder.rglob("*") if path.is_file() and path.suffix in (".json", ".jsonl", ".yaml", ".md", ".txt")]
+    texts += [captured.out, captured.err, logged]
+    assert len(runs) > 5 and all(secret not in text for secret in secrets for text in texts)
 
 
 def check_lineage(stack, store, parent_run_id, base_model, capsys):

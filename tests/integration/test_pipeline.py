@@ -117,9 +117,9 @@ def test_local_run_two_iterations(tmp_path, tiny_model_dir):
     assert samples[0]["behavior_model"] == "sha256:" + first["weights_sha256"]
 
     # Both models are registered; with no champion yet, the gate promotes the last one.
-    versions = client.search_model_versions("name = 'topr-policy'")
+    versions = client.search_model_versions("name = 'topr-arithmetic'")
     assert sorted(int(v.version) for v in versions) == [1, 2]
-    assert int(client.get_model_version_by_alias("topr-policy", "champion").version) == 2
+    assert int(client.get_model_version_by_alias("topr-arithmetic", "champion").version) == 2
     assert client.get_run(parent_run_id).data.tags["topr.gate"] == "promote: no champion yet"
 
 

@@ -231,3 +231,16 @@ def test_a_train_stage_killed_mid_training_resumes_on_retry_from_its_checkpoint_
     experiment = client.get_run(parent_run_id).info.experiment_id
     (retry_run,) = client.search_runs([experiment], f"tags.mlflow.parentRunId = '{parent_run_id}' and attributes.status = 'FINISHED'")
     assert sorted(metric_history(stack.tracking_uri, retry_run.info.run_id, "loss")) == [0, 1, 2, 3]
+
+
+def test_a_model_trained_without_positives_says_so_on_its_run_and_version(stack, tmp_path, tiny_model_dir):
+    config_json = _config_json(stack, tiny_model_dir, "no-positives")
+    parent_run_id = steps.start(config_json, stack.tracking_uri, "no-positives")
+    data = tmp_path / "train_set.jsonl"
+    write_records(data, [{"prompt_id": f"p{i}", "prompt_token_ids": [1, 2, 3], "completion_token_ids": [4, 5], "behavior_logprobs": [-1.0, -1.5], "reward": -1.0} for i in range(3)])
+    summary = steps.train(config_json, stack.tracking_uri, parent_run_id, 1, tiny_model_dir, str(data), str(data), str(tmp_path / "trained"))
+    client = mlflow.MlflowClient(stack.tracking_uri)
+    version = client.get_model_version("no-positives", str(summary["registered_version"]))
+    assert version.tags["topr.warning"].startswith("the training set has no positives: none of its 3 completions is correct")
+    assert client.get_run(version.run_id).data.tags["topr.warning"] == version.tags["topr.warning"]
+    assert version.tags["topr.task"] == "arithmetic"

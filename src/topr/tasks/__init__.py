@@ -96,11 +96,16 @@ def get_task(config: TaskConfig) -> Task:
     raise ValueError(f"unknown task {config.name!r} (choices: {', '.join(TASK_NAMES)})")
 
 
+PLAIN_EXPONENT_LIMIT = 1000
+"""Numbers beyond 10^±1000 are written as <digits>e<exponent> rather than in full."""
+
+
 def normalize_number(text: str) -> str | None:
     """A number in canonical form, or None if ``text`` is not one.
 
     Commas, "$" and spaces are dropped and trailing decimal zeros removed, so "1,000.00", "$1000"
-    and "1000" all become "1000", "3.50" becomes "3.5" and "-0" becomes "0".
+    and "1000" all become "1000", "3.50" becomes "3.5" and "-0" becomes "0". Every digit counts
+    (no rounding), and a number beyond 10^±1000 is written as ``<digits>e<exponent>``.
     """
     cleaned = re.sub(r"[,$\s]", "", text).replace("\u2212", "-")
     try:
@@ -109,7 +114,18 @@ def normalize_number(text: str) -> str | None:
         return None
     if not value.is_finite():
         return None
-    return "0" if value == 0 else format(value.normalize(), "f")
+    if value == 0:
+        return "0"
+    # Trailing zeros go by hand: Decimal.normalize() rounds to 28 digits and overflows past 1e999999.
+    sign, digits, exponent = value.as_tuple()
+    written = "".join(map(str, digits))
+    significant = written.rstrip("0")
+    exponent += len(written) - len(significant)
+    significant = significant.lstrip("0")
+    exact = Decimal((sign, tuple(map(int, significant)), exponent))
+    if abs(exact.adjusted()) > PLAIN_EXPONENT_LIMIT:  # written out, 1e999999999 would take a gigabyte
+        return f"{'-' if sign else ''}{significant}e{exponent}"
+    return format(exact, "f")
 
 
 def numbers_equal(first: str, second: str) -> bool:
