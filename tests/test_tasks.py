@@ -44,7 +44,7 @@ def test_get_task_builds_each_task(name, kind):
 
 
 def test_unknown_task_name_lists_the_choices():
-    with pytest.raises(ValueError, match="'nope'.*arithmetic, gsm8k, math, jsonl"):
+    with pytest.raises(ValueError, match="unknown task 'nope' \\(choices: arithmetic, gsm8k, jsonl, math, verifier\\)"):
         get_task(TaskConfig.model_construct(name="nope"))
 
 

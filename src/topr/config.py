@@ -56,12 +56,31 @@ class ModelConfig(Section):
     )
 
 
+def registered_objective(value: str) -> str:
+    """``value`` if an objective of that name is registered (``topr.objectives``)."""
+    from topr.objectives import objective_names
+
+    if value not in objective_names():
+        raise ValueError(f"unknown objective {value!r} (choices: {', '.join(map(repr, objective_names()))})")
+    return value
+
+
 class TaskConfig(Section):
-    name: Literal["arithmetic", "gsm8k", "math", "jsonl", "verifier"] = Field(
+    name: str = Field(
         "arithmetic",
-        description="Which task supplies prompts, references and the checker ('verifier': "
-        "the judgments of `topr.verifier`, set up by the verifier branch itself).",
+        description="Which task supplies prompts, references and the checker: a task registered in "
+        "`topr.tasks` (arithmetic, gsm8k, math, jsonl, or 'verifier': the judgments of `topr.verifier`, "
+        "set up by the verifier branch itself).",
     )
+
+    @field_validator("name")
+    @classmethod
+    def _registered_task(cls, value: str) -> str:
+        from topr.tasks import task_class
+
+        task_class(value)
+        return value
+
     level: str = Field(
         "easy",
         description="arithmetic only: difficulty level (see `topr.tasks.arithmetic.LEVELS`).",
@@ -139,9 +158,12 @@ class CurateConfig(Section):
 
 
 class TrainConfig(Section):
-    objective: Literal["topr", "reinforce", "tis", "is", "rft", "ppo"] = Field(
-        "topr", description="Policy-gradient objective (see `topr.objectives.PRESETS`)."
+    objective: str = Field(
+        "topr", description="Policy-gradient objective: topr, reinforce, tis, is, rft, ppo, or one registered "
+        "with `topr.objectives.register_objective`."
     )
+
+    _registered_objective = field_validator("objective")(registered_objective)
     baseline: float = Field(
         -0.8,
         description="Baseline c: train on advantage R - c, so positives weigh 1 - c and negatives 1 + c. "
@@ -287,9 +309,11 @@ class VerifierConfig(Section):
     max_new_tokens: int = Field(
         2, ge=1, description="Longest held-out judgment, in tokens: 'Yes' or 'No' and the end of the reply."
     )
-    objective: Literal["topr", "reinforce", "tis", "is", "rft", "ppo"] = Field(
-        "topr", description="The verifier's objective; the other training settings come from `train`."
+    objective: str = Field(
+        "topr", description="The verifier's objective (as train.objective); the other training settings come from `train`."
     )
+
+    _registered_objective = field_validator("objective")(registered_objective)
     learning_rate: float = Field(3e-5, gt=0, description="The verifier's learning rate.")
     epochs: int = Field(1, ge=1, description="Passes over the verifier's judgments (two per pair).")
     seed: int = Field(0, description="Seed for choosing and balancing the verifier's data.")
@@ -368,7 +392,9 @@ class Config(Section):
         """A file task's prompts come from its files; ``topr verify`` needs only its checker
         (validated with the context ``{"prompt_files": False}``)."""
         needs_files = (info.context or {}).get("prompt_files", True)
-        if needs_files and self.task.name not in ("arithmetic", "verifier") and not (self.task.train_path and self.task.eval_path):
+        from topr.tasks import task_class
+
+        if needs_files and task_class(self.task.name).needs_task_files and not (self.task.train_path and self.task.eval_path):
             raise ValueError(f"task.name={self.task.name} needs task.train_path and task.eval_path")
         return self
 

@@ -85,7 +85,20 @@ PRESETS: dict[str, Preset] = {
     "rft": Preset((1.0, 1.0), (0.0, 0.0)),
 }
 
-OBJECTIVES = (*PRESETS, "ppo")
+
+
+def register_objective(name: str, preset: Preset) -> None:
+    """Add an objective: its clip bounds on the ratio for positives and negatives (as ``PRESETS``).
+    Call it where the objective is defined; ``train.objective=<name>`` then selects it."""
+    if name in objective_names():
+        raise ValueError(f"objective {name!r} is already registered")
+    PRESETS[name] = preset
+
+
+def objective_names() -> tuple[str, ...]:
+    """Every registered objective: the presets and ``"ppo"``."""
+    return (*PRESETS, "ppo")
+
 
 NEGATIVE_RATIO_STATS = ("ratio_negative_p10", "ratio_negative_p50", "ratio_negative_p90")
 """Stats of ``policy_loss`` that it reports only when the batch has negatives."""
@@ -115,7 +128,7 @@ def policy_loss(
         rewards: [B] reward of each completion.
         mask: [B, T] nonzero (1.0) on completion tokens, 0 elsewhere (prompt, padding). Values
             of ``logprobs`` and ``behavior_logprobs`` at masked positions are ignored.
-        objective: one of ``OBJECTIVES``: a key of ``PRESETS`` or ``"ppo"``.
+        objective: one of ``objective_names()``: a key of ``PRESETS`` or ``"ppo"``.
         baseline: c in the advantage A = R - c; A >= 0 counts as positive.
         ratio_level: one of ``RATIO_LEVELS`` (see the module docstring); ignored by ``"ppo"``.
         positive_bounds: (a+, b+), replaces the preset's bounds for A >= 0.
@@ -160,7 +173,7 @@ def policy_loss(
             0 <= low <= high, bounds given with ``"ppo"`` (which has none), ``ppo_clip < 0``,
             or an unknown ``length_normalization`` or a ``normalizer`` that does not fit it.
     """
-    _check_choice("objective", objective, OBJECTIVES)
+    _check_choice("objective", objective, objective_names())
     _check_choice("ratio_level", ratio_level, RATIO_LEVELS)
     _check_normalization(length_normalization, normalizer)
     _check_shapes(logprobs, behavior_logprobs, rewards, mask)

@@ -5,7 +5,10 @@ A task turns ``(split, size, seed)`` into prompt records (``prompt_id``, ``promp
 the reference (``is_correct``). The prompt is the bare user message (the chat template is applied
 when sampling) and always tells the model the answer format its checker expects.
 
-Built in (``get_task`` picks one from ``TaskConfig.name``):
+Every concrete ``Task`` subclass with a ``name`` registers itself under it, and ``get_task``
+picks one by ``TaskConfig.name``; the modules of this package are imported when a name is first
+looked up, so a new task is one new module here (or one in another package, named by an entry
+point of the group ``topr.tasks``). Built in:
 
 - ``arithmetic``: generated integer problems at the levels of ``topr.tasks.arithmetic.LEVELS``.
 - ``gsm8k``: GSM8K-format JSONL files (``question``, ``answer`` ending in ``#### N``).
@@ -19,16 +22,19 @@ This module also holds the number parsing shared by the tasks that expect ``Answ
 
 from __future__ import annotations
 
+import functools
+import importlib
+import pkgutil
 import re
 from abc import ABC, abstractmethod
 from decimal import Decimal, InvalidOperation
-from typing import TYPE_CHECKING
+from importlib.metadata import entry_points
+from typing import TYPE_CHECKING, ClassVar
 
 if TYPE_CHECKING:
     from topr.config import TaskConfig
 
 SPLITS = ("train", "test")
-TASK_NAMES = ("arithmetic", "gsm8k", "math", "jsonl", "verifier")
 ANSWER_INSTRUCTION = "End your reply with 'Answer: <number>'."
 
 # "Answer:", case-insensitive, also written "**Answer**:" or "Answer :".
@@ -38,10 +44,32 @@ ANSWER_MARKER = re.compile(r"answer[\s*_]*:", re.IGNORECASE)
 _NUMBER = re.compile(r"(?:(?<![\w.])[-+\u2212])?(?:\$\s?)?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?")
 
 
-class Task(ABC):
-    """Prompts, reference answers and a checker."""
+_REGISTRY: dict[str, type[Task]] = {}
 
-    name: str
+
+class Task(ABC):
+    """Prompts, reference answers and a checker.
+
+    A subclass that sets ``name`` is registered under it (``task.name`` selects it);
+    ``from_config`` builds it from the ``task`` section.
+    """
+
+    name: ClassVar[str]
+    needs_task_files: ClassVar[bool] = False
+    """Whether its prompts come from task.train_path and task.eval_path (checked with the config)."""
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "name" in cls.__dict__:
+            known = _REGISTRY.get(cls.name, cls)
+            if known.__module__ != cls.__module__:
+                raise ValueError(f"task {cls.name!r} is defined twice: in {known.__module__} and in {cls.__module__}")
+            _REGISTRY[cls.name] = cls
+
+    @classmethod
+    def from_config(cls, config: TaskConfig) -> Task:
+        """The task as the ``task`` section sets it up (by default it takes no option)."""
+        return cls()
 
     @abstractmethod
     def problems(self, split: str, size: int, seed: int) -> list[dict[str, str]]:
@@ -64,36 +92,33 @@ def check_split(split: str) -> None:
         raise ValueError(f"unknown split {split!r} (choices: {', '.join(SPLITS)})")
 
 
+def task_class(name: str) -> type[Task]:
+    """The registered task called ``name``."""
+    tasks = registered_tasks()
+    if name not in tasks:
+        raise ValueError(f"unknown task {name!r} (choices: {', '.join(tasks)})")
+    return tasks[name]
+
+
+def registered_tasks() -> dict[str, type[Task]]:
+    """Every task by name (see ``_import_task_modules``)."""
+    _import_task_modules()
+    return dict(sorted(_REGISTRY.items()))
+
+
+@functools.cache
+def _import_task_modules() -> None:
+    """Import this package's modules and the ``topr.tasks`` entry points once, so that their
+    tasks register (their heavy dependencies, such as sympy, load only when a task checks)."""
+    for module in pkgutil.iter_modules(__path__):
+        importlib.import_module(f"{__name__}.{module.name}")
+    for entry_point in entry_points(group="topr.tasks"):
+        entry_point.load()
+
+
 def get_task(config: TaskConfig) -> Task:
     """The task named by ``config.name``, set up from the other ``TaskConfig`` fields."""
-    # Imported here so that loading one task does not import the others' dependencies (sympy).
-    if config.name == "arithmetic":
-        from topr.tasks.arithmetic import ArithmeticTask
-
-        return ArithmeticTask(config.level)
-    if config.name == "gsm8k":
-        from topr.tasks.gsm8k import Gsm8kTask
-
-        return Gsm8kTask(config.train_path, config.eval_path)
-    if config.name == "math":
-        from topr.tasks.math_task import MathTask
-
-        return MathTask(config.train_path, config.eval_path)
-    if config.name == "jsonl":
-        from topr.tasks.jsonl import JsonlTask
-
-        return JsonlTask(
-            config.train_path,
-            config.eval_path,
-            config.prompt_field,
-            config.answer_field,
-            config.match,
-        )
-    if config.name == "verifier":
-        from topr.tasks.verifier import VerifierTask
-
-        return VerifierTask(config.train_path, config.eval_path)
-    raise ValueError(f"unknown task {config.name!r} (choices: {', '.join(TASK_NAMES)})")
+    return task_class(config.name).from_config(config)
 
 
 PLAIN_EXPONENT_LIMIT = 1000

@@ -174,6 +174,10 @@ def _pool(level: str, split: str) -> tuple[Problem, ...]:
 class ArithmeticTask(Task):
     name = "arithmetic"
 
+    @classmethod
+    def from_config(cls, config) -> ArithmeticTask:
+        return cls(config.level)
+
     def __init__(self, level: str = "easy"):
         if level not in LEVELS:
             raise ValueError(f"unknown arithmetic level {level!r} (choices: {', '.join(LEVELS)})")

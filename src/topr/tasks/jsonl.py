@@ -34,9 +34,14 @@ class FileTask(Task):
     """A task whose prompts and references come from one JSONL file per split."""
 
     required_fields: tuple[str, ...]
+    needs_task_files = True
 
     def __init__(self, train_path: str | None, eval_path: str | None):
         self.paths = {"train": train_path, "test": eval_path}
+
+    @classmethod
+    def from_config(cls, config) -> FileTask:
+        return cls(config.train_path, config.eval_path)
 
     def problems(self, split: str, size: int, seed: int) -> list[dict[str, str]]:
         with local_file(self._location(split)) as path:
@@ -87,6 +92,10 @@ class JsonlTask(FileTask):
     """
 
     name = "jsonl"
+
+    @classmethod
+    def from_config(cls, config) -> JsonlTask:
+        return cls(config.train_path, config.eval_path, config.prompt_field, config.answer_field, config.match)
 
     def __init__(
         self,

@@ -15,8 +15,6 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from math_verify import parse, verify
-
 from topr.tasks.jsonl import FileTask, record_error, record_id
 
 BOXED_INSTRUCTION = "Put your final answer within \\boxed{}."
@@ -64,6 +62,8 @@ def equivalent(answer: str, reference: str) -> bool:
     """Whether two LaTeX answers are mathematically equal, according to math-verify."""
     if "".join(answer.split()) == "".join(reference.split()):
         return True
+    from math_verify import parse, verify  # here: it imports sympy, which only checking needs
+
     timeout = _timeout()
     gold = parse(f"\\boxed{{{reference}}}", parsing_timeout=timeout)
     predicted = parse(f"\\boxed{{{answer}}}", parsing_timeout=timeout)

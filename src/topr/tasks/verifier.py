@@ -25,6 +25,7 @@ _JUDGMENT = re.compile(r"[\s*_`#>\"']*(yes|no)(?![a-z0-9])", re.IGNORECASE)
 class VerifierTask(FileTask):
     name = "verifier"
     required_fields = PROMPT_FIELDS
+    needs_task_files = False  # the verifier branch writes its files and sets them itself
 
     def problem(self, record: dict[str, Any], path: Path, index: int) -> dict[str, Any]:
         return dict(record)
