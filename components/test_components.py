@@ -44,7 +44,7 @@ INTERFACES = {
 
 
 def _component(name: str):
-    return getattr(importlib.import_module(f"components.{name}.component"), name)
+    return getattr(importlib.import_module(f"topr_components.{name}.component"), name)
 
 
 def test_every_component_folder_is_listed():

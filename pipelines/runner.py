@@ -15,7 +15,7 @@ from pathlib import Path
 
 from kfp import compiler, local
 
-from pipelines.topr_pipeline import build_pipeline
+from topr_pipelines.topr_pipeline import build_pipeline
 from topr.config import Config, config_to_dict
 
 log = logging.getLogger(__name__)

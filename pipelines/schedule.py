@@ -13,8 +13,8 @@ import logging
 import tempfile
 from pathlib import Path
 
-from pipelines.runner import compile_pipeline
-from pipelines.submit import Endpoint
+from topr_pipelines.runner import compile_pipeline
+from topr_pipelines.submit import Endpoint
 from topr.config import Config, build_config, config_to_dict
 
 log = logging.getLogger(__name__)

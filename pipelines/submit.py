@@ -9,7 +9,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipelines.runner import compile_pipeline
+from topr_pipelines.runner import compile_pipeline
 from topr.config import Config, config_to_dict
 
 log = logging.getLogger(__name__)

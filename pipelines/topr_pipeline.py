@@ -20,22 +20,22 @@ secrets, retries, timeouts), which only a cluster run uses.
 from kfp import dsl
 from kfp.dsl import Dataset, Input, Model
 
-from components.collect_samples.component import collect_samples
-from components.curate.component import curate
-from components.evaluate.component import evaluate
-from components.evaluate_verifier.component import evaluate_verifier
-from components.finish_run.component import finish_run
-from components.gate.component import gate
-from components.prepare_model.component import prepare_model
-from components.promote.component import promote
-from components.prompts.component import prompts
-from components.sample.component import sample
-from components.start_run.component import start_run
-from components.train.component import train
-from components.train_verifier.component import train_verifier
-from components.verifier_data.component import verifier_data
-from components.verify.component import verify
-from pipelines.cluster_settings import on_cluster
+from topr_components.collect_samples.component import collect_samples
+from topr_components.curate.component import curate
+from topr_components.evaluate.component import evaluate
+from topr_components.evaluate_verifier.component import evaluate_verifier
+from topr_components.finish_run.component import finish_run
+from topr_components.gate.component import gate
+from topr_components.prepare_model.component import prepare_model
+from topr_components.promote.component import promote
+from topr_components.prompts.component import prompts
+from topr_components.sample.component import sample
+from topr_components.start_run.component import start_run
+from topr_components.train.component import train
+from topr_components.train_verifier.component import train_verifier
+from topr_components.verifier_data.component import verifier_data
+from topr_components.verify.component import verify
+from topr_pipelines.cluster_settings import on_cluster
 from topr.config import Config
 
 

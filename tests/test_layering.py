@@ -16,10 +16,10 @@ def test_library_source_never_imports_kfp_or_the_upper_floors():
         f"{path.relative_to(LIBRARY)}:{number}: {line.strip()}"
         for path in LIBRARY.rglob("*.py")
         for number, line in enumerate(path.read_text().splitlines(), start=1)
-        if line.strip().startswith(("import kfp", "from kfp", "from components", "from pipelines", "import components", "import pipelines"))
+        if line.strip().startswith(("import kfp", "from kfp", "from topr_components", "from topr_pipelines", "import topr_components", "import topr_pipelines"))
     ]
     # `topr run`, `compile` and `schedule` hand over to pipelines/ lazily, inside the command.
-    offenders = [o for o in offenders if not o.startswith("cli.py") or "from pipelines" not in o]
+    offenders = [o for o in offenders if not o.startswith("cli.py") or "from topr_pipelines" not in o]
     assert offenders == []
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipelines.runner import compile_pipeline, print_restored
+from topr_pipelines.runner import compile_pipeline, print_restored
 from topr.cli import main
 from topr.config import load_config
 

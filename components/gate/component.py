@@ -3,7 +3,7 @@ from typing import NamedTuple
 from kfp import dsl
 from kfp.dsl import Dataset, Input, Model
 
-from components import TOPR_IMAGE
+from topr_components import TOPR_IMAGE
 
 
 @dsl.component(base_image=TOPR_IMAGE, install_kfp_package=False)

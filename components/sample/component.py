@@ -1,7 +1,7 @@
 from kfp import dsl
 from kfp.dsl import Dataset, Input, Metrics, Model, Output
 
-from components import TOPR_IMAGE
+from topr_components import TOPR_IMAGE
 
 
 @dsl.component(base_image=TOPR_IMAGE, install_kfp_package=False)

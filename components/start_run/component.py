@@ -1,6 +1,6 @@
 from kfp import dsl
 
-from components import TOPR_IMAGE
+from topr_components import TOPR_IMAGE
 
 
 @dsl.component(base_image=TOPR_IMAGE, install_kfp_package=False)

@@ -236,7 +236,7 @@ def _add_endpoint_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _endpoint(args):
-    from pipelines.submit import Endpoint
+    from topr_pipelines.submit import Endpoint
 
     return Endpoint(
         host=args.host,
@@ -286,7 +286,7 @@ def cmd_run(args) -> int:
     (run_dir / "config.yaml").write_text(config_to_yaml(config))
     log.info("run %s: %d iterations, folder %s, tracking %s", run_name, config.run.iterations, run_dir, tracking_uri)
 
-    from pipelines.runner import run_local
+    from topr_pipelines.runner import run_local
 
     started = time.perf_counter()
     parent_run_id = run_local(config, run_dir, tracking_uri, run_name)
@@ -352,7 +352,7 @@ def _with_replicates_and_reference(spec, replicates: int | None, reference: str 
 
 
 def cmd_compile(args) -> int:
-    from pipelines.runner import compile_pipeline
+    from topr_pipelines.runner import compile_pipeline
 
     config = _config(args, [f"run.iterations={args.iterations}"] if args.iterations else [])
     print(compile_pipeline(config, args.output, args.pipeline_root))
@@ -360,7 +360,7 @@ def cmd_compile(args) -> int:
 
 
 def cmd_submit(args) -> int:
-    from pipelines.submit import submit_run
+    from topr_pipelines.submit import submit_run
 
     config = _config(args)
     run_name = args.run_name or config.run.name or time.strftime("topr-%Y%m%d-%H%M%S")
@@ -401,7 +401,7 @@ def cmd_lineage(args) -> int:
 
 
 def cmd_schedule(args) -> int:
-    from pipelines import schedule
+    from topr_pipelines import schedule
 
     if args.schedule_command == "create":
         config = _config(args, schedule.prompt_overrides(args.prompts))

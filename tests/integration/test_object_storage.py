@@ -10,7 +10,7 @@ import time
 import mlflow
 import pytest
 
-from pipelines.runner import run_local
+from topr_pipelines.runner import run_local
 from topr import stack as topr_stack
 from topr import steps, storage
 from topr.cli import main

@@ -10,7 +10,7 @@ import mlflow
 import pytest
 import yaml
 
-from pipelines.runner import compile_pipeline, run_local
+from topr_pipelines.runner import compile_pipeline, run_local
 from topr import promotion
 from topr.config import EMBEDDED_MODEL, load_config
 from topr.models import PROVENANCE_FILE
