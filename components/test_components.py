@@ -10,7 +10,9 @@ import pytest
 
 import topr.steps
 
-MODEL, DATASET, METRICS, ARTIFACT = (f"system.{kind}@0.0.1" for kind in ("Model", "Dataset", "Metrics", "Artifact"))
+MODEL, DATASET, METRICS, ARTIFACT, HTML, MARKDOWN = (
+    f"system.{kind}@0.0.1" for kind in ("Model", "Dataset", "Metrics", "Artifact", "HTML", "Markdown")
+)
 TRACKED = {"config_json": "String", "tracking_uri": "String", "parent_run_id": "String"}
 STAGE = {**TRACKED, "iteration": "Integer"}
 
@@ -27,9 +29,12 @@ INTERFACES = {
     "train": ({**STAGE, "model": MODEL, "train_set": DATASET, "samples": DATASET}, {"trained_model": MODEL, "metrics": METRICS}),
     "evaluate": (
         {**STAGE, "model": MODEL, "eval_prompts": DATASET},
-        {"completions": DATASET, "report": ARTIFACT, "metrics": METRICS},
+        {"completions": DATASET, "report": ARTIFACT, "metrics": METRICS, "accuracy_page": HTML},
     ),
-    "gate": ({**STAGE, "model": MODEL, "eval_prompts": DATASET}, {"Output": "String", "champion_version": "String"}),
+    "gate": (
+        {**STAGE, "model": MODEL, "eval_prompts": DATASET},
+        {"Output": "String", "champion_version": "String", "decision_report": MARKDOWN},
+    ),
     "promote": ({**TRACKED, "model": MODEL, "champion_version": "String"}, {}),
     "verifier_data": (
         {**TRACKED, "model": MODEL, "train_prompts": DATASET, "eval_prompts": DATASET},

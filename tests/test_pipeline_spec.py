@@ -314,3 +314,13 @@ def test_a_print_swapped_inside_a_local_run_does_not_outlive_it():
         builtins.print = lambda *args, **kwargs: interpreter_print("    ", *args, **kwargs)
         raise RuntimeError("task failed")
     assert builtins.print is interpreter_print
+
+
+def test_evaluations_and_the_gate_publish_what_the_pipeline_ui_renders(tmp_path):
+    """Kubeflow's UI renders HTML and Markdown artifacts in the run view: every evaluation
+    publishes the run so far as a page, the gate its decision."""
+    spec, _ = compiled(tmp_path, "run.iterations=2")
+    outputs = {name: component.get("outputDefinitions", {}).get("artifacts", {}) for name, component in spec["components"].items()}
+    evaluations = [name for name in outputs if name.startswith("comp-evaluate") and "verifier" not in name]
+    assert evaluations and all(outputs[name]["accuracy_page"]["artifactType"]["schemaTitle"] == "system.HTML" for name in evaluations)
+    assert outputs["comp-gate"]["decision_report"]["artifactType"]["schemaTitle"] == "system.Markdown"

@@ -6,7 +6,7 @@ import time
 import pytest
 
 from topr.config import load_config
-from topr.report import evaluation_gains, format_table, format_warnings, plot_accuracy, run_metrics, write_run_report
+from topr.report import evaluation_gains, format_table, format_warnings, run_html, plot_accuracy, run_metrics, write_run_report
 from topr.tracking import EVALUATION_ARTIFACT, default_tracking_uri, stage_run, start_pipeline_run
 
 # iteration -> (pass@1, CI low, CI high, parse failure rate)
@@ -112,6 +112,18 @@ def test_an_iteration_trained_without_positives_or_negatives_is_a_warning_under_
     assert lines[0].startswith("Warning, iteration 1: the training set has no positives: none of its 256 completions")
     assert lines[1].startswith("Warning, iteration 3: the training set has no negatives")
     assert format_warnings({"curated_count": {1: 30.0}, "curated_positives": {1: 12.0}}) == ""
+
+
+def test_the_run_as_an_html_page_holds_the_curve_and_the_table(logged_run):
+    import base64
+    import re
+
+    uri, parent, _ = logged_run
+    page = run_html(uri, parent, "topr-arithmetic <after iteration 2>")
+    assert "<h2>topr-arithmetic &lt;after iteration 2&gt;</h2>" in page
+    (image,) = re.findall(r"src='data:image/png;base64,([A-Za-z0-9+/=]+)'", page)
+    assert base64.b64decode(image)[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "40 (8/32)" in page and "iteration 2: +40.0 points" in page
 
 
 def test_plot_accuracy_writes_png(tmp_path, logged_run):

@@ -1,5 +1,5 @@
 from kfp import dsl
-from kfp.dsl import Artifact, Dataset, Input, Metrics, Model, Output
+from kfp.dsl import HTML, Artifact, Dataset, Input, Metrics, Model, Output
 
 from topr_components import TOPR_IMAGE
 
@@ -15,10 +15,14 @@ def evaluate(
     completions: Output[Dataset],
     report: Output[Artifact],
     metrics: Output[Metrics],
+    accuracy_page: Output[HTML],
 ):
-    """Held-out pass@1 (greedy), pass@k and maj@k with 95% confidence intervals."""
+    """Held-out pass@1 (greedy), pass@k and maj@k with 95% confidence intervals; the run so far
+    (accuracy curve and table) as a page the pipeline UI shows."""
     from topr import steps
 
-    summary = steps.evaluate(config_json, tracking_uri, parent_run_id, iteration, model.path, eval_prompts.path, report.path, completions.path)
+    summary = steps.evaluate(
+        config_json, tracking_uri, parent_run_id, iteration, model.path, eval_prompts.path, report.path, completions.path, accuracy_page.path
+    )
     for name, value in summary.items():
         metrics.log_metric(name, value)

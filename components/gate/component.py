@@ -1,7 +1,7 @@
 from typing import NamedTuple
 
 from kfp import dsl
-from kfp.dsl import Dataset, Input, Model
+from kfp.dsl import Dataset, Input, Markdown, Model, Output
 
 from topr_components import TOPR_IMAGE
 
@@ -14,6 +14,7 @@ def gate(
     iteration: int,
     model: Input[Model],
     eval_prompts: Input[Dataset],
+    decision_report: Output[Markdown],
 ) -> NamedTuple("GateOutputs", [("Output", str), ("champion_version", str)]):
     """Compare the new model with the registered champion on the same held-out prompts: the
     decision ("promote" or "keep") and the champion version compared against ("" for none).
@@ -24,4 +25,4 @@ def gate(
     from topr import steps
 
     version = str(int(model.metadata["registered_version"]))
-    return steps.gate(config_json, tracking_uri, parent_run_id, iteration, version, eval_prompts.path)
+    return steps.gate(config_json, tracking_uri, parent_run_id, iteration, version, eval_prompts.path, decision_report.path)

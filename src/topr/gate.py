@@ -21,6 +21,14 @@ class Decision:
     def label(self) -> str:
         return "promote" if self.promote else "keep"
 
+    def markdown(self, model: str, champion: str | None) -> str:
+        """The decision as Kubeflow's UI shows a Markdown artifact."""
+        rows = [("new model", model, f"{self.new_pass_at_1:.1%}")]
+        if champion is not None and self.champion_pass_at_1 is not None:
+            rows.append(("champion", champion, f"{self.champion_pass_at_1:.1%}"))
+        table = "\n".join(f"| {role} | `{name}` | {accuracy} |" for role, name, accuracy in rows)
+        return f"## Gate: {self.label}\n\n{self.reason}.\n\n| | model | held-out pass@1 |\n|---|---|---|\n{table}\n"
+
     def figures(self) -> dict[str, float]:
         figures = {"gate_new_pass_at_1": self.new_pass_at_1, "gate_margin": self.margin, "gate_promoted": float(self.promote)}
         if self.champion_pass_at_1 is not None:

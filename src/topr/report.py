@@ -116,13 +116,37 @@ def format_gains(gains: dict[int, ProblemGain]) -> str:
     return "\n".join(lines)
 
 
+def run_text(tracking_uri: str, run_id: str, metrics: dict[str, dict[int, float]]) -> str:
+    """The run's table, its gains over the starting model and its warnings."""
+    return "\n\n".join(filter(None, (format_table(metrics), format_gains(evaluation_gains(tracking_uri, run_id)), format_warnings(metrics))))
+
+
+def run_html(tracking_uri: str, run_id: str, title: str) -> str:
+    """The run so far as one HTML page, what Kubeflow's UI shows for an HTML artifact: the
+    accuracy curve with its intervals (an inline PNG), then ``run_text``."""
+    import base64
+    import html
+    import tempfile
+
+    metrics = run_metrics(tracking_uri, run_id)
+    with tempfile.TemporaryDirectory() as scratch:
+        plot = Path(scratch, "accuracy.png")
+        plot_accuracy(metrics, plot)
+        image = base64.b64encode(plot.read_bytes()).decode()
+    return (
+        f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title></head><body>"
+        f"<h2>{html.escape(title)}</h2><img alt='held-out accuracy by iteration' src='data:image/png;base64,{image}'>"
+        f"<pre>{html.escape(run_text(tracking_uri, run_id, metrics))}</pre></body></html>\n"
+    )
+
+
 def write_run_report(run_dir: Path, tracking_uri: str, run_id: str, minutes: float) -> str:
     """Write ``report.md`` and ``accuracy.png`` into the run folder, log both; return the table
     and the gains over the starting model."""
     from topr.tracking import log_run_artifact
 
     metrics = run_metrics(tracking_uri, run_id)
-    table = "\n\n".join(filter(None, (format_table(metrics), format_gains(evaluation_gains(tracking_uri, run_id)), format_warnings(metrics))))
+    table = run_text(tracking_uri, run_id, metrics)
     plot_accuracy(metrics, run_dir / "accuracy.png")
     (run_dir / "report.md").write_text(
         f"# topr run {run_dir.name}\n\nMLflow run `{run_id}` ({tracking_uri}), {minutes:.1f} minutes.\n\n"

@@ -332,8 +332,13 @@ def _model_source(run, output_dir: str, published: dict[str, str]) -> str:
     return "model"
 
 
-def evaluate(config_json: str, tracking_uri: str, parent_run_id: str, iteration: int, model_dir: str, prompts_path: str, report_path: str, samples_path: str) -> dict:
+def evaluate(
+    config_json: str, tracking_uri: str, parent_run_id: str, iteration: int, model_dir: str, prompts_path: str, report_path: str, samples_path: str, page_path: str = ""
+) -> dict:
+    """Evaluate the model on the held-out prompts; with ``page_path``, also write the run so far
+    there as an HTML page (``topr.report.run_html``), for Kubeflow's UI."""
     from topr.evaluate import run_evaluate
+    from topr.report import run_html
 
     config = parse_config(config_json)
     with stage_run(tracking_uri, parent_run_id, "evaluate", iteration) as run:
@@ -345,13 +350,16 @@ def evaluate(config_json: str, tracking_uri: str, parent_run_id: str, iteration:
         run.log_text(Path(report_path).read_text(), EVALUATION_ARTIFACT)
         run.log_metrics(metrics, on_parent=True)
         outputs.commit()
+    if page_path:
+        Path(page_path).write_text(run_html(tracking_uri, parent_run_id, f"{config.run.registered_model}: held-out accuracy after iteration {iteration}"))
     return metrics
 
 
-def gate(config_json: str, tracking_uri: str, parent_run_id: str, iteration: int, version: str, prompts_path: str) -> tuple[str, str]:
+def gate(config_json: str, tracking_uri: str, parent_run_id: str, iteration: int, version: str, prompts_path: str, decision_path: str = "") -> tuple[str, str]:
     """Compare the new model (registered ``version``) with the champion; return the decision
     ("promote" or "keep") and the champion version compared against ("" for none), which
-    ``promote`` requires to still hold the alias.
+    ``promote`` requires to still hold the alias. With ``decision_path``, the decision is also
+    written there in Markdown, for Kubeflow's UI.
 
     The new model's pass@1 is its last evaluation in this run; the champion is evaluated again
     on the same prompts with the same settings. The decision and its figures are recorded on
@@ -377,6 +385,8 @@ def gate(config_json: str, tracking_uri: str, parent_run_id: str, iteration: int
         client.set_tag(parent_run_id, "topr.gate", f"{decision.label}: {decision.reason}")
         client.set_model_version_tag(name, version, "topr.gate", f"{decision.label}: {decision.reason}")
     log.info("gate: %s %s/%s (%s)", decision.label, name, version, decision.reason)
+    if decision_path:
+        Path(decision_path).write_text(decision.markdown(f"{name}/{version}", f"{name}/{champion}" if champion else None))
     return decision.label, champion or ""
 
 

@@ -121,6 +121,12 @@ def test_local_run_two_iterations(tmp_path, tiny_model_dir):
     assert sorted(int(v.version) for v in versions) == [1, 2]
     assert int(client.get_model_version_by_alias("topr-arithmetic", "champion").version) == 2
     assert client.get_run(parent_run_id).data.tags["topr.gate"] == "promote: no champion yet"
+    # What the pipeline UI shows: the run so far after each evaluation, and the gate's decision.
+    page = _artifact(root, "evaluate-3", "accuracy_page").read_text()  # iteration 2's
+    assert "<h2>topr-arithmetic: held-out accuracy after iteration 2</h2>" in page
+    assert "<img alt='held-out accuracy by iteration' src='data:image/png;base64," in page
+    assert "curated (+/-)" in page and "\n        2 " in page
+    assert _artifact(root, "gate", "decision_report").read_text().startswith("## Gate: promote\n\nno champion yet.")
 
 
 @pytest.mark.slow
