@@ -4,6 +4,6 @@ Every component runs in the same image (``TOPR_IMAGE``), which has ``topr`` and 
 installed; locally, ``kfp.local`` runs them in subprocesses of the current interpreter.
 """
 
-import os
+from topr.cluster import default_image
 
-TOPR_IMAGE = os.environ.get("TOPR_IMAGE", "ghcr.io/topr-project/topr:0.1.0")
+TOPR_IMAGE = default_image()

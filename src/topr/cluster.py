@@ -22,6 +22,11 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 DEFAULT_IMAGE = "ghcr.io/topr-project/topr:0.1.0"
 
+
+def default_image() -> str:
+    """The image of every component: $TOPR_IMAGE, else the release image."""
+    return os.environ.get("TOPR_IMAGE", DEFAULT_IMAGE)
+
 STAGES = (
     "start_run",
     "finish_run",
@@ -117,7 +122,7 @@ class Toleration(_Strict):
 
 class ClusterConfig(_Strict):
     image: str = Field(
-        default_factory=lambda: os.environ.get("TOPR_IMAGE", DEFAULT_IMAGE),
+        default_factory=default_image,
         description="Container image of every component (default: $TOPR_IMAGE or the release image).",
     )
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = Field(

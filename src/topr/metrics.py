@@ -80,6 +80,11 @@ def majority_vote(answers: Sequence[str | None]) -> str | None:
     return weighted_vote(answers, [1.0] * len(answers))
 
 
+def vote_correct(answers: Sequence[str | None], correct: Sequence[bool], winner: str | None) -> bool:
+    """A voted answer is as correct as the solutions that reached it (the checker's verdict)."""
+    return winner is not None and correct[answers.index(winner)]
+
+
 def _labels_and_scores(labels: Sequence[bool], scores: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
     """Labels and scores as arrays, checked: as many of each, and both labels present (the
     figures below compare the two groups and mean nothing with one)."""
@@ -217,5 +222,4 @@ def _sample_metrics(results: Sequence[PromptResult], k: int, n_resamples: int, s
 
 
 def _majority_correct(result: PromptResult) -> bool:
-    winner = majority_vote(result.sample_answers)
-    return winner is not None and result.sample_correct[result.sample_answers.index(winner)]
+    return vote_correct(result.sample_answers, result.sample_correct, majority_vote(result.sample_answers))

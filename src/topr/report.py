@@ -68,21 +68,8 @@ def error_bars(metrics: dict[str, dict[int, float]], steps: list[int]) -> list[l
 
 
 def plot_accuracy(metrics: dict[str, dict[int, float]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    steps = sorted(metrics["pass_at_1"])
-    values = [metrics["pass_at_1"][s] for s in steps]
-    figure, axis = plt.subplots(figsize=(5, 3.5))
-    axis.errorbar(steps, values, yerr=error_bars(metrics, steps), marker="o", capsize=4)
-    axis.set_xlabel("iteration (0 = starting model)")
-    axis.set_ylabel("held-out pass@1 (greedy)")
-    axis.set_xticks(steps)
-    axis.set_ylim(0, max(1e-3, max(metrics["pass_at_1_ci_high"].values())) * 1.1)
-    axis.grid(alpha=0.3)
-    _save(figure, path)
+    """One run's held-out pass@1 by iteration, with its Wilson 95% intervals."""
+    plot_replicates_accuracy({"this run": {"run": metrics}}, path)
 
 
 def evaluation_gains(tracking_uri: str, run_id: str) -> dict[int, ProblemGain]:

@@ -42,7 +42,7 @@ from topr.config import Config, build_config, config_to_dict
 from topr.evaluate import run_evaluate
 from topr.logprobs import batch_prompt_completions, completion_logprobs
 from topr.loop import LibraryStages, run_iteration
-from topr.metrics import auroc, auroc_interval, balanced_accuracy, majority_vote, weighted_vote, wilson_interval
+from topr.metrics import auroc, auroc_interval, balanced_accuracy, majority_vote, vote_correct, weighted_vote, wilson_interval
 from topr.models import load_policy, model_identity, prompt_token_ids, set_threads
 from topr.records import PROMPT_FIELDS, Record, read_records, write_json, write_records
 from topr.sample import SamplingParams, make_engine, sample_records
@@ -293,11 +293,6 @@ class QuestionVotes:
     weights: Mapping[str, tuple[float, ...]]
 
 
-def _voted_correct(question: QuestionVotes, winner: str | None) -> bool:
-    """A voted answer is as correct as the solutions that reached it (the checker's verdict)."""
-    return winner is not None and question.correct[question.answers.index(winner)]
-
-
 def _rate(name: str, successes: int, n: int) -> dict[str, float]:
     low, high = wilson_interval(successes, n)
     return {name: successes / n, f"{name}_ci_low": low, f"{name}_ci_high": high}
@@ -322,10 +317,10 @@ def vote_metrics(questions: Sequence[QuestionVotes]) -> dict[str, float]:
     solutions = sum(len(question.correct) for question in questions)
     metrics = {"vote_k": k, "vote_questions": len(questions)}
     metrics |= _rate("vote_pass_at_1", sum(sum(question.correct) for question in questions), solutions)
-    majority = [_voted_correct(question, majority_vote(question.answers)) for question in questions]
+    majority = [vote_correct(q.answers, q.correct, majority_vote(q.answers)) for q in questions]
     metrics |= _rate("vote_majority", sum(majority), len(questions))
     for name in questions[0].weights:
-        weighted = [_voted_correct(q, weighted_vote(q.answers, q.weights[name])) for q in questions]
+        weighted = [vote_correct(q.answers, q.correct, weighted_vote(q.answers, q.weights[name])) for q in questions]
         metrics |= _rate(f"vote_weighted_{name}", sum(weighted), len(questions))
         metrics |= _gain(f"vote_gain_{name}", weighted, majority)
     return metrics
