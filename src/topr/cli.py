@@ -43,7 +43,12 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="Log debug messages.")
     commands = parser.add_subparsers(dest="command", required=True)
+    for add_command in COMMAND_PARSERS:
+        add_command(commands)
+    return parser
 
+
+def _add_run_command(commands) -> None:
     run = commands.add_parser(
         "run",
         help="Run the whole loop locally (the Kubeflow pipeline through kfp.local).",
@@ -63,6 +68,8 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     _add_config_arguments(run)
 
+
+def _add_experiment_command(commands) -> None:
     experiment = commands.add_parser(
         "experiment",
         help="Compare objectives, curation, baselines, ratio levels or the verifier: several runs on the same data.",
@@ -86,6 +93,8 @@ def _build_parser() -> argparse.ArgumentParser:
     experiment.add_argument("--tracking-uri", type=_tracking_uri, help="MLflow tracking URI (sets run.tracking_uri).")
     _add_config_arguments(experiment)
 
+
+def _add_up_command(commands) -> None:
     up = commands.add_parser(
         "up",
         help="Start SeaweedFS (S3) and an MLflow server on loopback, in the background.",
@@ -96,6 +105,9 @@ def _build_parser() -> argparse.ArgumentParser:
     up.add_argument("--s3-port", type=int, default=8333, help="SeaweedFS S3 port.")
     up.add_argument("--mlflow-port", type=int, default=5000, help="MLflow server port.")
     up.add_argument("--bucket", default="topr", help="Bucket to create for artifacts.")
+
+
+def _add_lineage_command(commands) -> None:
     lineage = commands.add_parser(
         "lineage",
         help="Print where a model came from, back to the base model.",
@@ -106,6 +118,9 @@ def _build_parser() -> argparse.ArgumentParser:
     lineage.add_argument("--tracking-uri", type=_tracking_uri, help="MLflow tracking URI (default: the local store under runs/).")
     lineage.add_argument("--json", action="store_true", help="Print the chain as JSON.")
     lineage.add_argument("--verify", action="store_true", help="Re-read and re-hash every artifact in object storage; exit 1 on any problem.")
+
+
+def _add_schedule_command(commands) -> None:
     schedule = commands.add_parser(
         "schedule",
         help="Kubeflow recurring runs: retrain the champion on a schedule.",
@@ -130,9 +145,13 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_endpoint_arguments(delete)
     delete.add_argument("id", help="The recurring run's id (see 'topr schedule list').")
 
+
+def _add_down_command(commands) -> None:
     down = commands.add_parser("down", help="Stop exactly what 'topr up' started.")
     down.add_argument("--state-dir", default="runs/stack", help="The state directory given to 'topr up'.")
 
+
+def _add_compile_command(commands) -> None:
     compile_ = commands.add_parser(
         "compile",
         help="Write the pipeline as Kubeflow Pipelines YAML.",
@@ -144,6 +163,8 @@ def _build_parser() -> argparse.ArgumentParser:
     compile_.add_argument("--pipeline-root", help="Default pipeline root for Kubeflow's artifacts, e.g. s3://bucket/kfp.")
     _add_config_arguments(compile_)
 
+
+def _add_submit_command(commands) -> None:
     submit = commands.add_parser(
         "submit",
         help="Compile the pipeline and start a run on Kubeflow Pipelines; print its URL.",
@@ -158,6 +179,8 @@ def _build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--service-account", help="Kubernetes service account of the run's pods (e.g. topr-pipeline).")
     _add_config_arguments(submit)
 
+
+def _add_sample_command(commands) -> None:
     sample = commands.add_parser("sample", help="Sample completions with behaviour log-probs.")
     sample.add_argument("--model", required=True, help="Model directory (or the embedded default's name).")
     sample.add_argument("--prompts", required=True, help="Prompt records (JSONL/Parquet): prompt_id, prompt, reference.")
@@ -165,18 +188,24 @@ def _build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--iteration", type=int, default=1, help="Which slice of task.train_size prompts to use.")
     _add_config_arguments(sample)
 
+
+def _add_verify_command(commands) -> None:
     verify = commands.add_parser("verify", help="Score completions: add extracted, correct, reward.")
     verify.add_argument("--task", help="Task name (overrides task.name).")
     verify.add_argument("--input", required=True, help="Records with prompt_id, reference, completion.")
     verify.add_argument("--output", required=True, help="Where to write the verified records.")
     _add_config_arguments(verify)
 
+
+def _add_curate_command(commands) -> None:
     curate = commands.add_parser("curate", help="Choose the training set and report its composition.")
     curate.add_argument("--input", required=True, help="Verified records.")
     curate.add_argument("--output", required=True, help="Where to write the training set.")
     curate.add_argument("--report", required=True, help="Where to write the composition report (JSON).")
     _add_config_arguments(curate)
 
+
+def _add_train_command(commands) -> None:
     train = commands.add_parser("train", help="Train a policy on a curated set and save it.")
     train.add_argument("--model", required=True, help="Starting model directory.")
     train.add_argument("--data", required=True, help="Curated training records.")
@@ -190,13 +219,18 @@ def _build_parser() -> argparse.ArgumentParser:
     train.add_argument("--checkpoint-uri", help="Also upload the checkpoint to this s3:// URI, and fetch it from there.")
     _add_config_arguments(train)
 
+
+def _add_evaluate_command(commands) -> None:
     evaluate = commands.add_parser("evaluate", help="Held-out pass@1, pass@k, maj@k with 95%% CIs.")
     evaluate.add_argument("--model", required=True, help="Model directory (or the embedded default's name).")
     evaluate.add_argument("--prompts", required=True, help="Held-out prompt records.")
     evaluate.add_argument("--output", required=True, help="Where to write the report (JSON).")
     evaluate.add_argument("--completions", help="Where to write the evaluated completions (JSONL).")
     _add_config_arguments(evaluate)
-    return parser
+
+
+COMMAND_PARSERS = (_add_run_command, _add_experiment_command, _add_up_command, _add_lineage_command, _add_schedule_command, _add_down_command, _add_compile_command, _add_submit_command, _add_sample_command, _add_verify_command, _add_curate_command, _add_train_command, _add_evaluate_command)
+"""The subcommands, in the order ``topr --help`` lists them."""
 
 
 def _tracking_uri(value: str) -> str:
