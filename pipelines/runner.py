@@ -15,8 +15,8 @@ from pathlib import Path
 
 from kfp import compiler, local
 
-from topr_pipelines.topr_pipeline import build_pipeline
 from topr.config import Config, config_to_dict
+from topr_pipelines.topr_pipeline import build_pipeline
 
 log = logging.getLogger(__name__)
 

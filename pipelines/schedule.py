@@ -13,13 +13,13 @@ import logging
 import tempfile
 from pathlib import Path
 
+from topr.config import Config, build_config, config_to_dict
+from topr.tasks import registered_tasks, task_class
 from topr_pipelines.runner import compile_pipeline
 from topr_pipelines.submit import Endpoint
-from topr.config import Config, build_config, config_to_dict
 
 log = logging.getLogger(__name__)
 
-FILE_TASKS = ("jsonl", "gsm8k", "math")
 DEFAULT_SERVICE_ACCOUNT = "topr-pipeline"  # k8s/base/rbac.yaml
 
 
@@ -44,8 +44,9 @@ def prompt_overrides(prompts_prefix: str) -> list[str]:
 
 def scheduled_config(config: Config) -> Config:
     """The configuration of every scheduled run: start from the champion (prompts: ``prompt_overrides``)."""
-    if config.task.name not in FILE_TASKS:
-        raise ValueError(f"task.name={config.task.name} reads no prompt files; a schedule needs one of {', '.join(FILE_TASKS)}")
+    if not task_class(config.task.name).needs_task_files:
+        file_tasks = [name for name, task in registered_tasks().items() if task.needs_task_files]
+        raise ValueError(f"task.name={config.task.name} reads no prompt files; a schedule needs one of {', '.join(file_tasks)}")
     data = config_to_dict(config)
     data["model"]["path"] = f"models:/{config.run.registered_model}@{config.gate.alias}"
     return build_config(data, source="schedule")

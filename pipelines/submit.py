@@ -9,8 +9,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from topr_pipelines.runner import compile_pipeline
 from topr.config import Config, config_to_dict
+from topr_pipelines.runner import compile_pipeline
 
 log = logging.getLogger(__name__)
 

@@ -20,6 +20,7 @@ secrets, retries, timeouts), which only a cluster run uses.
 from kfp import dsl
 from kfp.dsl import Dataset, Input, Model
 
+from topr.config import Config
 from topr_components.collect_samples.component import collect_samples
 from topr_components.curate.component import curate
 from topr_components.evaluate.component import evaluate
@@ -36,7 +37,6 @@ from topr_components.train_verifier.component import train_verifier
 from topr_components.verifier_data.component import verifier_data
 from topr_components.verify.component import verify
 from topr_pipelines.cluster_settings import on_cluster
-from topr.config import Config
 
 
 def iteration_pipeline(iteration: int, config: Config):

@@ -232,8 +232,15 @@ def test_resume_refuses_when_a_finished_units_configuration_changed(tmp_path, ti
 
     changed = ExperimentSpec(description="Two objectives.", arms={"topr": ["train.learning_rate=1e-4"], "rft": ["train.objective=rft"]})
     experiment, arms = arm_configs(changed, {}, [f"model.path={tiny_model_dir}", *TINY])
-    with pytest.raises(ConfigError, match=r"cannot resume: exp/topr/rep0 finished with another configuration \(train.learning_rate: 1e-05 then, 0.0001 now\)"):
+    with pytest.raises(ConfigError, match=r"cannot resume: exp/topr/rep0 ran with another configuration \(train.learning_rate: 1e-05 then, 0.0001 now\)"):
         run_experiment("exp", changed, experiment, arms, folder, uri, resume=True, run_arm=runner)
+    # The starting model is replaced by the shared copy in every unit's config: the experiment's own settings catch it.
+    experiment, arms = arm_configs(spec, {}, [f"model.path={tiny_model_dir}-other", *TINY])
+    with pytest.raises(ConfigError, match=r"cannot resume: exp ran with another configuration \(model.path: "):
+        run_experiment("exp", spec, experiment, arms, folder, uri, resume=True, run_arm=runner)
+    # A cluster's pod settings change nothing a unit computes.
+    experiment, arms = arm_configs(spec, {}, [f"model.path={tiny_model_dir}", *TINY, "cluster.stages={train: {retries: 3}}"])
+    run_experiment("exp", spec, experiment, arms, folder, uri, resume=True, run_arm=runner)
     assert runner.calls == ["topr/rep0", "rft/rep0"]  # nothing ran again
 
 

@@ -614,6 +614,18 @@ def test_a_checkpoint_of_other_data_is_ignored_and_training_starts_over(policy, 
     assert "saved by training on other data or settings" in caplog.text
 
 
+def test_a_checkpoint_that_cannot_be_read_is_ignored(policy, tiny_model_dir, tmp_path, caplog):
+    records = make_records(policy, POSITIVES + NEGATIVES)
+    data = tmp_path / "data.jsonl"
+    write_records(data, records)
+    checkpoint = TrainCheckpoint(tmp_path / "train.pt", every_minutes=60)
+    checkpoint.path.write_bytes(b"half a checkpoint")
+    seen = []
+    with caplog.at_level(logging.WARNING, logger="topr.checkpoint"):
+        run_train(config(*CHECKPOINTED), tiny_model_dir, data, tmp_path / "out", lambda step, stats: seen.append(step), checkpoint)
+    assert seen == [0, 1, 2, 3] and "which cannot be read" in caplog.text
+
+
 def test_checkpoints_are_saved_when_due_and_not_after_the_last_step(policy, tiny_model_dir, tmp_path, monkeypatch):
     records = make_records(policy, POSITIVES + NEGATIVES)
     data = tmp_path / "data.jsonl"

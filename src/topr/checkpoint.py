@@ -42,6 +42,7 @@ def job_fingerprint(config: Config, model_dir: str, data_path: str | Path, world
         "model": model_identity(model_dir),
         "train": settings,
         "sample_temperature": config.sample.temperature,
+        "sample_max_new_tokens": config.sample.max_new_tokens,  # the normaliser of length_normalization=constant
         "world_size": world_size,
     }
     return hashlib.sha256(json.dumps(job, sort_keys=True).encode()).hexdigest()
@@ -69,7 +70,11 @@ class TrainCheckpoint:
         """The saved state of this job, or None when there is none (or only another job's)."""
         if not self.path.exists():
             return None
-        state = torch.load(self.path, map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(self.path, map_location="cpu", weights_only=True)
+        except Exception as error:  # noqa: BLE001 - a truncated or foreign file: start over rather than fail every retry
+            log.warning("ignoring the checkpoint %s, which cannot be read: %s", self.path, error)
+            return None
         if state.get("fingerprint") != fingerprint:
             log.warning("ignoring the checkpoint %s: it was saved by training on other data or settings", self.path)
             return None

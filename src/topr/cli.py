@@ -516,11 +516,9 @@ def cmd_train(args) -> int:
     Under torchrun every rank reads its own local copies of s3:// inputs; only rank 0 writes
     (and uploads) the model and the summary.
     """
-    import json
-
     from topr.checkpoint import TrainCheckpoint
     from topr.distributed import current_ranks, under_torchrun
-    from topr.train import launch_train
+    from topr.train import launch_train, write_summary
 
     config = _config(args)
     checkpoint = None
@@ -537,12 +535,14 @@ def cmd_train(args) -> int:
         outputs = {"output": "directory", "summary": "file"} if main_rank else {}
         _local_copies(stack, args, {"model": "directory", "data": "file"}, outputs)
         summary = launch_train(config, args.model, args.data, args.output, lambda step, stats: history.append(stats), checkpoint)
-        if checkpoint and not under_torchrun():  # torchrun's workers leave it to the command that launched them
-            checkpoint.remove()
         if main_rank:
             if args.summary:
-                Path(args.summary).write_text(json.dumps({**summary, "history": history}, indent=2))
+                write_summary(args.summary, summary, history)
             _print_json(summary)
+    # Once the model is where it goes (an s3:// output uploads as the block above ends); torchrun's
+    # workers leave it to the command that launched them.
+    if checkpoint and not under_torchrun():
+        checkpoint.remove()
     return 0
 
 

@@ -20,6 +20,7 @@ import shlex
 import subprocess
 import sys
 from collections import deque
+from datetime import timedelta
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -100,7 +101,8 @@ def process_group() -> Iterator[tuple[Ranks, torch.device]]:
     joined = ranks.world_size > 1 and not dist.is_initialized()
     if joined:
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
+        # The other ranks wait in the next collective while rank 0 writes a checkpoint: allow an hour.
+        dist.init_process_group(backend, device_id=device if device.type == "cuda" else None, timeout=timedelta(hours=1))
         log.info("rank %d of %d joined the %s process group on %s", ranks.rank, ranks.world_size, backend, device)
     try:
         yield ranks, device

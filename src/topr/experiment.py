@@ -261,6 +261,11 @@ def run_experiment(
     if folder.exists() and not resume:
         raise ConfigError(f"experiment folder {folder} already exists: pass --resume to finish it, or choose another run.name")
     folder.mkdir(parents=True, exist_ok=True)
+    settings = folder / "experiment.yaml"  # before the arms' shared paths replace model.path
+    if settings.exists():
+        refuse_changed_config(name, settings, experiment)
+    else:
+        settings.write_text(yaml.safe_dump(config_to_dict(experiment), sort_keys=False))
     (folder / "spec.yaml").write_text(yaml.safe_dump(spec.model_dump(), sort_keys=False))
     log.info("experiment %s: %d arm(s) %s × %d replicate(s), folder %s", name, len(arms), ", ".join(arms), spec.replicates, folder)
     shared = prepare_shared(experiment, folder / "shared", tracking_uri, spec.replicates)
@@ -305,18 +310,23 @@ def _run_one_unit(name: str, config: Config, run_arm: ArmRunner, folder: Path, t
     return result
 
 
+UNCOMPARED_ON_RESUME = ("cluster.", "run.tracking_uri", "run.output_dir")
+"""Settings that do not change what a unit computes (a cluster's pods, where results are kept)."""
+
+
 def refuse_changed_config(name: str, saved_path: Path, config: Config) -> None:
-    """A finished unit is kept only if it ran with the configuration it would run with now: a
-    spec, an override or a default changed since would mix two experiments in one report.
-    Fields that did not exist when it ran are not compared."""
+    """A finished unit (or the experiment's own settings) is kept only if it ran with the
+    configuration it would run with now: a spec, an override or a default changed since would
+    mix two experiments in one report. Fields that did not exist then are not compared."""
     from topr.tracking import flatten
 
     saved = flatten(yaml.safe_load(saved_path.read_text()))
     now = flatten(config_to_dict(config))
-    changed = [f"{key}: {saved[key]} then, {now[key]} now" for key in sorted(saved.keys() & now.keys()) if saved[key] != now[key]]
+    compared = sorted(key for key in saved.keys() & now.keys() if not key.startswith(UNCOMPARED_ON_RESUME))
+    changed = [f"{key}: {saved[key]} then, {now[key]} now" for key in compared if saved[key] != now[key]]
     if changed:
         raise ConfigError(
-            f"cannot resume: {name} finished with another configuration ({'; '.join(changed)}). "
+            f"cannot resume: {name} ran with another configuration ({'; '.join(changed)}). "
             "The spec, the overrides or a default changed; choose another run.name to run it anew"
         )
 

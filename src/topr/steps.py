@@ -265,7 +265,6 @@ def train(
     With an artifact store, training checkpoints there (``train_checkpoint``), a retried stage
     resumes from the last checkpoint, and the checkpoint is deleted once the stage commits.
     """
-    from topr.models import model_identity
     from topr.train import launch_train
 
     config = parse_config(config_json)
@@ -280,34 +279,30 @@ def train(
         checkpoint = train_checkpoint(config, parent_run_id, iteration)
         summary = launch_train(config, model_dir, data_path, output_dir, step_metrics, checkpoint)
         step_metrics.flush()
-        published = outputs.model(output_dir, "model")
-        registered_source = _model_source(run, output_dir, published)
         run.log_metrics({k: v for k, v in summary.items() if k != "weights_sha256"})
         run.log_metrics({k: summary[k] for k in ("mean_weight_negative", "final_logprob_negative", "final_logprob_positive", "first_step_log_ratio_per_token", "positive_weight_share", "final_ratio_negative_p50") if k in summary}, on_parent=True)
+        run.log_text(config_to_yaml(config), "config.yaml")
         lineage = {
-            **published,
             "task": config.task.name,
-            "weights_sha256": summary["weights_sha256"],
             "parent_model_uri": published_uri(config, parent_run_id, iteration - 1, "model") or model_dir,
-            "parent_weights_sha256": model_identity(model_dir).removeprefix("sha256:"),
             "train_set_uri": train_set_uri or data_path,
             "samples_uri": samples_uri or samples_path,
             "sampling_models": ",".join(behavior_models(data_path)),
         }
-        run.log_params(lineage)
-        run.log_text(config_to_yaml(config), "config.yaml")
-        tags = {f"topr.{k}": v for k, v in lineage.items()}
-        warning = training_set_warning(data_path)
-        if warning:  # on the run and on the model version, where whoever promotes it will see it
-            run.set_tag("topr.warning", warning)
-            tags["topr.warning"] = warning
-        version = run.register_model(config.run.registered_model, registered_source, tags)
-        summary["registered_version"] = int(version)
-        outputs.registered("model", version)
+        trained = TrainedModel(run, outputs, output_dir, model_dir, summary["weights_sha256"])
+        summary["registered_version"] = trained.register(config.run.registered_model, "model", lineage, training_set_warning(data_path))
         outputs.commit()
     if checkpoint:
-        checkpoint.remove()
+        remove_checkpoint(checkpoint)
     return summary
+
+
+def remove_checkpoint(checkpoint) -> None:
+    """Delete a committed stage's checkpoint, best-effort: failing here must not fail the stage."""
+    try:
+        checkpoint.remove()
+    except (OSError, storage.StorageError) as error:
+        log.warning("could not delete the training checkpoint %s: %s", checkpoint.remote or checkpoint.path, error)
 
 
 def train_checkpoint(config: Config, parent_run_id: str, iteration: int):
@@ -321,6 +316,39 @@ def train_checkpoint(config: Config, parent_run_id: str, iteration: int):
         return None
     local = Path(tempfile.gettempdir(), "topr-checkpoints", parent_run_id, f"iter{iteration}-train.checkpoint.pt")
     return TrainCheckpoint(local, remote, config.train.checkpoint_minutes)
+
+
+class TrainedModel:
+    """A model a stage trained (the policy or the verifier) on its way to the registry."""
+
+    def __init__(self, run, outputs: StageOutputs, output_dir: str, parent_model_dir: str, weights_sha256: str):
+        self.run, self.outputs, self.output_dir = run, outputs, output_dir
+        self.parent_model_dir, self.weights_sha256 = parent_model_dir, weights_sha256
+
+    def register(self, name: str, output: str, lineage: dict[str, str], warning: str | None = None) -> int:
+        """Publish the model as ``output`` and register it, from its published copy, as a new
+        version of ``name``: its lineage (``topr.lineage`` reads it back) becomes params of the
+        stage run and ``topr.*`` tags of the version, with the published files and both models'
+        weights digests; a ``warning`` is tagged on both, where whoever promotes it sees it. The
+        version goes into the stage's commit record; returns it."""
+        from topr.models import model_identity
+
+        published = self.outputs.model(self.output_dir, output)
+        source = _model_source(self.run, self.output_dir, published)
+        lineage = {
+            **published,
+            "weights_sha256": self.weights_sha256,
+            "parent_weights_sha256": model_identity(self.parent_model_dir).removeprefix("sha256:"),
+            **lineage,
+        }
+        self.run.log_params(lineage)
+        tags = {f"topr.{key}": value for key, value in lineage.items()}
+        if warning:
+            self.run.set_tag("topr.warning", warning)
+            tags["topr.warning"] = warning
+        version = self.run.register_model(name, source, tags)
+        self.outputs.registered(output, version)
+        return int(version)
 
 
 def _model_source(run, output_dir: str, published: dict[str, str]) -> str:
@@ -350,8 +378,11 @@ def evaluate(
         run.log_text(Path(report_path).read_text(), EVALUATION_ARTIFACT)
         run.log_metrics(metrics, on_parent=True)
         outputs.commit()
-    if page_path:
-        Path(page_path).write_text(run_html(tracking_uri, parent_run_id, f"{config.run.registered_model}: held-out accuracy after iteration {iteration}"))
+    if page_path:  # after the commit, so best-effort: a failure here must not fail a committed stage
+        try:
+            Path(page_path).write_text(run_html(tracking_uri, parent_run_id, f"{config.run.registered_model}: held-out accuracy after iteration {iteration}"))
+        except Exception as error:  # noqa: BLE001 - whatever broke, the evaluation stands
+            log.warning("could not write the run's page for the pipeline UI: %s", error)
     return metrics
 
 
@@ -476,22 +507,16 @@ def train_verifier(config_json: str, tracking_uri: str, parent_run_id: str, mode
             run.log_dataset(path, name, context, source=uri)
             kept[name] = uri or f"runs:/{run.run_id}/{path.name}"
         run.log_artifact(files.composition)
-        published = outputs.model(output_dir, "verifier_model")
-        registered_source = _model_source(run, output_dir, published)
         run.log_metrics({k: v for k, v in summary.items() if k != "weights_sha256"})
         lineage = {
-            **published,
-            "weights_sha256": summary["weights_sha256"],
+            "task": "verifier",
             "parent_model_uri": published_uri(config, parent_run_id, 0, "model") or model_dir,
-            "parent_weights_sha256": model_identity(model_dir).removeprefix("sha256:"),
             "train_set_uri": kept["verifier_train_set"],
             "samples_uri": kept["verifier_judgments"],
             "sampling_models": model_identity(model_dir),
         }
-        run.log_params(lineage)
-        version = run.register_model(f"{config.run.registered_model}-verifier", registered_source, {f"topr.{k}": v for k, v in lineage.items()})
-        summary["registered_version"] = int(version)
-        outputs.registered("verifier_model", version)
+        trained = TrainedModel(run, outputs, output_dir, model_dir, summary["weights_sha256"])
+        summary["registered_version"] = trained.register(f"{config.run.registered_model}-verifier", "verifier_model", lineage)
         outputs.commit()
     return summary
 

@@ -495,6 +495,7 @@ def run_train(
         started = time.perf_counter() - (resumed["seconds"] if resumed else 0.0)
         if resumed:
             resume(resumed, optimizer, scheduler)
+            del resumed  # weights and optimizer moments: a second copy in memory for the whole run otherwise
             for step, stats in enumerate(history):
                 if on_step and ranks.main:
                     on_step(step, stats)
@@ -566,6 +567,16 @@ def run_train(
     return summary
 
 
+HISTORY_KEY = "history"
+"""Where a summary written by ``write_summary`` holds every step's figures."""
+
+
+def write_summary(path: str | Path, summary: dict, history: list[dict[str, float]]) -> None:
+    """The summary with every step's figures: what ``topr train --summary`` writes, and how
+    ``launch_train`` hears from its torchrun workers."""
+    Path(path).write_text(json.dumps({**summary, HISTORY_KEY: history}, indent=2))
+
+
 def launch_train(
     config: Config,
     model_dir: str,
@@ -594,7 +605,7 @@ def launch_train(
             arguments += ["--checkpoint", str(checkpoint.path), *(["--checkpoint-uri", checkpoint.remote] if checkpoint.remote else [])]
         distributed.launch(processes, ["train", *arguments, "--config", str(config_path), "--summary", str(summary_path)])
         summary = json.loads(summary_path.read_text())
-    for step, stats in enumerate(summary.pop("history")):
+    for step, stats in enumerate(summary.pop(HISTORY_KEY)):
         if on_step:
             on_step(step, stats)
     return summary

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import logging
 import pkgutil
 import re
 from abc import ABC, abstractmethod
@@ -33,6 +34,8 @@ from typing import TYPE_CHECKING, ClassVar
 
 if TYPE_CHECKING:
     from topr.config import TaskConfig
+
+log = logging.getLogger(__name__)
 
 SPLITS = ("train", "test")
 ANSWER_INSTRUCTION = "End your reply with 'Answer: <number>'."
@@ -113,7 +116,10 @@ def _import_task_modules() -> None:
     for module in pkgutil.iter_modules(__path__):
         importlib.import_module(f"{__name__}.{module.name}")
     for entry_point in entry_points(group="topr.tasks"):
-        entry_point.load()
+        try:
+            entry_point.load()
+        except Exception as error:  # noqa: BLE001 - another package's broken task must not break every command
+            log.warning("the task entry point %s (%s) could not be loaded: %s", entry_point.name, entry_point.value, error)
 
 
 def get_task(config: TaskConfig) -> Task:
