@@ -232,20 +232,18 @@ def curate(config_json: str, tracking_uri: str, parent_run_id: str, iteration: i
     return report
 
 
-def training_set_warning(data_path: str) -> str | None:
-    """``topr.curate.one_sided_warning`` for a training set: one without positives or negatives."""
+def training_set_facts(data_path: str) -> tuple[list[str], str | None]:
+    """In one read of a training set: the models that generated its samples (offline data may
+    come from older ones), and ``topr.curate.one_sided_warning`` if it lacks positives or negatives."""
     from topr.curate import one_sided_warning
     from topr.records import iter_records
 
-    rewards = [float(record["reward"]) for record in iter_records(data_path)]
-    return one_sided_warning(sum(reward > 0 for reward in rewards), len(rewards))
-
-
-def behavior_models(data_path: str) -> list[str]:
-    """The models that generated a training set's samples (offline data may come from older ones)."""
-    from topr.records import iter_records
-
-    return sorted({str(record.get("behavior_model", "unknown")) for record in iter_records(data_path)})
+    models, positives, count = set(), 0, 0
+    for record in iter_records(data_path):
+        models.add(str(record.get("behavior_model", "unknown")))
+        positives += float(record["reward"]) > 0
+        count += 1
+    return sorted(models), one_sided_warning(positives, count)
 
 
 def train(
@@ -282,15 +280,16 @@ def train(
         run.log_metrics({k: v for k, v in summary.items() if k != "weights_sha256"})
         run.log_metrics({k: summary[k] for k in ("mean_weight_negative", "final_logprob_negative", "final_logprob_positive", "first_step_log_ratio_per_token", "positive_weight_share", "final_ratio_negative_p50") if k in summary}, on_parent=True)
         run.log_text(config_to_yaml(config), "config.yaml")
+        sampling_models, warning = training_set_facts(data_path)
         lineage = {
             "task": config.task.name,
             "parent_model_uri": published_uri(config, parent_run_id, iteration - 1, "model") or model_dir,
             "train_set_uri": train_set_uri or data_path,
             "samples_uri": samples_uri or samples_path,
-            "sampling_models": ",".join(behavior_models(data_path)),
+            "sampling_models": ",".join(sampling_models),
         }
         trained = TrainedModel(run, outputs, output_dir, model_dir, summary["weights_sha256"])
-        summary["registered_version"] = trained.register(config.run.registered_model, "model", lineage, training_set_warning(data_path))
+        summary["registered_version"] = trained.register(config.run.registered_model, "model", lineage, warning)
         outputs.commit()
     if checkpoint:
         remove_checkpoint(checkpoint)
