@@ -2,7 +2,7 @@
 #
 # topr's container image: one image for every Kubeflow Pipelines component and for `topr` on a
 # cluster. The components (components/*/component.py) run in it with install_kfp_package=False,
-# so kfp comes from the project's own dependencies (kfp, kfp-kubernetes, mlflow in pyproject.toml).
+# so kfp comes from the project's own dependencies (its workflow extra in pyproject.toml).
 #
 # Build from the repository root:
 #   docker build -t ghcr.io/topr-project/topr:0.1.0 .                               # GPU (default)
@@ -10,7 +10,7 @@
 #
 #   VARIANT=gpu  CUDA 13.0 runtime on Ubuntu 24.04 (Python 3.12), torch 2.13.0+cu130 and
 #                vLLM 0.32.0, whose wheel requires exactly torch==2.13.0 (0.33 moved to 2.14,
-#                outside pyproject's torch<2.14); topr installed with its [gpu] extra.
+#                outside pyproject's torch<2.14); topr installed with its [workflow,gpu] extras.
 #                Nodes need an NVIDIA driver that supports CUDA 13 (>= 580).
 #   VARIANT=cpu  python:3.12 slim, torch 2.13.0+cpu, no vLLM (sample.engine=transformers).
 #
@@ -53,7 +53,7 @@ RUN apt-get update \
 RUN python3 -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH \
     TOPR_VARIANT=gpu \
-    TOPR_EXTRAS=[gpu]
+    TOPR_EXTRAS=[workflow,gpu]
 # torch first, from PyTorch's CUDA 13.0 index, then the vLLM release built against that exact
 # torch (pip keeps the installed 2.13.0+cu130: it satisfies vllm's torch==2.13.0).
 RUN pip install --no-cache-dir --index-url https://download.pytorch.org/whl/cu130 torch==2.13.0 \
@@ -64,7 +64,7 @@ FROM python:3.12.12-slim-bookworm AS base-cpu
 RUN python3 -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH \
     TOPR_VARIANT=cpu \
-    TOPR_EXTRAS=
+    TOPR_EXTRAS=[workflow]
 # The CPU index: the default torch wheel would pull several GB of CUDA libraries.
 RUN pip install --no-cache-dir --index-url https://download.pytorch.org/whl/cpu torch==2.13.0
 
@@ -106,8 +106,9 @@ ENV HOME=/home/topr \
     PYTHONDONTWRITEBYTECODE=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
-# topr from the wheel, with [gpu] (vLLM, already installed and pinned above) in the GPU variant;
-# its dependencies, kfp among them, come from pyproject.toml. `pip check` fails the build on any
+# topr from the wheel with its [workflow] extra (kfp, kfp-kubernetes, MLflow, boto3: the components
+# need them), and [gpu] (vLLM, already installed and pinned above) in the GPU variant; all
+# dependencies come from pyproject.toml. `pip check` fails the build on any
 # inconsistent pin.
 COPY --from=wheel /dist/ /tmp/dist/
 RUN pip install --no-cache-dir "$(ls /tmp/dist/topr-*.whl)${TOPR_EXTRAS}" \

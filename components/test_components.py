@@ -74,6 +74,22 @@ def test_component_body_delegates_to_the_library(name):
     source = inspect.getsource(_component(name).python_func)
     body = source.split('"""')[-1]
     assert "from topr import steps" in body
-    called = {line.split("steps.")[1].split("(")[0] for line in body.splitlines() if "steps." in line}
-    assert len(called) == 1 and hasattr(topr.steps, called.pop())
+    called = {line.split("steps.")[1].split("(")[0].split(".")[0] for line in body.splitlines() if "steps." in line}
+    step = called - {"StageContext"}
+    assert len(step) == 1 and hasattr(topr.steps, step.pop())
+    # A stage's step gets one context built from the pipeline's parameters; starting and finishing
+    # the pipeline's MLflow run come before and after any stage.
+    assert ("StageContext" in called) == (name not in ("start_run", "finish_run"))
     assert len(body.strip().splitlines()) <= 8, "a component body stays a few lines: logic belongs in the library"
+
+
+def test_every_component_folder_is_a_stage_with_pod_defaults_and_is_packaged():
+    import tomllib
+
+    from topr.cluster import STAGES
+
+    folders = sorted(path.parent.name for path in Path(__file__).parent.glob("*/component.py"))
+    assert folders == sorted(STAGES) == sorted(INTERFACES)
+    pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    packaged = {name.removeprefix("topr_components.") for name in pyproject["tool"]["setuptools"]["packages"]}
+    assert set(folders) <= packaged, "list the component's folder in pyproject.toml's packages"

@@ -26,9 +26,10 @@ CACHE_DIR, CACHE_LIMIT = "/cache", "20Gi"  # XDG_CACHE_HOME of the image: compil
 OFFLINE = {"HF_HUB_OFFLINE": "1"}  # models come from S3 or the registry, never from the hub
 
 
-def on_cluster(task: dsl.PipelineTask, stage: str, cluster: ClusterConfig) -> dsl.PipelineTask:
-    """Give ``task`` (an instance of component ``stage``) its cluster settings; returns it."""
-    settings = cluster.stage(stage)
+def on_cluster(task: dsl.PipelineTask, cluster: ClusterConfig) -> dsl.PipelineTask:
+    """Give ``task`` its cluster settings, those of its component's stage (``train`` for the
+    component ``train``, named ``train`` in KFP too); returns it."""
+    settings = cluster.stage(task.component_spec.name.replace("-", "_"))
     task.set_container_image(cluster.image)
     kubernetes.set_image_pull_policy(task, cluster.image_pull_policy)
     task.set_cpu_request(settings.cpu).set_cpu_limit(settings.cpu_limit or settings.cpu)

@@ -60,16 +60,16 @@ def iteration_pipeline(iteration: int, config: Config):
         tracking = {"config_json": config_json, "tracking_uri": tracking_uri, "parent_run_id": parent_run_id, "iteration": iteration}
         with dsl.ParallelFor(list(range(shards)), name="sample shards") as shard:
             sampled = sample(**tracking, shard=shard, shards=shards, model=model, train_prompts=train_prompts)
-            on_cluster(sampled.set_display_name("sample"), "sample", cluster)
+            on_cluster(sampled.set_display_name("sample"), cluster)
         collected = collect_samples(**tracking, shards=dsl.Collected(sampled.outputs["samples"]))
-        on_cluster(collected.set_display_name("collect samples"), "collect_samples", cluster)
+        on_cluster(collected.set_display_name("collect samples"), cluster)
         samples = collected.outputs["samples"]
-        verified = on_cluster(verify(**tracking, samples=samples).set_display_name("verify"), "verify", cluster)
-        curated = on_cluster(curate(**tracking, verified=verified.outputs["verified"]).set_display_name("curate"), "curate", cluster)
+        verified = on_cluster(verify(**tracking, samples=samples).set_display_name("verify"), cluster)
+        curated = on_cluster(curate(**tracking, verified=verified.outputs["verified"]).set_display_name("curate"), cluster)
         trained = train(**tracking, model=model, train_set=curated.outputs["train_set"], samples=samples)
-        on_cluster(trained.set_display_name("train"), "train", cluster)
+        on_cluster(trained.set_display_name("train"), cluster)
         evaluated = evaluate(**tracking, model=trained.outputs["trained_model"], eval_prompts=eval_prompts)
-        on_cluster(evaluated.set_display_name("evaluate"), "evaluate", cluster)
+        on_cluster(evaluated.set_display_name("evaluate"), cluster)
         return trained.outputs["trained_model"]
 
     return one_round
@@ -80,11 +80,11 @@ def verifier_branch(tracking: dict, base_model, final_model, train_prompts, eval
     starting model learns to judge them, and its judgments weight a vote over held-out solutions."""
     cluster = config.cluster
     data = verifier_data(**tracking, model=final_model, train_prompts=train_prompts, eval_prompts=eval_prompts)
-    pairs = on_cluster(data.set_display_name("verifier data"), "verifier_data", cluster).outputs["verifier_data"]
+    pairs = on_cluster(data.set_display_name("verifier data"), cluster).outputs["verifier_data"]
     trained = train_verifier(**tracking, base_model=base_model, verifier_data=pairs)
-    on_cluster(trained.set_display_name("train verifier"), "train_verifier", cluster)
+    on_cluster(trained.set_display_name("train verifier"), cluster)
     evaluated = evaluate_verifier(**tracking, base_model=base_model, verifier=trained.outputs["verifier"], verifier_data=pairs)
-    on_cluster(evaluated.set_display_name("evaluate verifier"), "evaluate_verifier", cluster)
+    on_cluster(evaluated.set_display_name("evaluate verifier"), cluster)
 
 
 def build_pipeline(config: Config, pipeline_root: str | None = None):
@@ -101,25 +101,25 @@ def build_pipeline(config: Config, pipeline_root: str | None = None):
         started = start_run(
             config_json=config_json, tracking_uri=tracking_uri, run_name=run_name, kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER
         )
-        parent_run_id = on_cluster(started.set_display_name("start MLflow run"), "start_run", cluster).output
+        parent_run_id = on_cluster(started.set_display_name("start MLflow run"), cluster).output
         closing = finish_run(config_json=config_json, tracking_uri=tracking_uri, kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER)
-        on_cluster(closing.set_display_name("finish MLflow run"), "finish_run", cluster)
+        on_cluster(closing.set_display_name("finish MLflow run"), cluster)
         with dsl.ExitHandler(closing, name="topr loop"):
             tracking = {"config_json": config_json, "tracking_uri": tracking_uri, "parent_run_id": parent_run_id}
-            base = on_cluster(prepare_model(**tracking).set_display_name("prepare model"), "prepare_model", cluster)
-            prompt_sets = on_cluster(prompts(**tracking).set_display_name("prompts"), "prompts", cluster)
+            base = on_cluster(prepare_model(**tracking).set_display_name("prepare model"), cluster)
+            prompt_sets = on_cluster(prompts(**tracking).set_display_name("prompts"), cluster)
             model, eval_prompts = base.outputs["model"], prompt_sets.outputs["eval_prompts"]
             first = evaluate(**tracking, iteration=0, model=model, eval_prompts=eval_prompts)
-            on_cluster(first.set_display_name("evaluate starting model"), "evaluate", cluster)
+            on_cluster(first.set_display_name("evaluate starting model"), cluster)
             for iteration, one_round in enumerate(rounds, start=1):
                 model = one_round(
                     **tracking, model=model, train_prompts=prompt_sets.outputs["train_prompts"], eval_prompts=eval_prompts
                 ).set_display_name(f"iteration {iteration}").output
             decision = gate(**tracking, iteration=iterations, model=model, eval_prompts=eval_prompts)
-            on_cluster(decision.set_display_name("promotion gate"), "gate", cluster)
+            on_cluster(decision.set_display_name("promotion gate"), cluster)
             with dsl.If(decision.outputs["Output"] == "promote", name="gain above margin"):
                 promoted = promote(**tracking, model=model, champion_version=decision.outputs["champion_version"])
-                on_cluster(promoted.set_display_name("promote to champion"), "promote", cluster)
+                on_cluster(promoted.set_display_name("promote to champion"), cluster)
             if config.verifier.enabled:
                 verifier_branch(tracking, base.outputs["model"], model, prompt_sets.outputs["train_prompts"], eval_prompts, config)
         return parent_run_id

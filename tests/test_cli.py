@@ -1,6 +1,7 @@
 """The ``topr`` command, called in-process through ``topr.cli.main``."""
 
 import json
+import sys
 
 import pytest
 import yaml
@@ -312,3 +313,19 @@ def test_a_tracking_uri_flag_with_a_password_is_refused(capsys, command):
         main([*command, "--tracking-uri", "http://topr:s3cret@mlflow:5000"])
     assert exited.value.code == 2
     assert "must not carry a password" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("module", "extra"),
+    [("kfp", "workflow"), ("kfp.kubernetes", "workflow"), ("mlflow.entities", "workflow"), ("boto3", "workflow"), ("vllm", "gpu"), ("torch", None), ("no_such_module", None)],
+)
+def test_a_missing_module_is_traced_to_the_extra_that_installs_it(module, extra):
+    from topr.cli import missing_extra
+
+    assert missing_extra(ModuleNotFoundError(f"No module named {module!r}", name=module)) == extra
+
+
+def test_a_command_without_its_extra_says_what_to_install(monkeypatch, capsys, tmp_path):
+    monkeypatch.setitem(sys.modules, "mlflow", None)  # as if the workflow extra were not installed
+    assert main(["lineage", "topr-arithmetic@champion", "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db"]) == 2
+    assert "topr lineage: error: this needs mlflow, from topr's workflow extra: pip install 'topr[workflow]'" in capsys.readouterr().err

@@ -260,7 +260,7 @@ def test_the_train_step_launches_workers_and_logs_every_step(tiny_model_dir, tmp
     write_records(data, records)
     write_records(samples, records)
     config_json = json.dumps(config_to_dict(config(f"train.processes={WORKERS}")))
-    summary = steps.train(config_json, "unused", "parent", 1, tiny_model_dir, str(data), str(samples), str(tmp_path / "model"))
+    summary = steps.train(steps.StageContext.from_pipeline(config_json, "unused", "parent", 1), tiny_model_dir, str(data), str(samples), str(tmp_path / "model"))
 
     assert summary["processes"] == WORKERS and summary["registered_version"] == 1
     assert_same_weights(tmp_path / "model", reference_dir)

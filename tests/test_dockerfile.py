@@ -283,8 +283,9 @@ def test_torch_and_vllm_pins_satisfy_pyproject():
 
 
 def test_kfp_comes_from_the_project_dependencies():
-    # The components use install_kfp_package=False: the image must get kfp from pyproject.
-    dependencies = PYPROJECT["project"]["dependencies"]
+    # The components use install_kfp_package=False: the image must get kfp from pyproject's
+    # workflow extra, which both variants install.
+    dependencies = PYPROJECT["project"]["optional-dependencies"]["workflow"]
     assert any(re.match(r"kfp\s*==", d) for d in dependencies), dependencies
     assert any(re.match(r"kfp-kubernetes\s*==", d) for d in dependencies), dependencies
     assert not re.search(r"pip install[^\n]*--no-deps[^\n]*topr", FINAL.text()), "dependencies skipped"
@@ -297,11 +298,11 @@ def test_cpu_variant_installs_no_vllm_and_gpu_variant_does():
     assert [s.name for s in gpu] == ["runtime", "base-gpu"], [s.name for s in gpu]
     for stage_ in cpu:
         for command in pip_installs(stage_.text()):
-            assert "vllm" not in command.lower() and "[gpu]" not in command, f"stage {stage_.name}: {command}"
-    # The final stage installs the project with the extras its base chose: [gpu] only on GPU.
+            assert "vllm" not in command.lower() and "gpu]" not in command, f"stage {stage_.name}: {command}"
+    # The final stage installs the project with the extras its base chose: gpu only on GPU.
     assert "${TOPR_EXTRAS}" in FINAL.text()
-    assert stage_env(stage("base-cpu"))["TOPR_EXTRAS"] == ""
-    assert stage_env(stage("base-gpu"))["TOPR_EXTRAS"] == "[gpu]"
+    assert stage_env(stage("base-cpu"))["TOPR_EXTRAS"] == "[workflow]"
+    assert stage_env(stage("base-gpu"))["TOPR_EXTRAS"] == "[workflow,gpu]"
     assert any("vllm==" in command for command in pip_installs(stage("base-gpu").text()))
 
 

@@ -72,7 +72,7 @@ def test_a_registry_fault_fails_the_gate_instead_of_promoting(store, monkeypatch
     client.set_registered_model_alias(NAME, ALIAS, "1")
     inject(monkeypatch, fault)
     with pytest.raises(promotion.RegistryError) as raised:
-        steps.gate(config_json, tracking_uri, run_id, 1, "2", "unused")
+        steps.gate(steps.StageContext.from_pipeline(config_json, tracking_uri, run_id, 1), "2", "unused")
     message = str(raised.value)
     assert f"'{ALIAS}'" in message and f"'{NAME}'" in message and FAULTS[fault][1] in message
     assert "topr.gate" not in client.get_model_version(NAME, "2").tags
@@ -95,7 +95,7 @@ def test_a_champion_of_another_task_fails_the_gate_before_any_comparison(store):
     client.set_model_version_tag(NAME, "1", "topr.task", "gsm8k")
     client.set_registered_model_alias(NAME, ALIAS, "1")
     with pytest.raises(TaskMismatchError, match=f"{NAME}/1 was trained on task 'gsm8k' and this run's task is 'arithmetic'"):
-        steps.gate(config_json, tracking_uri, run_id, 1, "2", "unused")
+        steps.gate(steps.StageContext.from_pipeline(config_json, tracking_uri, run_id, 1), "2", "unused")
     assert "topr.gate" not in client.get_model_version(NAME, "2").tags
     assert client.get_registered_model(NAME).aliases == {ALIAS: 1}
 
@@ -109,7 +109,7 @@ def test_the_task_check_passes_the_same_task_and_versions_that_predate_it():
 
 def test_with_no_champion_the_gate_promotes_and_says_it_beat_none(store):
     tracking_uri, config_json, run_id, client = store
-    assert steps.gate(config_json, tracking_uri, run_id, 1, "2", "unused") == ("promote", "")
+    assert steps.gate(steps.StageContext.from_pipeline(config_json, tracking_uri, run_id, 1), "2", "unused") == ("promote", "")
     assert client.get_model_version(NAME, "2").tags["topr.gate"] == "promote: no champion yet"
 
 
@@ -118,8 +118,8 @@ def test_with_no_champion_the_gate_promotes_and_says_it_beat_none(store):
 
 def test_a_promotion_moves_the_alias_and_records_each_move(store):
     tracking_uri, config_json, run_id, client = store
-    steps.promote(config_json, tracking_uri, run_id, "1", "")
-    steps.promote(config_json, tracking_uri, run_id, "3", "1")
+    steps.promote(steps.StageContext.from_pipeline(config_json, tracking_uri, run_id), "1", "")
+    steps.promote(steps.StageContext.from_pipeline(config_json, tracking_uri, run_id), "3", "1")
     assert str(client.get_model_version_by_alias(NAME, ALIAS).version) == "3"
     history = promotion.alias_history(client, NAME, ALIAS)
     assert [(move["version"], move["previous"], move["run_id"]) for move in history] == [("1", None, run_id), ("3", "1", run_id)]
@@ -130,8 +130,8 @@ def test_a_promotion_moves_the_alias_and_records_each_move(store):
 
 def test_a_retried_promotion_whose_first_attempt_moved_the_alias_succeeds(store):
     tracking_uri, config_json, run_id, client = store
-    steps.promote(config_json, tracking_uri, run_id, "1", "")
-    steps.promote(config_json, tracking_uri, run_id, "1", "")  # Kubeflow retries the task
+    steps.promote(steps.StageContext.from_pipeline(config_json, tracking_uri, run_id), "1", "")
+    steps.promote(steps.StageContext.from_pipeline(config_json, tracking_uri, run_id), "1", "")  # Kubeflow retries the task
     assert str(client.get_model_version_by_alias(NAME, ALIAS).version) == "1"
     assert [(move["version"], move["previous"]) for move in promotion.alias_history(client, NAME, ALIAS)] == [("1", None)]
 
@@ -143,7 +143,7 @@ def test_a_version_whose_train_stage_failed_is_never_promoted(store, tmp_path):
             client.create_model_version(NAME, str(tmp_path / "model"), run_id=train.run_id, tags={"topr.model_uri": str(tmp_path / "model")})
             raise RuntimeError("the upload failed")
     with pytest.raises(UncommittedModelError, match=f"{NAME}/4: the stage run .* that registered it is FAILED, not FINISHED"):
-        steps.promote(config_json, tracking_uri, run_id, "4", "")
+        steps.promote(steps.StageContext.from_pipeline(config_json, tracking_uri, run_id), "4", "")
     assert client.get_registered_model(NAME).aliases == {}
 
 
@@ -151,7 +151,7 @@ def test_a_promotion_refuses_when_the_alias_moved_since_the_gate(store):
     tracking_uri, config_json, run_id, client = store
     client.set_registered_model_alias(NAME, ALIAS, "2")  # moved after the gate saw version 1
     with pytest.raises(promotion.PromotionRefused, match=f"{NAME}@{ALIAS} is now version 2; the gate beat version 1"):
-        steps.promote(config_json, tracking_uri, run_id, "3", "1")
+        steps.promote(steps.StageContext.from_pipeline(config_json, tracking_uri, run_id), "3", "1")
     assert str(client.get_model_version_by_alias(NAME, ALIAS).version) == "2"
     assert promotion.alias_history(client, NAME, ALIAS) == []
     assert client.get_run(run_id).data.tags["topr.promotion"].startswith("refused: ")
@@ -163,7 +163,7 @@ def test_a_registry_fault_during_promotion_moves_nothing_and_releases_the_lock(s
     tracking_uri, config_json, run_id, client = store
     inject(monkeypatch, "unavailable")
     with pytest.raises(promotion.RegistryError):
-        steps.promote(config_json, tracking_uri, run_id, "1", "")
+        steps.promote(steps.StageContext.from_pipeline(config_json, tracking_uri, run_id), "1", "")
     assert client.get_registered_model(NAME).aliases == {}
     assert client.search_registered_models(f"name = '{LOCK}'") == []
 
@@ -171,7 +171,7 @@ def test_a_registry_fault_during_promotion_moves_nothing_and_releases_the_lock(s
 def test_two_promotions_at_once_exactly_one_wins(store, promotion_race):
     """Two runs gated against the same (absent) champion promote at the same moment."""
     tracking_uri, config_json, run_id, client = store
-    winner, refusal = promotion_race(lambda version: steps.promote(config_json, tracking_uri, run_id, version, ""), ("1", "2"))
+    winner, refusal = promotion_race(lambda version: steps.promote(steps.StageContext.from_pipeline(config_json, tracking_uri, run_id), version, ""), ("1", "2"))
     assert f"{NAME}@{ALIAS} is now version {winner}; the gate beat no champion" in refusal
     assert str(client.get_model_version_by_alias(NAME, ALIAS).version) == winner
     assert [move["version"] for move in promotion.alias_history(client, NAME, ALIAS)] == [winner]
@@ -201,5 +201,5 @@ def test_a_lock_held_past_the_wait_refuses_naming_its_holder(store, monkeypatch)
 
 def _refusal(config_json: str, tracking_uri: str, run_id: str, version: str, champion: str) -> str:
     with pytest.raises(promotion.PromotionRefused) as raised:
-        steps.promote(config_json, tracking_uri, run_id, version, champion)
+        steps.promote(steps.StageContext.from_pipeline(config_json, tracking_uri, run_id), version, champion)
     return str(raised.value)

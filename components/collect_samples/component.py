@@ -20,8 +20,7 @@ def collect_samples(
     from topr import steps
 
     ordered = sorted(shards, key=lambda shard: shard.metadata["shard"])
-    summary = steps.collect_samples(
-        config_json, tracking_uri, parent_run_id, iteration, [shard.path for shard in ordered], samples.path
-    )
+    context = steps.StageContext.from_pipeline(config_json, tracking_uri, parent_run_id, iteration)
+    summary = steps.collect_samples(context, [shard.path for shard in ordered], samples.path)
     for name, value in summary.items():
         metrics.log_metric(name, value)

@@ -18,7 +18,8 @@ def curate(
     """Choose the training set (Anna Karenina, uniform or all) and report its composition."""
     from topr import steps
 
-    summary = steps.curate(config_json, tracking_uri, parent_run_id, iteration, verified.path, train_set.path, report.path)
+    context = steps.StageContext.from_pipeline(config_json, tracking_uri, parent_run_id, iteration)
+    summary = steps.curate(context, verified.path, train_set.path, report.path)
     for name, value in summary.items():
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             composition.log_metric(name, value)

@@ -21,8 +21,7 @@ def evaluate(
     (accuracy curve and table) as a page the pipeline UI shows."""
     from topr import steps
 
-    summary = steps.evaluate(
-        config_json, tracking_uri, parent_run_id, iteration, model.path, eval_prompts.path, report.path, completions.path, accuracy_page.path
-    )
+    context = steps.StageContext.from_pipeline(config_json, tracking_uri, parent_run_id, iteration)
+    summary = steps.evaluate(context, model.path, eval_prompts.path, report.path, completions.path, accuracy_page.path)
     for name, value in summary.items():
         metrics.log_metric(name, value)

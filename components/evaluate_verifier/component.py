@@ -18,6 +18,7 @@ def evaluate_verifier(
     """Held-out judgment accuracy (starting vs trained verifier) and the verifier-weighted vote vs maj@k."""
     from topr import steps
 
-    summary = steps.evaluate_verifier(config_json, tracking_uri, parent_run_id, base_model.path, verifier.path, verifier_data.path, report.path)
+    context = steps.StageContext.from_pipeline(config_json, tracking_uri, parent_run_id)
+    summary = steps.evaluate_verifier(context, base_model.path, verifier.path, verifier_data.path, report.path)
     for name, value in summary.items():
         metrics.log_metric(name, value)

@@ -25,4 +25,5 @@ def gate(
     from topr import steps
 
     version = str(int(model.metadata["registered_version"]))
-    return steps.gate(config_json, tracking_uri, parent_run_id, iteration, version, eval_prompts.path, decision_report.path)
+    context = steps.StageContext.from_pipeline(config_json, tracking_uri, parent_run_id, iteration)
+    return steps.gate(context, version, eval_prompts.path, decision_report.path)

@@ -9,4 +9,5 @@ def prepare_model(config_json: str, tracking_uri: str, parent_run_id: str, model
     """Load the configured starting model once and save it as a Hugging Face directory."""
     from topr import steps
 
-    model.metadata.update(steps.prepare_model(config_json, tracking_uri, parent_run_id, model.path))
+    context = steps.StageContext.from_pipeline(config_json, tracking_uri, parent_run_id)
+    model.metadata.update(steps.prepare_model(context, model.path))

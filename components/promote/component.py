@@ -10,4 +10,5 @@ def promote(config_json: str, tracking_uri: str, parent_run_id: str, model: Inpu
     ``champion_version``, the version the gate beat ("" for none); refuse otherwise."""
     from topr import steps
 
-    steps.promote(config_json, tracking_uri, parent_run_id, str(int(model.metadata["registered_version"])), champion_version)
+    context = steps.StageContext.from_pipeline(config_json, tracking_uri, parent_run_id)
+    steps.promote(context, str(int(model.metadata["registered_version"])), champion_version)

@@ -9,6 +9,7 @@ def prompts(config_json: str, tracking_uri: str, parent_run_id: str, train_promp
     """Write the task's training prompts (all iterations) and held-out prompts as JSONL."""
     from topr import steps
 
-    counts = steps.prompts(config_json, tracking_uri, parent_run_id, train_prompts.path, eval_prompts.path)
+    context = steps.StageContext.from_pipeline(config_json, tracking_uri, parent_run_id)
+    counts = steps.prompts(context, train_prompts.path, eval_prompts.path)
     train_prompts.metadata["count"] = counts["train_prompts"]
     eval_prompts.metadata["count"] = counts["eval_prompts"]

@@ -20,9 +20,8 @@ def sample(
     """Sample n completions per prompt of shard ``shard`` of this iteration's prompts, with behaviour log-probs."""
     from topr import steps
 
-    summary = steps.sample(
-        config_json, tracking_uri, parent_run_id, iteration, model.path, train_prompts.path, samples.path, shard, shards
-    )
+    context = steps.StageContext.from_pipeline(config_json, tracking_uri, parent_run_id, iteration)
+    summary = steps.sample(context, model.path, train_prompts.path, samples.path, shard, shards)
     samples.metadata["shard"] = shard
     for name, value in summary.items():
         metrics.log_metric(name, value)

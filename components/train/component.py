@@ -22,9 +22,8 @@ def train(
     """
     from topr import steps
 
-    summary = steps.train(
-        config_json, tracking_uri, parent_run_id, iteration, model.path, train_set.path, samples.path, trained_model.path
-    )
+    context = steps.StageContext.from_pipeline(config_json, tracking_uri, parent_run_id, iteration)
+    summary = steps.train(context, model.path, train_set.path, samples.path, trained_model.path)
     trained_model.metadata.update({key: summary.pop(key) for key in ("weights_sha256", "registered_version")})
     for name, value in summary.items():
         metrics.log_metric(name, value)

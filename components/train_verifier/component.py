@@ -17,7 +17,8 @@ def train_verifier(
     """Train the starting model to judge the pairs (Yes/No) with the policy's objective; register it."""
     from topr import steps
 
-    summary = steps.train_verifier(config_json, tracking_uri, parent_run_id, base_model.path, verifier_data.path, verifier.path)
+    context = steps.StageContext.from_pipeline(config_json, tracking_uri, parent_run_id)
+    summary = steps.train_verifier(context, base_model.path, verifier_data.path, verifier.path)
     verifier.metadata.update({key: summary.pop(key) for key in ("weights_sha256", "registered_version")})
     for name, value in summary.items():
         metrics.log_metric(name, value)

@@ -18,6 +18,7 @@ def verifier_data(
     """The final policy's solutions, labelled by the checker, as (question, solution) pairs for the verifier."""
     from topr import steps
 
-    summary = steps.verifier_data(config_json, tracking_uri, parent_run_id, model.path, train_prompts.path, eval_prompts.path, verifier_data.path)
+    context = steps.StageContext.from_pipeline(config_json, tracking_uri, parent_run_id)
+    summary = steps.verifier_data(context, model.path, train_prompts.path, eval_prompts.path, verifier_data.path)
     for name, value in summary.items():
         metrics.log_metric(name, value)

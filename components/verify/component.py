@@ -17,6 +17,7 @@ def verify(
     """Check every completion with the task's checker: add extracted, correct and reward."""
     from topr import steps
 
-    summary = steps.verify(config_json, tracking_uri, parent_run_id, iteration, samples.path, verified.path)
+    context = steps.StageContext.from_pipeline(config_json, tracking_uri, parent_run_id, iteration)
+    summary = steps.verify(context, samples.path, verified.path)
     for name, value in summary.items():
         metrics.log_metric(name, value)

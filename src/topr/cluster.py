@@ -27,23 +27,6 @@ def default_image() -> str:
     """The image of every component: $TOPR_IMAGE, else the release image."""
     return os.environ.get("TOPR_IMAGE", DEFAULT_IMAGE)
 
-STAGES = (
-    "start_run",
-    "finish_run",
-    "prepare_model",
-    "prompts",
-    "sample",
-    "collect_samples",
-    "verify",
-    "curate",
-    "train",
-    "evaluate",
-    "gate",
-    "promote",
-    "verifier_data",
-    "train_verifier",
-    "evaluate_verifier",
-)
 
 QUANTITY = re.compile(r"^([0-9]*\.)?[0-9]+(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$")
 
@@ -111,6 +94,10 @@ DEFAULT_STAGES: dict[str, dict[str, Any]] = {
     "train_verifier": _stage(cpu="8", memory="64Gi", gpus=1, retries=0, timeout_minutes=1440, ephemeral_storage="50Gi"),
     "evaluate_verifier": _stage(cpu="8", memory="64Gi", gpus=1, retries=2, timeout_minutes=180, ephemeral_storage="20Gi"),
 }
+"""Every stage of the pipeline, named as its component and its step (``topr.steps``), with its
+pod's defaults."""
+
+STAGES = tuple(DEFAULT_STAGES)
 
 
 class Toleration(_Strict):

@@ -17,40 +17,34 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from topr import steps
-from topr.config import Config, config_to_dict
+from topr.config import Config
 from topr.loop import IterationFiles, run_iteration
-from topr.tracking import stage_run
 
 
 @dataclass
 class TrackedStages:
     """The loop's stages (``topr.loop.Stages``) as ``topr.steps`` calls into one parent MLflow run."""
 
-    config_json: str
-    tracking_uri: str
-    parent_run_id: str
-
-    def _tracking(self, iteration: int) -> tuple:
-        return self.config_json, self.tracking_uri, self.parent_run_id, iteration
+    context: steps.StageContext
 
     def sample(self, model_dir: str, prompts: Path, output: Path, iteration: int) -> dict:
         """One shard, then the collecting step that publishes and logs the samples, as in the pipeline."""
         shard = output.with_name(f"{output.stem}.shard0{output.suffix}")
-        summary = steps.sample(*self._tracking(iteration), model_dir, str(prompts), str(shard))
-        steps.collect_samples(*self._tracking(iteration), [str(shard)], str(output))
+        summary = steps.sample(self.context.at(iteration), model_dir, str(prompts), str(shard))
+        steps.collect_samples(self.context.at(iteration), [str(shard)], str(output))
         return summary
 
     def verify(self, samples: Path, output: Path, iteration: int) -> dict:
-        return steps.verify(*self._tracking(iteration), str(samples), str(output))
+        return steps.verify(self.context.at(iteration), str(samples), str(output))
 
     def curate(self, verified: Path, output: Path, report: Path, iteration: int) -> dict:
-        return steps.curate(*self._tracking(iteration), str(verified), str(output), str(report))
+        return steps.curate(self.context.at(iteration), str(verified), str(output), str(report))
 
     def train(self, model_dir: str, train_set: Path, samples: Path, output: Path, iteration: int) -> dict:
-        return steps.train(*self._tracking(iteration), model_dir, str(train_set), str(samples), str(output))
+        return steps.train(self.context.at(iteration), model_dir, str(train_set), str(samples), str(output))
 
     def evaluate(self, model_dir: str, prompts: Path, report: Path, completions: Path, iteration: int) -> dict:
-        return steps.evaluate(*self._tracking(iteration), model_dir, str(prompts), str(report), str(completions))
+        return steps.evaluate(self.context.at(iteration), model_dir, str(prompts), str(report), str(completions))
 
 
 @dataclass(frozen=True)
@@ -70,11 +64,10 @@ def run_in_process(config: Config, run_dir: str | Path, tracking_uri: str, run_n
 
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    config_json = json.dumps(config_to_dict(config))
     steps.check_services(tracking_uri, config.run.artifact_store)
     parent_run_id = start_pipeline_run(tracking_uri, config, run_name)
     try:
-        _run_loop(config, config_json, run_dir, tracking_uri, parent_run_id, shared)
+        _run_loop(steps.StageContext(config, tracking_uri, parent_run_id), run_dir, shared)
     except BaseException:
         mlflow_client(tracking_uri).set_terminated(parent_run_id, "FAILED")
         raise
@@ -82,35 +75,34 @@ def run_in_process(config: Config, run_dir: str | Path, tracking_uri: str, run_n
     return parent_run_id
 
 
-def _run_loop(config: Config, config_json: str, run_dir: Path, tracking_uri: str, parent_run_id: str, shared: SharedStart | None) -> None:
-    tracking = (config_json, tracking_uri, parent_run_id)
+def _run_loop(context: steps.StageContext, run_dir: Path, shared: SharedStart | None) -> None:
     start = run_dir / "iter0"
     start.mkdir(exist_ok=True)
     train_prompts, eval_prompts = start / "train_prompts.jsonl", start / "eval_prompts.jsonl"
-    steps.prompts(*tracking, str(train_prompts), str(eval_prompts))
+    steps.prompts(context, str(train_prompts), str(eval_prompts))
     if shared is None:
         base_model = str(start / "model")
-        steps.prepare_model(*tracking, base_model)
-        steps.evaluate(*tracking, 0, base_model, str(eval_prompts), str(start / "evaluation.json"), str(start / "evaluation_completions.jsonl"))
+        steps.prepare_model(context, base_model)
+        steps.evaluate(context, base_model, str(eval_prompts), str(start / "evaluation.json"), str(start / "evaluation_completions.jsonl"))
     else:
         base_model = shared.model_dir
-        _log_shared_evaluation(tracking_uri, parent_run_id, shared)
-    stages, model_dir = TrackedStages(*tracking), base_model
-    for iteration in range(1, config.run.iterations + 1):
+        _log_shared_evaluation(context, shared)
+    stages, model_dir = TrackedStages(context), base_model
+    for iteration in range(1, context.config.run.iterations + 1):
         folder = run_dir / f"iter{iteration}"
         run_iteration(stages, model_dir, train_prompts, iteration, folder, eval_prompts)
         model_dir = str(IterationFiles(folder).model)
-    if config.verifier.enabled:
+    if context.config.verifier.enabled:
         verifier = run_dir / "verifier"
         data, trained = verifier / "data", verifier / "model"
-        steps.verifier_data(*tracking, model_dir, str(train_prompts), str(eval_prompts), str(data))
-        steps.train_verifier(*tracking, base_model, str(data), str(trained))
-        steps.evaluate_verifier(*tracking, base_model, str(trained), str(data), str(verifier / "evaluation.json"))
+        steps.verifier_data(context, model_dir, str(train_prompts), str(eval_prompts), str(data))
+        steps.train_verifier(context, base_model, str(data), str(trained))
+        steps.evaluate_verifier(context, base_model, str(trained), str(data), str(verifier / "evaluation.json"))
 
 
-def _log_shared_evaluation(tracking_uri: str, parent_run_id: str, shared: SharedStart) -> None:
+def _log_shared_evaluation(context: steps.StageContext, shared: SharedStart) -> None:
     """The starting model's evaluation, made once for every arm, logged as this run's iteration 0."""
     report = json.loads(shared.evaluation.read_text())
-    with stage_run(tracking_uri, parent_run_id, "evaluate", 0) as run:
+    with context.stage("evaluate") as (run, _):
         run.log_params({"model": report["model"], "evaluated_once_for_all_arms": str(shared.evaluation)})
         run.log_metrics(report["metrics"], on_parent=True)

@@ -1,8 +1,11 @@
 """The pipeline's steps: each library stage wrapped with its MLflow tracking.
 
-One function per Kubeflow component. A component only passes its artifact paths here and
+One function per Kubeflow component. A component hands its step a ``StageContext`` (the run's
+configuration, tracking server, MLflow parent run and iteration) and its artifact paths, and
 copies the returned metrics into its Metrics artifact, so everything a step does — the stage,
-the datasets and models it logs, the figures it reports — is visible to library tests.
+the datasets and models it publishes and logs, the figures it reports — is visible to library
+tests. ``StageContext.stage`` opens a stage's MLflow run and its ``StageOutputs`` and commits
+them; ``TrainedModel`` publishes and registers a trained model with its lineage.
 """
 
 from __future__ import annotations
@@ -10,12 +13,16 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from topr import promotion, storage
 from topr.config import Config, build_config, config_to_dict, config_to_yaml
 from topr.tracking import (
     EVALUATION_ARTIFACT,
+    StageRun,
     StepMetrics,
     check_tracking_server,
     finish_pipeline_run,
@@ -40,14 +47,41 @@ def check_services(tracking_uri: str, artifact_store: str | None) -> None:
         storage.check_reachable(artifact_store)
 
 
-def published_uri(config: Config, parent_run_id: str, iteration: int, name: str) -> str | None:
-    """Where ``publish`` puts ``name``: ``<artifact_store>/<run id>/iter<i>/<name>``, or None.
+@dataclass(frozen=True)
+class StageContext:
+    """What the pipeline hands every step: the run's configuration, its MLflow tracking URI, the
+    pipeline run's MLflow run (the parent of every stage's run) and the iteration (0 for the
+    stages before the first)."""
 
-    The run id and iteration make the key unique, so no iteration's artifact is overwritten.
-    """
-    if config.run.artifact_store is None:
-        return None
-    return storage.join(config.run.artifact_store, parent_run_id, f"iter{iteration}", name)
+    config: Config
+    tracking_uri: str
+    parent_run_id: str
+    iteration: int = 0
+
+    @classmethod
+    def from_pipeline(cls, config_json: str, tracking_uri: str, parent_run_id: str, iteration: int = 0) -> StageContext:
+        """The context from a component's pipeline parameters (the configuration as JSON)."""
+        return cls(parse_config(config_json), tracking_uri, parent_run_id, iteration)
+
+    def at(self, iteration: int) -> StageContext:
+        return replace(self, iteration=iteration)
+
+    def published_uri(self, name: str, iteration: int | None = None) -> str | None:
+        """Where a stage of this iteration (or of ``iteration``) publishes ``name``:
+        ``<artifact_store>/<parent run id>/iter<i>/<name>``, or None without an artifact store.
+        The run id and iteration make the key unique, so no iteration's artifact is overwritten."""
+        if self.config.run.artifact_store is None:
+            return None
+        return storage.join(self.config.run.artifact_store, self.parent_run_id, f"iter{self.iteration if iteration is None else iteration}", name)
+
+    @contextmanager
+    def stage(self, name: str, part: str = "") -> Iterator[tuple[StageRun, StageOutputs]]:
+        """The stage's MLflow run (``iter<i>/<name>[/<part>]``, ending FAILED if the block raises)
+        and what it publishes, committed when the block ends without error."""
+        with stage_run(self.tracking_uri, self.parent_run_id, name, self.iteration, part) as run:
+            outputs = StageOutputs(self, name, run)
+            yield run, outputs
+            outputs.commit()
 
 
 class StageOutputs:
@@ -55,18 +89,26 @@ class StageOutputs:
     record ``<stage>.commit.json`` there, written last (``commit``): the outputs with their
     digests. A retried stage finds its earlier attempt's outputs: the same content counts as
     published; other content is replaced if that attempt never committed, else refused. Without an
-    artifact store nothing is published and the stage run's FINISHED status is the only record.
+    artifact store nothing is published and the stage run's FINISHED status is the only record;
+    a stage that published nothing commits nothing.
     """
 
-    def __init__(self, config: Config, parent_run_id: str, iteration: int, stage: str, run):
-        self.config, self.parent_run_id, self.iteration, self.stage, self.run = config, parent_run_id, iteration, stage, run
-        self.commit_uri = published_uri(config, parent_run_id, iteration, f"{stage}.commit.json")
-        self.replace_uncommitted = self.commit_uri is None or storage.read_commit(self.commit_uri) is None
+    def __init__(self, context: StageContext, stage: str, run):
+        self.context, self.stage, self.run = context, stage, run
+        self.commit_uri = context.published_uri(f"{stage}.commit.json")
         self.outputs: dict[str, dict[str, str]] = {}
+        self._replace_uncommitted: bool | None = None
+
+    @property
+    def replace_uncommitted(self) -> bool:
+        """Whether an earlier attempt's outputs may be replaced: it never committed (read once)."""
+        if self._replace_uncommitted is None:
+            self._replace_uncommitted = self.commit_uri is None or storage.read_commit(self.commit_uri) is None
+        return self._replace_uncommitted
 
     def file(self, local: str | Path, name: str) -> str | None:
         """Publish a file as ``name``; its URI, or None without an artifact store."""
-        uri = published_uri(self.config, self.parent_run_id, self.iteration, name)
+        uri = self.context.published_uri(name)
         if uri is not None:
             storage.publish_file(local, uri, self.replace_uncommitted)
             self.outputs[name] = {"uri": uri, "sha256": storage.file_sha256(local)}
@@ -74,7 +116,7 @@ class StageOutputs:
 
     def directory(self, local: str | Path, name: str) -> str | None:
         """Publish a directory (its manifest last) as ``name``; its URI, or None without an artifact store."""
-        uri = published_uri(self.config, self.parent_run_id, self.iteration, name)
+        uri = self.context.published_uri(name)
         if uri is not None:
             manifest = storage.publish_directory(local, uri, self.replace_uncommitted)
             self.outputs[name] = {"uri": uri, "manifest_sha256": storage.manifest_sha256(manifest)}
@@ -97,8 +139,8 @@ class StageOutputs:
 
     def commit(self) -> None:
         """The stage's last act: its commit record (see ``storage.commit``)."""
-        if self.commit_uri is not None:
-            storage.commit(self.commit_uri, self.stage, self.iteration, self.run.run_id, self.outputs)
+        if self.commit_uri is not None and self.outputs:
+            storage.commit(self.commit_uri, self.stage, self.context.iteration, self.run.run_id, self.outputs)
 
 
 def start(config_json: str, tracking_uri: str, run_name: str, kfp_run_id: str = "") -> str:
@@ -129,106 +171,77 @@ def registered_model_source(tracking_uri: str, model_path: str) -> tuple[str, st
     return model_uri, manifest_sha256
 
 
-def prepare_model(config_json: str, tracking_uri: str, parent_run_id: str, model_dir: str) -> dict:
+def prepare_model(context: StageContext, model_dir: str) -> dict:
     from topr.models import prepare_base_model
 
-    config = parse_config(config_json)
-    with stage_run(tracking_uri, parent_run_id, "prepare_model", 0) as run:
-        outputs = StageOutputs(config, parent_run_id, 0, "prepare_model", run)
-        source, manifest_sha256 = registered_model_source(tracking_uri, config.model.path)
+    with context.stage("prepare_model") as (run, outputs):
+        source, manifest_sha256 = registered_model_source(context.tracking_uri, context.config.model.path)
         digest = prepare_base_model(source, model_dir, manifest_sha256)
         published = outputs.model(model_dir, "model")
-        run.log_params({"source": config.model.path, "resolved_source": source, "weights_sha256": digest, **published})
-        outputs.commit()
+        run.log_params({"source": context.config.model.path, "resolved_source": source, "weights_sha256": digest, **published})
     return {"weights_sha256": digest}
 
 
-def prompts(config_json: str, tracking_uri: str, parent_run_id: str, train_path: str, eval_path: str) -> dict:
+def prompts(context: StageContext, train_path: str, eval_path: str) -> dict:
     from topr.prompts import run_prompts
 
-    config = parse_config(config_json)
-    with stage_run(tracking_uri, parent_run_id, "prompts", 0) as run:
-        outputs = StageOutputs(config, parent_run_id, 0, "prompts", run)
-        counts = run_prompts(config, train_path, eval_path)
-        for path, name, context in ((train_path, "train_prompts", "training"), (eval_path, "eval_prompts", "evaluation")):
-            uri = outputs.file(path, f"{name}.jsonl")
-            run.log_dataset(path, name, context, source=uri)
+    with context.stage("prompts") as (run, outputs):
+        counts = run_prompts(context.config, train_path, eval_path)
+        for path, name, use in ((train_path, "train_prompts", "training"), (eval_path, "eval_prompts", "evaluation")):
+            run.log_dataset(path, name, use, source=outputs.file(path, f"{name}.jsonl"))
         run.log_metrics(counts)
-        outputs.commit()
     return counts
 
 
-def sample(
-    config_json: str,
-    tracking_uri: str,
-    parent_run_id: str,
-    iteration: int,
-    model_dir: str,
-    prompts_path: str,
-    output_path: str,
-    shard: int = 0,
-    shards: int = 1,
-) -> dict:
+def sample(context: StageContext, model_dir: str, prompts_path: str, output_path: str, shard: int = 0, shards: int = 1) -> dict:
     """Sample one shard of the iteration's prompts (``collect_samples`` publishes the whole set)."""
     from topr.sample import run_sample
 
-    config = parse_config(config_json)
-    part = f"shard{shard}of{shards}" if shards > 1 else ""
-    with stage_run(tracking_uri, parent_run_id, "sample", iteration, part) as run:
+    config = context.config
+    with context.stage("sample", f"shard{shard}of{shards}" if shards > 1 else "") as (run, _):
         run.log_params({**config.sample.model_dump(), "shard": shard, "shards": shards})
-        summary = run_sample(config, model_dir, prompts_path, output_path, iteration, shard, shards)
+        summary = run_sample(config, model_dir, prompts_path, output_path, context.iteration, shard, shards)
         run.log_metrics(summary)
     return summary
 
 
-def collect_samples(
-    config_json: str, tracking_uri: str, parent_run_id: str, iteration: int, shard_paths: list[str], output_path: str
-) -> dict:
+def collect_samples(context: StageContext, shard_paths: list[str], output_path: str) -> dict:
     """Join the shards' samples in shard order, then publish and log them as the iteration's samples."""
     from topr.sample import collect_shards
 
-    config = parse_config(config_json)
-    with stage_run(tracking_uri, parent_run_id, "collect_samples", iteration) as run:
-        outputs = StageOutputs(config, parent_run_id, iteration, "collect_samples", run)
+    with context.stage("collect_samples") as (run, outputs):
         summary = collect_shards(shard_paths, output_path)
         uri = outputs.file(output_path, "samples.jsonl")
-        run.log_dataset(output_path, f"samples_iter{iteration}", "sampling", source=uri)
+        run.log_dataset(output_path, f"samples_iter{context.iteration}", "sampling", source=uri)
         run.log_metrics(summary)
-        outputs.commit()
     return summary
 
 
-def verify(config_json: str, tracking_uri: str, parent_run_id: str, iteration: int, input_path: str, output_path: str) -> dict:
+def verify(context: StageContext, input_path: str, output_path: str) -> dict:
     from topr.verify import run_verify
 
-    config = parse_config(config_json)
-    with stage_run(tracking_uri, parent_run_id, "verify", iteration) as run:
-        outputs = StageOutputs(config, parent_run_id, iteration, "verify", run)
-        summary = run_verify(config.task, input_path, output_path)
+    with context.stage("verify") as (run, outputs):
+        summary = run_verify(context.config.task, input_path, output_path)
         uri = outputs.file(output_path, "verified.jsonl")
-        run.log_dataset(output_path, f"verified_iter{iteration}", "verification", source=uri)
+        run.log_dataset(output_path, f"verified_iter{context.iteration}", "verification", source=uri)
         run.log_metrics(summary)
         run.log_metrics({"sample_accuracy": summary["accuracy"]}, on_parent=True)
-        outputs.commit()
     return summary
 
 
-def curate(config_json: str, tracking_uri: str, parent_run_id: str, iteration: int, input_path: str, output_path: str, report_path: str) -> dict:
+def curate(context: StageContext, input_path: str, output_path: str, report_path: str) -> dict:
     from topr.curate import run_curate
 
-    config = parse_config(config_json)
-    with stage_run(tracking_uri, parent_run_id, "curate", iteration) as run:
-        outputs = StageOutputs(config, parent_run_id, iteration, "curate", run)
-        run.log_params(config.curate.model_dump())
-        report = run_curate(config, input_path, output_path, report_path)
+    with context.stage("curate") as (run, outputs):
+        run.log_params(context.config.curate.model_dump())
+        report = run_curate(context.config, input_path, output_path, report_path)
         uri = outputs.file(output_path, "train_set.jsonl")
         outputs.file(report_path, "composition.json")
-        run.log_dataset(output_path, f"train_set_iter{iteration}", "training", source=uri)
+        run.log_dataset(output_path, f"train_set_iter{context.iteration}", "training", source=uri)
         run.log_artifact(report_path)
         composition = {f"curated_{key}": report[key] for key in ("count", "positives", "negatives")}
         composition.update(positive_fraction=report["positive_fraction"], effective_positive_fraction=report["effective_positive_fraction"])
         run.log_metrics(composition, on_parent=True)
-        outputs.commit()
     return report
 
 
@@ -246,16 +259,7 @@ def training_set_facts(data_path: str) -> tuple[list[str], str | None]:
     return sorted(models), one_sided_warning(positives, count)
 
 
-def train(
-    config_json: str,
-    tracking_uri: str,
-    parent_run_id: str,
-    iteration: int,
-    model_dir: str,
-    data_path: str,
-    samples_path: str,
-    output_dir: str,
-) -> dict:
+def train(context: StageContext, model_dir: str, data_path: str, samples_path: str, output_dir: str) -> dict:
     """Train, publish and register the model, recording where it came from (see ``topr.lineage``).
 
     With ``train.processes`` > 1 (default: one per GPU) training runs in torchrun workers
@@ -265,16 +269,14 @@ def train(
     """
     from topr.train import launch_train
 
-    config = parse_config(config_json)
-    with stage_run(tracking_uri, parent_run_id, "train", iteration) as run:
-        outputs = StageOutputs(config, parent_run_id, iteration, "train", run)
+    config, iteration = context.config, context.iteration
+    with context.stage("train") as (run, outputs):
         run.log_params(flatten(config_to_dict(config)))
-        train_set_uri = published_uri(config, parent_run_id, iteration, "train_set.jsonl")
-        samples_uri = published_uri(config, parent_run_id, iteration, "samples.jsonl")
+        train_set_uri, samples_uri = context.published_uri("train_set.jsonl"), context.published_uri("samples.jsonl")
         run.log_dataset(data_path, f"train_set_iter{iteration}", "training", source=train_set_uri)
         run.log_dataset(samples_path, f"samples_iter{iteration}", "sampling", source=samples_uri)
         step_metrics = StepMetrics(run)
-        checkpoint = train_checkpoint(config, parent_run_id, iteration)
+        checkpoint = train_checkpoint(context)
         summary = launch_train(config, model_dir, data_path, output_dir, step_metrics, checkpoint)
         step_metrics.flush()
         run.log_metrics({k: v for k, v in summary.items() if k != "weights_sha256"})
@@ -283,14 +285,13 @@ def train(
         sampling_models, warning = training_set_facts(data_path)
         lineage = {
             "task": config.task.name,
-            "parent_model_uri": published_uri(config, parent_run_id, iteration - 1, "model") or model_dir,
+            "parent_model_uri": context.published_uri("model", iteration - 1) or model_dir,
             "train_set_uri": train_set_uri or data_path,
             "samples_uri": samples_uri or samples_path,
             "sampling_models": ",".join(sampling_models),
         }
         trained = TrainedModel(run, outputs, output_dir, model_dir, summary["weights_sha256"])
         summary["registered_version"] = trained.register(config.run.registered_model, "model", lineage, warning)
-        outputs.commit()
     if checkpoint:
         remove_checkpoint(checkpoint)
     return summary
@@ -304,17 +305,17 @@ def remove_checkpoint(checkpoint) -> None:
         log.warning("could not delete the training checkpoint %s: %s", checkpoint.remote or checkpoint.path, error)
 
 
-def train_checkpoint(config: Config, parent_run_id: str, iteration: int):
+def train_checkpoint(context: StageContext):
     """The train stage's checkpoint, ``<store>/<run>/iter<i>/train.checkpoint.pt`` staged in the
     temporary folder; None without an artifact store (nothing retries a local run) or when
     ``train.checkpoint_minutes`` is null."""
     from topr.checkpoint import TrainCheckpoint
 
-    remote = published_uri(config, parent_run_id, iteration, "train.checkpoint.pt")
-    if remote is None or config.train.checkpoint_minutes is None:
+    remote = context.published_uri("train.checkpoint.pt")
+    if remote is None or context.config.train.checkpoint_minutes is None:
         return None
-    local = Path(tempfile.gettempdir(), "topr-checkpoints", parent_run_id, f"iter{iteration}-train.checkpoint.pt")
-    return TrainCheckpoint(local, remote, config.train.checkpoint_minutes)
+    local = Path(tempfile.gettempdir(), "topr-checkpoints", context.parent_run_id, f"iter{context.iteration}-train.checkpoint.pt")
+    return TrainCheckpoint(local, remote, context.config.train.checkpoint_minutes)
 
 
 class TrainedModel:
@@ -359,33 +360,29 @@ def _model_source(run, output_dir: str, published: dict[str, str]) -> str:
     return "model"
 
 
-def evaluate(
-    config_json: str, tracking_uri: str, parent_run_id: str, iteration: int, model_dir: str, prompts_path: str, report_path: str, samples_path: str, page_path: str = ""
-) -> dict:
+def evaluate(context: StageContext, model_dir: str, prompts_path: str, report_path: str, samples_path: str, page_path: str = "") -> dict:
     """Evaluate the model on the held-out prompts; with ``page_path``, also write the run so far
     there as an HTML page (``topr.report.run_html``), for Kubeflow's UI."""
     from topr.evaluate import run_evaluate
     from topr.report import run_html
 
-    config = parse_config(config_json)
-    with stage_run(tracking_uri, parent_run_id, "evaluate", iteration) as run:
-        outputs = StageOutputs(config, parent_run_id, iteration, "evaluate", run)
-        metrics = run_evaluate(config, model_dir, prompts_path, report_path, samples_path)
+    with context.stage("evaluate") as (run, outputs):
+        metrics = run_evaluate(context.config, model_dir, prompts_path, report_path, samples_path)
         outputs.file(report_path, "evaluation.json")
         outputs.file(samples_path, "evaluation_completions.jsonl")
-        run.log_dataset(prompts_path, "eval_prompts", "evaluation", source=published_uri(config, parent_run_id, 0, "eval_prompts.jsonl"))
+        run.log_dataset(prompts_path, "eval_prompts", "evaluation", source=context.published_uri("eval_prompts.jsonl", 0))
         run.log_text(Path(report_path).read_text(), EVALUATION_ARTIFACT)
         run.log_metrics(metrics, on_parent=True)
-        outputs.commit()
     if page_path:  # after the commit, so best-effort: a failure here must not fail a committed stage
+        title = f"{context.config.run.registered_model}: held-out accuracy after iteration {context.iteration}"
         try:
-            Path(page_path).write_text(run_html(tracking_uri, parent_run_id, f"{config.run.registered_model}: held-out accuracy after iteration {iteration}"))
+            Path(page_path).write_text(run_html(context.tracking_uri, context.parent_run_id, title))
         except Exception as error:  # noqa: BLE001 - whatever broke, the evaluation stands
             log.warning("could not write the run's page for the pipeline UI: %s", error)
     return metrics
 
 
-def gate(config_json: str, tracking_uri: str, parent_run_id: str, iteration: int, version: str, prompts_path: str, decision_path: str = "") -> tuple[str, str]:
+def gate(context: StageContext, version: str, prompts_path: str, decision_path: str = "") -> tuple[str, str]:
     """Compare the new model (registered ``version``) with the champion; return the decision
     ("promote" or "keep") and the champion version compared against ("" for none), which
     ``promote`` requires to still hold the alias. With ``decision_path``, the decision is also
@@ -398,11 +395,11 @@ def gate(config_json: str, tracking_uri: str, parent_run_id: str, iteration: int
     """
     from topr.gate import check_same_task, decide
 
-    config = parse_config(config_json)
+    config, parent_run_id = context.config, context.parent_run_id
     name, alias = config.run.registered_model, config.gate.alias
-    client = mlflow_client(tracking_uri)
-    with stage_run(tracking_uri, parent_run_id, "gate", iteration) as run:
-        new_pass_at_1 = metric_history(tracking_uri, parent_run_id, "pass_at_1")[iteration]
+    client = mlflow_client(context.tracking_uri)
+    with context.stage("gate") as (run, _):
+        new_pass_at_1 = metric_history(context.tracking_uri, parent_run_id, "pass_at_1")[context.iteration]
         champion = promotion.alias_version(client, name, alias)
         champion_pass_at_1 = None
         if champion is not None:
@@ -430,7 +427,7 @@ def _evaluate_registered(config: Config, client, version, prompts_path: str) -> 
     return metrics["pass_at_1"]
 
 
-def promote(config_json: str, tracking_uri: str, parent_run_id: str, version: str, champion_version: str) -> None:
+def promote(context: StageContext, version: str, champion_version: str) -> None:
     """Point the gate's alias at ``version`` if it still holds ``champion_version``, the version
     the gate beat ("" for none); a compare-and-set under a lock (``topr.promotion``).
 
@@ -440,9 +437,9 @@ def promote(config_json: str, tracking_uri: str, parent_run_id: str, version: st
     """
     from topr.lineage import committed_model
 
-    config = parse_config(config_json)
+    config, parent_run_id = context.config, context.parent_run_id
     name, alias = config.run.registered_model, config.gate.alias
-    client = mlflow_client(tracking_uri)
+    client = mlflow_client(context.tracking_uri)
     committed_model(client, client.get_model_version(name, version))
     try:
         promotion.promote(client, name, alias, version, champion_version or None, parent_run_id)
@@ -454,33 +451,29 @@ def promote(config_json: str, tracking_uri: str, parent_run_id: str, version: st
     log.info("%s@%s is now version %s", name, alias, version)
 
 
-def verifier_data(
-    config_json: str, tracking_uri: str, parent_run_id: str, model_dir: str, train_prompts_path: str, eval_prompts_path: str, output_dir: str
-) -> dict:
-    """Sample and label the final policy's solutions for the verifier (see ``topr.verifier``)."""
+def verifier_data(context: StageContext, model_dir: str, train_prompts_path: str, eval_prompts_path: str, output_dir: str) -> dict:
+    """Sample and label the final policy's solutions for the verifier (see ``topr.verifier``);
+    the verifier's stages count as the last iteration's."""
     from topr.verifier import SOLUTIONS_EVAL, SOLUTIONS_TRAIN, VERIFIER_EVAL, VERIFIER_TRAIN, run_verifier_data
 
-    config = parse_config(config_json)
-    iteration = config.run.iterations
+    context = context.at(context.config.run.iterations)
     datasets = (
         (SOLUTIONS_TRAIN, "verifier_solutions_train", "sampling"),
         (SOLUTIONS_EVAL, "verifier_solutions_eval", "sampling"),
         (VERIFIER_TRAIN, "verifier_train", "training"),
         (VERIFIER_EVAL, "verifier_eval", "evaluation"),
     )
-    with stage_run(tracking_uri, parent_run_id, "verifier_data", iteration) as run:
-        outputs = StageOutputs(config, parent_run_id, iteration, "verifier_data", run)
-        run.log_params(config.verifier.model_dump())
-        summary = run_verifier_data(config, model_dir, train_prompts_path, eval_prompts_path, output_dir)
+    with context.stage("verifier_data") as (run, outputs):
+        run.log_params(context.config.verifier.model_dump())
+        summary = run_verifier_data(context.config, model_dir, train_prompts_path, eval_prompts_path, output_dir)
         uri = outputs.directory(output_dir, "verifier_data")
-        for file, name, context in datasets:
-            run.log_dataset(Path(output_dir, file), name, context, source=uri and storage.join(uri, file))
+        for file, name, use in datasets:
+            run.log_dataset(Path(output_dir, file), name, use, source=uri and storage.join(uri, file))
         run.log_metrics(summary)
-        outputs.commit()
     return summary
 
 
-def train_verifier(config_json: str, tracking_uri: str, parent_run_id: str, model_dir: str, data_dir: str, output_dir: str) -> dict:
+def train_verifier(context: StageContext, model_dir: str, data_dir: str, output_dir: str) -> dict:
     """Train the starting model (``model_dir``) as the verifier; publish it and register it as a
     version of ``<run.registered_model>-verifier`` with the lineage tags of ``train``.
 
@@ -491,14 +484,13 @@ def train_verifier(config_json: str, tracking_uri: str, parent_run_id: str, mode
     from topr.models import model_identity
     from topr.verifier import data_files, run_train_verifier, verifier_config
 
-    config = parse_config(config_json)
-    iteration = config.run.iterations
-    with stage_run(tracking_uri, parent_run_id, "train_verifier", iteration) as run, tempfile.TemporaryDirectory(prefix="topr-verifier-") as work:
+    context = context.at(context.config.run.iterations)
+    config = context.config
+    with context.stage("train_verifier") as (run, outputs), tempfile.TemporaryDirectory(prefix="topr-verifier-") as work:
         run.log_text(config_to_yaml(verifier_config(config, *data_files(data_dir))), "verifier_config.yaml")
         step_metrics = StepMetrics(run)
         summary = run_train_verifier(config, model_dir, data_dir, output_dir, work, on_step=step_metrics)
         step_metrics.flush()
-        outputs = StageOutputs(config, parent_run_id, iteration, "train_verifier", run)
         kept, files = {}, IterationFiles(Path(work))
         for path, name, context in ((files.samples, "verifier_judgments", "sampling"), (files.train_set, "verifier_train_set", "training")):
             run.log_artifact(path)
@@ -509,32 +501,26 @@ def train_verifier(config_json: str, tracking_uri: str, parent_run_id: str, mode
         run.log_metrics({k: v for k, v in summary.items() if k != "weights_sha256"})
         lineage = {
             "task": "verifier",
-            "parent_model_uri": published_uri(config, parent_run_id, 0, "model") or model_dir,
+            "parent_model_uri": context.published_uri("model", 0) or model_dir,
             "train_set_uri": kept["verifier_train_set"],
             "samples_uri": kept["verifier_judgments"],
             "sampling_models": model_identity(model_dir),
         }
         trained = TrainedModel(run, outputs, output_dir, model_dir, summary["weights_sha256"])
         summary["registered_version"] = trained.register(f"{config.run.registered_model}-verifier", "verifier_model", lineage)
-        outputs.commit()
     return summary
 
 
-def evaluate_verifier(
-    config_json: str, tracking_uri: str, parent_run_id: str, base_model_dir: str, verifier_dir: str, data_dir: str, report_path: str
-) -> dict:
+def evaluate_verifier(context: StageContext, base_model_dir: str, verifier_dir: str, data_dir: str, report_path: str) -> dict:
     """Held-out judgment accuracy of the starting and the trained verifier, and the votes they weight."""
     from topr.verifier import VERIFIER_EVAL, run_evaluate_verifier
 
-    config = parse_config(config_json)
-    iteration = config.run.iterations
-    with stage_run(tracking_uri, parent_run_id, "evaluate_verifier", iteration) as run:
-        outputs = StageOutputs(config, parent_run_id, iteration, "evaluate_verifier", run)
-        metrics = run_evaluate_verifier(config, base_model_dir, verifier_dir, data_dir, report_path)
+    context = context.at(context.config.run.iterations)
+    with context.stage("evaluate_verifier") as (run, outputs):
+        metrics = run_evaluate_verifier(context.config, base_model_dir, verifier_dir, data_dir, report_path)
         outputs.file(report_path, "verifier_evaluation.json")
-        data_uri = published_uri(config, parent_run_id, iteration, "verifier_data")
+        data_uri = context.published_uri("verifier_data")
         run.log_dataset(Path(data_dir, VERIFIER_EVAL), "verifier_eval", "evaluation", source=data_uri and storage.join(data_uri, VERIFIER_EVAL))
         run.log_artifact(report_path)
         run.log_metrics(metrics, on_parent=True)
-        outputs.commit()
     return metrics

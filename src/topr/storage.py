@@ -102,6 +102,7 @@ def _client(endpoint: str | None, max_attempts: str):
 @contextmanager
 def _s3_errors(action: str, uri: str) -> Iterator[None]:
     """Turn boto errors into one ``StorageError`` that says what failed, where, and why."""
+    import boto3  # noqa: F401  first: without the workflow extra, the error names boto3, not botocore
     from botocore.exceptions import BotoCoreError, ClientError
 
     try:
@@ -207,10 +208,10 @@ def manifest_sha256(manifest: dict[str, Any]) -> str:
 def _create_object(uri: str, body: bytes) -> bool:
     """Write an object only if ``uri`` holds none yet (``If-None-Match: *``, see the module
     docstring); False when one is there."""
-    from botocore.exceptions import ClientError
-
     bucket, key = split_s3(uri)
     with _s3_errors("uploading to", uri):
+        from botocore.exceptions import ClientError
+
         try:
             s3_client().put_object(Bucket=bucket, Key=key, Body=body, IfNoneMatch="*")
         except ClientError as error:

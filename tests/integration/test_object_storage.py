@@ -153,7 +153,7 @@ def test_an_s3_outage_during_training_fails_the_stage_and_publishes_no_manifest(
 
     topr_stack.stop(private)
     with pytest.raises(storage.StorageError, match=f"object storage at {private.url} failed"):
-        steps.train(config_json, stack.tracking_uri, parent_run_id, 1, tiny_model_dir, str(data), str(data), str(tmp_path / "trained"))
+        steps.train(steps.StageContext.from_pipeline(config_json, stack.tracking_uri, parent_run_id, 1), tiny_model_dir, str(data), str(data), str(tmp_path / "trained"))
 
     client = mlflow.MlflowClient(stack.tracking_uri)
     experiment = client.get_run(parent_run_id).info.experiment_id

@@ -85,11 +85,11 @@ def _forge_weights(uri):
 def test_files_and_manifest_rewritten_together_are_caught_by_lineage_and_on_fetch(stack, tmp_path, tiny_model_dir, capsys):
     config_json = _config_json(stack, tiny_model_dir, "manifest-test")
     parent_run_id = steps.start(config_json, stack.tracking_uri, "manifest-test")
-    steps.prepare_model(config_json, stack.tracking_uri, parent_run_id, str(tmp_path / "base"))
+    steps.prepare_model(steps.StageContext.from_pipeline(config_json, stack.tracking_uri, parent_run_id), str(tmp_path / "base"))
     data = _train_set(tmp_path / "train_set.jsonl")
     for name in ("train_set.jsonl", "samples.jsonl"):  # as curate and collect_samples do
-        storage.publish_file(data, steps.published_uri(steps.parse_config(config_json), parent_run_id, 1, name))
-    steps.train(config_json, stack.tracking_uri, parent_run_id, 1, str(tmp_path / "base"), data, data, str(tmp_path / "trained"))
+        storage.publish_file(data, steps.StageContext(steps.parse_config(config_json), stack.tracking_uri, parent_run_id).published_uri(name, 1))
+    steps.train(steps.StageContext.from_pipeline(config_json, stack.tracking_uri, parent_run_id, 1), str(tmp_path / "base"), data, data, str(tmp_path / "trained"))
 
     version = mlflow.MlflowClient(stack.tracking_uri).get_model_version("manifest-test", "1")
     model_uri, recorded = version.tags["topr.model_uri"], version.tags["topr.manifest_sha256"]
@@ -99,7 +99,7 @@ def test_files_and_manifest_rewritten_together_are_caught_by_lineage_and_on_fetc
     assert main(lineage) == 0
     assert "0 problem(s)" in capsys.readouterr().err
 
-    base_uri = steps.published_uri(steps.parse_config(config_json), parent_run_id, 0, "model")
+    base_uri = steps.StageContext(steps.parse_config(config_json), stack.tracking_uri, parent_run_id).published_uri("model", 0)
     for uri in (model_uri, base_uri):
         _forge_weights(uri)
         assert storage.check_directory(uri) == []  # the forged manifest vouches for the forged weights
@@ -113,7 +113,7 @@ def test_files_and_manifest_rewritten_together_are_caught_by_lineage_and_on_fetc
     from_registry = _config_json(stack, "models:/manifest-test/1", "manifest-test")
     second_run = steps.start(from_registry, stack.tracking_uri, "from-registry")
     with pytest.raises(storage.StorageError, match="SHA-256 differs from the one recorded"):
-        steps.prepare_model(from_registry, stack.tracking_uri, second_run, str(tmp_path / "from-registry"))
+        steps.prepare_model(steps.StageContext.from_pipeline(from_registry, stack.tracking_uri, second_run), str(tmp_path / "from-registry"))
     assert not (tmp_path / "from-registry").exists()
 
 
@@ -122,10 +122,10 @@ def test_a_model_that_turns_nan_is_neither_published_nor_registered(stack, tmp_p
     parent_run_id = steps.start(config_json, stack.tracking_uri, "nan-test")
     data = _train_set(tmp_path / "train_set.jsonl")
     with pytest.raises(NonFiniteStepError, match="training stopped at step 0"):
-        steps.train(config_json, stack.tracking_uri, parent_run_id, 1, nan_model_dir, data, data, str(tmp_path / "trained"))
+        steps.train(steps.StageContext.from_pipeline(config_json, stack.tracking_uri, parent_run_id, 1), nan_model_dir, data, data, str(tmp_path / "trained"))
 
     assert not (tmp_path / "trained").exists()
-    bucket, prefix = storage.split_s3(steps.published_uri(steps.parse_config(config_json), parent_run_id, 1, "model"))
+    bucket, prefix = storage.split_s3(steps.StageContext(steps.parse_config(config_json), stack.tracking_uri, parent_run_id).published_uri("model", 1))
     assert storage.s3_client().list_objects_v2(Bucket=bucket, Prefix=prefix).get("KeyCount") == 0
     client = mlflow.MlflowClient(stack.tracking_uri)
     (train_run,) = client.search_runs([client.get_run(parent_run_id).info.experiment_id], f"tags.mlflow.parentRunId = '{parent_run_id}'")
@@ -148,10 +148,10 @@ def test_a_retried_stage_that_publishes_the_same_outputs_succeeds_and_commits_on
     config_json = _config_json(stack, tiny_model_dir, "retry-prepare")
     config = steps.parse_config(config_json)
     parent_run_id = steps.start(config_json, stack.tracking_uri, "retry-prepare")
-    first = steps.prepare_model(config_json, stack.tracking_uri, parent_run_id, str(tmp_path / "base"))
-    assert steps.prepare_model(config_json, stack.tracking_uri, parent_run_id, str(tmp_path / "base-retry")) == first
-    record = storage.read_commit(steps.published_uri(config, parent_run_id, 0, "prepare_model.commit.json"))
-    model_uri = steps.published_uri(config, parent_run_id, 0, "model")
+    first = steps.prepare_model(steps.StageContext.from_pipeline(config_json, stack.tracking_uri, parent_run_id), str(tmp_path / "base"))
+    assert steps.prepare_model(steps.StageContext.from_pipeline(config_json, stack.tracking_uri, parent_run_id), str(tmp_path / "base-retry")) == first
+    record = storage.read_commit(steps.StageContext(config, stack.tracking_uri, parent_run_id).published_uri("prepare_model.commit.json", 0))
+    model_uri = steps.StageContext(config, stack.tracking_uri, parent_run_id).published_uri("model", 0)
     assert record["stage"] == "prepare_model"
     assert record["outputs"] == {"model": {"uri": model_uri, "manifest_sha256": storage.manifest_sha256(storage.read_manifest(model_uri))}}
 
@@ -163,9 +163,9 @@ def test_a_model_whose_stage_failed_after_registering_it_is_refused_by_every_rea
     and commits that version, which readers then accept."""
     config_json = _config_json(stack, tiny_model_dir, "uncommitted-test")
     parent_run_id = steps.start(config_json, stack.tracking_uri, "uncommitted-test")
-    steps.prepare_model(config_json, stack.tracking_uri, parent_run_id, str(tmp_path / "base"))
+    steps.prepare_model(steps.StageContext.from_pipeline(config_json, stack.tracking_uri, parent_run_id), str(tmp_path / "base"))
     data = _train_set(tmp_path / "train_set.jsonl")
-    train = (config_json, stack.tracking_uri, parent_run_id, 1, str(tmp_path / "base"), data, data)
+    train = (steps.StageContext.from_pipeline(config_json, stack.tracking_uri, parent_run_id, 1), str(tmp_path / "base"), data, data)
 
     def store_down(_outputs):
         raise storage.StorageError("s3://bucket: the object store is unreachable")
@@ -180,7 +180,7 @@ def test_a_model_whose_stage_failed_after_registering_it_is_refused_by_every_rea
     with pytest.raises(UncommittedModelError, match=did_not_finish):
         steps.registered_model_source(stack.tracking_uri, "models:/uncommitted-test/1")
     with pytest.raises(UncommittedModelError, match=did_not_finish):
-        steps.promote(config_json, stack.tracking_uri, parent_run_id, "1", "")
+        steps.promote(steps.StageContext.from_pipeline(config_json, stack.tracking_uri, parent_run_id), "1", "")
     assert client.get_registered_model("uncommitted-test").aliases == {}
     capsys.readouterr()
     assert main(["lineage", "--tracking-uri", stack.tracking_uri, "--verify", "uncommitted-test/1"]) == 1
@@ -192,7 +192,7 @@ def test_a_model_whose_stage_failed_after_registering_it_is_refused_by_every_rea
     assert model_uri == client.get_model_version("uncommitted-test", "1").tags["topr.model_uri"]
     with pytest.raises(UncommittedModelError, match="uncommitted-test/1: the commit record .* does not list it"):
         steps.registered_model_source(stack.tracking_uri, "models:/uncommitted-test/1")
-    steps.promote(config_json, stack.tracking_uri, parent_run_id, "2", "")
+    steps.promote(steps.StageContext.from_pipeline(config_json, stack.tracking_uri, parent_run_id), "2", "")
     assert client.get_registered_model("uncommitted-test").aliases == {"champion": "2"}
 
 
@@ -205,11 +205,11 @@ def test_a_train_stage_killed_mid_training_resumes_on_retry_from_its_checkpoint_
     config = steps.parse_config(config_json)
     data = _train_set(tmp_path / "train_set.jsonl")
     reference_run = steps.start(config_json, stack.tracking_uri, "uninterrupted")
-    uninterrupted = steps.train(config_json, stack.tracking_uri, reference_run, 1, tiny_model_dir, data, data, str(tmp_path / "reference"))
+    uninterrupted = steps.train(steps.StageContext.from_pipeline(config_json, stack.tracking_uri, reference_run, 1), tiny_model_dir, data, data, str(tmp_path / "reference"))
 
     parent_run_id = steps.start(config_json, stack.tracking_uri, "killed")
-    train = (config_json, stack.tracking_uri, parent_run_id, 1, tiny_model_dir, data, data)
-    checkpoint = steps.train_checkpoint(config, parent_run_id, 1)
+    train = (steps.StageContext.from_pipeline(config_json, stack.tracking_uri, parent_run_id, 1), tiny_model_dir, data, data)
+    checkpoint = steps.train_checkpoint(steps.StageContext(config, stack.tracking_uri, parent_run_id, 1))
     checked = train_module.check_finite_step
 
     def node_lost(step, loss, grad_norm):
@@ -238,7 +238,7 @@ def test_a_model_trained_without_positives_says_so_on_its_run_and_version(stack,
     parent_run_id = steps.start(config_json, stack.tracking_uri, "no-positives")
     data = tmp_path / "train_set.jsonl"
     write_records(data, [{"prompt_id": f"p{i}", "prompt_token_ids": [1, 2, 3], "completion_token_ids": [4, 5], "behavior_logprobs": [-1.0, -1.5], "reward": -1.0} for i in range(3)])
-    summary = steps.train(config_json, stack.tracking_uri, parent_run_id, 1, tiny_model_dir, str(data), str(data), str(tmp_path / "trained"))
+    summary = steps.train(steps.StageContext.from_pipeline(config_json, stack.tracking_uri, parent_run_id, 1), tiny_model_dir, str(data), str(data), str(tmp_path / "trained"))
     client = mlflow.MlflowClient(stack.tracking_uri)
     version = client.get_model_version("no-positives", str(summary["registered_version"]))
     assert version.tags["topr.warning"].startswith("the training set has no positives: none of its 3 completions is correct")

@@ -1,0 +1,228 @@
+"""The ``topr`` commands that run the pipeline: ``run`` (locally, through kfp.local), ``compile``,
+``submit`` and ``schedule`` (Kubeflow Pipelines).
+
+They reach the ``topr`` command through the entry-point group ``topr.commands`` (pyproject.toml),
+so the library's CLI never imports this floor. This module imports no kfp itself: ``topr --help``
+lists these commands even where the workflow extra is not installed, and running one there says
+what to install.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import time
+from pathlib import Path
+
+from topr.cli import Command, add_config_arguments, command_config, tracking_uri_argument
+from topr.config import ConfigError, config_to_yaml, describe_fields
+
+log = logging.getLogger("topr")
+
+
+def _add_run_command(commands) -> argparse.ArgumentParser:
+    run = commands.add_parser(
+        "run",
+        help="Run the whole loop locally (the Kubeflow pipeline through kfp.local).",
+        description="Run prompts → (sample → verify → curate → train → evaluate) × iterations on this "
+        "machine, as the same Kubeflow pipeline a cluster runs, tracked in MLflow. With no arguments "
+        "it fine-tunes the embedded SmolLM2-135M-Instruct on the built-in arithmetic task.\n\n"
+        "Configuration fields (override any as section.field=value):\n\n" + describe_fields(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    run.add_argument("--tracking-uri", type=tracking_uri_argument, help="MLflow tracking URI, e.g. http://127.0.0.1:5000 (sets run.tracking_uri).")
+    run.add_argument(
+        "--from",
+        dest="start_from",
+        metavar="MODEL",
+        help="Start from a registered model: an alias of run.registered_model (e.g. champion), "
+        "name@alias or name/version (sets model.path=models:/...).",
+    )
+    add_config_arguments(run)
+    return run
+
+
+def _add_compile_command(commands) -> argparse.ArgumentParser:
+    compile_ = commands.add_parser(
+        "compile",
+        help="Write the pipeline as Kubeflow Pipelines YAML.",
+        description="Compile the pipeline for the configuration's run.iterations, sample.shards and "
+        "cluster settings (image, resources, GPUs, secrets, retries, timeouts) to YAML.",
+    )
+    compile_.add_argument("--output", default="pipelines/topr_pipeline.yaml", help="Where to write the YAML.")
+    compile_.add_argument("--iterations", type=int, default=None, help="Iterations to unroll (default: run.iterations).")
+    compile_.add_argument("--pipeline-root", help="Default pipeline root for Kubeflow's artifacts, e.g. s3://bucket/kfp.")
+    add_config_arguments(compile_)
+    return compile_
+
+
+def _add_submit_command(commands) -> argparse.ArgumentParser:
+    submit = commands.add_parser(
+        "submit",
+        help="Compile the pipeline and start a run on Kubeflow Pipelines; print its URL.",
+        description="Compile the pipeline for this configuration and start one run of it on a Kubeflow "
+        "Pipelines endpoint, in the experiment run.experiment. Stages reach MLflow at --tracking-uri "
+        "and object storage through the cluster's Secret and ConfigMap (cluster.* fields).",
+    )
+    _add_endpoint_arguments(submit)
+    submit.add_argument("--tracking-uri", type=tracking_uri_argument, required=True, help="MLflow tracking server the pipeline's pods can reach.")
+    submit.add_argument("--run-name", help="Name of the run (default: run.name or topr-<timestamp>).")
+    submit.add_argument("--pipeline-root", help="Pipeline root for Kubeflow's artifacts (default: the deployment's).")
+    submit.add_argument("--service-account", help="Kubernetes service account of the run's pods (e.g. topr-pipeline).")
+    add_config_arguments(submit)
+    return submit
+
+
+def _add_schedule_command(commands) -> argparse.ArgumentParser:
+    schedule = commands.add_parser(
+        "schedule",
+        help="Kubeflow recurring runs: retrain the champion on a schedule.",
+        description="Create, list or delete Kubeflow recurring runs of the compiled pipeline. Each run "
+        "starts from the registered champion and reads <prefix>/train.jsonl and <prefix>/eval.jsonl.",
+    )
+    schedules = schedule.add_subparsers(dest="schedule_command", required=True)
+    create = schedules.add_parser("create", help="Create a recurring run.")
+    _add_endpoint_arguments(create)
+    create.add_argument("--cron", required=True, help='Six-field cron, seconds first: "0 0 3 * * *" is 03:00 daily.')
+    create.add_argument("--prompts", required=True, help="s3:// prefix holding train.jsonl and eval.jsonl.")
+    create.add_argument("--tracking-uri", type=tracking_uri_argument, required=True, help="MLflow tracking server the pipeline's pods can reach.")
+    create.add_argument("--name", default="topr-retraining", help="Name of the recurring run.")
+    create.add_argument("--pipeline-root", help="Kubeflow pipeline root for artifacts (default: the deployment's).")
+    create.add_argument(
+        "--service-account", default="topr-pipeline", help="Kubernetes service account of the runs' pods (default: %(default)s)."
+    )
+    add_config_arguments(create)
+    listing = schedules.add_parser("list", help="List recurring runs.")
+    _add_endpoint_arguments(listing)
+    delete = schedules.add_parser("delete", help="Delete a recurring run.")
+    _add_endpoint_arguments(delete)
+    delete.add_argument("id", help="The recurring run's id (see 'topr schedule list').")
+    return schedule
+
+
+class _RefuseTokenArgument(argparse.Action):
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.error("--token: a token on the command line shows in ps; put it in $KF_PIPELINES_TOKEN or in a file given as --token-file")
+
+
+def _add_endpoint_arguments(parser: argparse.ArgumentParser) -> None:
+    """The kfp client's connection and authentication options."""
+    parser.add_argument("--host", required=True, help="Kubeflow Pipelines API endpoint, e.g. http://ml-pipeline-ui.kubeflow:80.")
+    parser.add_argument("--namespace", default="kubeflow", help="Kubernetes namespace (multi-user Kubeflow: your profile's).")
+    parser.add_argument(
+        "--token-file",
+        help="File holding the bearer token (default: $KF_PIPELINES_TOKEN, else the client's own credentials).",
+    )
+    parser.add_argument("--token", action=_RefuseTokenArgument, help=argparse.SUPPRESS)
+    parser.add_argument("--cookies", help="Cookies for an authenticating proxy, e.g. 'authservice_session=...'.")
+    parser.add_argument("--ssl-ca-cert", help="CA bundle to verify the endpoint's TLS certificate.")
+    parser.add_argument("--insecure", action="store_true", help="Do not verify the endpoint's TLS certificate.")
+    parser.add_argument("--ui-host", help="Pipelines UI base URL for printed links (default: --host).")
+
+
+def _token(args) -> str | None:
+    if not args.token_file:
+        return os.environ.get("KF_PIPELINES_TOKEN")
+    try:
+        return Path(args.token_file).read_text().strip()
+    except OSError as error:
+        raise ConfigError(f"--token-file {args.token_file}: {error.strerror}") from None
+
+
+def _endpoint(args):
+    from topr_pipelines.submit import Endpoint
+
+    return Endpoint(
+        host=args.host,
+        namespace=args.namespace,
+        existing_token=_token(args),
+        cookies=args.cookies,
+        ssl_ca_cert=args.ssl_ca_cert,
+        ui_host=args.ui_host,
+        verify_ssl=False if args.insecure else None,
+    )
+
+
+def _run_flags(args) -> list[str]:
+    """``topr run``'s own flags as configuration overrides."""
+    overrides = [f"run.tracking_uri={args.tracking_uri}"] if args.tracking_uri else []
+    if args.start_from:
+        registered = args.start_from
+        if "@" not in registered and "/" not in registered:
+            registered = f"{command_config(args).run.registered_model}@{registered}"
+        overrides.append(f"model.path=models:/{registered}")
+    return overrides
+
+
+def cmd_run(args) -> int:
+    from topr.report import write_run_report
+    from topr.steps import check_services
+    from topr.tracking import default_tracking_uri
+    from topr_pipelines.runner import run_local
+
+    config = command_config(args, _run_flags(args))
+    run_name = config.run.name or time.strftime("topr-%Y%m%d-%H%M%S")
+    run_dir = Path(config.run.output_dir) / run_name
+    if run_dir.exists():
+        raise ConfigError(f"run folder {run_dir} already exists: choose another run.name")
+    tracking_uri = config.run.tracking_uri or default_tracking_uri(config.run.output_dir)
+    check_services(tracking_uri, config.run.artifact_store)
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.yaml").write_text(config_to_yaml(config))
+    log.info("run %s: %d iterations, folder %s, tracking %s", run_name, config.run.iterations, run_dir, tracking_uri)
+
+    started = time.perf_counter()
+    parent_run_id = run_local(config, run_dir, tracking_uri, run_name)
+    minutes = (time.perf_counter() - started) / 60
+    table = write_run_report(run_dir, tracking_uri, parent_run_id, minutes)
+    print(table)
+    print(f"\n{minutes:.1f} min · MLflow run {parent_run_id} · {tracking_uri}\nreport: {run_dir / 'report.md'}")
+    return 0
+
+
+def cmd_compile(args) -> int:
+    from topr_pipelines.runner import compile_pipeline
+
+    config = command_config(args, [f"run.iterations={args.iterations}"] if args.iterations else [])
+    print(compile_pipeline(config, args.output, args.pipeline_root))
+    return 0
+
+
+def cmd_submit(args) -> int:
+    from topr_pipelines.submit import submit_run
+
+    config = command_config(args)
+    run_name = args.run_name or config.run.name or time.strftime("topr-%Y%m%d-%H%M%S")
+    endpoint = _endpoint(args)
+    run_id, url = submit_run(endpoint, config, args.tracking_uri, run_name, args.pipeline_root, args.service_account)
+    print(f"submitted run {run_id} ({run_name}, {config.run.iterations} iterations)\n{url}")
+    return 0
+
+
+def cmd_schedule(args) -> int:
+    from topr_pipelines import schedule
+
+    if args.schedule_command == "create":
+        config = command_config(args, schedule.prompt_overrides(args.prompts))
+        created = schedule.create_schedule(
+            _endpoint(args), args.cron, config, args.tracking_uri, args.name, args.pipeline_root, args.service_account
+        )
+        print(f"created recurring run {created.recurring_run_id} ({args.name}, cron {args.cron})")
+    elif args.schedule_command == "list":
+        for recurring in schedule.list_schedules(_endpoint(args)):
+            cron = recurring.trigger.cron_schedule.cron if recurring.trigger and recurring.trigger.cron_schedule else "-"
+            print(f"{recurring.recurring_run_id}  {recurring.display_name}  cron {cron}  {recurring.status}")
+    else:
+        schedule.delete_schedule(_endpoint(args), args.id)
+        print(f"deleted recurring run {args.id}")
+    return 0
+
+
+COMMANDS = (
+    Command("run", _add_run_command, cmd_run),
+    Command("compile", _add_compile_command, cmd_compile),
+    Command("submit", _add_submit_command, cmd_submit),
+    Command("schedule", _add_schedule_command, cmd_schedule),
+)
+"""The pipeline's commands, in the order ``topr --help`` lists them (before the library's)."""
