@@ -10,16 +10,12 @@ what to install.
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import time
 from pathlib import Path
 
 from topr.cli import Command, add_config_arguments, command_config, tracking_uri_argument
 from topr.config import ConfigError, config_to_yaml, describe_fields
-
-log = logging.getLogger("topr")
-
 
 def _add_run_command(commands) -> argparse.ArgumentParser:
     run = commands.add_parser(
@@ -32,6 +28,13 @@ def _add_run_command(commands) -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     run.add_argument("--tracking-uri", type=tracking_uri_argument, help="MLflow tracking URI, e.g. http://127.0.0.1:5000 (sets run.tracking_uri).")
+    run.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        default=argparse.SUPPRESS,  # else it would reset `topr -v run`
+        help="Show every task's output and Kubeflow's executor log on the console too (always in <run folder>/run.log).",
+    )
     run.add_argument(
         "--from",
         dest="start_from",
@@ -159,7 +162,7 @@ def cmd_run(args) -> int:
     from topr.report import write_run_report
     from topr.steps import check_services
     from topr.tracking import default_tracking_uri
-    from topr_pipelines.runner import run_local
+    from topr_pipelines.runner import log_path, run_local
 
     config = command_config(args, _run_flags(args))
     run_name = config.run.name or time.strftime("topr-%Y%m%d-%H%M%S")
@@ -170,10 +173,13 @@ def cmd_run(args) -> int:
     check_services(tracking_uri, config.run.artifact_store)
     run_dir.mkdir(parents=True)
     (run_dir / "config.yaml").write_text(config_to_yaml(config))
-    log.info("run %s: %d iterations, folder %s, tracking %s", run_name, config.run.iterations, run_dir, tracking_uri)
+    print(f"topr run {run_name}: {config.run.iterations} iteration(s), tracking {tracking_uri}\nlog: {log_path(run_dir)}", flush=True)
 
     started = time.perf_counter()
-    parent_run_id = run_local(config, run_dir, tracking_uri, run_name)
+    try:
+        parent_run_id = run_local(config, run_dir, tracking_uri, run_name, args.verbose)
+    except RuntimeError as error:
+        raise RuntimeError(f"{error} (the whole log: {log_path(run_dir)})") from error
     minutes = (time.perf_counter() - started) / 60
     table = write_run_report(run_dir, tracking_uri, parent_run_id, minutes)
     print(table)

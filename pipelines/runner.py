@@ -15,6 +15,7 @@ from pathlib import Path
 
 from kfp import compiler, local
 
+from topr import console
 from topr.config import Config, config_to_dict
 from topr_pipelines.topr_pipeline import build_pipeline
 
@@ -29,11 +30,13 @@ def compile_pipeline(config: Config, output_path: str | Path, pipeline_root: str
     return output_path
 
 
-def run_local(config: Config, run_dir: str | Path, tracking_uri: str, run_name: str) -> str:
+def run_local(config: Config, run_dir: str | Path, tracking_uri: str, run_name: str, verbose: bool = False) -> str:
     """Execute the whole pipeline locally; return the parent MLflow run id.
 
     kfp.local keeps its pipeline root on local disk (``<run_dir>/pipeline_root``); stage outputs
-    reach object storage through ``run.artifact_store``.
+    reach object storage through ``run.artifact_store``. Kubeflow's executor log and every
+    task's output go to ``<run_dir>/run.log``; the console shows a line as each stage starts and
+    ends and a bar for the long ones (``topr.console``), or, ``verbose``, everything as well.
 
     Raises RuntimeError (from kfp) when a task fails; the exit handler has then already
     closed the MLflow run as FAILED.
@@ -42,11 +45,16 @@ def run_local(config: Config, run_dir: str | Path, tracking_uri: str, run_name: 
     # kfp.local warns about each for every task, which would bury the run's own log.
     warnings.filterwarnings("ignore", message=r".*have no effect in the current local runner")
     pipeline_root = Path(run_dir).resolve() / "pipeline_root"
-    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root), raise_on_error=True)
-    pipeline = build_pipeline(config)
-    with print_restored():
+    with console.capture(log_path(run_dir), verbose), print_restored():
+        local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root), raise_on_error=True)
+        pipeline = build_pipeline(config)
         task = pipeline(config_json=json.dumps(config_to_dict(config)), tracking_uri=tracking_uri, run_name=run_name)
     return task.output
+
+
+def log_path(run_dir: str | Path) -> Path:
+    """Where ``run_local`` writes the run's whole log."""
+    return Path(run_dir) / "run.log"
 
 
 @contextlib.contextmanager

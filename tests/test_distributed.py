@@ -9,7 +9,6 @@ processes (``--standalone``: a free port each time), each with OMP_NUM_THREADS=1
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from contextlib import contextmanager
@@ -217,6 +216,7 @@ class RecordingRun:
 
     def __init__(self):
         self.metrics: list[tuple[int, dict]] = []
+        self.logged: dict = {}
 
     def log_metrics(self, metrics, step=0, on_parent=False):
         self.metrics.append((step, dict(metrics)))

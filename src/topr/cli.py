@@ -20,6 +20,7 @@ import sys
 from contextlib import ExitStack
 from dataclasses import dataclass
 from importlib import metadata
+from pathlib import Path
 from typing import Callable
 
 from topr.config import ConfigError, load_config, read_config_file, refuse_credentials
@@ -234,7 +235,8 @@ def cmd_experiment(args) -> int:
     name = experiment.run.name or name
     tracking_uri = experiment.run.tracking_uri or default_tracking_uri(experiment.run.output_dir)
     check_services(tracking_uri, experiment.run.artifact_store)
-    report = run_experiment(name, spec, experiment, arms, Path(experiment.run.output_dir) / name, tracking_uri, args.resume)
+    folder = Path(experiment.run.output_dir) / name
+    report = run_experiment(name, spec, experiment, arms, folder, tracking_uri, args.resume, verbose=args.verbose)
     print(report.read_text())
     print(f"report: {report}")
     return 0

@@ -40,6 +40,7 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from topr import console
 from topr.config import Config, ConfigError, apply_overrides, build_config, config_to_dict
 from topr.inprocess import SharedStart, run_in_process
 from topr.loop import IterationFiles
@@ -252,10 +253,12 @@ def run_experiment(
     tracking_uri: str,
     resume: bool = False,
     run_arm: ArmRunner = run_in_process,
+    verbose: bool = False,
 ) -> Path:
     """Run every arm in every replicate (replicate by replicate, so that an interrupted experiment
     holds whole replicates), skipping the units a resumed experiment had finished; write and log
-    the report."""
+    the report. A unit's whole output goes to ``run.log`` in its folder; the console shows its
+    stages' lines (``topr.console``), or everything when ``verbose``."""
     from topr.report import write_experiment_report
 
     if folder.exists() and not resume:
@@ -278,12 +281,14 @@ def run_experiment(
             unit = f"{name}/{arm_name}/{replicate_name(replicate)}"
             unit_folder = folder / "arms" / arm_name / replicate_name(replicate)
             unit_start = start if shares_start(arm, experiment) else None  # its own model or evaluation: made by the unit
-            results[arm_name][replicate_name(replicate)] = _run_one_unit(unit, config, run_arm, unit_folder, tracking_uri, unit_start)
+            results[arm_name][replicate_name(replicate)] = _run_one_unit(unit, config, run_arm, unit_folder, tracking_uri, unit_start, verbose)
     context = {"name": name, "spec": spec, "shared": shared, "machine": machine_description(), "folder": folder}
     return write_experiment_report(folder, tracking_uri, experiment, running, results, context)
 
 
-def _run_one_unit(name: str, config: Config, run_arm: ArmRunner, folder: Path, tracking_uri: str, start: SharedStart | None) -> dict:
+def _run_one_unit(
+    name: str, config: Config, run_arm: ArmRunner, folder: Path, tracking_uri: str, start: SharedStart | None, verbose: bool = False
+) -> dict:
     """Run one arm × replicate unless a previous attempt finished it; its result (run id or error)
     is kept in ``result.json``, written only once the unit has ended."""
     result_path = folder / "result.json"
@@ -297,10 +302,11 @@ def _run_one_unit(name: str, config: Config, run_arm: ArmRunner, folder: Path, t
         shutil.rmtree(folder)
     folder.mkdir(parents=True)
     (folder / "config.yaml").write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
-    log.info("%s: starting (%s)", name, folder)
+    log.info("%s: starting (%s), log %s", name, folder, folder / "run.log")
     started = time.perf_counter()
     try:
-        run_id = run_arm(config, folder / "run", tracking_uri, name, start)
+        with console.capture(folder / "run.log", verbose):
+            run_id = run_arm(config, folder / "run", tracking_uri, name, start)
         result = {"status": "finished", "run_id": run_id}
     except Exception as error:  # a unit's failure is a result too; the others still run
         log.error("%s failed: %s", name, error)

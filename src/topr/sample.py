@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import Protocol
 
 import torch
-from tqdm.auto import tqdm
 
 from topr.config import Config, SampleConfig
+from topr.console import progress_bar
 from topr.models import context_length, load_policy, load_tokenizer, model_identity, prompt_token_ids, set_threads
 from topr.records import PROMPT_FIELDS, SAMPLE_FIELDS, Record, RecordError, read_records, write_records
 
@@ -86,7 +86,7 @@ class TransformersEngine:
         # Similar lengths together waste less padding; results go back to prompt order.
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
         results: list[list[Completion]] = [[] for _ in prompts]
-        bar = tqdm(total=len(prompts) * params.n, desc="sampling", unit="seq", disable=not self.progress)
+        bar = progress_bar(total=len(prompts) * params.n, desc="sampling", unit="seq", disable=not self.progress)
         generated_tokens, started = 0, time.perf_counter()
         for batch_index, start in enumerate(range(0, len(order), prompts_per_batch)):
             indices = order[start : start + prompts_per_batch]

@@ -13,12 +13,13 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from topr import promotion, storage
+from topr import console, promotion, storage
 from topr.config import Config, build_config, config_to_dict, config_to_yaml
 from topr.tracking import (
     EVALUATION_ARTIFACT,
@@ -77,11 +78,20 @@ class StageContext:
     @contextmanager
     def stage(self, name: str, part: str = "") -> Iterator[tuple[StageRun, StageOutputs]]:
         """The stage's MLflow run (``iter<i>/<name>[/<part>]``, ending FAILED if the block raises)
-        and what it publishes, committed when the block ends without error."""
-        with stage_run(self.tracking_uri, self.parent_run_id, name, self.iteration, part) as run:
-            outputs = StageOutputs(self, name, run)
-            yield run, outputs
-            outputs.commit()
+        and what it publishes, committed when the block ends without error. Its start and end,
+        with the figures it logged, go to the console (``topr.console``)."""
+        console.stage_started(name, self.iteration)
+        started = time.perf_counter()
+        run = None
+        try:
+            with stage_run(self.tracking_uri, self.parent_run_id, name, self.iteration, part) as run:
+                outputs = StageOutputs(self, name, run)
+                yield run, outputs
+                outputs.commit()
+        except BaseException:
+            console.stage_ended(name, self.iteration, time.perf_counter() - started, run.logged if run else {}, failed=True)
+            raise
+        console.stage_ended(name, self.iteration, time.perf_counter() - started, run.logged)
 
 
 class StageOutputs:
@@ -492,10 +502,10 @@ def train_verifier(context: StageContext, model_dir: str, data_dir: str, output_
         summary = run_train_verifier(config, model_dir, data_dir, output_dir, work, on_step=step_metrics)
         step_metrics.flush()
         kept, files = {}, IterationFiles(Path(work))
-        for path, name, context in ((files.samples, "verifier_judgments", "sampling"), (files.train_set, "verifier_train_set", "training")):
+        for path, name, use in ((files.samples, "verifier_judgments", "sampling"), (files.train_set, "verifier_train_set", "training")):
             run.log_artifact(path)
             uri = outputs.file(path, f"{name}.jsonl")
-            run.log_dataset(path, name, context, source=uri)
+            run.log_dataset(path, name, use, source=uri)
             kept[name] = uri or f"runs:/{run.run_id}/{path.name}"
         run.log_artifact(files.composition)
         run.log_metrics({k: v for k, v in summary.items() if k != "weights_sha256"})

@@ -57,6 +57,8 @@ def check_tracking_server(tracking_uri: str) -> None:
 
 
 def mlflow_client(tracking_uri: str):
+    # A bar per artifact read back (reports, lineage) would only clutter topr's console.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     import mlflow
 
     mlflow.set_tracking_uri(tracking_uri)
@@ -152,6 +154,7 @@ class StageRun:
     def __init__(self, client, run_id: str, parent_run_id: str, iteration: int):
         self.client, self.run_id = client, run_id
         self.parent_run_id, self.iteration = parent_run_id, iteration
+        self.logged: dict[str, Any] = {}  # the metrics (step 0) and params logged, for the console
 
     def log_metrics(self, metrics: dict[str, float], step: int = 0, on_parent: bool = False) -> None:
         """Log numeric metrics here (and on the parent run at ``step = iteration`` if asked)."""
@@ -159,6 +162,8 @@ class StageRun:
 
         now = int(time.time() * 1000)
         numeric = _numeric(metrics)
+        if step == 0:
+            self.logged.update(numeric)
         entries = [Metric(key, value, now, step) for key, value in numeric.items()]
         self.client.log_batch(self.run_id, metrics=entries)
         if on_parent:
@@ -175,6 +180,7 @@ class StageRun:
     def log_params(self, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
 
+        self.logged.update(params)
         self.client.log_batch(self.run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()])
 
     def log_dataset(self, path: str | os.PathLike, name: str, context: str, source: str | None = None) -> str:

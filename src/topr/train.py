@@ -26,11 +26,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from topr import distributed
 from topr.checkpoint import TrainCheckpoint, job_fingerprint
 from topr.config import Config, config_to_yaml
+from topr.console import progress_bar
 from topr.logprobs import batch_prompt_completions, completion_logprobs
 from topr.models import load_policy, model_identity, save_policy, set_threads
 from topr.objectives import LOG_RATIO_CLAMP, NEGATIVE_RATIO_STATS, policy_loss
@@ -499,7 +499,7 @@ def run_train(
             for step, stats in enumerate(history):
                 if on_step and ranks.main:
                     on_step(step, stats)
-        bar = tqdm(total=len(batches), initial=len(history), desc="training", unit="step", disable=not ranks.main)
+        bar = progress_bar(total=len(batches), initial=len(history), desc="training", unit="step", disable=not ranks.main)
         for step in range(len(history), len(batches)):
             batch = batches[step]
             parts = distributed.micro_batches(by_length(batch, train.batch_size, ranks.world_size), train.batch_size, ranks)

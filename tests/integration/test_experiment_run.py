@@ -4,11 +4,13 @@ in MLflow like a pipeline run; the named P1 experiment in two replicates, and th
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import yaml
 from mlflow import MlflowClient
 
+from topr import console
 from topr.cli import main
 from topr.storage import file_sha256
 from topr.tracking import default_tracking_uri
@@ -68,7 +70,13 @@ def test_two_arms_share_iteration_one_and_the_report_compares_them(tmp_path, tin
     assert "| topr | `train.objective=topr` `verifier.enabled=true` | shared | 1/1 |" in report
     assert "## Generative verifier" in report and "| reinforce | 1 |" in report
     assert {"accuracy.png", "degeneration.png", "report.md", "results.json"} <= {path.name for path in folder.iterdir()}
-    assert report in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert report in printed
+    # A unit's console shows its stages as they start and end; its whole output is in its run.log.
+    assert re.search(r"^iter 1  train +done in .*\b\d+ steps, final loss", printed, re.M), printed
+    assert re.search(r"^iter 1  evaluate_verifier +done in ", printed, re.M), printed
+    for arm in ("topr", "reinforce"):
+        assert console.EVENT_PREFIX + '{"kind": "stage_ended", "stage": "train"' in (folder / "arms" / arm / "rep0" / "run.log").read_text()
 
 
 @pytest.mark.slow

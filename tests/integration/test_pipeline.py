@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import builtins
 import json
+import re
 from pathlib import Path
 
 import mlflow
@@ -136,7 +137,8 @@ def test_gate_keeps_or_moves_the_champion_and_runs_start_from_it(tmp_path, tiny_
     from topr.cli import main
 
     common = [f"run.output_dir={tmp_path}", "run.iterations=1", "run.registered_model=gated", *TINY_RUN]
-    assert main(["run", "run.name=first", f"model.path={tiny_model_dir}", *common]) == 0
+    assert main(["run", "--verbose", "run.name=first", f"model.path={tiny_model_dir}", *common]) == 0
+    assert "Executing task" in capsys.readouterr().out  # --verbose: Kubeflow's executor log on the console too
     assert main(["run", "--from", "champion", "run.name=second", "gate.margin=1.0", *common]) == 0
     assert main(["run", "--from", "gated@champion", "run.name=third", "gate.margin=-1.0", *common]) == 0
 
@@ -188,8 +190,16 @@ def test_topr_run_with_the_embedded_model(tmp_path, capsys):
     overrides = [f"run.output_dir={tmp_path}", "run.name=embedded", "run.iterations=1", *TINY_RUN]
     assert load_config(None, overrides).model.path == EMBEDDED_MODEL
     assert main(["run", *overrides]) == 0
-    printed = capsys.readouterr().out
+    console = capsys.readouterr()
+    printed = console.out
     assert "pass@1" in printed and "start" in printed
+    # The console: a line as each stage starts and ends, with its figures; the executor log only in the file.
+    assert (console.out + console.err).count("\n") < 60  # lines on a terminal: a bar redraws itself with carriage returns
+    assert f"log: {tmp_path / 'embedded' / 'run.log'}" in printed
+    assert re.search(r"^iter 1  train +done in .*\b\d+ steps, final loss", printed, re.M), printed
+    assert re.search(r"^iter 1  evaluate +done in .*: pass@1 \d+\.\d% \[", printed, re.M), printed
+    assert "Executing task" not in printed + console.err
+    assert "Executing task" in (tmp_path / "embedded" / "run.log").read_text()
     report = (tmp_path / "embedded" / "report.md").read_text()
     assert report.count("\n        ") >= 2  # a row for the starting model and one per iteration
     assert (tmp_path / "embedded" / "accuracy.png").stat().st_size > 0

@@ -1,0 +1,233 @@
+"""What a run shows a person: a line when each stage starts and ends, with its key figures, and a
+progress bar for the long ones, also when the stages run in other processes.
+
+The pipeline's tasks run in subprocesses whose output kfp.local streams back line by line,
+together with its own executor log. With ``TOPR_EVENTS=1`` in their environment (``topr run``
+sets it) the library reports to the parent in event lines on stdout, ``topr-event {json}``:
+a stage's start and end (``stage_started``/``stage_ended``) and its progress bars' state
+(``progress_bar`` returns a bar that sends events instead of drawing). In the parent,
+``RunConsole`` takes the whole stream: every line goes to the run's log file, events become
+console lines and one progress bar, and the rest reaches the console only when asked
+(``--verbose``).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TextIO
+
+from tqdm.auto import tqdm
+
+EVENTS_ENV = "TOPR_EVENTS"
+EVENT_PREFIX = "topr-event "
+
+FIGURES = (
+    (("train_prompts", "eval_prompts"), "{train_prompts:.0f} training and {eval_prompts:.0f} held-out prompts"),
+    (("samples", "prompts"), "{samples:.0f} completions of {prompts:.0f} prompts"),
+    (("tokens_per_second",), "{tokens_per_second:.0f} tokens/s"),
+    (("accuracy",), "sampled accuracy {accuracy:.1%}"),
+    (("curated_count", "curated_positives", "curated_negatives"), "curated {curated_count:.0f} (+{curated_positives:.0f}/−{curated_negatives:.0f})"),
+    (("steps", "final_loss"), "{steps:.0f} steps, final loss {final_loss:.3f}"),
+    (("pass_at_1", "pass_at_1_ci_low", "pass_at_1_ci_high"), "pass@1 {pass_at_1:.1%} [{pass_at_1_ci_low:.1%}, {pass_at_1_ci_high:.1%}]"),
+    (("decision", "reason"), "{decision}: {reason}"),
+)
+"""The figures a stage's line shows, by the names it logs them under (``StageRun.logged``)."""
+
+FIGURE_NAMES = frozenset(name for names, _ in FIGURES for name in names)
+
+
+def events_on() -> bool:
+    return os.environ.get(EVENTS_ENV) == "1"
+
+
+def emit(kind: str, **fields: Any) -> None:
+    """Send an event to the parent process, when there is one listening (``TOPR_EVENTS=1``)."""
+    if events_on():
+        sys.stdout.write(EVENT_PREFIX + json.dumps({"kind": kind, **fields}, default=str) + "\n")
+        sys.stdout.flush()
+
+
+def stage_started(stage: str, iteration: int) -> None:
+    emit("stage_started", stage=stage, iteration=iteration)
+
+
+def stage_ended(stage: str, iteration: int, seconds: float, logged: dict[str, Any], failed: bool = False) -> None:
+    """``logged``: what the stage logged (metrics and params); the event carries its ``FIGURES``."""
+    figures = {name: value for name, value in logged.items() if name in FIGURE_NAMES}
+    emit("stage_ended", stage=stage, iteration=iteration, seconds=seconds, figures=figures, failed=failed)
+
+
+def progress_bar(**options: Any) -> tqdm:
+    """A tqdm bar (``tqdm(**options)``); in a pipeline task, one that reports to the parent."""
+    return (EventBar if events_on() else tqdm)(**options)
+
+
+class EventBar(tqdm):
+    """A tqdm bar that draws nothing: each refresh (at most every ``mininterval`` seconds, and
+    when it closes) becomes a ``progress`` event, which the parent's ``RunConsole`` draws."""
+
+    def __init__(self, *args: Any, **options: Any) -> None:
+        options.setdefault("mininterval", 1.0)
+        super().__init__(*args, file=io.StringIO(), **options)
+
+    def display(self, msg: str | None = None, pos: int | None = None) -> bool:
+        emit("progress", desc=self.desc, n=self.n, total=self.total, unit=self.unit, postfix=self.postfix or "")
+        return True
+
+
+def describe(figures: dict[str, Any]) -> str:
+    """The key figures of a stage, as ``FIGURES`` shows them."""
+    shown = []
+    for names, text in FIGURES:
+        if all(name in figures for name in names):
+            try:
+                shown.append(text.format(**{name: figures[name] for name in names}))
+            except (TypeError, ValueError):  # a figure of another kind under a known name
+                continue
+    return ", ".join(shown)
+
+
+def duration(seconds: float) -> str:
+    minutes, seconds = divmod(round(seconds), 60)
+    return f"{minutes} min {seconds:02d} s" if minutes else f"{seconds} s"
+
+
+class RunConsole(io.TextIOBase):
+    """A text stream standing in for stdout and stderr during a run (``capture``): each line goes
+    to ``log``; event lines are shown as stage lines on ``console`` and one progress bar on
+    ``bars``; other lines on ``console`` too when ``verbose``. Lines may come from several
+    threads (kfp.local runs sample shards in parallel)."""
+
+    def __init__(self, log: TextIO, console: TextIO, bars: TextIO, verbose: bool = False):
+        self.log, self.console, self.bars, self.verbose = log, console, bars, verbose
+        self.lines_shown = 0
+        self._partial = ""
+        self._lock = threading.RLock()
+        self._bar: tqdm | None = None
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        with self._lock:
+            self._partial += text
+            *lines, self._partial = self._partial.split("\n")
+            for line in lines:
+                self._line(line)
+        return len(text)
+
+    def flush(self) -> None:
+        with self._lock:
+            self.log.flush()
+            self.console.flush()
+
+    def _line(self, line: str) -> None:
+        self.log.write(line + "\n")
+        event = _event(line)
+        if event is not None:
+            self._event(event)
+        elif self.verbose:
+            self._show(line)
+
+    def _show(self, text: str) -> None:
+        if self._bar is not None:
+            self._bar.clear()
+        self.console.write(text + "\n")
+        self.lines_shown += 1
+        if self._bar is not None:
+            self._bar.refresh()
+
+    def _event(self, event: dict[str, Any]) -> None:
+        kind = event["kind"]
+        if kind == "progress":
+            self._progress(event)
+        elif kind in ("stage_started", "stage_ended"):
+            self._close_bar()
+            where = f"iter {event['iteration']}  {event['stage']:<17}"
+            if kind == "stage_started":
+                self._show(f"{where} started")
+            else:
+                state = "FAILED after" if event["failed"] else "done in"
+                figures = describe(event["figures"])
+                self._show(f"{where} {state} {duration(event['seconds'])}" + (f": {figures}" if figures else ""))
+
+    def _progress(self, event: dict[str, Any]) -> None:
+        if self._bar is None or self._bar.desc != event["desc"] or event["n"] < self._bar.n:
+            self._close_bar()
+            self._bar = tqdm(total=event["total"], desc=event["desc"], unit=event["unit"], file=self.bars, leave=False, dynamic_ncols=True)
+        self._bar.update(event["n"] - self._bar.n)
+        if event["postfix"]:
+            self._bar.set_postfix_str(event["postfix"], refresh=False)
+        self._bar.refresh()
+
+    def _close_bar(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+    def close(self) -> None:
+        with self._lock:
+            if self._partial:
+                self._line(self._partial)
+                self._partial = ""
+            self._close_bar()
+        super().close()
+
+
+def _console_handlers(streams: tuple[TextIO, TextIO]) -> dict[logging.StreamHandler, TextIO]:
+    """The logging handlers (of any logger) that write to ``streams``, with the stream of each:
+    in-process stages log through them, so their lines go to the log file as well."""
+    loggers = [logging.getLogger(), *(logger for logger in logging.Logger.manager.loggerDict.values() if isinstance(logger, logging.Logger))]
+    return {
+        handler: handler.stream
+        for logger in loggers
+        for handler in logger.handlers
+        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler) and handler.stream in streams
+    }
+
+
+def _event(line: str) -> dict[str, Any] | None:
+    """The event a line carries (kfp.local indents a task's lines), or None."""
+    text = line.strip()
+    if not text.startswith(EVENT_PREFIX):
+        return None
+    try:
+        return json.loads(text.removeprefix(EVENT_PREFIX))
+    except json.JSONDecodeError:
+        return None
+
+
+@contextmanager
+def capture(log_path: str | Path, verbose: bool = False) -> Iterator[RunConsole]:
+    """Within the block, all output of this process and of the stage processes it starts goes to
+    ``log_path``, and the console shows what ``RunConsole`` shows."""
+    saved = sys.stdout, sys.stderr, os.environ.get(EVENTS_ENV)
+    with open(log_path, "a", encoding="utf-8") as log:
+        console = RunConsole(log, saved[0], saved[1], verbose)
+        handlers = _console_handlers(saved[:2])
+        sys.stdout = sys.stderr = console
+        for handler in handlers:
+            handler.setStream(console)
+        os.environ[EVENTS_ENV] = "1"
+        started = time.perf_counter()
+        try:
+            yield console
+        finally:
+            console.close()
+            sys.stdout, sys.stderr = saved[:2]
+            for handler, stream in handlers.items():
+                handler.setStream(stream)
+            if saved[2] is None:
+                os.environ.pop(EVENTS_ENV, None)
+            else:
+                os.environ[EVENTS_ENV] = saved[2]
+            log.write(f"[topr] output captured for {time.perf_counter() - started:.0f} s\n")
