@@ -104,9 +104,16 @@ def _add_schedule_command(commands) -> argparse.ArgumentParser:
     return schedule
 
 
-class _RefuseTokenArgument(argparse.Action):
+class _RefuseSecretArgument(argparse.Action):
+    """A credential given on the command line, where ``ps`` shows it: refused, naming where it goes."""
+
     def __call__(self, parser, namespace, values, option_string=None):
-        parser.error("--token: a token on the command line shows in ps; put it in $KF_PIPELINES_TOKEN or in a file given as --token-file")
+        variable, file_flag = SECRETS[option_string]
+        parser.error(f"{option_string}: a credential on the command line shows in ps; put it in ${variable} or in a file given as {file_flag}")
+
+
+SECRETS = {"--token": ("KF_PIPELINES_TOKEN", "--token-file"), "--cookies": ("KF_PIPELINES_COOKIES", "--cookies-file")}
+"""Each credential of the kfp client: the environment variable and the file option it comes from."""
 
 
 def _add_endpoint_arguments(parser: argparse.ArgumentParser) -> None:
@@ -117,20 +124,26 @@ def _add_endpoint_arguments(parser: argparse.ArgumentParser) -> None:
         "--token-file",
         help="File holding the bearer token (default: $KF_PIPELINES_TOKEN, else the client's own credentials).",
     )
-    parser.add_argument("--token", action=_RefuseTokenArgument, help=argparse.SUPPRESS)
-    parser.add_argument("--cookies", help="Cookies for an authenticating proxy, e.g. 'authservice_session=...'.")
+    parser.add_argument(
+        "--cookies-file",
+        help="File holding the cookies for an authenticating proxy, e.g. 'authservice_session=...' (default: $KF_PIPELINES_COOKIES).",
+    )
+    for refused in SECRETS:
+        parser.add_argument(refused, action=_RefuseSecretArgument, help=argparse.SUPPRESS)
     parser.add_argument("--ssl-ca-cert", help="CA bundle to verify the endpoint's TLS certificate.")
     parser.add_argument("--insecure", action="store_true", help="Do not verify the endpoint's TLS certificate.")
     parser.add_argument("--ui-host", help="Pipelines UI base URL for printed links (default: --host).")
 
 
-def _token(args) -> str | None:
-    if not args.token_file:
-        return os.environ.get("KF_PIPELINES_TOKEN")
+def _secret(flag: str, path: str | None) -> str | None:
+    """The credential ``flag`` names (``--token``, ``--cookies``): from its file, else its environment variable."""
+    variable, file_flag = SECRETS[flag]
+    if not path:
+        return os.environ.get(variable)
     try:
-        return Path(args.token_file).read_text().strip()
+        return Path(path).read_text().strip()
     except OSError as error:
-        raise ConfigError(f"--token-file {args.token_file}: {error.strerror}") from None
+        raise ConfigError(f"{file_flag} {path}: {error.strerror}") from None
 
 
 def _endpoint(args):
@@ -139,8 +152,8 @@ def _endpoint(args):
     return Endpoint(
         host=args.host,
         namespace=args.namespace,
-        existing_token=_token(args),
-        cookies=args.cookies,
+        existing_token=_secret("--token", args.token_file),
+        cookies=_secret("--cookies", args.cookies_file),
         ssl_ca_cert=args.ssl_ca_cert,
         ui_host=args.ui_host,
         verify_ssl=False if args.insecure else None,

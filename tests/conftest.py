@@ -78,12 +78,14 @@ class RecordingApi(BaseHTTPRequestHandler):
 
     requests: list[tuple[str, str, dict]] = []
     authorizations: list[str | None] = []
+    cookies: list[str | None] = []
 
     def _answer(self, method: str) -> None:
         length = int(self.headers.get("Content-Length") or 0)
         body = json.loads(self.rfile.read(length)) if length else {}
         self.requests.append((method, self.path, body))
         self.authorizations.append(self.headers.get("Authorization"))
+        self.cookies.append(self.headers.get("Cookie"))
         path = self.path.split("?")[0]
         if path == "/apis/v2beta1/experiments" and method == "GET":
             payload = {}
@@ -120,7 +122,7 @@ class RecordingApi(BaseHTTPRequestHandler):
 @pytest.fixture
 def kfp_api():
     """A loopback Kubeflow Pipelines API: yields ``(host, requests)``; requests are (method, path, body)."""
-    RecordingApi.requests, RecordingApi.authorizations = [], []
+    RecordingApi.requests, RecordingApi.authorizations, RecordingApi.cookies = [], [], []
     server = ThreadingHTTPServer(("127.0.0.1", 0), RecordingApi)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -155,6 +157,12 @@ def s3_endpoint():
 def kfp_authorizations(kfp_api) -> list[str | None]:
     """The Authorization header of every request the loopback Kubeflow API received."""
     return RecordingApi.authorizations
+
+
+@pytest.fixture
+def kfp_cookies(kfp_api) -> list[str | None]:
+    """The Cookie header of every request the loopback Kubeflow API received."""
+    return RecordingApi.cookies
 
 
 @pytest.fixture

@@ -248,27 +248,32 @@ def test_submit_sends_the_compiled_pipeline_and_prints_the_run_url(kfp_api, caps
 
 
 @pytest.mark.parametrize("source", ["environment", "file"])
-def test_submit_sends_the_token_from_the_environment_or_a_file(kfp_api, kfp_authorizations, monkeypatch, tmp_path, source):
+def test_submit_sends_the_token_and_cookies_from_the_environment_or_a_file(kfp_api, kfp_authorizations, kfp_cookies, monkeypatch, tmp_path, source):
     host, requests = kfp_api
     arguments = ["submit", "--host", host, "--tracking-uri", "http://m:5000"]
     if source == "environment":
         monkeypatch.setenv("KF_PIPELINES_TOKEN", "secret-token")
+        monkeypatch.setenv("KF_PIPELINES_COOKIES", "authservice_session=secret")
     else:
         monkeypatch.delenv("KF_PIPELINES_TOKEN", raising=False)
+        monkeypatch.delenv("KF_PIPELINES_COOKIES", raising=False)
         (tmp_path / "token").write_text("secret-token\n")
-        arguments += ["--token-file", str(tmp_path / "token")]
+        (tmp_path / "cookies").write_text("authservice_session=secret\n")
+        arguments += ["--token-file", str(tmp_path / "token"), "--cookies-file", str(tmp_path / "cookies")]
     assert main(arguments) == 0
     assert len(kfp_authorizations) == len(requests) > 0
     assert set(kfp_authorizations) == {"Bearer secret-token"}
+    assert set(kfp_cookies) == {"authservice_session=secret"}
 
 
-def test_a_token_is_never_taken_on_the_command_line_where_ps_shows_it(capsys):
+@pytest.mark.parametrize(("flag", "variable", "file_flag"), [("--token", "KF_PIPELINES_TOKEN", "--token-file"), ("--cookies", "KF_PIPELINES_COOKIES", "--cookies-file")])
+def test_a_credential_is_never_taken_on_the_command_line_where_ps_shows_it(capsys, flag, variable, file_flag):
     with pytest.raises(SystemExit) as exited:
-        main(["submit", "--host", "http://kfp", "--tracking-uri", "http://m:5000", "--token", "secret-token"])
+        main(["submit", "--host", "http://kfp", "--tracking-uri", "http://m:5000", flag, "secret"])
     assert exited.value.code == 2
-    assert "a token on the command line shows in ps" in capsys.readouterr().err
-    assert main(["submit", "--host", "http://kfp", "--tracking-uri", "http://m:5000", "--token-file", "/no/such/token"]) == 2
-    assert "/no/such/token" in capsys.readouterr().err
+    assert f"{flag}: a credential on the command line shows in ps; put it in ${variable} or in a file given as {file_flag}" in capsys.readouterr().err
+    assert main(["submit", "--host", "http://kfp", "--tracking-uri", "http://m:5000", file_flag, "/no/such/file"]) == 2
+    assert f"{file_flag} /no/such/file" in capsys.readouterr().err
 
 
 VERIFIER_STAGES = {"verifier_data", "train_verifier", "evaluate_verifier"}
