@@ -29,10 +29,9 @@ def _add_run_command(commands) -> argparse.ArgumentParser:
     )
     run.add_argument("--tracking-uri", type=tracking_uri_argument, help="MLflow tracking URI, e.g. http://127.0.0.1:5000 (sets run.tracking_uri).")
     run.add_argument(
-        "-v",
         "--verbose",
+        dest="show_output",
         action="store_true",
-        default=argparse.SUPPRESS,  # else it would reset `topr -v run`
         help="Show every task's output and Kubeflow's executor log on the console too (always in <run folder>/run.log).",
     )
     run.add_argument(
@@ -190,7 +189,7 @@ def cmd_run(args) -> int:
 
     started = time.perf_counter()
     try:
-        parent_run_id = run_local(config, run_dir, tracking_uri, run_name, args.verbose)
+        parent_run_id = run_local(config, run_dir, tracking_uri, run_name, args.show_output)
     except RuntimeError as error:
         raise RuntimeError(f"{error} (the whole log: {log_path(run_dir)})") from error
     minutes = (time.perf_counter() - started) / 60

@@ -50,7 +50,7 @@ def test_other_lines_reach_the_console_only_when_verbose():
 def test_progress_events_draw_one_bar_that_a_stage_line_closes():
     stream, _, shown, bars = make_console()
     for n in (0, 32, 96):
-        stream.write(event_line("progress", desc="sampling", n=n, total=96, unit="seq", postfix="tokens_per_s=80"))
+        stream.write(event_line("progress", source="1-1", desc="sampling", n=n, total=96, unit="seq", postfix="tokens_per_s=80"))
     assert "96/96" in bars.getvalue() and "tokens_per_s=80" in bars.getvalue()
     stream.write(event_line("stage_ended", stage="sample", iteration=1, seconds=3, figures={}, failed=False))
     assert shown.getvalue() == "iter 1  sample            done in 3 s\n"
@@ -63,7 +63,7 @@ def test_a_bar_in_a_stage_process_sends_its_state_as_events(monkeypatch, capsys)
     bar.set_postfix(loss="0.5")
     bar.close()
     events = [json.loads(line.removeprefix(console.EVENT_PREFIX)) for line in capsys.readouterr().out.splitlines()]
-    assert events[0] == {"kind": "progress", "desc": "training", "n": 0, "total": 4, "unit": "step", "postfix": ""}
+    assert events[0] == {"kind": "progress", "source": f"{os.getpid()}-{id(bar)}", "desc": "training", "n": 0, "total": 4, "unit": "step", "postfix": ""}
     assert events[-1]["n"] == 4 and events[-1]["postfix"] == "loss=0.5"
 
 
@@ -107,3 +107,39 @@ def test_capture_sends_everything_to_the_log_and_restores_the_process(tmp_path, 
 @pytest.mark.parametrize(("seconds", "shown"), [(0.4, "0 s"), (59.4, "59 s"), (59.6, "1 min 00 s"), (754.0, "12 min 34 s")])
 def test_durations_read_as_minutes_and_seconds(seconds, shown):
     assert console.duration(seconds) == shown
+
+
+def test_parallel_shards_add_up_in_one_bar():
+    stream, _, _, bars = make_console()
+    for source, n in (("shard-0", 16), ("shard-1", 8), ("shard-0", 48), ("shard-1", 48)):
+        stream.write(event_line("progress", source=source, desc="sampling", n=n, total=48, unit="seq", postfix=""))
+    drawn = [state for state in bars.getvalue().split("\r") if "sampling" in state]
+    assert [state.split("|")[-1].split()[0] for state in drawn[-4:]] == ["16/48", "24/96", "56/96", "96/96"]
+
+
+def test_a_line_that_only_looks_like_an_event_is_a_plain_line():
+    stream, log, shown, _ = make_console(verbose=True)
+    for text in ("[1, 2]", '{"kind": "progress"}', '{"no kind": 1}', "{broken"):
+        stream.write(console.EVENT_PREFIX + text + "\n")
+    assert shown.getvalue() == log.getvalue() and log.getvalue().count("\n") == 4
+
+
+def test_a_handler_a_library_makes_during_the_run_writes_to_stderr_afterwards(tmp_path, capsys):
+    logger = logging.getLogger("topr.test_console.late")
+    with console.capture(tmp_path / "nested" / "run.log"):
+        handler = logging.StreamHandler()  # like transformers on its first import: bound to sys.stderr now
+        logger.addHandler(handler)
+    try:
+        logger.warning("after the run")
+        assert handler.stream is sys.stderr
+        assert "after the run" in capsys.readouterr().err
+    finally:
+        logger.removeHandler(handler)
+
+
+def test_the_process_is_restored_when_the_run_fails(tmp_path):
+    stdout, stderr = sys.stdout, sys.stderr
+    with pytest.raises(RuntimeError, match="a stage failed"):
+        with console.capture(tmp_path / "run.log"):
+            raise RuntimeError("a stage failed")
+    assert (sys.stdout, sys.stderr) == (stdout, stderr) and console.EVENTS_ENV not in os.environ

@@ -64,8 +64,15 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def _installed_commands() -> list[Command]:
-    """The commands other packages add (the pipeline's run, compile, submit and schedule)."""
-    return [command for entry_point in metadata.entry_points(group=COMMAND_ENTRY_POINTS) for command in entry_point.load()]
+    """The commands other packages add (the pipeline's run, compile, submit and schedule); one
+    that cannot be loaded is left out with a warning, so the others still work."""
+    commands = []
+    for entry_point in metadata.entry_points(group=COMMAND_ENTRY_POINTS):
+        try:
+            commands += entry_point.load()
+        except Exception as error:  # noqa: BLE001 - whatever a broken plugin raises
+            log.warning("left out the commands of entry point %s (%s): %s", entry_point.name, entry_point.value, error)
+    return commands
 
 
 def _add_experiment_command(commands) -> argparse.ArgumentParser:
@@ -90,6 +97,12 @@ def _add_experiment_command(commands) -> argparse.ArgumentParser:
     experiment.add_argument("--reference", metavar="ARM", help="The arm the others are compared with (default: the spec's, else its first arm).")
     experiment.add_argument("--resume", action="store_true", help="Finish an interrupted experiment: keep its finished arm × replicate units.")
     experiment.add_argument("--tracking-uri", type=tracking_uri_argument, help="MLflow tracking URI (sets run.tracking_uri).")
+    experiment.add_argument(
+        "--verbose",
+        dest="show_output",
+        action="store_true",
+        help="Show the units' whole output on the console too (always in each unit's run.log).",
+    )
     add_config_arguments(experiment)
     return experiment
 
@@ -236,7 +249,7 @@ def cmd_experiment(args) -> int:
     tracking_uri = experiment.run.tracking_uri or default_tracking_uri(experiment.run.output_dir)
     check_services(tracking_uri, experiment.run.artifact_store)
     folder = Path(experiment.run.output_dir) / name
-    report = run_experiment(name, spec, experiment, arms, folder, tracking_uri, args.resume, verbose=args.verbose)
+    report = run_experiment(name, spec, experiment, arms, folder, tracking_uri, args.resume, verbose=args.show_output)
     print(report.read_text())
     print(f"report: {report}")
     return 0

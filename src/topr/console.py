@@ -24,8 +24,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TextIO
+from weakref import WeakSet
 
-from tqdm.auto import tqdm
+from tqdm.std import tqdm
 
 EVENTS_ENV = "TOPR_EVENTS"
 EVENT_PREFIX = "topr-event "
@@ -73,15 +74,29 @@ def progress_bar(**options: Any) -> tqdm:
 
 class EventBar(tqdm):
     """A tqdm bar that draws nothing: each refresh (at most every ``mininterval`` seconds, and
-    when it closes) becomes a ``progress`` event, which the parent's ``RunConsole`` draws."""
+    when it closes) becomes a ``progress`` event, which the parent's ``RunConsole`` draws. It
+    keeps apart from other bars (its own registry, no monitor thread), so that in one process
+    it neither shifts the console's bar nor takes tqdm's lock while the console holds its own."""
+
+    _instances: WeakSet = WeakSet()
+    monitor_interval = 0
 
     def __init__(self, *args: Any, **options: Any) -> None:
         options.setdefault("mininterval", 1.0)
-        super().__init__(*args, file=io.StringIO(), **options)
+        options["file"] = io.StringIO()
+        super().__init__(*args, **options)
 
     def display(self, msg: str | None = None, pos: int | None = None) -> bool:
-        emit("progress", desc=self.desc, n=self.n, total=self.total, unit=self.unit, postfix=self.postfix or "")
+        source = f"{os.getpid()}-{id(self)}"  # parallel sample shards each send their own
+        emit("progress", source=source, desc=self.desc, n=self.n, total=self.total, unit=self.unit, postfix=self.postfix or "")
         return True
+
+
+class _ConsoleBar(tqdm):
+    """The bar ``RunConsole`` draws: apart from the stages' bars, without a monitor thread."""
+
+    _instances: WeakSet = WeakSet()
+    monitor_interval = 0
 
 
 def describe(figures: dict[str, Any]) -> str:
@@ -113,11 +128,14 @@ class RunConsole(io.TextIOBase):
         self._partial = ""
         self._lock = threading.RLock()
         self._bar: tqdm | None = None
+        self._sources: dict[str, tuple[float, float]] = {}  # the live bars' (n, total), by source
 
     def writable(self) -> bool:
         return True
 
     def write(self, text: str) -> int:
+        if self.closed:  # a handler kept past the run (a library's, made during it): straight to the console
+            return self.bars.write(text)
         with self._lock:
             self._partial += text
             *lines, self._partial = self._partial.split("\n")
@@ -142,12 +160,13 @@ class RunConsole(io.TextIOBase):
         if self._bar is not None:
             self._bar.clear()
         self.console.write(text + "\n")
+        self.console.flush()
         self.lines_shown += 1
         if self._bar is not None:
             self._bar.refresh()
 
     def _event(self, event: dict[str, Any]) -> None:
-        kind = event["kind"]
+        kind = event.get("kind")
         if kind == "progress":
             self._progress(event)
         elif kind in ("stage_started", "stage_ended"):
@@ -161,15 +180,21 @@ class RunConsole(io.TextIOBase):
                 self._show(f"{where} {state} {duration(event['seconds'])}" + (f": {figures}" if figures else ""))
 
     def _progress(self, event: dict[str, Any]) -> None:
-        if self._bar is None or self._bar.desc != event["desc"] or event["n"] < self._bar.n:
+        """One bar for the stage running now: the sum over its sources (parallel sample shards)."""
+        if self._bar is not None and self._bar.desc != event["desc"]:
             self._close_bar()
-            self._bar = tqdm(total=event["total"], desc=event["desc"], unit=event["unit"], file=self.bars, leave=False, dynamic_ncols=True)
-        self._bar.update(event["n"] - self._bar.n)
+        self._sources[event["source"]] = (event["n"], event["total"] or 0)
+        n, total = (sum(values) for values in zip(*self._sources.values()))
+        if self._bar is None:
+            self._bar = _ConsoleBar(total=total, desc=event["desc"], unit=event["unit"], file=self.bars, leave=False, dynamic_ncols=True, position=0)
+        self._bar.total = total
+        self._bar.n = n
         if event["postfix"]:
             self._bar.set_postfix_str(event["postfix"], refresh=False)
         self._bar.refresh()
 
     def _close_bar(self) -> None:
+        self._sources.clear()
         if self._bar is not None:
             self._bar.close()
             self._bar = None
@@ -183,14 +208,14 @@ class RunConsole(io.TextIOBase):
         super().close()
 
 
-def _console_handlers(streams: tuple[TextIO, TextIO]) -> dict[logging.StreamHandler, TextIO]:
-    """The logging handlers (of any logger) that write to ``streams``, with the stream of each:
-    in-process stages log through them, so their lines go to the log file as well."""
-    loggers = [logging.getLogger(), *(logger for logger in logging.Logger.manager.loggerDict.values() if isinstance(logger, logging.Logger))]
+def _stream_handlers(streams: tuple[TextIO, ...]) -> dict[logging.StreamHandler, TextIO]:
+    """The logging handlers (of any logger) that write to one of ``streams``, with the stream of
+    each: in-process stages log through them, so their lines go to the log file as well."""
+    loggers = [logging.getLogger(), *(logger for logger in list(logging.Logger.manager.loggerDict.values()) if isinstance(logger, logging.Logger))]
     return {
         handler: handler.stream
         for logger in loggers
-        for handler in logger.handlers
+        for handler in list(logger.handlers)
         if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler) and handler.stream in streams
     }
 
@@ -201,33 +226,47 @@ def _event(line: str) -> dict[str, Any] | None:
     if not text.startswith(EVENT_PREFIX):
         return None
     try:
-        return json.loads(text.removeprefix(EVENT_PREFIX))
+        event = json.loads(text.removeprefix(EVENT_PREFIX))
     except json.JSONDecodeError:
         return None
+    return event if isinstance(event, dict) and event.get("kind") in EVENT_FIELDS and EVENT_FIELDS[event["kind"]] <= event.keys() else None
+
+
+EVENT_FIELDS = {
+    "progress": {"source", "desc", "n", "total", "unit", "postfix"},
+    "stage_started": {"stage", "iteration"},
+    "stage_ended": {"stage", "iteration", "seconds", "figures", "failed"},
+}
+"""What each kind of event carries; a line that claims to be an event without them is a plain line."""
 
 
 @contextmanager
 def capture(log_path: str | Path, verbose: bool = False) -> Iterator[RunConsole]:
     """Within the block, all output of this process and of the stage processes it starts goes to
     ``log_path``, and the console shows what ``RunConsole`` shows."""
-    saved = sys.stdout, sys.stderr, os.environ.get(EVENTS_ENV)
+    stdout, stderr, events = sys.stdout, sys.stderr, os.environ.get(EVENTS_ENV)
+    Path(log_path).parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "a", encoding="utf-8") as log:
-        console = RunConsole(log, saved[0], saved[1], verbose)
-        handlers = _console_handlers(saved[:2])
-        sys.stdout = sys.stderr = console
-        for handler in handlers:
-            handler.setStream(console)
-        os.environ[EVENTS_ENV] = "1"
+        console = RunConsole(log, stdout, stderr, verbose)
+        handlers = _stream_handlers((stdout, stderr))
         started = time.perf_counter()
         try:
+            sys.stdout = sys.stderr = console
+            for handler in handlers:
+                handler.setStream(console)
+            os.environ[EVENTS_ENV] = "1"
             yield console
         finally:
-            console.close()
-            sys.stdout, sys.stderr = saved[:2]
-            for handler, stream in handlers.items():
-                handler.setStream(stream)
-            if saved[2] is None:
-                os.environ.pop(EVENTS_ENV, None)
-            else:
-                os.environ[EVENTS_ENV] = saved[2]
-            log.write(f"[topr] output captured for {time.perf_counter() - started:.0f} s\n")
+            try:
+                console.close()
+            finally:
+                sys.stdout, sys.stderr = stdout, stderr
+                # Handlers made during the run (a library's first import) write to stderr again.
+                handlers.update({handler: stderr for handler in _stream_handlers((console,)) if handler not in handlers})
+                for handler, stream in handlers.items():
+                    handler.setStream(stream)
+                if events is None:
+                    os.environ.pop(EVENTS_ENV, None)
+                else:
+                    os.environ[EVENTS_ENV] = events
+                log.write(f"[topr] output captured for {time.perf_counter() - started:.0f} s\n")

@@ -30,6 +30,8 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
+from topr.console import EVENTS_ENV
+
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
@@ -243,7 +245,9 @@ def launch(processes: int, arguments: list[str]) -> None:
         f"--nproc-per-node={processes}", "--max-restarts=0", "-m", "topr.cli", *arguments,
     ]  # fmt: skip
     log.info("launching %d training processes: %s", processes, shlex.join(command))
-    process = subprocess.Popen(command, env={"OMP_NUM_THREADS": "1", **os.environ}, stderr=subprocess.PIPE)
+    # The workers draw their own bars (relayed below), not console events: their stdout is not ours.
+    environment = {key: value for key, value in os.environ.items() if key != EVENTS_ENV}
+    process = subprocess.Popen(command, env={"OMP_NUM_THREADS": "1", **environment}, stderr=subprocess.PIPE)
     try:
         output = _relay(process.stderr)
         code = process.wait()
