@@ -318,6 +318,28 @@ def test_tables_show_intervals_composition_and_the_verifier_only_when_it_ran():
     )  # a figure that was not logged (the base verifier's AUROC here) shows as "–"
 
 
+def test_the_verifier_is_compared_replicate_by_replicate_with_intervals_over_replicates():
+    from scipy import stats
+
+    from topr.report import verifier_replicates
+
+    def replicate(auroc_base, auroc_trained, majority, weighted):
+        figures = {"verifier_accuracy_trained": 0.6, "verifier_auroc_base": auroc_base, "verifier_auroc_trained": auroc_trained,
+                   "vote_majority": majority, "vote_weighted_trained": weighted}  # fmt: skip
+        return {key: {1: value} for key, value in figures.items()}
+
+    finished = {"topr": {"rep0": replicate(0.4, 0.8, 0.40, 0.50), "rep1": replicate(0.5, 0.7, 0.40, 0.44), "rep2": replicate(0.4, 0.75, 0.30, 0.36)}}
+    lines = verifier_replicates(finished)
+    auroc = next(line for line in lines if line.startswith("| AUROC"))
+    low, high = stats.ttest_1samp([0.4, 0.2, 0.35], 0.0).confidence_interval(0.95)
+    assert auroc == f"| AUROC of P(correct), trained − base | +0.40 | +0.20 | +0.35 | +0.32 [{low:+.2f}, {high:+.2f}] | 0.250 |"
+    vote = next(line for line in lines if line.startswith("| weighted vote (trained"))
+    assert vote.split(" | ")[1:4] == ["+10.0", "+4.0", "+6.0"]  # points, on the same questions in each replicate
+    # Without the base verifier's votes that row is left out, and one replicate alone gives nothing.
+    assert not any(line.startswith("| weighted vote (base") for line in lines)
+    assert verifier_replicates({"topr": {"rep0": finished["topr"]["rep0"]}}) == []
+
+
 def test_an_arm_with_its_own_model_or_evaluation_does_not_take_the_shared_start():
     spec = ExperimentSpec(description="d", arms={"same": [], "other_model": ["model.path=/elsewhere"], "longer": ["evaluate.max_new_tokens=128"]})
     experiment, arms = arm_configs(spec, {}, [])

@@ -622,8 +622,52 @@ def _experiment_markdown(experiment, spec, arms: dict, results: dict, finished: 
             lines += ["## Accuracy against the effective positive fraction", "", "![accuracy vs effective positive fraction](positive_fraction.png)", ""]
         verifier = verifier_table(means)
         if verifier:
-            lines += ["## Generative verifier", "", verifier, ""]
+            lines += ["## Generative verifier" + (" (means over replicates)" if spec.replicates > 1 else ""), "", verifier, ""]
+            lines += verifier_replicates(finished)
     return "\n".join(lines)
+
+
+VERIFIER_COMPARISONS = (
+    ("AUROC of P(correct), trained − base", "verifier_auroc_trained", "verifier_auroc_base", 1.0),
+    ("balanced accuracy, trained − base, points", "verifier_balanced_accuracy_trained", "verifier_balanced_accuracy_base", 100.0),
+    ("weighted vote (trained verifier) − majority vote, points", "vote_weighted_trained", "vote_majority", 100.0),
+    ("weighted vote (base verifier) − majority vote, points", "vote_weighted_base", "vote_majority", 100.0),
+)
+"""The verifier's replicate-level comparisons: (what, figure, the figure it is compared with, scale)."""
+
+
+def verifier_replicates(finished: dict[str, dict[str, dict[str, dict[int, float]]]]) -> list[str]:
+    """Per arm that ran the verifier in two replicates or more: each comparison of
+    ``VERIFIER_COMPARISONS`` replicate by replicate, with the mean difference's 95% t-interval
+    and sign-flip p-value over the replicates (``topr.stats``): what holds across training seeds,
+    beyond the questions of one replicate. Report lines (none when no arm qualifies)."""
+    from topr.stats import paired_t_interval, sign_flip_p_value
+
+    lines = []
+    for arm, replicates in finished.items():
+        last = {rep: {key: max(values.items())[1] for key, values in metrics.items() if values} for rep, metrics in replicates.items()}
+        last = {rep: row for rep, row in last.items() if "verifier_accuracy_trained" in row}
+        if len(last) < 2:
+            continue
+        lines += [
+            f"Replicate by replicate (`{arm}`), and over the {len(last)} replicates: the mean difference, its 95% t-interval and the "
+            "two-sided sign-flip p-value.",
+            "",
+            "| comparison | " + " | ".join(last) + " | mean [95% CI] | p |",
+            "|---" * (len(last) + 3) + "|",
+        ]
+        for what, figure, compared, scale in VERIFIER_COMPARISONS:
+            rows = [row for row in last.values() if figure in row and compared in row]
+            if len(rows) < len(last):
+                continue
+            differences = [scale * (row[figure] - row[compared]) for row in rows]
+            low, high = paired_t_interval(differences)
+            p = sign_flip_p_value([row[figure] for row in rows], [row[compared] for row in rows])
+            mean = sum(differences) / len(differences)
+            cells = [f"{d:+.2f}" if scale == 1.0 else f"{d:+.1f}" for d in (*differences, mean, low, high)]
+            lines.append(f"| {what} | {' | '.join(cells[: len(rows)])} | {cells[-3]} [{cells[-2]}, {cells[-1]}] | {p:.3f} |")
+        lines.append("")
+    return lines
 
 
 def _log_experiment(folder: Path, tracking_uri: str, name: str, results: dict, files: list[str]) -> None:
