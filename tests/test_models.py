@@ -214,12 +214,13 @@ def test_prompt_includes_the_system_prompt(real_tokenizer):
 
 
 @pytest.mark.slow
-def test_embedded_model_converts_reloads_and_answers(tmp_path):
+def test_embedded_model_converts_reloads_and_answers(tmp_path, monkeypatch):
     from transformers import LlamaForCausalLM
 
     from topr.sample import SamplingParams, TransformersEngine
     from topr.tasks.arithmetic import ArithmeticTask
 
+    monkeypatch.setenv("TOPR_CACHE", str(tmp_path / "cache"))
     output = tmp_path / "base"
     digest = prepare_base_model(EMBEDDED_MODEL, output)
     assert digest == weights_digest(output)
@@ -238,3 +239,28 @@ def test_embedded_model_converts_reloads_and_answers(tmp_path):
     ((completion,),) = engine.generate([prompt], SamplingParams(n=1, temperature=0, max_new_tokens=8))
     assert len(completion.token_ids) >= 1
     assert tokenizer.decode(completion.token_ids, skip_special_tokens=True).strip()
+
+
+@pytest.mark.slow
+def test_a_gguf_model_is_converted_once_per_machine(tmp_path, monkeypatch):
+    from topr import models
+
+    monkeypatch.setenv("TOPR_CACHE", str(tmp_path / "cache"))
+    digest = prepare_base_model(EMBEDDED_MODEL, tmp_path / "first")
+    (kept,) = (tmp_path / "cache" / "gguf").iterdir()
+
+    def no_conversion(*args, **kwargs):
+        raise AssertionError("the GGUF file was read again")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(models, "load_policy", no_conversion)
+        assert prepare_base_model(EMBEDDED_MODEL, tmp_path / "second") == digest
+    provenance = json.loads((tmp_path / "second" / PROVENANCE_FILE).read_text())
+    assert provenance == {"weights_sha256": digest, "source": EMBEDDED_MODEL, "parent": None}
+
+    # A kept copy whose weights changed is not trusted: the GGUF file is converted again.
+    with (kept / "model.safetensors").open("r+b") as weights:
+        weights.seek(-4, 2)
+        weights.write(b"\x00\x01\x02\x03")
+    assert prepare_base_model(EMBEDDED_MODEL, tmp_path / "third") == digest
+    assert weights_digest(kept) == digest

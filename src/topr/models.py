@@ -131,13 +131,36 @@ def _forget_gguf_quantization(model) -> None:
 
 def save_policy(model, tokenizer, output_dir: str | os.PathLike, provenance: dict | None = None) -> str:
     """Write a complete HF directory atomically; return the SHA-256 digest of its weights."""
+
+    def write(staging: Path) -> None:
+        model.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+
+    return _write_model_dir(output_dir, write, provenance)
+
+
+def copy_policy(saved_dir: str | os.PathLike, output_dir: str | os.PathLike, provenance: dict | None = None) -> str:
+    """Copy a saved HF directory (without its provenance, which ``provenance`` replaces),
+    atomically like ``save_policy``; return the SHA-256 digest of its weights."""
+
+    def write(staging: Path) -> None:
+        for file in Path(saved_dir).iterdir():
+            if file.is_file() and file.name != PROVENANCE_FILE:
+                shutil.copyfile(file, staging / file.name)
+
+    return _write_model_dir(output_dir, write, provenance)
+
+
+def _write_model_dir(output_dir: str | os.PathLike, write, provenance: dict | None) -> str:
+    """Fill a staging folder beside ``output_dir`` with ``write(staging)``, add the provenance
+    with the weights' digest, then put it in place in one rename; a failure leaves
+    ``output_dir`` as it was."""
     output_dir = Path(output_dir)
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
     staging.chmod(0o755)  # mkdtemp makes folders owner-only; models are shared artifacts
     try:
-        model.save_pretrained(staging, safe_serialization=True)
-        tokenizer.save_pretrained(staging)
+        write(staging)
         digest = weights_digest(staging)
         (staging / PROVENANCE_FILE).write_text(json.dumps({"weights_sha256": digest, **(provenance or {})}, indent=2))
         if output_dir.exists():
@@ -184,9 +207,36 @@ def prompt_token_ids(tokenizer, prompt: str, system_prompt: str | None = None) -
 def prepare_base_model(path: str, output_dir: str | os.PathLike, manifest_sha256: str | None = None) -> str:
     """Convert the configured starting model (a directory, hub id, embedded name or published
     ``s3://`` directory, checked against ``manifest_sha256`` when given) into a saved HF
-    directory; GGUF is read only here."""
+    directory; GGUF is read only here, and converted once per file on a machine
+    (``converted_gguf``)."""
     from topr.storage import local_directory
 
+    provenance = {"source": path, "parent": None}
     with local_directory(path, manifest_sha256) as local:
+        source = resolve_model_source(str(local))
+        if source.gguf_file:
+            return copy_policy(converted_gguf(Path(source.location, source.gguf_file)), output_dir, provenance)
         model, tokenizer = load_policy(str(local), device=torch.device("cpu"))
-    return save_policy(model, tokenizer, output_dir, provenance={"source": path, "parent": None})
+    return save_policy(model, tokenizer, output_dir, provenance=provenance)
+
+
+def gguf_cache() -> Path:
+    """Where converted GGUF models are kept: ``$TOPR_CACHE``, else ``$XDG_CACHE_HOME/topr``
+    (``~/.cache/topr``; ``/cache/topr`` in the image), under ``gguf/``."""
+    root = os.environ.get("TOPR_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache", "topr")
+    return Path(root, "gguf")
+
+
+def converted_gguf(gguf: Path) -> Path:
+    """The HF directory of a GGUF file, converted (dequantized, ~20 s for the default model on 2
+    cores) the first time and kept under ``gguf_cache()`` by the file's SHA-256; a kept copy
+    whose weights no longer match their recorded digest is converted again."""
+    from topr.storage import file_sha256
+
+    cached = gguf_cache() / file_sha256(gguf)
+    if (cached / PROVENANCE_FILE).exists() and model_identity(cached) == "sha256:" + weights_digest(cached):
+        log.info("the conversion of %s is kept at %s", gguf.name, cached)
+        return cached
+    model, tokenizer = load_policy(str(gguf), device=torch.device("cpu"))
+    save_policy(model, tokenizer, cached, provenance={"source": str(gguf)})
+    return cached
