@@ -206,6 +206,12 @@ def degeneration_table(results: dict[str, dict[str, dict[int, float]]]) -> str:
     return "\n".join(lines)
 
 
+def _verifier_rows(results: dict[str, dict[str, dict[int, float]]]) -> dict[str, dict[str, float]]:
+    """Each entry's last logged value of every figure, for the entries that ran the verifier branch."""
+    rows = {name: {key: max(values.items())[1] for key, values in metrics.items() if values} for name, metrics in results.items()}
+    return {name: row for name, row in rows.items() if "verifier_accuracy_trained" in row}
+
+
 def verifier_table(results: dict[str, dict[str, dict[int, float]]]) -> str | None:
     """The verifier before → after training, and the votes it weights; None when no arm ran the
     verifier branch.
@@ -217,8 +223,7 @@ def verifier_table(results: dict[str, dict[str, dict[int, float]]]) -> str | Non
     same questions in points (``topr.stats.problem_gain``). A figure an arm did not log (AUROC when
     its held-out pairs all had one label) shows as "–".
     """
-    rows = {arm: {key: max(values.items())[1] for key, values in metrics.items() if values} for arm, metrics in results.items()}
-    rows = {arm: row for arm, row in rows.items() if "verifier_accuracy_trained" in row}
+    rows = _verifier_rows(results)
     if not rows:
         return None
 
@@ -645,8 +650,7 @@ def verifier_replicates(finished: dict[str, dict[str, dict[str, dict[int, float]
 
     lines = []
     for arm, replicates in finished.items():
-        last = {rep: {key: max(values.items())[1] for key, values in metrics.items() if values} for rep, metrics in replicates.items()}
-        last = {rep: row for rep, row in last.items() if "verifier_accuracy_trained" in row}
+        last = _verifier_rows(replicates)
         if len(last) < 2:
             continue
         lines += [
