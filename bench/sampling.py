@@ -1,22 +1,26 @@
-"""Sampling: tokens per second of ``topr.sample.TransformersEngine`` by batch size, and what
-recording the behaviour log-probs costs.
+"""Sampling: the default run's sampling and evaluation stages, ``TransformersEngine`` against
+``model.generate``.
 
-The engine samples with ``model.generate`` (KV cache on) and takes the behaviour log-probs from
-the processed scores that ``generate`` already computed to sample (``output_scores=True``, then
-``compute_transition_scores``). The same batch is also generated with the same settings but
-without scores; a forward hook counts the model's forward passes in both, showing that the
-log-probs cost no second forward pass (one forward per generated token either way) and only the
-time of keeping the scores and one log-softmax over them.
+Two ways to produce the same records, timed side by side (interleaved, medians):
 
-Prompts: the built-in arithmetic task's training prompts in the default model's chat template
-(real SmolLM2 tokenizer, ~66 tokens). Model: the default model's architecture with random weights
-(``--model random``, the default; a random model rarely stops early, so every sequence runs to
-``--max-new-tokens``) or any model path ``topr.models.load_policy`` takes, such as
-``embedded:smollm2-135m-instruct`` (the real default model; it stops early, so its tokens/s
-counts only the tokens it generated).
+- ``generate``: what ``TransformersEngine`` did until its own decoding loop: one
+  ``model.generate`` call per batch of ``batch_size`` sequences (KV cache on), every step's
+  processed scores kept (``output_scores=True``) and the chosen tokens' log-probs taken from
+  them afterwards (``compute_transition_scores``). A batch runs until its longest sequence ends,
+  and a prompt's n samples are prefilled n times.
+- ``engine``: ``topr.sample.TransformersEngine`` as ``topr sample`` and ``topr evaluate`` use it:
+  finished rows leave the batch and waiting ones join it (continuous batching), a prompt's n
+  samples share one prefill, and only the chosen token's log-prob is kept at each step.
 
-    .venv/bin/python bench/sampling.py                          # batch sizes 1 4 16 32
-    .venv/bin/python bench/sampling.py --model embedded:smollm2-135m-instruct --json sampling.json
+The workloads are the default run's (``Config()``): ``sample`` is iteration 1's sampling stage
+(``task.train_size`` training prompts × ``sample.samples_per_prompt`` at
+``sample.temperature``), ``evaluate`` the held-out greedy pass (``task.eval_size`` prompts).
+Tokens/s counts the completion tokens each variant produced (up to and including the stop
+token). The engine's behaviour log-probs are checked against a fresh forward pass of the same
+model (``completion_logprobs`` at the sampling temperature): training's first-step log π/μ.
+
+    .venv/bin/python bench/sampling.py                  # the real default model, about 10 minutes
+    .venv/bin/python bench/sampling.py --stages sample --repeats 1
 """
 
 from __future__ import annotations
@@ -27,140 +31,144 @@ import time
 import common
 
 
-def load(model_path: str, layers: int | None = None):
+def load(model_path: str, quick: bool):
     from topr.config import EMBEDDED_MODEL
     from topr.models import load_policy, load_tokenizer
 
-    if model_path == "random":
-        tokenizer = load_tokenizer(EMBEDDED_MODEL)
-        overrides = {"num_hidden_layers": layers} if layers else {}
-        model = common.build_model(**overrides)
+    if quick:
+        model = common.build_model(num_hidden_layers=2)
         model.eval()
-        return model, tokenizer
+        return model, load_tokenizer(EMBEDDED_MODEL)
     return load_policy(model_path)
 
 
-def arithmetic_prompts(tokenizer, count: int) -> list[list[int]]:
-    from topr.config import TaskConfig
+def workloads(tokenizer, quick: bool) -> dict:
+    """Each stage's prompts (token ids) and sampling parameters, as the default run sets them."""
+    from topr.config import Config
     from topr.models import prompt_token_ids
+    from topr.sample import SamplingParams
     from topr.tasks import get_task
 
-    problems = get_task(TaskConfig()).problems("train", count, 0)
-    return [prompt_token_ids(tokenizer, problem["prompt"]) for problem in problems]
+    config = Config()
+    task = get_task(config.task)
+    train_size, eval_size, max_new_tokens = (3, 4, 4) if quick else (config.task.train_size, config.task.eval_size, None)
+
+    def token_ids(split: str, size: int) -> list[list[int]]:
+        return [prompt_token_ids(tokenizer, p["prompt"], config.model.system_prompt) for p in task.problems(split, size, config.task.seed)]
+
+    sample = SamplingParams.from_config(config.sample, seed_offset=1)
+    evaluate = SamplingParams(n=1, temperature=0.0, max_new_tokens=config.evaluate.max_new_tokens)
+    if max_new_tokens:
+        sample = SamplingParams(n=2, temperature=sample.temperature, max_new_tokens=max_new_tokens, seed=sample.seed)
+        evaluate = SamplingParams(n=1, temperature=0.0, max_new_tokens=max_new_tokens)
+    return {
+        "sample": (token_ids("train", train_size), sample, config.sample.batch_size),
+        "evaluate": (token_ids("test", eval_size), evaluate, config.evaluate.batch_size),
+    }
 
 
-class ForwardCounter:
-    def __init__(self, model):
-        self.calls = 0
-        model.register_forward_pre_hook(self._count)
-
-    def _count(self, module, args):
-        self.calls += 1
-
-
-def generate_without_scores(engine, prompts: list[list[int]], params):
-    """What the engine does for one batch, with the same settings, minus the scores and log-probs."""
+def generate_batches(engine, prompts: list[list[int]], params) -> list[list]:
+    """The engine up to its own decoding loop: ``model.generate`` per batch, log-probs from the kept scores."""
     import torch
     from transformers import GenerationConfig
 
-    padded = engine.tokenizer.pad({"input_ids": prompts}, padding=True, return_tensors="pt", padding_side="left")
+    from topr.sample import Completion
+
+    greedy = params.temperature == 0
     config = GenerationConfig(
-        do_sample=True,
-        temperature=params.temperature,
-        top_k=params.top_k,
-        top_p=params.top_p,
+        do_sample=not greedy,
+        temperature=None if greedy else params.temperature,
+        top_k=None if greedy else params.top_k,
+        top_p=None if greedy else params.top_p,
         num_return_sequences=params.n,
         max_new_tokens=params.max_new_tokens,
         pad_token_id=engine.tokenizer.pad_token_id,
         eos_token_id=sorted(engine.stop_ids),
+        output_scores=not greedy,
+        return_dict_in_generate=True,
     )
-    torch.manual_seed(params.seed * 1_000_003)
-    with torch.inference_mode():
-        output = engine.model.generate(
-            input_ids=padded["input_ids"].to(engine.model.device),
-            attention_mask=padded["attention_mask"].to(engine.model.device),
-            generation_config=config,
-        )
-    new = output[:, padded["input_ids"].shape[1] :]
-    return int(sum(len(engine_cut(row.tolist(), engine.stop_ids)) for row in new))
+    per_batch = max(1, engine.batch_size // params.n)
+    completions = []
+    for start in range(0, len(prompts), per_batch):
+        padded = engine.tokenizer.pad({"input_ids": prompts[start : start + per_batch]}, padding=True, return_tensors="pt", padding_side="left")
+        torch.manual_seed(params.seed * 1_000_003 + start)
+        with torch.inference_mode():
+            output = engine.model.generate(**padded.to(engine.model.device), generation_config=config)
+            new = output.sequences[:, padded["input_ids"].shape[1] :]
+            logprobs = torch.zeros(new.shape) if greedy else engine.model.compute_transition_scores(output.sequences, output.scores, normalize_logits=True)
+        for row, row_logprobs in zip(new.tolist(), logprobs.tolist()):
+            stop = next((i + 1 for i, token in enumerate(row) if token in engine.stop_ids), None)
+            completions.append(Completion(row[:stop], row_logprobs[:stop], "length" if stop is None else "stop"))
+    return [completions[i * params.n : (i + 1) * params.n] for i in range(len(prompts))]
 
 
-def engine_cut(tokens: list[int], stop_ids: set[int]) -> list[int]:
-    for position, token in enumerate(tokens):
-        if token in stop_ids:
-            return tokens[: position + 1]
-    return tokens
+def logprob_error(model, prompts: list[list[int]], results: list[list], temperature: float, rows: int = 32) -> float:
+    """Largest |behaviour log-prob − fresh forward's log-prob| over the first ``rows`` completions."""
+    import torch
+
+    from topr.logprobs import batch_prompt_completions, completion_logprobs
+
+    pairs = [(prompt, choice) for prompt, choices in zip(prompts, results) for choice in choices][:rows]
+    batch = batch_prompt_completions([p for p, _ in pairs], [c.token_ids for _, c in pairs], pad_token_id=0)
+    with torch.no_grad():
+        fresh = completion_logprobs(model, **batch, temperature=temperature)
+    return max(
+        float((torch.tensor(choice.logprobs) - fresh[row, : len(choice.token_ids)]).abs().max()) for row, (_, choice) in enumerate(pairs)
+    )
 
 
 def main(argv: list[str] | None = None) -> dict:
     p = common.parser(__doc__)
-    p.add_argument("--model", default="random", help="'random' (SmolLM2-135M architecture, random weights) or a model path")
-    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 16, 32])
-    p.add_argument("--max-new-tokens", type=int, default=64, help="sample.max_new_tokens (default 64)")
-    p.add_argument("--temperature", type=float, default=0.5)
-    p.add_argument("--repeats", type=int, default=3, help="timed rounds per batch size (default 3)")
+    p.add_argument("--model", default="embedded:smollm2-135m-instruct", help="any model path topr.models.load_policy takes")
+    p.add_argument("--stages", nargs="+", choices=["sample", "evaluate"], default=["sample", "evaluate"])
+    p.add_argument("--repeats", type=int, default=2, help="timed rounds of each variant per stage (default 2)")
     args = p.parse_args(argv)
-    layers = None
     if args.quick:
-        args.batch_sizes, args.max_new_tokens, args.repeats, layers = [1, 2], 4, 1, 2
+        args.repeats, args.model = 1, "random (2 layers)"
     info = common.setup(args)
-    from topr.sample import SamplingParams, TransformersEngine
+    from topr.sample import TransformersEngine
 
     started = time.perf_counter()
-    model, tokenizer = load(args.model, layers)
+    model, tokenizer = load(args.model, args.quick)
     load_seconds = time.perf_counter() - started
-    counter = ForwardCounter(model)
-    prompts = arithmetic_prompts(tokenizer, max(args.batch_sizes))
-    params = SamplingParams(n=1, temperature=args.temperature, max_new_tokens=args.max_new_tokens, seed=0)
+    stages = workloads(tokenizer, args.quick)
     rows = []
-    for batch_size in args.batch_sizes:
+    for stage in args.stages:
+        prompts, params, batch_size = stages[stage]
         engine = TransformersEngine(model, tokenizer, batch_size=batch_size, progress=False)
-        batch = prompts[:batch_size]
-        tokens, calls = {}, {}
-
-        def with_logprobs():
-            before = counter.calls
-            completions = engine.generate(batch, params)
-            calls["with"] = counter.calls - before
-            tokens["with"] = sum(len(c.token_ids) for choices in completions for c in choices)
-
-        def without():
-            before = counter.calls
-            tokens["without"] = generate_without_scores(engine, batch, params)
-            calls["without"] = counter.calls - before
-
-        timings = common.interleaved_medians({"with": with_logprobs, "without": without}, repeats=args.repeats, warmup=1 if batch_size == args.batch_sizes[0] else 0)
-        rows.append(
-            {
-                "batch": batch_size,
-                "tokens": tokens["with"],
-                "seconds": timings["with"]["median"],
-                "tokens_per_s": tokens["with"] / timings["with"]["median"],
-                "seconds_without": timings["without"]["median"],
-                "tokens_per_s_without": tokens["without"] / timings["without"]["median"],
-                "logprob_cost": timings["with"]["median"] / timings["without"]["median"] - 1,
-                "forwards": calls["with"],
-                "forwards_without": calls["without"],
-                "timings": timings,
-            }
-        )
+        produced: dict[str, list] = {}
+        variants = {
+            "generate": lambda: produced.__setitem__("generate", generate_batches(engine, prompts, params)),
+            "engine": lambda: produced.__setitem__("engine", engine.generate(prompts, params)),
+        }
+        timings = common.interleaved_medians(variants, repeats=args.repeats, warmup=0)
+        row = {"stage": stage, "sequences": len(prompts) * params.n, "batch": batch_size, "timings": timings}
+        for name in variants:
+            row[f"tokens_{name}"] = sum(len(c.token_ids) for choices in produced[name] for c in choices)
+            row[f"seconds_{name}"] = timings[name]["median"]
+            row[f"tokens_per_s_{name}"] = row[f"tokens_{name}"] / timings[name]["median"]
+        row["speedup"] = row["tokens_per_s_engine"] / row["tokens_per_s_generate"]
+        if params.temperature > 0:  # greedy records log-prob 0: there is no distribution to train against
+            row["logprob_error"] = logprob_error(model, prompts, produced["engine"], params.temperature)
+        rows.append(row)
     header = (
-        f"TransformersEngine, model {args.model} (loaded in {load_seconds:.1f} s), n=1, temperature {args.temperature}, "
-        f"max_new_tokens {args.max_new_tokens}, prompts {min(map(len, prompts))}-{max(map(len, prompts))} tokens, "
-        f"KV cache on; medians of {args.repeats} interleaved repeats\n"
+        f"model {args.model} (loaded in {load_seconds:.1f} s); the default run's stages; "
+        f"medians of {args.repeats} interleaved repeats\n"
     )
     text = header + "\n" + common.table(
         rows,
         [
+            ("stage", "stage", "s"),
+            ("sequences", "sequences", "d"),
             ("batch", "batch size", "d"),
-            ("tokens", "tokens generated", "d"),
-            ("seconds", "s (with log-probs)", ".2f"),
-            ("tokens_per_s", "tokens/s (with log-probs)", ".1f"),
-            ("seconds_without", "s (no scores)", ".2f"),
-            ("tokens_per_s_without", "tokens/s (no scores)", ".1f"),
-            ("logprob_cost", "log-prob overhead", "+.1%"),
-            ("forwards", "forward passes (with)", "d"),
-            ("forwards_without", "forward passes (no scores)", "d"),
+            ("tokens_generate", "tokens (generate)", "d"),
+            ("seconds_generate", "s (generate)", ".1f"),
+            ("tokens_per_s_generate", "tokens/s (generate)", ".1f"),
+            ("tokens_engine", "tokens (engine)", "d"),
+            ("seconds_engine", "s (engine)", ".1f"),
+            ("tokens_per_s_engine", "tokens/s (engine)", ".1f"),
+            ("speedup", "tokens/s engine / generate", ".2f"),
+            ("logprob_error", "max abs(log μ − fresh log π)", ".1e"),
         ],
     )
     results = {"model": args.model, "load_seconds": load_seconds, "rows": rows}

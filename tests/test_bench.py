@@ -100,9 +100,13 @@ def test_logprobs_memory(runs):
 
 def test_sampling(runs):
     _, results = finished(runs, "sampling")
+    assert [row["stage"] for row in results["rows"]] == ["sample", "evaluate"]
     for row in results["rows"]:
-        assert row["tokens"] > 0 and row["tokens_per_s"] > 0
-        assert row["forwards"] == row["forwards_without"]  # the log-probs cost no extra forward pass
+        assert row["tokens_engine"] > 0 and row["tokens_generate"] > 0
+        assert math.isfinite(row["speedup"]) and row["speedup"] > 0
+    (sample, evaluate) = results["rows"]
+    assert sample["logprob_error"] < 1e-4  # the behaviour log-probs are the model's, at the sampling temperature
+    assert evaluate["tokens_engine"] == evaluate["tokens_generate"]  # greedy: the same completions either way
 
 
 def test_growth(runs):

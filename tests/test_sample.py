@@ -186,6 +186,59 @@ def test_seed_controls_the_samples(policy, prompts):
     assert tokens(12) != first
 
 
+def test_rows_that_join_a_running_batch_sample_what_they_would_alone(policy, prompts):
+    """Continuous batching: rows finish at different steps and waiting rows take their places in
+    the running batch (its cache left-padded to line up). Each sample draws from its own stream,
+    so every completion, tokens and log-probs, equals the one sampled with no other row beside it."""
+    model, tokenizer = policy
+    params = SamplingParams(n=3, temperature=1.0, max_new_tokens=8, seed=7)
+    alone = TransformersEngine(model, tokenizer, batch_size=1, progress=False)
+    free = alone.generate(prompts, params)
+    # Stop tokens that end some rows after 2 or 4 tokens and leave others running to 8.
+    alone.stop_ids = alone.stop_ids | {free[0][0].token_ids[1], free[1][1].token_ids[3]}
+    shared = TransformersEngine(model, tokenizer, batch_size=4, progress=False)
+    shared.stop_ids = alone.stop_ids
+
+    expected, got = alone.generate(prompts, params), shared.generate(prompts, params)
+
+    _, flat = flatten(prompts, got)
+    assert len({len(choice.token_ids) for choice in flat}) > 1  # rows left at different steps
+    for expected_choices, choices in zip(expected, got):
+        for reference, choice in zip(expected_choices, choices):
+            assert choice.token_ids == reference.token_ids
+            assert choice.finish_reason == reference.finish_reason
+            assert choice.logprobs == pytest.approx(reference.logprobs, abs=1e-4)
+            check_finish(choice, shared.stop_ids, 8)
+    flat_prompts, _ = flatten(prompts, got)
+    fresh = fresh_logprobs(model, flat_prompts, [c.token_ids for c in flat], temperature=1.0)
+    for row, choice in enumerate(flat):
+        assert_close(torch.tensor(choice.logprobs), fresh[row, : len(choice.token_ids)], rtol=0, atol=2e-4)
+
+
+def test_a_model_with_sliding_window_layers_samples_in_batches_that_only_shrink(tiny_model_dir, prompts):
+    """A sliding-window cache cannot be left-padded and joined: new rows wait for an empty batch."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    _, tokenizer = load_policy(tiny_model_dir, device=torch.device("cpu"))
+    torch.manual_seed(0)
+    config = Qwen2Config(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, use_sliding_window=True, sliding_window=4,
+        layer_types=["sliding_attention", "full_attention"], eos_token_id=tokenizer.eos_token_id,
+    )
+    model = Qwen2ForCausalLM(config).eval()
+    params = SamplingParams(n=2, temperature=1.0, max_new_tokens=6, seed=2)
+    engine = TransformersEngine(model, tokenizer, batch_size=4, progress=False)
+    results = engine.generate(prompts, params)
+    alone = TransformersEngine(model, tokenizer, batch_size=1, progress=False).generate(prompts, params)
+    assert [[c.token_ids for c in choices] for choices in results] == [[c.token_ids for c in choices] for choices in alone]
+    flat_prompts, flat = flatten(prompts, results)
+    fresh = fresh_logprobs(model, flat_prompts, [c.token_ids for c in flat], temperature=1.0)
+    for row, choice in enumerate(flat):
+        check_finish(choice, engine.stop_ids, 6)
+        assert_close(torch.tensor(choice.logprobs), fresh[row, : len(choice.token_ids)], rtol=0, atol=2e-4)
+
+
 # ----------------------------------------------------------------------------- records and stage
 
 

@@ -2,10 +2,10 @@
 
 Two engines sit behind one interface (``generate(prompts, params) -> completions per prompt``):
 
-- ``TransformersEngine``: ``model.generate`` on CPU or GPU, batched and left-padded. The
-  behaviour log-probs come from the processed scores that ``generate`` sampled from
-  (temperature, top-k and top-p applied, truncated tokens at -inf), so they are log μ of the
-  distribution actually sampled from, at no second forward pass.
+- ``TransformersEngine``: a transformers model on CPU or GPU, in a decoding loop of its own with
+  continuous batching. The behaviour log-probs come from the processed scores each token was
+  drawn from (temperature, top-k and top-p applied, truncated tokens at -inf), so they are log μ
+  of the distribution actually sampled from, at no second forward pass.
 - ``VLLMEngine``: vLLM on GPU (extra ``[gpu]``, imported lazily) with
   ``logprobs_mode="processed_logprobs"`` for the same reason: by default vLLM returns log-probs
   of the raw logits, before temperature and truncation.
@@ -13,8 +13,10 @@ Two engines sit behind one interface (``generate(prompts, params) -> completions
 
 from __future__ import annotations
 
+import inspect
 import logging
 import time
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -67,73 +69,79 @@ class Engine(Protocol):
 
 
 class TransformersEngine:
+    """Sampling with a transformers model on CPU or GPU, in a decoding loop of its own.
+
+    Rows of a batch share one KV cache. A row leaves as soon as it finishes and new rows join
+    when a quarter of the batch is free, so a batch does not run at the pace of its longest
+    completion (continuous batching); a prompt's n samples share one prefill. Each token's
+    behaviour log-prob is kept as it is chosen, from the processed scores it was sampled from
+    (temperature, then top-k and top-p, as ``generate`` applies them), so nothing of the full
+    distribution is stored. Every sample draws from its own random stream, seeded by the seed,
+    its prompt's position and its sample index: what a sample is does not depend on the batch
+    size or on which other rows share its batch.
+    """
+
     def __init__(self, model, tokenizer, batch_size: int = 32, progress: bool = True):
         self.model, self.tokenizer = model, tokenizer
         self.batch_size = batch_size
         self.progress = progress
         self.stop_ids = _stop_token_ids(model, tokenizer)
-        # generate() fills unset options from the model's own generation defaults (a shipped
-        # repetition penalty, say); start from neutral ones so that what is sampled is exactly
-        # what the parameters say, and the recorded log-probs match π at the same temperature.
-        from transformers import GenerationConfig
+        # transformers renamed forward's past_key_values to cache (5.24); the GPU image has 5.17.
+        parameters = inspect.signature(model.forward).parameters
+        self._cache_keyword = "cache" if "cache" in parameters else "past_key_values"
 
-        model.generation_config = GenerationConfig(
-            bos_token_id=tokenizer.bos_token_id, eos_token_id=sorted(self.stop_ids), pad_token_id=tokenizer.pad_token_id
-        )
-
+    @torch.inference_mode()
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[Completion]]:
-        prompts_per_batch = max(1, self.batch_size // params.n)
         # Similar lengths together waste less padding; results go back to prompt order.
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-        results: list[list[Completion]] = [[] for _ in prompts]
-        bar = progress_bar(total=len(prompts) * params.n, desc="sampling", unit="seq", disable=not self.progress)
-        generated_tokens, started = 0, time.perf_counter()
-        for batch_index, start in enumerate(range(0, len(order), prompts_per_batch)):
-            indices = order[start : start + prompts_per_batch]
-            completions = self._generate_batch([prompts[i] for i in indices], params, batch_index)
-            for offset, index in enumerate(indices):
-                results[index] = completions[offset * params.n : (offset + 1) * params.n]
-            generated_tokens += sum(len(c.token_ids) for c in completions)
-            bar.update(len(completions))
-            bar.set_postfix(tokens_per_s=f"{generated_tokens / (time.perf_counter() - started):.0f}")
+        waiting = deque(_Row(index, sample, params) for index in order for sample in range(params.n))
+        results: list[list[Completion]] = [[None] * params.n for _ in prompts]  # type: ignore[list-item]
+        choose = _Chooser(params, self.model.device)
+        bar = progress_bar(total=len(waiting), desc="sampling", unit="seq", disable=not self.progress)
+        batch, generated_tokens, started = None, 0, time.perf_counter()
+        while waiting or batch:
+            batch = self._advance(batch, waiting, prompts, choose)
+            for row in batch.leave_finished(self.stop_ids, params.max_new_tokens):
+                results[row.prompt_index][row.sample_index] = row.completion(self.stop_ids)
+                generated_tokens += len(row.token_ids)
+                bar.update(1)
+            bar.set_postfix(tokens_per_s=f"{generated_tokens / (time.perf_counter() - started):.0f}", refresh=False)
+            batch = batch if batch.rows else None
         bar.close()
         return results
 
-    @torch.inference_mode()
-    def _generate_batch(self, prompts: list[list[int]], params: SamplingParams, batch_index: int) -> list[Completion]:
-        from transformers import GenerationConfig
+    def _advance(self, batch: _Batch | None, waiting: deque[_Row], prompts: list[list[int]], choose: _Chooser) -> _Batch:
+        """One token more for every row of the batch, or, when a quarter of it is free, new rows into it."""
+        free = self.batch_size - (len(batch.rows) if batch else 0)
+        if waiting and (batch is None or (batch.mergeable and free >= max(1, self.batch_size // 4))):
+            return self._join(batch, [waiting.popleft() for _ in range(min(len(waiting), free))], prompts, choose)
+        batch.step(self.model, self._cache_keyword, choose)
+        return batch
 
+    def _join(self, batch: _Batch | None, rows: list[_Row], prompts: list[list[int]], choose: _Chooser) -> _Batch:
+        """Prefill the new rows' prompts (each prompt once), choose their first tokens, add them to the batch."""
+        from transformers import DynamicCache
+
+        unique = list(dict.fromkeys(row.prompt_index for row in rows))
+        padded = self.tokenizer.pad(
+            {"input_ids": [prompts[i] for i in unique]}, padding=True, return_tensors="pt", padding_side="left"
+        )
         device = self.model.device
-        padded = self.tokenizer.pad({"input_ids": prompts}, padding=True, return_tensors="pt", padding_side="left")
-        greedy = params.temperature == 0
-        generation_config = GenerationConfig(
-            do_sample=not greedy,
-            temperature=None if greedy else params.temperature,
-            top_k=None if greedy else params.top_k,
-            top_p=None if greedy else params.top_p,
-            num_return_sequences=params.n,
-            max_new_tokens=params.max_new_tokens,
-            pad_token_id=self.tokenizer.pad_token_id,
-            eos_token_id=sorted(self.stop_ids),
-            output_scores=not greedy,
-            return_dict_in_generate=True,
-        )
-        # Seeded per batch, so a batch's samples do not depend on what ran before it.
-        torch.manual_seed(params.seed * 1_000_003 + batch_index)
-        output = self.model.generate(
+        mask = padded["attention_mask"].to(device)
+        cache = DynamicCache(config=self.model.config)
+        logits = self.model(
             input_ids=padded["input_ids"].to(device),
-            attention_mask=padded["attention_mask"].to(device),
-            generation_config=generation_config,
-        )
-        new_tokens = output.sequences[:, padded["input_ids"].shape[1] :]
-        if greedy:
-            token_logprobs = torch.zeros(new_tokens.shape)
-        else:
-            token_logprobs = self.model.compute_transition_scores(output.sequences, output.scores, normalize_logits=True)
-        return [
-            _cut_at_stop(row.tolist(), logprobs.float().tolist(), self.stop_ids)
-            for row, logprobs in zip(new_tokens.cpu(), token_logprobs.cpu())
-        ]
+            attention_mask=mask,
+            position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+            logits_to_keep=1,
+            use_cache=True,
+            **{self._cache_keyword: cache},
+        ).logits[:, -1]
+        rows_of = torch.tensor([unique.index(row.prompt_index) for row in rows], device=device)
+        cache.batch_select_indices(rows_of)
+        joining = _Batch(cache, mask[rows_of], mask.sum(-1)[rows_of], rows)
+        joining.add_tokens(*choose(logits[rows_of].float(), rows))
+        return joining if batch is None else batch.merge(joining)
 
 
 def _stop_token_ids(model, tokenizer) -> set[int]:
@@ -142,12 +150,131 @@ def _stop_token_ids(model, tokenizer) -> set[int]:
     return {token for token in configured + [tokenizer.eos_token_id] if token is not None}
 
 
-def _cut_at_stop(token_ids: list[int], logprobs: list[float], stop_ids: set[int]) -> Completion:
-    """Keep tokens up to and including the first stop token; what follows is padding."""
-    for position, token in enumerate(token_ids):
-        if token in stop_ids:
-            return Completion(token_ids[: position + 1], logprobs[: position + 1], "stop")
-    return Completion(token_ids, logprobs, "length")
+class _Row:
+    """One sample being decoded: its tokens and their behaviour log-probs so far."""
+
+    def __init__(self, prompt_index: int, sample_index: int, params: SamplingParams):
+        self.prompt_index, self.sample_index = prompt_index, sample_index
+        self.token_ids: list[int] = []
+        self.logprobs: list[float] = []
+        self.generator = None
+        if params.temperature > 0:
+            seed = (params.seed * 1_000_003**2 + prompt_index * 1_000_003 + sample_index) % 2**63
+            self.generator = torch.Generator().manual_seed(seed)
+
+    def finished(self, stop_ids: set[int], max_new_tokens: int) -> bool:
+        return self.token_ids[-1] in stop_ids or len(self.token_ids) >= max_new_tokens
+
+    def completion(self, stop_ids: set[int]) -> Completion:
+        return Completion(self.token_ids, self.logprobs, "stop" if self.token_ids[-1] in stop_ids else "length")
+
+
+class _Chooser:
+    """Each row's next token and its log-prob under the processed scores it is drawn from."""
+
+    def __init__(self, params: SamplingParams, device: torch.device):
+        from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+        self.greedy = params.temperature == 0
+        self.device = device
+        self.warpers = LogitsProcessorList()
+        if not self.greedy:
+            self.warpers.append(TemperatureLogitsWarper(params.temperature))
+            if params.top_k > 0:
+                self.warpers.append(TopKLogitsWarper(params.top_k))
+            if params.top_p < 1.0:
+                self.warpers.append(TopPLogitsWarper(params.top_p))
+
+    def __call__(self, logits: torch.Tensor, rows: list[_Row]) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.greedy:
+            return logits.argmax(-1), torch.zeros(len(rows))
+        logprobs = self.warpers(None, logits).log_softmax(-1)
+        # An inverse-CDF draw: one uniform per row, from that row's own stream. float64 keeps
+        # the sums exact enough that a truncated (zero-probability) token is never drawn.
+        uniforms = torch.cat([torch.rand(1, dtype=torch.float64, generator=row.generator) for row in rows])
+        cdf = logprobs.double().exp().cumsum(-1)
+        targets = (uniforms.to(self.device) * cdf[:, -1])[:, None]
+        tokens = torch.searchsorted(cdf, targets, right=True)[:, 0].clamp(max=logits.shape[-1] - 1)
+        return tokens, logprobs.gather(-1, tokens[:, None])[:, 0]
+
+
+class _Batch:
+    """Rows decoded together: one KV cache, its rows left-padded to a common length."""
+
+    def __init__(self, cache, mask: torch.Tensor, positions: torch.Tensor, rows: list[_Row]):
+        self.cache, self.mask, self.positions, self.rows = cache, mask, positions, rows
+        self.last_tokens = torch.empty(0, dtype=torch.long)
+
+    @property
+    def mergeable(self) -> bool:
+        """Full-attention caches can be padded and joined; sliding-window ones are left alone."""
+        from transformers.cache_utils import DynamicLayer
+
+        return all(type(layer) is DynamicLayer for layer in self.cache.layers)
+
+    def add_tokens(self, tokens: torch.Tensor, logprobs: torch.Tensor) -> None:
+        for row, token, logprob in zip(self.rows, tokens.tolist(), logprobs.tolist()):
+            row.token_ids.append(token)
+            row.logprobs.append(logprob)
+        self.last_tokens = tokens
+
+    def step(self, model, cache_keyword: str, choose: _Chooser) -> None:
+        self.mask = torch.nn.functional.pad(self.mask, (0, 1), value=1)
+        logits = model(
+            input_ids=self.last_tokens[:, None],
+            attention_mask=self.mask,
+            position_ids=self.positions[:, None],
+            logits_to_keep=1,
+            use_cache=True,
+            **{cache_keyword: self.cache},
+        ).logits[:, -1]
+        self.positions = self.positions + 1
+        self.add_tokens(*choose(logits.float(), self.rows))
+
+    def leave_finished(self, stop_ids: set[int], max_new_tokens: int) -> list[_Row]:
+        """Remove the rows that are done, from the rows and the cache alike; return them."""
+        done = [row.finished(stop_ids, max_new_tokens) for row in self.rows]
+        if not any(done):
+            return []
+        finished = [row for row, row_done in zip(self.rows, done) if row_done]
+        keep = [index for index, row_done in enumerate(done) if not row_done]
+        self.rows = [self.rows[index] for index in keep]
+        if keep:
+            kept = torch.tensor(keep, device=self.mask.device)
+            self.cache.batch_select_indices(kept)
+            self.mask, self.positions, self.last_tokens = self.mask[kept], self.positions[kept], self.last_tokens[kept]
+            self._drop_padding_columns()
+        return finished
+
+    def _drop_padding_columns(self) -> None:
+        """Cut the leading cache columns that are padding in every remaining row."""
+        first = int(self.mask.any(0).long().argmax())
+        if first and self.mergeable:
+            self.mask = self.mask[:, first:]
+            for layer in self.cache.layers:
+                layer.keys, layer.values = layer.keys[:, :, first:], layer.values[:, :, first:]
+
+    def merge(self, other: _Batch) -> _Batch:
+        """Add ``other``'s rows, left-padding the shorter cache so the two line up."""
+        length = max(self.mask.shape[1], other.mask.shape[1])
+        for mine, theirs in zip(self.cache.layers, other.cache.layers):
+            mine.keys = torch.cat([_pad_left(mine.keys, length, dim=2), _pad_left(theirs.keys, length, dim=2)])
+            mine.values = torch.cat([_pad_left(mine.values, length, dim=2), _pad_left(theirs.values, length, dim=2)])
+        self.mask = torch.cat([_pad_left(self.mask, length, dim=1), _pad_left(other.mask, length, dim=1)])
+        self.positions = torch.cat([self.positions, other.positions])
+        self.last_tokens = torch.cat([self.last_tokens, other.last_tokens])
+        self.rows = self.rows + other.rows
+        return self
+
+
+def _pad_left(tensor: torch.Tensor, length: int, dim: int) -> torch.Tensor:
+    """Zeros before ``tensor`` along ``dim`` up to ``length`` (zero keys and values under a zero mask)."""
+    missing = length - tensor.shape[dim]
+    if missing == 0:
+        return tensor
+    shape = list(tensor.shape)
+    shape[dim] = missing
+    return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
 
 
 class VLLMEngine:
