@@ -4,13 +4,15 @@
 Two ways to produce the same records, timed side by side (interleaved, medians):
 
 - ``generate``: what ``TransformersEngine`` did until its own decoding loop: one
-  ``model.generate`` call per batch of ``batch_size`` sequences (KV cache on), every step's
+  ``model.generate`` call per batch of ``--generate-batch`` sequences (32, the default batch
+  size then; KV cache on), every step's
   processed scores kept (``output_scores=True``) and the chosen tokens' log-probs taken from
   them afterwards (``compute_transition_scores``). A batch runs until its longest sequence ends,
   and a prompt's n samples are prefilled n times.
 - ``engine``: ``topr.sample.TransformersEngine`` as ``topr sample`` and ``topr evaluate`` use it:
   finished rows leave the batch and waiting ones join it (continuous batching), a prompt's n
-  samples share one prefill, and only the chosen token's log-prob is kept at each step.
+  samples share one prefill, and only the chosen token's log-prob is kept at each step; at the
+  stage's configured batch size (``sample.batch_size``, ``evaluate.batch_size``).
 
 The workloads are the default run's (``Config()``): ``sample`` is iteration 1's sampling stage
 (``task.train_size`` training prompts × ``sample.samples_per_prompt`` at
@@ -122,6 +124,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--model", default="embedded:smollm2-135m-instruct", help="any model path topr.models.load_policy takes")
     p.add_argument("--stages", nargs="+", choices=["sample", "evaluate"], default=["sample", "evaluate"])
     p.add_argument("--repeats", type=int, default=2, help="timed rounds of each variant per stage (default 2)")
+    p.add_argument("--generate-batch", type=int, default=32, help="batch size of the generate variant (default 32, the default until 2026-11-29)")
     args = p.parse_args(argv)
     if args.quick:
         args.repeats, args.model = 1, "random (2 layers)"
@@ -136,13 +139,14 @@ def main(argv: list[str] | None = None) -> dict:
     for stage in args.stages:
         prompts, params, batch_size = stages[stage]
         engine = TransformersEngine(model, tokenizer, batch_size=batch_size, progress=False)
+        before = TransformersEngine(model, tokenizer, batch_size=args.generate_batch, progress=False)
         produced: dict[str, list] = {}
         variants = {
-            "generate": lambda: produced.__setitem__("generate", generate_batches(engine, prompts, params)),
+            "generate": lambda: produced.__setitem__("generate", generate_batches(before, prompts, params)),
             "engine": lambda: produced.__setitem__("engine", engine.generate(prompts, params)),
         }
         timings = common.interleaved_medians(variants, repeats=args.repeats, warmup=0)
-        row = {"stage": stage, "sequences": len(prompts) * params.n, "batch": batch_size, "timings": timings}
+        row = {"stage": stage, "sequences": len(prompts) * params.n, "batch_generate": args.generate_batch, "batch_engine": batch_size, "timings": timings}
         for name in variants:
             row[f"tokens_{name}"] = sum(len(c.token_ids) for choices in produced[name] for c in choices)
             row[f"seconds_{name}"] = timings[name]["median"]
@@ -160,10 +164,11 @@ def main(argv: list[str] | None = None) -> dict:
         [
             ("stage", "stage", "s"),
             ("sequences", "sequences", "d"),
-            ("batch", "batch size", "d"),
+            ("batch_generate", "batch (generate)", "d"),
             ("tokens_generate", "tokens (generate)", "d"),
             ("seconds_generate", "s (generate)", ".1f"),
             ("tokens_per_s_generate", "tokens/s (generate)", ".1f"),
+            ("batch_engine", "batch (engine)", "d"),
             ("tokens_engine", "tokens (engine)", "d"),
             ("seconds_engine", "s (engine)", ".1f"),
             ("tokens_per_s_engine", "tokens/s (engine)", ".1f"),

@@ -81,7 +81,7 @@ class TransformersEngine:
     size or on which other rows share its batch.
     """
 
-    def __init__(self, model, tokenizer, batch_size: int = 32, progress: bool = True):
+    def __init__(self, model, tokenizer, batch_size: int = 64, progress: bool = True):
         self.model, self.tokenizer = model, tokenizer
         self.batch_size = batch_size
         self.progress = progress
