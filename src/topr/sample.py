@@ -73,7 +73,8 @@ class TransformersEngine:
 
     Rows of a batch share one KV cache. A row leaves as soon as it finishes and new rows join
     when a quarter of the batch is free, so a batch does not run at the pace of its longest
-    completion (continuous batching); a prompt's n samples share one prefill. Each token's
+    completion (continuous batching). A prompt's n samples share one prefill, and the tokens all
+    prompts begin with are prefilled once. Each token's
     behaviour log-prob is kept as it is chosen, from the processed scores it was sampled from
     (temperature, then top-k and top-p, as ``generate`` applies them), so nothing of the full
     distribution is stored. Every sample draws from its own random stream, seeded by the seed,
@@ -92,11 +93,14 @@ class TransformersEngine:
 
     @torch.inference_mode()
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[Completion]]:
+        if not prompts:
+            return []
         # Similar lengths together waste less padding; results go back to prompt order.
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
         waiting = deque(_Row(index, sample, params) for index in order for sample in range(params.n))
         results: list[list[Completion]] = [[None] * params.n for _ in prompts]  # type: ignore[list-item]
         choose = _Chooser(params, self.model.device)
+        prompts = _Prompts(prompts, self.model, self._cache_keyword)
         bar = progress_bar(total=len(waiting), desc="sampling", unit="seq", disable=not self.progress)
         batch, generated_tokens, started = None, 0, time.perf_counter()
         while waiting or batch:
@@ -110,7 +114,7 @@ class TransformersEngine:
         bar.close()
         return results
 
-    def _advance(self, batch: _Batch | None, waiting: deque[_Row], prompts: list[list[int]], choose: _Chooser) -> _Batch:
+    def _advance(self, batch: _Batch | None, waiting: deque[_Row], prompts: _Prompts, choose: _Chooser) -> _Batch:
         """One token more for every row of the batch, or, when a quarter of it is free, new rows into it."""
         free = self.batch_size - (len(batch.rows) if batch else 0)
         if waiting and (batch is None or (batch.mergeable and free >= max(1, self.batch_size // 4))):
@@ -118,30 +122,60 @@ class TransformersEngine:
         batch.step(self.model, self._cache_keyword, choose)
         return batch
 
-    def _join(self, batch: _Batch | None, rows: list[_Row], prompts: list[list[int]], choose: _Chooser) -> _Batch:
+    def _join(self, batch: _Batch | None, rows: list[_Row], prompts: _Prompts, choose: _Chooser) -> _Batch:
         """Prefill the new rows' prompts (each prompt once), choose their first tokens, add them to the batch."""
-        from transformers import DynamicCache
-
         unique = list(dict.fromkeys(row.prompt_index for row in rows))
-        padded = self.tokenizer.pad(
-            {"input_ids": [prompts[i] for i in unique]}, padding=True, return_tensors="pt", padding_side="left"
-        )
-        device = self.model.device
-        mask = padded["attention_mask"].to(device)
-        cache = DynamicCache(config=self.model.config)
-        logits = self.model(
-            input_ids=padded["input_ids"].to(device),
-            attention_mask=mask,
-            position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
-            logits_to_keep=1,
-            use_cache=True,
-            **{self._cache_keyword: cache},
-        ).logits[:, -1]
-        rows_of = torch.tensor([unique.index(row.prompt_index) for row in rows], device=device)
+        cache, mask, logits = prompts.prefill(unique, self.tokenizer)
+        rows_of = torch.tensor([unique.index(row.prompt_index) for row in rows], device=mask.device)
         cache.batch_select_indices(rows_of)
         joining = _Batch(cache, mask[rows_of], mask.sum(-1)[rows_of], rows)
         joining.add_tokens(*choose(logits[rows_of].float(), rows))
         return joining if batch is None else batch.merge(joining)
+
+
+class _Prompts:
+    """The prompts being sampled, with the tokens they all begin with (a chat template's system
+    turn, say) prefilled once: each prefill then runs only on what differs."""
+
+    def __init__(self, token_ids: list[list[int]], model, cache_keyword: str):
+        from transformers import DynamicCache
+        from transformers.cache_utils import DynamicLayer
+
+        self.token_ids, self.model, self.cache_keyword = token_ids, model, cache_keyword
+        shortest = min(map(len, token_ids))
+        # At least one token of each prompt is left to prefill, for the logits of its first token.
+        self.shared = next((i for i in range(shortest - 1) if len({p[i] for p in token_ids}) > 1), shortest - 1)
+        self.shared_layers: list[tuple[torch.Tensor, torch.Tensor]] = []
+        if self.shared:
+            cache = DynamicCache(config=model.config)
+            model(input_ids=torch.tensor([token_ids[0][: self.shared]], device=model.device), use_cache=True, **{cache_keyword: cache})
+            if all(type(layer) is DynamicLayer for layer in cache.layers):
+                self.shared_layers = [(layer.keys, layer.values) for layer in cache.layers]
+            else:  # sliding-window layers: each prompt is prefilled whole
+                self.shared = 0
+
+    def prefill(self, indices: list[int], tokenizer) -> tuple[object, torch.Tensor, torch.Tensor]:
+        """The KV cache, attention mask and last-position logits of prompts ``indices``, left-padded."""
+        from transformers import DynamicCache
+
+        device = self.model.device
+        rest = tokenizer.pad(
+            {"input_ids": [self.token_ids[i][self.shared :] for i in indices]}, padding=True, return_tensors="pt", padding_side="left"
+        )
+        rest_mask = rest["attention_mask"].to(device)
+        cache = DynamicCache(config=self.model.config)
+        for layer, (keys, values) in zip(cache.layers, self.shared_layers):
+            layer.update(keys.expand(len(indices), -1, -1, -1), values.expand(len(indices), -1, -1, -1))
+        mask = torch.cat([rest_mask.new_ones(len(indices), self.shared), rest_mask], dim=1)
+        logits = self.model(
+            input_ids=rest["input_ids"].to(device),
+            attention_mask=mask,
+            position_ids=self.shared + (rest_mask.cumsum(-1) - 1).clamp(min=0),
+            logits_to_keep=1,
+            use_cache=True,
+            **{self.cache_keyword: cache},
+        ).logits[:, -1]
+        return cache, mask, logits
 
 
 def _stop_token_ids(model, tokenizer) -> set[int]:
