@@ -74,10 +74,9 @@ class TransformersEngine:
     Rows of a batch share one KV cache. A row leaves as soon as it finishes and new rows join
     when a quarter of the batch is free, so a batch does not run at the pace of its longest
     completion (continuous batching). A prompt's n samples share one prefill, and the tokens all
-    prompts begin with are prefilled once. Each token's
-    behaviour log-prob is kept as it is chosen, from the processed scores it was sampled from
-    (temperature, then top-k and top-p, as ``generate`` applies them), so nothing of the full
-    distribution is stored. Every sample draws from its own random stream, seeded by the seed,
+    prompts begin with are prefilled once. Each token's behaviour log-prob is kept as it is
+    chosen, from the processed scores it was drawn from (temperature, then top-k and top-p, as
+    ``generate`` applies them), so nothing of the full distribution is stored. Every sample draws from its own random stream, seeded by the seed,
     its prompt's position and its sample index: what a sample is does not depend on the batch
     size or on which other rows share its batch.
     """
@@ -100,11 +99,11 @@ class TransformersEngine:
         waiting = deque(_Row(index, sample, params) for index in order for sample in range(params.n))
         results: list[list[Completion]] = [[None] * params.n for _ in prompts]  # type: ignore[list-item]
         choose = _Chooser(params, self.model.device)
-        prompts = _Prompts(prompts, self.model, self._cache_keyword)
+        prefilling = _Prompts(prompts, self.model, self._cache_keyword)
         bar = progress_bar(total=len(waiting), desc="sampling", unit="seq", disable=not self.progress)
         batch, generated_tokens, started = None, 0, time.perf_counter()
         while waiting or batch:
-            batch = self._advance(batch, waiting, prompts, choose)
+            batch = self._advance(batch, waiting, prefilling, choose)
             for row in batch.leave_finished(self.stop_ids, params.max_new_tokens):
                 results[row.prompt_index][row.sample_index] = row.completion(self.stop_ids)
                 generated_tokens += len(row.token_ids)
