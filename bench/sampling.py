@@ -1,7 +1,7 @@
 """Sampling: the default run's sampling and evaluation stages, ``TransformersEngine`` against
 ``model.generate``.
 
-Two ways to produce the same records, timed side by side (interleaved, medians):
+Two ways to produce the same records, timed side by side (interleaved after one untimed warm-up round, medians):
 
 - ``generate``: what ``TransformersEngine`` did until its own decoding loop: one
   ``model.generate`` call per batch of ``--generate-batch`` sequences (32, the default batch
@@ -21,7 +21,7 @@ Tokens/s counts the completion tokens each variant produced (up to and including
 token). The engine's behaviour log-probs are checked against a fresh forward pass of the same
 model (``completion_logprobs`` at the sampling temperature): training's first-step log π/μ.
 
-    .venv/bin/python bench/sampling.py                  # the real default model, about 10 minutes
+    .venv/bin/python bench/sampling.py                  # the real default model, about 14 minutes
     .venv/bin/python bench/sampling.py --stages sample --repeats 1
 """
 
@@ -37,11 +37,17 @@ def load(model_path: str, quick: bool):
     from topr.config import EMBEDDED_MODEL
     from topr.models import load_policy, load_tokenizer
 
+    from transformers import GenerationConfig
+
     if quick:
-        model = common.build_model(num_hidden_layers=2)
+        model, tokenizer = common.build_model(num_hidden_layers=2), load_tokenizer(EMBEDDED_MODEL)
         model.eval()
-        return model, load_tokenizer(EMBEDDED_MODEL)
-    return load_policy(model_path)
+    else:
+        model, tokenizer = load_policy(model_path)
+    # As the engine did before its own loop: generate() fills unset options from the model's own
+    # generation defaults, so start from neutral ones.
+    model.generation_config = GenerationConfig(bos_token_id=tokenizer.bos_token_id, pad_token_id=tokenizer.pad_token_id)
+    return model, tokenizer
 
 
 def workloads(tokenizer, quick: bool) -> dict:
@@ -145,7 +151,7 @@ def main(argv: list[str] | None = None) -> dict:
             "generate": lambda: produced.__setitem__("generate", generate_batches(before, prompts, params)),
             "engine": lambda: produced.__setitem__("engine", engine.generate(prompts, params)),
         }
-        timings = common.interleaved_medians(variants, repeats=args.repeats, warmup=0)
+        timings = common.interleaved_medians(variants, repeats=args.repeats, warmup=0 if args.quick else 1)
         row = {"stage": stage, "sequences": len(prompts) * params.n, "batch_generate": args.generate_batch, "batch_engine": batch_size, "timings": timings}
         for name in variants:
             row[f"tokens_{name}"] = sum(len(c.token_ids) for choices in produced[name] for c in choices)
@@ -154,10 +160,14 @@ def main(argv: list[str] | None = None) -> dict:
         row["speedup"] = row["tokens_per_s_engine"] / row["tokens_per_s_generate"]
         if params.temperature > 0:  # greedy records log-prob 0: there is no distribution to train against
             row["logprob_error"] = logprob_error(model, prompts, produced["engine"], params.temperature)
+        else:
+            row["greedy_differences"] = sum(
+                a.token_ids != b.token_ids for x, y in zip(produced["engine"], produced["generate"]) for a, b in zip(x, y)
+            )
         rows.append(row)
     header = (
         f"model {args.model} (loaded in {load_seconds:.1f} s); the default run's stages; "
-        f"medians of {args.repeats} interleaved repeats\n"
+        f"medians of {args.repeats} interleaved repeats after a warm-up round\n"
     )
     text = header + "\n" + common.table(
         rows,
@@ -174,6 +184,7 @@ def main(argv: list[str] | None = None) -> dict:
             ("tokens_per_s_engine", "tokens/s (engine)", ".1f"),
             ("speedup", "tokens/s engine / generate", ".2f"),
             ("logprob_error", "max abs(log μ − fresh log π)", ".1e"),
+            ("greedy_differences", "greedy completions that differ", "d"),
         ],
     )
     results = {"model": args.model, "load_seconds": load_seconds, "rows": rows}

@@ -107,6 +107,7 @@ def test_sampling(runs):
     (sample, evaluate) = results["rows"]
     assert sample["logprob_error"] < 1e-4  # the behaviour log-probs are the model's, at the sampling temperature
     assert evaluate["tokens_engine"] == evaluate["tokens_generate"]  # greedy: the same completions either way
+    assert evaluate["greedy_differences"] == 0
 
 
 def test_growth(runs):

@@ -239,6 +239,13 @@ def test_a_model_with_sliding_window_layers_samples_in_batches_that_only_shrink(
         assert_close(torch.tensor(choice.logprobs), fresh[row, : len(choice.token_ids)], rtol=0, atol=2e-4)
 
 
+def test_a_model_with_non_finite_scores_stops_sampling_with_a_clear_error(nan_model_dir, prompts):
+    model, tokenizer = load_policy(nan_model_dir, device=torch.device("cpu"))
+    engine = TransformersEngine(model, tokenizer, batch_size=4, progress=False)
+    with pytest.raises(ValueError, match="not finite"):
+        engine.generate(prompts, SamplingParams(n=2, temperature=1.0, max_new_tokens=4, seed=0))
+
+
 # ----------------------------------------------------------------------------- records and stage
 
 

@@ -143,11 +143,12 @@ class _Prompts:
         self.token_ids, self.model, self.cache_keyword = token_ids, model, cache_keyword
         shortest = min(map(len, token_ids))
         # At least one token of each prompt is left to prefill, for the logits of its first token.
-        self.shared = next((i for i in range(shortest - 1) if len({p[i] for p in token_ids}) > 1), shortest - 1)
+        self.shared = next((i for i in range(shortest - 1) if len({p[i] for p in token_ids}) > 1), max(0, shortest - 1))
         self.shared_layers: list[tuple[torch.Tensor, torch.Tensor]] = []
         if self.shared:
             cache = DynamicCache(config=model.config)
-            model(input_ids=torch.tensor([token_ids[0][: self.shared]], device=model.device), use_cache=True, **{cache_keyword: cache})
+            prefix = torch.tensor([token_ids[0][: self.shared]], device=model.device)
+            model(input_ids=prefix, logits_to_keep=1, use_cache=True, **{cache_keyword: cache})
             if all(type(layer) is DynamicLayer for layer in cache.layers):
                 self.shared_layers = [(layer.keys, layer.values) for layer in cache.layers]
             else:  # sliding-window layers: each prompt is prefilled whole
@@ -226,9 +227,15 @@ class _Chooser:
         # the sums exact enough that a truncated (zero-probability) token is never drawn.
         uniforms = torch.cat([torch.rand(1, dtype=torch.float64, generator=row.generator) for row in rows])
         cdf = logprobs.double().exp().cumsum(-1)
-        targets = (uniforms.to(self.device) * cdf[:, -1])[:, None]
+        targets = (uniforms.to(logits.device) * cdf[:, -1])[:, None]
         tokens = torch.searchsorted(cdf, targets, right=True)[:, 0].clamp(max=logits.shape[-1] - 1)
-        return tokens, logprobs.gather(-1, tokens[:, None])[:, 0]
+        chosen = logprobs.gather(-1, tokens[:, None])[:, 0]
+        if not torch.isfinite(chosen).all():
+            raise ValueError(
+                "sampling: the model's next-token scores are not finite (NaN or inf in its output): "
+                "nothing can be drawn from them; check the model's weights"
+            )
+        return tokens, chosen
 
 
 class _Batch:
