@@ -107,6 +107,15 @@ class TaskConfig(Section):
     )
 
 
+def _decoding_batch_size():
+    return Field(
+        64,
+        ge=1,
+        description="Sequences decoded together (rows leave when they finish and waiting ones join). What a sample "
+        "is does not depend on it; 64 decodes 1.2-1.3x faster than 32 on 2 CPU cores (docs/performance.md, Sampling).",
+    )
+
+
 class SampleConfig(Section):
     engine: Literal["transformers", "vllm"] = Field(
         "transformers", description="transformers (CPU or GPU) or vllm (GPU, extra [gpu])."
@@ -116,12 +125,7 @@ class SampleConfig(Section):
     top_k: int = Field(0, ge=0, description="Top-k truncation; 0 disables it.")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus truncation; 1.0 disables it.")
     max_new_tokens: int = Field(64, ge=1, description="Longest completion, in tokens.")
-    batch_size: int = Field(
-        64,
-        ge=1,
-        description="Sequences decoded together (rows leave when they finish and waiting ones join). What a sample "
-        "is does not depend on it; 64 decodes 1.2-1.3x faster than 32 on 2 CPU cores (docs/performance.md, Sampling).",
-    )
+    batch_size: int = _decoding_batch_size()
     seed: int = Field(0, description="Sampling seed (each iteration adds its index).")
     first_iteration_samples: str | None = Field(
         None,
@@ -288,12 +292,7 @@ class EvaluateConfig(Section):
     )
     temperature: float = Field(0.5, gt=0, description="Temperature of the k samples.")
     max_new_tokens: int = Field(64, ge=1, description="Longest completion, in tokens.")
-    batch_size: int = Field(
-        64,
-        ge=1,
-        description="Sequences decoded together (rows leave when they finish and waiting ones join). What a sample "
-        "is does not depend on it; 64 decodes 1.2-1.3x faster than 32 on 2 CPU cores (docs/performance.md, Sampling).",
-    )
+    batch_size: int = _decoding_batch_size()
     seed: int = Field(1234, description="Seed of the k samples (fixed, so runs compare).")
 
 

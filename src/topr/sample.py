@@ -98,7 +98,7 @@ class TransformersEngine:
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
         waiting = deque(_Row(index, sample, params) for index in order for sample in range(params.n))
         results: list[list[Completion]] = [[None] * params.n for _ in prompts]  # type: ignore[list-item]
-        choose = _Chooser(params, self.model.device)
+        choose = _Chooser(params)
         prefilling = _Prompts(prompts, self.model, self._cache_keyword)
         bar = progress_bar(total=len(waiting), desc="sampling", unit="seq", disable=not self.progress)
         batch, generated_tokens, started = None, 0, time.perf_counter()
@@ -138,7 +138,6 @@ class _Prompts:
 
     def __init__(self, token_ids: list[list[int]], model, cache_keyword: str):
         from transformers import DynamicCache
-        from transformers.cache_utils import DynamicLayer
 
         self.token_ids, self.model, self.cache_keyword = token_ids, model, cache_keyword
         shortest = min(map(len, token_ids))
@@ -149,7 +148,7 @@ class _Prompts:
             cache = DynamicCache(config=model.config)
             prefix = torch.tensor([token_ids[0][: self.shared]], device=model.device)
             model(input_ids=prefix, logits_to_keep=1, use_cache=True, **{cache_keyword: cache})
-            if all(type(layer) is DynamicLayer for layer in cache.layers):
+            if _full_attention(cache):
                 self.shared_layers = [(layer.keys, layer.values) for layer in cache.layers]
             else:  # sliding-window layers: each prompt is prefilled whole
                 self.shared = 0
@@ -206,11 +205,10 @@ class _Row:
 class _Chooser:
     """Each row's next token and its log-prob under the processed scores it is drawn from."""
 
-    def __init__(self, params: SamplingParams, device: torch.device):
+    def __init__(self, params: SamplingParams):
         from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
         self.greedy = params.temperature == 0
-        self.device = device
         self.warpers = LogitsProcessorList()
         if not self.greedy:
             self.warpers.append(TemperatureLogitsWarper(params.temperature))
@@ -244,13 +242,7 @@ class _Batch:
     def __init__(self, cache, mask: torch.Tensor, positions: torch.Tensor, rows: list[_Row]):
         self.cache, self.mask, self.positions, self.rows = cache, mask, positions, rows
         self.last_tokens = torch.empty(0, dtype=torch.long)
-
-    @property
-    def mergeable(self) -> bool:
-        """Full-attention caches can be padded and joined; sliding-window ones are left alone."""
-        from transformers.cache_utils import DynamicLayer
-
-        return all(type(layer) is DynamicLayer for layer in self.cache.layers)
+        self.mergeable = _full_attention(cache)
 
     def add_tokens(self, tokens: torch.Tensor, logprobs: torch.Tensor) -> None:
         for row, token, logprob in zip(self.rows, tokens.tolist(), logprobs.tolist()):
@@ -305,6 +297,14 @@ class _Batch:
         self.last_tokens = torch.cat([self.last_tokens, other.last_tokens])
         self.rows = self.rows + other.rows
         return self
+
+
+def _full_attention(cache) -> bool:
+    """Whether every layer is a plain full-attention one, whose cache can be padded, cut and
+    joined; sliding-window layers are left as they are."""
+    from transformers.cache_utils import DynamicLayer
+
+    return all(type(layer) is DynamicLayer for layer in cache.layers)
 
 
 def _pad_left(tensor: torch.Tensor, length: int, dim: int) -> torch.Tensor:
