@@ -1,7 +1,8 @@
 """Run the pipeline on this machine with ``kfp.local``, or compile it to YAML for a cluster.
 
 ``topr run`` calls ``run_local``: the very DAG that a cluster would run, executed by kfp's
-SubprocessRunner in subprocesses of this interpreter (no container, no venv per task).
+SubprocessRunner in processes of this Python environment (no container, no venv per task),
+started warm (``warm_tasks``) unless asked otherwise.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from kfp import compiler, local
 
 from topr import console
 from topr.config import Config, config_to_dict
+from topr_pipelines import warm_tasks
 from topr_pipelines.topr_pipeline import build_pipeline
 
 log = logging.getLogger(__name__)
@@ -30,13 +32,17 @@ def compile_pipeline(config: Config, output_path: str | Path, pipeline_root: str
     return output_path
 
 
-def run_local(config: Config, run_dir: str | Path, tracking_uri: str, run_name: str, verbose: bool = False) -> str:
+def run_local(
+    config: Config, run_dir: str | Path, tracking_uri: str, run_name: str, verbose: bool = False, warm: bool = True
+) -> str:
     """Execute the whole pipeline locally; return the parent MLflow run id.
 
     kfp.local keeps its pipeline root on local disk (``<run_dir>/pipeline_root``); stage outputs
     reach object storage through ``run.artifact_store``. Kubeflow's executor log and every
     task's output go to ``<run_dir>/run.log``; the console shows a line as each stage starts and
     ends and a bar for the long ones (``topr.console``), or, ``verbose``, everything as well.
+    ``warm``: fork each task from an interpreter that has imported the libraries once
+    (``warm_tasks``); else a fresh interpreter per task, as kfp.local does.
 
     Raises RuntimeError (from kfp) when a task fails; the exit handler has then already
     closed the MLflow run as FAILED.
@@ -45,7 +51,8 @@ def run_local(config: Config, run_dir: str | Path, tracking_uri: str, run_name: 
     # kfp.local warns about each for every task, which would bury the run's own log.
     warnings.filterwarnings("ignore", message=r".*have no effect in the current local runner")
     pipeline_root = Path(run_dir).resolve() / "pipeline_root"
-    with console.capture(log_path(run_dir), verbose), print_restored():
+    task_start = warm_tasks.started() if warm else contextlib.nullcontext()
+    with console.capture(log_path(run_dir), verbose), print_restored(), task_start:
         local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root), raise_on_error=True)
         pipeline = build_pipeline(config)
         task = pipeline(config_json=json.dumps(config_to_dict(config)), tracking_uri=tracking_uri, run_name=run_name)

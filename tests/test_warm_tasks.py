@@ -1,0 +1,90 @@
+"""kfp.local tasks started warm (topr_pipelines.warm_tasks), run for real through kfp.local."""
+
+# No `from __future__ import annotations`: kfp reads the components' annotations as types.
+import json
+import os
+import sys
+
+import pytest
+from kfp import dsl, local
+
+from topr_pipelines import warm_tasks
+
+
+@dsl.component(base_image="python:3.11", install_kfp_package=False)
+def describe_process(label: str) -> str:
+    import json
+    import os
+    import sys
+
+    print(f"task {label} says hello")
+    return json.dumps(
+        {
+            "pid": os.getpid(),
+            "torch_imported": "torch" in sys.modules,
+            "variable": os.environ.get("TOPR_WARM_TASK_TEST"),
+            "kfp_runtime": os.environ.get("_KFP_RUNTIME"),
+            "cwd": os.getcwd(),
+        }
+    )
+
+
+@dsl.component(base_image="python:3.11", install_kfp_package=False)
+def fail_loudly() -> str:
+    raise ValueError("the task's own failure")
+
+
+@dsl.component(base_image="python:3.11", install_kfp_package=False, packages_to_install=["nothing-to-install"])
+def with_packages() -> str:
+    return "never run"
+
+
+@pytest.fixture
+def local_runner(tmp_path):
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp_path / "root"), raise_on_error=True)
+
+
+def _command(component) -> list[str]:
+    """The command kfp.local's subprocess runner would start for ``component``."""
+    container = component.component_spec.implementation.container
+    return [part.replace("python3", sys.executable) for part in container.command] + list(container.args)
+
+
+def test_a_warm_task_runs_in_a_process_of_its_own_with_the_libraries_imported(local_runner, monkeypatch, tmp_path, capsys):
+    monkeypatch.chdir(tmp_path)
+    with warm_tasks.started():
+        first = json.loads(describe_process(label="one").output)
+        monkeypatch.setenv("TOPR_WARM_TASK_TEST", "set after the first task")
+        second = json.loads(describe_process(label="two").output)
+
+    assert first["torch_imported"] and second["torch_imported"]
+    assert len({first["pid"], second["pid"], os.getpid()}) == 3
+    assert first["variable"] is None and second["variable"] == "set after the first task"
+    assert first["kfp_runtime"] == second["kfp_runtime"] == "true"
+    assert second["cwd"] == str(tmp_path)
+    output = capsys.readouterr().out
+    assert "task one says hello" in output and "task two says hello" in output
+
+
+def test_a_cold_task_starts_a_fresh_interpreter(local_runner):
+    described = json.loads(describe_process(label="cold").output)
+    assert not described["torch_imported"]
+    assert described["pid"] != os.getpid()
+
+
+def test_a_failing_warm_task_fails_the_run_with_its_traceback_in_the_output(local_runner, capsys):
+    with warm_tasks.started(), pytest.raises(RuntimeError, match="fail-loudly"):
+        fail_loudly()
+    assert "ValueError: the task's own failure" in capsys.readouterr().out
+
+
+def test_only_a_plain_lightweight_component_command_is_started_warm():
+    task = warm_tasks.task_of(_command(describe_process))
+    assert task is not None
+    assert "def describe_process(label: str) -> str:" in task.source
+    assert task.arguments[0] == "--executor_input" and task.arguments[-2:] == ["--function_to_execute", "describe_process"]
+
+    assert warm_tasks.task_of(_command(with_packages)) is None  # a pip install first: kfp.local's own subprocess
+    other_interpreter = [part.replace(sys.executable, "/usr/bin/python3") for part in _command(describe_process)]
+    assert warm_tasks.task_of(other_interpreter) is None
+    assert warm_tasks.task_of(["sh", "-c", "echo hello"]) is None
