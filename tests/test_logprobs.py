@@ -15,7 +15,7 @@ import torch
 from torch.testing import assert_close
 
 import topr.logprobs as logprobs_module
-from topr.logprobs import batch_prompt_completions, chunked_token_logprobs, completion_logprobs
+from topr.logprobs import batch_prompt_completions, chunked_token_logprobs, completion_logprobs, shared_prefix_length
 
 PAD = EOS = 2
 VOCAB = 64
@@ -208,10 +208,10 @@ PROMPTS = [[1, 5, 6], [1, 7, 8, 9, 10, 11], [1]]
 COMPLETIONS = [[12, EOS], [13, EOS, 14, 15], [16, 17, EOS]]
 
 
-def reference_rows(model, temperature=1.0):
+def reference_rows(model, temperature=1.0, prompts=PROMPTS, completions=COMPLETIONS):
     """Per row, a full forward over the unpadded sequence; log-softmax of the logits at p - 1."""
     rows = []
-    for prompt, completion in zip(PROMPTS, COMPLETIONS):
+    for prompt, completion in zip(prompts, completions):
         logits = model(torch.tensor([prompt + completion])).logits[0].float() / temperature
         logp = torch.log_softmax(logits, dim=-1)
         rows.append(torch.stack([logp[len(prompt) - 1 + t, token] for t, token in enumerate(completion)]))
@@ -291,3 +291,66 @@ def test_completion_logprobs_ignore_padding_contents(tiny_llama):
         first = completion_logprobs(tiny_llama, **batch)
         second = completion_logprobs(tiny_llama, **other)
     assert_close(first, second, rtol=0, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- the rows' common prefix
+
+SHARED_PROMPTS = [[1, 5, 6, 7, 20], [1, 5, 6, 7, 21, 22, 23], [1, 5, 6, 8]]  # [1, 5, 6] in common
+
+
+def test_the_shared_prefix_stops_before_any_difference_and_before_each_last_prompt_token():
+    def shared(prompts, completions=None):
+        completions = completions or [[12]] * len(prompts)
+        batch = batch_prompt_completions(prompts, completions, pad_token_id=PAD)
+        return shared_prefix_length(batch["input_ids"], batch["completion_start"])
+
+    assert shared(SHARED_PROMPTS) == 3
+    assert shared([[1, 5, 6, 7], [1, 5, 6, 7, 8]]) == 3  # the shorter prompt's last token stays out
+    assert shared([[1, 5, 6], [1, 5, 6]], [[12], [13]]) == 2  # identical prompts: completions differ
+    assert shared([[1, 5], [2, 5]]) == 0
+    assert shared([[1, 5, 6, 7]]) == 0  # one row: nothing to share
+
+
+def test_the_common_prefix_runs_once_with_the_values_and_gradients_of_each_row_alone(tiny_llama):
+    batch = batch_prompt_completions(SHARED_PROMPTS, COMPLETIONS, pad_token_id=PAD)
+    weights = torch.tensor([[1.0, -2.0, 0.5, 3.0]]).expand(3, 4)
+    shapes = []
+    hook = tiny_llama.model.embed_tokens.register_forward_hook(lambda module, args, output: shapes.append(tuple(args[0].shape)))
+    tiny_llama.zero_grad(set_to_none=True)
+    try:
+        result = completion_logprobs(tiny_llama, **batch, temperature=0.8)
+    finally:
+        hook.remove()
+    (result * weights * batch["completion_mask"]).sum().backward()
+    shared = {name: p.grad.clone() for name, p in tiny_llama.named_parameters()}
+
+    assert shapes == [(1, 3), (3, batch["input_ids"].shape[1] - 3)]
+    tiny_llama.zero_grad(set_to_none=True)
+    rows = reference_rows(tiny_llama, 0.8, SHARED_PROMPTS, COMPLETIONS)
+    for row, (expected, completion) in enumerate(zip(rows, COMPLETIONS)):
+        assert_close(result[row, : len(completion)], expected.detach(), rtol=0, atol=1e-5)
+    sum((row * weights[i, : len(row)]).sum() for i, row in enumerate(rows)).backward()
+    for name, parameter in tiny_llama.named_parameters():
+        # The prefix's gradient is summed over the rows in another order: float32 rounding of
+        # gradients up to ~15 in size.
+        assert_close(shared[name], parameter.grad, rtol=1e-4, atol=5e-5, msg=name)
+    tiny_llama.zero_grad(set_to_none=True)
+
+
+def test_a_model_with_sliding_window_layers_runs_every_row_whole():
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Qwen2Config(
+        vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, use_sliding_window=True, sliding_window=4,
+        layer_types=["sliding_attention", "full_attention"], eos_token_id=EOS, pad_token_id=PAD,
+    )
+    model = Qwen2ForCausalLM(config).eval()
+    batch = batch_prompt_completions(SHARED_PROMPTS, COMPLETIONS, pad_token_id=PAD)
+    with torch.no_grad():
+        result = completion_logprobs(model, **batch)
+        whole = completion_logprobs(model, **batch, share_prefix=False)
+    for row, (expected, completion) in enumerate(zip(reference_rows(model, 1.0, SHARED_PROMPTS, COMPLETIONS), COMPLETIONS)):
+        assert_close(result[row, : len(completion)], expected.detach(), rtol=0, atol=1e-5)
+    assert_close(result, whole, rtol=0, atol=1e-6)

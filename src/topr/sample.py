@@ -13,7 +13,6 @@ Two engines sit behind one interface (``generate(prompts, params) -> completions
 
 from __future__ import annotations
 
-import inspect
 import logging
 import time
 from collections import deque
@@ -25,6 +24,7 @@ import torch
 
 from topr.config import Config, SampleConfig
 from topr.console import progress_bar
+from topr.logprobs import cache_keyword, full_attention
 from topr.models import context_length, load_policy, load_tokenizer, model_identity, prompt_token_ids, set_threads
 from topr.records import PROMPT_FIELDS, SAMPLE_FIELDS, Record, RecordError, read_records, write_records
 
@@ -86,9 +86,7 @@ class TransformersEngine:
         self.batch_size = batch_size
         self.progress = progress
         self.stop_ids = _stop_token_ids(model, tokenizer)
-        # transformers renamed forward's past_key_values to cache (5.24); the GPU image has 5.17.
-        parameters = inspect.signature(model.forward).parameters
-        self._cache_keyword = "cache" if "cache" in parameters else "past_key_values"
+        self._cache_keyword = cache_keyword(model)
 
     @torch.inference_mode()
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[Completion]]:
@@ -148,7 +146,7 @@ class _Prompts:
             cache = DynamicCache(config=model.config)
             prefix = torch.tensor([token_ids[0][: self.shared]], device=model.device)
             model(input_ids=prefix, logits_to_keep=1, use_cache=True, **{cache_keyword: cache})
-            if _full_attention(cache):
+            if full_attention(cache):
                 self.shared_layers = [(layer.keys, layer.values) for layer in cache.layers]
             else:  # sliding-window layers: each prompt is prefilled whole
                 self.shared = 0
@@ -242,7 +240,7 @@ class _Batch:
     def __init__(self, cache, mask: torch.Tensor, positions: torch.Tensor, rows: list[_Row]):
         self.cache, self.mask, self.positions, self.rows = cache, mask, positions, rows
         self.last_tokens = torch.empty(0, dtype=torch.long)
-        self.mergeable = _full_attention(cache)
+        self.mergeable = full_attention(cache)
 
     def add_tokens(self, tokens: torch.Tensor, logprobs: torch.Tensor) -> None:
         for row, token, logprob in zip(self.rows, tokens.tolist(), logprobs.tolist()):
@@ -297,14 +295,6 @@ class _Batch:
         self.last_tokens = torch.cat([self.last_tokens, other.last_tokens])
         self.rows = self.rows + other.rows
         return self
-
-
-def _full_attention(cache) -> bool:
-    """Whether every layer is a plain full-attention one, whose cache can be padded, cut and
-    joined; sliding-window layers are left as they are."""
-    from transformers.cache_utils import DynamicLayer
-
-    return all(type(layer) is DynamicLayer for layer in cache.layers)
 
 
 def _pad_left(tensor: torch.Tensor, length: int, dim: int) -> torch.Tensor:

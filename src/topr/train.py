@@ -243,10 +243,10 @@ def training_dtype(config: Config, device: torch.device) -> torch.dtype | None:
 class CompletionLogprobs(torch.nn.Module):
     """log π of the completion tokens as one module's forward pass: DDP and FSDP act on forward."""
 
-    def __init__(self, policy, chunk_size: int, temperature: float, float32_head: bool = True):
+    def __init__(self, policy, chunk_size: int, temperature: float, float32_head: bool = True, share_prefix: bool = True):
         super().__init__()
         self.policy, self.chunk_size, self.temperature = policy, chunk_size, temperature
-        self.float32_head = float32_head
+        self.float32_head, self.share_prefix = float32_head, share_prefix
 
     def forward(self, **tensors: torch.Tensor) -> torch.Tensor:
         return completion_logprobs(
@@ -255,6 +255,7 @@ class CompletionLogprobs(torch.nn.Module):
             chunk_size=self.chunk_size,
             temperature=self.temperature,
             float32_head=self.float32_head,
+            share_prefix=self.share_prefix,
         )
 
 
@@ -481,7 +482,8 @@ def run_train(
         autocast_dtype = training_dtype(config, device)
         # π is evaluated at the sampling temperature, so on-policy data has ratio π/μ = 1.
         temperature = train.policy_temperature or config.sample.temperature
-        scorer = CompletionLogprobs(model, train.logprob_chunk_size, temperature, train.float32_head)
+        sharded = train.parallelism == "fsdp" and ranks.world_size > 1
+        scorer = CompletionLogprobs(model, train.logprob_chunk_size, temperature, train.float32_head, share_prefix=not sharded)
         scorer = distributed.wrap(scorer, train.parallelism, device, autocast_dtype)
         optimizer = make_optimizer(scorer, config)
 
