@@ -7,10 +7,15 @@ torch, transformers, MLflow and its sqlite store again and tears them down at th
 (docs/performance.md). Within ``started()``, kfp.local runs such a task in a process forked from
 a multiprocessing forkserver that has imported ``PRELOADED`` once: still a process of its own
 (its own memory, exit and failure), the same executor entry point, its output streamed back
-line by line as before, its environment that of this process when the task starts. The
-forkserver is a fresh interpreter (not a fork of this one), so whatever this process has run
-(an OpenMP pool, threads) never reaches the tasks. Commands of another shape (a ``pip install``,
-another interpreter) go to kfp.local's own subprocess.
+line by line as before, its environment that of this process and the task when it starts.
+
+What differs from a fresh interpreter: modules are imported before the task's environment is
+in place, so the forkserver starts with the first task's environment and a task that asks for
+other values of the variables libraries read at import (``IMPORT_TIME_SETTINGS``) starts cold;
+atexit handlers do not run (logging is flushed). The forkserver is a fresh interpreter (not a
+fork of this one), so whatever this process has run (an OpenMP pool, threads) never reaches the
+tasks. Commands of another shape (a ``pip install``, another interpreter) and tasks that cannot
+be started warm go to kfp.local's own subprocess.
 
 kfp is pinned (pyproject.toml): ``started`` replaces ``run_local_subprocess`` of kfp's
 ``subprocess_task_handler`` for the duration of the block, and ``task_of`` recognises the
@@ -20,17 +25,21 @@ command that kfp 2.17's ``component_factory`` writes for a lightweight component
 from __future__ import annotations
 
 import contextlib
+import logging
 import multiprocessing
 import os
 import re
 import sys
 import tempfile
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
-from multiprocessing import reduction
+from multiprocessing import forkserver, reduction
 from pathlib import Path
 
 from kfp.local import subprocess_task_handler
+
+log = logging.getLogger(__name__)
 
 PRELOADED = (
     "torch",
@@ -84,6 +93,12 @@ def task_of(command: list[str]) -> Task | None:
     return Task(source=command[3], arguments=command[4:])
 
 
+IMPORT_TIME_SETTINGS = re.compile(r"(HF_|HUGGINGFACE_|TRANSFORMERS_|TORCH|PYTORCH_|OMP_|MKL_|KMP_|MLFLOW_|TMPDIR$|DO_NOT_TRACK$)")
+"""Environment variables that libraries may read once, as they are imported (huggingface_hub's
+offline mode and cache paths, OpenMP's threads, the temporary folder): the forkserver starts
+with those of the first task, and a task that asks for other values starts cold."""
+
+
 @contextlib.contextmanager
 def started() -> Iterator[None]:
     """Within the block, kfp.local's lightweight tasks run in processes forked from the forkserver."""
@@ -91,9 +106,10 @@ def started() -> Iterator[None]:
 
     def run_task(full_command: list[str], env_vars: dict[str, str] | None = None) -> int:
         task = task_of(full_command)
-        if task is None:
-            return original(full_command, env_vars)
-        return run_forked(task, {**os.environ, **(env_vars or {})})
+        environment = {**os.environ, **(env_vars or {})}
+        context = _forkserver(environment) if task else None
+        code = run_forked(context, task, environment) if context else None
+        return original(full_command, env_vars) if code is None else code
 
     subprocess_task_handler.run_local_subprocess = run_task
     try:
@@ -102,19 +118,56 @@ def started() -> Iterator[None]:
         subprocess_task_handler.run_local_subprocess = original
 
 
-def _forkserver() -> multiprocessing.context.BaseContext:
+_server_lock = threading.Lock()
+_server_settings: dict[str, str] | None = None  # the import-time settings the forkserver started with
+
+
+def _import_time_settings(environment: dict[str, str]) -> dict[str, str]:
+    return {name: value for name, value in environment.items() if IMPORT_TIME_SETTINGS.match(name)}
+
+
+def _forkserver(environment: dict[str, str]) -> multiprocessing.context.BaseContext | None:
+    """The forkserver (started with ``environment`` if it is not running yet), or None when it
+    runs with other import-time settings than ``environment`` has."""
+    global _server_settings
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(list(PRELOADED))
+    with _server_lock:
+        if _server_settings is None:
+            context.set_forkserver_preload(list(PRELOADED))
+            with _environment(environment):
+                forkserver.ensure_running()
+            _server_settings = _import_time_settings(environment)
+    if _import_time_settings(environment) != _server_settings:
+        log.info("a task with other import-time settings than the forkserver's starts in a fresh interpreter")
+        return None
     return context
 
 
-def run_forked(task: Task, environment: dict[str, str]) -> int:
-    """Run ``task`` in a forked process, print its output line by line as kfp.local does (its
-    ``print``, which indents a task's lines), and return its exit code."""
+@contextlib.contextmanager
+def _environment(environment: dict[str, str]) -> Iterator[None]:
+    """``os.environ`` is ``environment`` within the block (a process started in it inherits it)."""
+    saved = dict(os.environ)
+    os.environ.clear()
+    os.environ.update(environment)
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def run_forked(context: multiprocessing.context.BaseContext, task: Task, environment: dict[str, str]) -> int | None:
+    """Run ``task`` in a process forked by ``context``'s forkserver, print its output line by line
+    as kfp.local does (its ``print``, which indents a task's lines), and return its exit code;
+    None when the process could not be started (the task has then not run)."""
     read_end, write_end = os.pipe()
     try:
-        process = _forkserver().Process(target=_execute, args=(_Descriptor(write_end), task, environment), name="kfp-task")
+        process = context.Process(target=_execute, args=(_Descriptor(write_end), task, environment), name="kfp-task")
         process.start()
+    except Exception as error:  # the forkserver failed to start or died
+        os.close(read_end)
+        log.warning("could not start a task warm (%s: %s); starting it in a fresh interpreter", type(error).__name__, error)
+        return None
     finally:
         os.close(write_end)  # the task holds the only write end: its exit ends the stream
     with open(read_end, encoding="utf-8", errors="replace") as output:
@@ -150,8 +203,12 @@ def _execute(output: int, task: Task, environment: dict[str, str]) -> None:
         stream.reconfigure(line_buffering=True)
     os.environ.clear()
     os.environ.update(environment, _KFP_RUNTIME="true")
-    with tempfile.TemporaryDirectory() as program_path:
-        module = Path(program_path) / "ephemeral_component.py"
-        module.write_text(task.source, encoding="utf-8")
-        sys.argv = [executor_main.__file__, "--component_module_path", str(module), *task.arguments]
-        executor_main.executor_main()
+    multiprocessing.set_start_method(None, force=True)  # the platform's default again, as in a fresh interpreter
+    try:
+        with tempfile.TemporaryDirectory() as program_path:
+            module = Path(program_path) / "ephemeral_component.py"
+            module.write_text(task.source, encoding="utf-8")
+            sys.argv = [executor_main.__file__, "--component_module_path", str(module), *task.arguments]
+            executor_main.executor_main()
+    finally:
+        logging.shutdown()  # multiprocessing ends the process without running atexit: flush the handlers here

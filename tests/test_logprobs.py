@@ -15,7 +15,7 @@ import torch
 from torch.testing import assert_close
 
 import topr.logprobs as logprobs_module
-from topr.logprobs import batch_prompt_completions, chunked_token_logprobs, completion_logprobs, shared_prefix_length
+from topr.logprobs import batch_prompt_completions, chunked_token_logprobs, completion_logprobs, prefix_can_be_shared, shared_prefix_length
 
 PAD = EOS = 2
 VOCAB = 64
@@ -354,3 +354,24 @@ def test_a_model_with_sliding_window_layers_runs_every_row_whole():
     for row, (expected, completion) in enumerate(zip(reference_rows(model, 1.0, SHARED_PROMPTS, COMPLETIONS), COMPLETIONS)):
         assert_close(result[row, : len(completion)], expected.detach(), rtol=0, atol=1e-5)
     assert_close(result, whole, rtol=0, atol=1e-6)
+
+
+def test_the_prefix_is_not_shared_where_sharing_would_change_the_result(tiny_llama):
+    from transformers import LlamaForCausalLM
+
+    assert prefix_can_be_shared(tiny_llama)
+    dynamic_rope = tiny_llama.config.to_dict() | {"rope_parameters": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}}
+    assert not prefix_can_be_shared(LlamaForCausalLM(type(tiny_llama.config)(**dynamic_rope)))
+
+    with_dropout = LlamaForCausalLM(type(tiny_llama.config)(**tiny_llama.config.to_dict() | {"attention_dropout": 0.1}))
+    assert not prefix_can_be_shared(with_dropout.train())  # one dropout mask for every row
+    assert prefix_can_be_shared(with_dropout.eval())
+
+    batch = batch_prompt_completions(SHARED_PROMPTS, COMPLETIONS, pad_token_id=PAD)
+    shapes = []
+    hook = with_dropout.model.embed_tokens.register_forward_hook(lambda module, args, output: shapes.append(tuple(args[0].shape)))
+    try:
+        completion_logprobs(with_dropout.train(), **batch)
+    finally:
+        hook.remove()
+    assert shapes == [tuple(batch["input_ids"].shape)]

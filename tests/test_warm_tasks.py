@@ -66,6 +66,29 @@ def test_a_warm_task_runs_in_a_process_of_its_own_with_the_libraries_imported(lo
     assert "task one says hello" in output and "task two says hello" in output
 
 
+def test_a_task_that_asks_for_other_import_time_settings_starts_cold(local_runner, monkeypatch):
+    with warm_tasks.started():
+        warm = json.loads(describe_process(label="warm").output)
+        monkeypatch.setenv("HF_TOPR_WARM_TASK_TEST", "a value the forkserver did not start with")
+        cold = json.loads(describe_process(label="cold").output)
+    assert warm["torch_imported"] and not cold["torch_imported"]
+
+
+def test_a_task_that_cannot_be_forked_runs_cold_and_leaves_no_descriptor_open(local_runner, monkeypatch):
+    from multiprocessing.context import ForkServerProcess
+
+    def broken_start(process):
+        raise OSError("the forkserver is gone")
+
+    with warm_tasks.started():
+        describe_process(label="warm")  # the forkserver runs
+        monkeypatch.setattr(ForkServerProcess, "start", broken_start)
+        descriptors = len(os.listdir("/proc/self/fd"))
+        described = json.loads(describe_process(label="cold").output)
+    assert not described["torch_imported"]
+    assert len(os.listdir("/proc/self/fd")) == descriptors
+
+
 def test_a_cold_task_starts_a_fresh_interpreter(local_runner):
     described = json.loads(describe_process(label="cold").output)
     assert not described["torch_imported"]

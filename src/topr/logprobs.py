@@ -157,18 +157,46 @@ def full_attention(cache) -> bool:
     return all(type(layer) is DynamicLayer for layer in cache.layers)
 
 
+def prefix_can_be_shared(model) -> bool:
+    """Whether the rows' common prefix can run once with the same result as in every row: full
+    attention in every layer, no rotary scaling that changes with the sequence's length
+    (dynamic, longrope), and, in training, no dropout (it would draw one mask for all rows)."""
+    from transformers import DynamicCache
+
+    config = model.config
+    if _rope_types(config) & {"dynamic", "longrope"}:
+        return False
+    dropout = getattr(config, "attention_dropout", 0.0) or any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules())
+    if model.training and dropout:
+        return False
+    return full_attention(DynamicCache(config=config))
+
+
+def _rope_types(config) -> set[str]:
+    """Every rotary embedding type named in the configuration (per layer type too)."""
+    types, settings = set(), [getattr(config, "rope_parameters", None), getattr(config, "rope_scaling", None)]
+    while settings:
+        item = settings.pop()
+        if isinstance(item, dict):
+            types |= {str(item[key]) for key in ("rope_type", "type") if key in item}
+            settings += [value for value in item.values() if isinstance(value, dict)]
+    return types
+
+
 def backbone_hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, shared: int) -> tuple[torch.Tensor, int]:
     """The backbone's last hidden states from position ``shared`` on, and ``shared``: the first
     ``shared`` tokens, the same in every row, run once and every row attends to their keys and
-    values. Models with sliding-window layers run whole (``shared`` is then 0)."""
+    values. Where that would not give each row's own result (``prefix_can_be_shared``), or the
+    prefix's keys and values are not all in the cache afterwards (a model that ignores the
+    cache, gradient checkpointing), the rows run whole and ``shared`` is 0."""
     from transformers import DynamicCache
 
     backbone = model.base_model
-    if shared:
+    if shared and prefix_can_be_shared(model):
         keyword = cache_keyword(backbone)
         prefix = DynamicCache(config=model.config)
         backbone(input_ids=input_ids[:1, :shared], use_cache=True, **{keyword: prefix})
-        if full_attention(prefix):
+        if all(getattr(layer, "keys", None) is not None and layer.keys.shape[-2] == shared for layer in prefix.layers):
             rows = input_ids.shape[0]
             cache = DynamicCache(config=model.config)
             for layer, prefix_layer in zip(cache.layers, prefix.layers):
