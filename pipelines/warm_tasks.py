@@ -134,8 +134,12 @@ def _forkserver(environment: dict[str, str]) -> multiprocessing.context.BaseCont
     with _server_lock:
         if _server_settings is None:
             context.set_forkserver_preload(list(PRELOADED))
-            with _environment(environment):
-                forkserver.ensure_running()
+            try:
+                with _environment(environment):
+                    forkserver.ensure_running()
+            except Exception as error:
+                log.warning("could not start the forkserver (%s: %s); tasks start in fresh interpreters", type(error).__name__, error)
+                return None
             _server_settings = _import_time_settings(environment)
     if _import_time_settings(environment) != _server_settings:
         log.info("a task with other import-time settings than the forkserver's starts in a fresh interpreter")

@@ -89,6 +89,19 @@ def test_a_task_that_cannot_be_forked_runs_cold_and_leaves_no_descriptor_open(lo
     assert len(os.listdir("/proc/self/fd")) == descriptors
 
 
+def test_without_a_forkserver_tasks_run_cold(local_runner, monkeypatch):
+    from multiprocessing import forkserver
+
+    def broken_server():
+        raise OSError("no forkserver here")
+
+    monkeypatch.setattr(warm_tasks, "_server_settings", None)
+    monkeypatch.setattr(forkserver, "ensure_running", broken_server)
+    with warm_tasks.started():
+        described = json.loads(describe_process(label="cold").output)
+    assert not described["torch_imported"]
+
+
 def test_a_cold_task_starts_a_fresh_interpreter(local_runner):
     described = json.loads(describe_process(label="cold").output)
     assert not described["torch_imported"]
