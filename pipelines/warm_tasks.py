@@ -10,8 +10,8 @@ a multiprocessing forkserver that has imported ``PRELOADED`` once: still a proce
 line by line as before, its environment that of this process and the task when it starts.
 
 What differs from a fresh interpreter: modules are imported before the task's environment is
-in place, so the forkserver starts with the first task's environment and a task that asks for
-other values of the variables libraries read at import (``IMPORT_TIME_SETTINGS``) starts cold;
+in place, so the forkserver starts with the first task's environment (one forkserver for each
+``started`` block, a run) and a task that asks for other values of the variables libraries read at import (``IMPORT_TIME_SETTINGS``) starts cold;
 atexit handlers do not run (logging is flushed). The forkserver is a fresh interpreter (not a
 fork of this one), so whatever this process has run (an OpenMP pool, threads) never reaches the
 tasks. Commands of another shape (a ``pip install``, another interpreter) and tasks that cannot
@@ -101,7 +101,8 @@ with those of the first task, and a task that asks for other values starts cold.
 
 @contextlib.contextmanager
 def started() -> Iterator[None]:
-    """Within the block, kfp.local's lightweight tasks run in processes forked from the forkserver."""
+    """Within the block, kfp.local's lightweight tasks run in processes forked from a forkserver,
+    started with the block's first task and stopped when the block ends."""
     original = subprocess_task_handler.run_local_subprocess
 
     def run_task(full_command: list[str], env_vars: dict[str, str] | None = None) -> int:
@@ -116,6 +117,7 @@ def started() -> Iterator[None]:
         yield
     finally:
         subprocess_task_handler.run_local_subprocess = original
+        _stop_forkserver()
 
 
 _server_lock = threading.Lock()
@@ -145,6 +147,16 @@ def _forkserver(environment: dict[str, str]) -> multiprocessing.context.BaseCont
         log.info("a task with other import-time settings than the forkserver's starts in a fresh interpreter")
         return None
     return context
+
+
+def _stop_forkserver() -> None:
+    """Stop the forkserver that ``started`` began, so that the next block starts its own with its
+    own first task's environment. (``_stop`` is CPython's own way to stop it, which its tests use.)"""
+    global _server_settings
+    with _server_lock:
+        if _server_settings is not None:
+            forkserver._forkserver._stop()
+            _server_settings = None
 
 
 @contextlib.contextmanager

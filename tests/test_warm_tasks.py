@@ -74,6 +74,13 @@ def test_a_task_that_asks_for_other_import_time_settings_starts_cold(local_runne
     assert warm["torch_imported"] and not cold["torch_imported"]
 
 
+def test_each_run_starts_its_own_forkserver_with_its_first_tasks_environment(local_runner, monkeypatch):
+    for value in ("first run", "second run"):
+        monkeypatch.setenv("HF_TOPR_WARM_TASK_TEST", value)
+        with warm_tasks.started():
+            assert json.loads(describe_process(label=value).output)["torch_imported"]
+
+
 def test_a_task_that_cannot_be_forked_runs_cold_and_leaves_no_descriptor_open(local_runner, monkeypatch):
     from multiprocessing.context import ForkServerProcess
 
@@ -85,8 +92,8 @@ def test_a_task_that_cannot_be_forked_runs_cold_and_leaves_no_descriptor_open(lo
         monkeypatch.setattr(ForkServerProcess, "start", broken_start)
         descriptors = len(os.listdir("/proc/self/fd"))
         described = json.loads(describe_process(label="cold").output)
+        assert len(os.listdir("/proc/self/fd")) == descriptors
     assert not described["torch_imported"]
-    assert len(os.listdir("/proc/self/fd")) == descriptors
 
 
 def test_without_a_forkserver_tasks_run_cold(local_runner, monkeypatch):
