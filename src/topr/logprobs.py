@@ -157,6 +157,17 @@ def full_attention(cache) -> bool:
     return all(type(layer) is DynamicLayer for layer in cache.layers)
 
 
+def repeated_cache(prefix: list[tuple[torch.Tensor, torch.Tensor]], rows: int, config):
+    """A new DynamicCache whose layers hold a one-row prefix's (keys, values) for ``rows`` rows:
+    views of the prefix (``expand``), so its gradient is the sum over the rows."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=config)
+    for layer, (keys, values) in zip(cache.layers, prefix):
+        layer.update(keys.expand(rows, -1, -1, -1), values.expand(rows, -1, -1, -1))
+    return cache
+
+
 def prefix_can_be_shared(model) -> bool:
     """Whether the rows' common prefix can run once with the same result as in every row: full
     attention in every layer, no rotary scaling that changes with the sequence's length
@@ -198,9 +209,7 @@ def backbone_hidden_states(model, input_ids: torch.Tensor, attention_mask: torch
         backbone(input_ids=input_ids[:1, :shared], use_cache=True, **{keyword: prefix})
         if all(getattr(layer, "keys", None) is not None and layer.keys.shape[-2] == shared for layer in prefix.layers):
             rows = input_ids.shape[0]
-            cache = DynamicCache(config=model.config)
-            for layer, prefix_layer in zip(cache.layers, prefix.layers):
-                layer.update(prefix_layer.keys.expand(rows, -1, -1, -1), prefix_layer.values.expand(rows, -1, -1, -1))
+            cache = repeated_cache([(layer.keys, layer.values) for layer in prefix.layers], rows, model.config)
             positions = torch.arange(shared, input_ids.shape[1], device=input_ids.device).expand(rows, -1)
             hidden = backbone(
                 input_ids=input_ids[:, shared:], attention_mask=attention_mask, position_ids=positions, use_cache=True, **{keyword: cache}

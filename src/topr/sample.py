@@ -24,7 +24,7 @@ import torch
 
 from topr.config import Config, SampleConfig
 from topr.console import progress_bar
-from topr.logprobs import cache_keyword, full_attention
+from topr.logprobs import cache_keyword, full_attention, repeated_cache
 from topr.models import context_length, load_policy, load_tokenizer, model_identity, prompt_token_ids, set_threads
 from topr.records import PROMPT_FIELDS, SAMPLE_FIELDS, Record, RecordError, read_records, write_records
 
@@ -153,16 +153,12 @@ class _Prompts:
 
     def prefill(self, indices: list[int], tokenizer) -> tuple[object, torch.Tensor, torch.Tensor]:
         """The KV cache, attention mask and last-position logits of prompts ``indices``, left-padded."""
-        from transformers import DynamicCache
-
         device = self.model.device
         rest = tokenizer.pad(
             {"input_ids": [self.token_ids[i][self.shared :] for i in indices]}, padding=True, return_tensors="pt", padding_side="left"
         )
         rest_mask = rest["attention_mask"].to(device)
-        cache = DynamicCache(config=self.model.config)
-        for layer, (keys, values) in zip(cache.layers, self.shared_layers):
-            layer.update(keys.expand(len(indices), -1, -1, -1), values.expand(len(indices), -1, -1, -1))
+        cache = repeated_cache(self.shared_layers, len(indices), self.model.config)
         mask = torch.cat([rest_mask.new_ones(len(indices), self.shared), rest_mask], dim=1)
         logits = self.model(
             input_ids=rest["input_ids"].to(device),
