@@ -41,6 +41,18 @@ def _add_run_command(commands) -> argparse.ArgumentParser:
         "from one that has imported torch, transformers and MLflow once (about 5 s more per task on 2 cores).",
     )
     run.add_argument(
+        "--runner",
+        choices=("process", "docker"),
+        default="process",
+        help="process (default): every task a process on this machine. docker: every task in its own container "
+        "of --image, as a cluster's pod runs it (user 1000, read-only root filesystem, no capabilities, no network "
+        "but the MLflow server and S3 store of 'topr up', which --tracking-uri must name).",
+    )
+    run.add_argument(
+        "--image",
+        help="The image of --runner docker (sets cluster.image; default: topr:<version>-cpu, what 'make image' builds).",
+    )
+    run.add_argument(
         "--from",
         dest="start_from",
         metavar="MODEL",
@@ -168,12 +180,21 @@ def _endpoint(args):
 def _run_flags(args) -> list[str]:
     """``topr run``'s own flags as configuration overrides."""
     overrides = [f"run.tracking_uri={args.tracking_uri}"] if args.tracking_uri else []
+    if args.runner == "docker":
+        overrides.append(f"cluster.image={args.image or local_image()}")
     if args.start_from:
         registered = args.start_from
         if "@" not in registered and "/" not in registered:
             registered = f"{command_config(args).run.registered_model}@{registered}"
         overrides.append(f"model.path=models:/{registered}")
     return overrides
+
+
+def local_image() -> str:
+    """The tag 'make image' gives the CPU image it builds."""
+    from topr import __version__
+
+    return f"topr:{__version__}-cpu"
 
 
 def cmd_run(args) -> int:
@@ -188,6 +209,10 @@ def cmd_run(args) -> int:
     if run_dir.exists():
         raise ConfigError(f"run folder {run_dir} already exists: choose another run.name")
     tracking_uri = config.run.tracking_uri or default_tracking_uri(config.run.output_dir)
+    if args.runner == "docker":
+        from topr_pipelines.docker_runner import preflight
+
+        preflight(config.cluster.image, tracking_uri)
     check_services(tracking_uri, config.run.artifact_store)
     run_dir.mkdir(parents=True)
     (run_dir / "config.yaml").write_text(config_to_yaml(config))
@@ -195,7 +220,8 @@ def cmd_run(args) -> int:
 
     started = time.perf_counter()
     try:
-        parent_run_id = run_local(config, run_dir, tracking_uri, run_name, args.show_output, warm=not args.cold_tasks)
+        image = config.cluster.image if args.runner == "docker" else None
+        parent_run_id = run_local(config, run_dir, tracking_uri, run_name, args.show_output, warm=not args.cold_tasks, image=image)
     except RuntimeError as error:
         raise RuntimeError(f"{error} (the whole log: {log_path(run_dir)})") from error
     minutes = (time.perf_counter() - started) / 60

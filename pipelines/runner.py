@@ -2,7 +2,8 @@
 
 ``topr run`` calls ``run_local``: the very DAG that a cluster would run, executed by kfp's
 SubprocessRunner in processes of this Python environment (no container, no venv per task),
-started warm (``warm_tasks``) unless asked otherwise.
+started warm (``warm_tasks``) unless asked otherwise; or, given an image, by kfp's DockerRunner
+with every task in a container of that image, secured as a pod (``docker_runner``).
 """
 
 from __future__ import annotations
@@ -33,7 +34,13 @@ def compile_pipeline(config: Config, output_path: str | Path, pipeline_root: str
 
 
 def run_local(
-    config: Config, run_dir: str | Path, tracking_uri: str, run_name: str, verbose: bool = False, warm: bool = True
+    config: Config,
+    run_dir: str | Path,
+    tracking_uri: str,
+    run_name: str,
+    verbose: bool = False,
+    warm: bool = True,
+    image: str | None = None,
 ) -> str:
     """Execute the whole pipeline locally; return the parent MLflow run id.
 
@@ -42,7 +49,9 @@ def run_local(
     task's output go to ``<run_dir>/run.log``; the console shows a line as each stage starts and
     ends and a bar for the long ones (``topr.console``), or, ``verbose``, everything as well.
     ``warm``: fork each task from an interpreter that has imported the libraries once
-    (``warm_tasks``); else a fresh interpreter per task, as kfp.local does.
+    (``warm_tasks``); else a fresh interpreter per task, as kfp.local does. ``image``: run each
+    task in a container of this image instead (``docker_runner``; the config's ``cluster.image``
+    must name it, as every task's image comes from there).
 
     Raises RuntimeError (from kfp) when a task fails; the exit handler has then already
     closed the MLflow run as FAILED.
@@ -51,12 +60,24 @@ def run_local(
     # kfp.local warns about each for every task, which would bury the run's own log.
     warnings.filterwarnings("ignore", message=r".*have no effect in the current local runner")
     pipeline_root = Path(run_dir).resolve() / "pipeline_root"
-    task_start = warm_tasks.started() if warm else contextlib.nullcontext()
-    with console.capture(log_path(run_dir), verbose), print_restored(), task_start:
-        local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root), raise_on_error=True)
+    with console.capture(log_path(run_dir), verbose), print_restored(), _tasks(warm, image, tracking_uri, pipeline_root) as (runner, task_tracking_uri):
+        local.init(runner=runner, pipeline_root=str(pipeline_root), raise_on_error=True)
         pipeline = build_pipeline(config)
-        task = pipeline(config_json=json.dumps(config_to_dict(config)), tracking_uri=tracking_uri, run_name=run_name)
+        task = pipeline(config_json=json.dumps(config_to_dict(config)), tracking_uri=task_tracking_uri, run_name=run_name)
     return task.output
+
+
+@contextlib.contextmanager
+def _tasks(warm: bool, image: str | None, tracking_uri: str, pipeline_root: Path):
+    """kfp.local's runner for the tasks, and the tracking URI as the tasks reach it."""
+    if image:
+        from topr_pipelines.docker_runner import docker_runner
+
+        with docker_runner(image, tracking_uri, pipeline_root) as containers:
+            yield containers.runner, containers.tracking_uri
+        return
+    with warm_tasks.started() if warm else contextlib.nullcontext():
+        yield local.SubprocessRunner(use_venv=False), tracking_uri
 
 
 def log_path(run_dir: str | Path) -> Path:

@@ -206,3 +206,20 @@ def promotion_race():
         return winner, outcomes[loser]
 
     return race
+
+
+@pytest.fixture(scope="session")
+def topr_image() -> str:
+    """The CPU image, built by ``docker/build-image`` (what ``make image`` runs: seconds with the
+    layer cache); the Docker engine started first, installed if missing (as root). Fails, never
+    skips, when either cannot be done."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    built = subprocess.run(
+        [str(root / "docker" / "build-image")], cwd=root, capture_output=True, text=True, env={**os.environ, "PYTHON": sys.executable}
+    )
+    assert built.returncode == 0, f"docker/build-image failed:\n{built.stderr[-4000:]}"
+    return built.stdout.strip().splitlines()[-1]

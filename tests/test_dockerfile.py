@@ -1,10 +1,11 @@
-"""Static checks of the container image definition (Dockerfile, .dockerignore).
+"""What can only be read of the image definition: the GPU variant, and the build context.
 
-No Docker engine runs in CI, so the image cannot be built here; these tests read the Dockerfile
-the way the builder does (line continuations joined, comments dropped, one instruction per
-logical line, stages split at FROM) and check what the image promises: pinned bases, a
-non-root numeric user, the project installed from a wheel (not editable), no secrets, the
-`topr` entry point, OCI labels, a CPU variant without vLLM, and a tight build context.
+The CPU image is built and run for real (tests/test_image.py). The GPU variant's bases (CUDA)
+and PyTorch's CUDA index cannot be reached where topr is built, so these tests read the
+Dockerfile the way the builder does (line continuations joined, comments dropped, one
+instruction per logical line, stages split at FROM) and check what the GPU image promises:
+pinned public bases, the CUDA torch and vLLM pins within pyproject's ranges, the extras each
+variant installs, no secret-like build arguments; and what .dockerignore keeps out.
 """
 
 from __future__ import annotations
@@ -125,6 +126,14 @@ def stage_env(stage_: Stage) -> dict[str, str]:
     return env
 
 
+def stage_args(stage_: Stage) -> dict[str, str]:
+    """The stage's ARG defaults."""
+    args: dict[str, str] = {}
+    for instruction in stage_.all("ARG"):
+        args.update(key_values(instruction.args))
+    return args
+
+
 def resolved_base(stage_: Stage, variant: str) -> str:
     return substitute(stage_.base, {**GLOBAL_ARGS, "VARIANT": variant})
 
@@ -172,9 +181,9 @@ def external_bases() -> list[tuple[str, str]]:
 
 def test_every_base_image_is_pinned_to_an_exact_version():
     bases = external_bases()
-    assert bases, "no external base image found"
+    assert {written for written, _ in bases} == {"${CPU_BASE}", "${GPU_BASE}"}, bases
     for written, image in bases:
-        assert "$" not in written, f"{written}: external bases are written out, not built from ARGs"
+        assert "$" not in image, f"{written}: no default in a global ARG"
         if "@sha256:" in image:
             continue
         name, _, tag = image.rpartition(":")
@@ -200,31 +209,6 @@ def test_variant_build_arg_selects_the_base_stage():
 # --- user ---------------------------------------------------------------------------------------
 
 
-def test_final_stage_runs_as_a_numeric_non_root_user():
-    users = FINAL.all("USER")
-    assert users, "the final stage sets no USER (it would run as root)"
-    user = users[-1].args
-    uid, _, gid = user.partition(":")
-    # Numeric: Kubernetes can only verify runAsNonRoot for a numeric USER.
-    assert uid.isdigit(), f"USER {user}: use a numeric uid"
-    assert int(uid) != 0 and uid != "root", f"USER {user} is root"
-    assert not gid or (gid.isdigit() and int(gid) != 0), f"USER {user}: primary group should not be root"
-    # The account exists with that uid, created in the final stage before the switch.
-    creates = [i for i in FINAL.all("RUN") if f"--uid {uid}" in i.args and "useradd" in i.args]
-    assert creates and creates[0].line < users[-1].line, f"no `useradd --uid {uid}` before USER"
-
-
-def test_the_user_may_write_its_caches_and_the_kfp_artifact_paths():
-    env = stage_env(FINAL)
-    cache = env.get("XDG_CACHE_HOME")
-    assert cache, "XDG_CACHE_HOME is not set"
-    for key in ("HF_HOME", "TRITON_CACHE_DIR", "VLLM_CACHE_ROOT", "MPLCONFIGDIR"):
-        assert env.get(key, "").startswith(cache + "/"), f"{key}={env.get(key)!r} is not under {cache}"
-    uid = FINAL.all("USER")[-1].args.partition(":")[0]
-    setup = " ".join(i.args for i in FINAL.all("RUN"))
-    for path in (cache, "/s3", "/minio", "/gcs"):
-        assert re.search(rf"mkdir -p [^&]*{re.escape(path)}(\s|$)", setup), f"{path} is not created"
-        assert re.search(rf"chown {uid}(:\d+)? [^&]*{re.escape(path)}(\s|$)", setup), f"{path} not owned by {uid}"
 
 
 def test_hf_hub_offline_is_documented_but_not_set():
@@ -237,35 +221,6 @@ def test_hf_hub_offline_is_documented_but_not_set():
 # --- the project --------------------------------------------------------------------------------
 
 
-def test_project_is_built_as_a_wheel_and_installed_not_editable():
-    text = DOCKERFILE.read_text()
-    assert not re.search(r"pip install[^\n]*(\s-e\s|--editable)", text), "editable install"
-    builder = stage("wheel")
-    assert re.search(r"pip wheel .*--no-deps.* \.$", builder.all("RUN")[-1].args), "the wheel is not built from ."
-    copies = [i.args for i in FINAL.all("COPY")]
-    assert any(c.startswith("--from=wheel ") for c in copies), "the final stage does not take the wheel"
-    installs = pip_installs(FINAL.text())
-    assert any("topr-*.whl" in command for command in installs), f"no install of the wheel in {installs}"
-    assert not any(re.search(r"pip install .*\s\.(\[|\s|$)", c) for c in installs), "source tree installed"
-
-
-def test_sources_copied_into_the_builder_exist_and_are_in_the_build_context():
-    ignored = dockerignore_patterns()
-    sources = []
-    for stage_ in STAGES:
-        for instruction in stage_.all("COPY") + stage_.all("ADD"):
-            words = [w for w in instruction.args.split() if not w.startswith("--")]
-            if any(w.startswith("--from") for w in instruction.args.split()):
-                continue
-            sources += words[:-1]
-    assert {"pyproject.toml", "README.md", "src", "components", "pipelines"} <= set(sources), sources
-    for source in sources:
-        assert (ROOT / source).exists(), f"COPY {source}: not in the repository"
-        assert not is_ignored(source, ignored), f"COPY {source}: excluded by .dockerignore"
-    # Every package pyproject.toml names comes from a copied directory.
-    package_dirs = PYPROJECT["tool"]["setuptools"]["package-dir"].values()
-    for directory in package_dirs:
-        assert directory.split("/")[0] in sources, f"package dir {directory} is not copied"
 
 
 def test_torch_and_vllm_pins_satisfy_pyproject():
@@ -274,21 +229,15 @@ def test_torch_and_vllm_pins_satisfy_pyproject():
         pins = re.findall(r"torch==([\w.]+)", stage(name).text())
         assert len(pins) == 1, f"{name}: expected one exact torch pin, found {pins}"
         assert Version(pins[0]) in torch_range, f"{name}: torch {pins[0]} outside pyproject's {torch_range}"
-    index = {name: re.search(r"--index-url (\S+)", stage(name).text()).group(1) for name in ("base-gpu", "base-cpu")}
+    index = {name: stage_args(stage(name))["TORCH_INDEX_URL"] for name in ("base-gpu", "base-cpu")}
+    for name in index:
+        assert "${TORCH_INDEX_URL:+--index-url $TORCH_INDEX_URL}" in stage(name).text(), f"{name}: the index is not used"
     assert index["base-gpu"].rstrip("/").endswith("/cu130"), index
     assert index["base-cpu"].rstrip("/").endswith("/cpu"), index
     gpu_extra = SpecifierSet(PYPROJECT["project"]["optional-dependencies"]["gpu"][0].removeprefix("vllm"))
     vllm = re.findall(r"vllm==([\w.]+)", stage("base-gpu").text())
     assert len(vllm) == 1 and Version(vllm[0]) in gpu_extra, f"vllm pin {vllm} vs [gpu] {gpu_extra}"
 
-
-def test_kfp_comes_from_the_project_dependencies():
-    # The components use install_kfp_package=False: the image must get kfp from pyproject's
-    # workflow extra, which both variants install.
-    dependencies = PYPROJECT["project"]["optional-dependencies"]["workflow"]
-    assert any(re.match(r"kfp\s*==", d) for d in dependencies), dependencies
-    assert any(re.match(r"kfp-kubernetes\s*==", d) for d in dependencies), dependencies
-    assert not re.search(r"pip install[^\n]*--no-deps[^\n]*topr", FINAL.text()), "dependencies skipped"
 
 
 def test_cpu_variant_installs_no_vllm_and_gpu_variant_does():
@@ -326,32 +275,6 @@ def test_no_secrets_in_env_or_build_args():
     assert "BEGIN PRIVATE KEY" not in text and "BEGIN RSA PRIVATE KEY" not in text
 
 
-def test_entrypoint_is_the_topr_console_script():
-    entrypoints = FINAL.all("ENTRYPOINT")
-    cmds = FINAL.all("CMD")
-    instruction = (entrypoints or cmds)[-1]
-    argv = json.loads(instruction.args)  # exec form: no shell between Kubernetes and topr
-    assert isinstance(argv, list) and argv, instruction.args
-    assert argv[0] == "topr", argv
-    assert "topr" in PYPROJECT["project"]["scripts"], "pyproject has no `topr` console script"
-
-
-def test_oci_labels():
-    labels: dict[str, str] = {}
-    for instruction in FINAL.all("LABEL"):
-        labels.update(key_values(instruction.args))
-    prefix = "org.opencontainers.image."
-    for key in ("title", "source", "licenses", "version", "description"):
-        assert labels.get(prefix + key), f"missing LABEL {prefix}{key}"
-    assert labels[prefix + "licenses"] == PYPROJECT["project"]["license"] == "Apache-2.0"
-    assert labels[prefix + "title"] == PYPROJECT["project"]["name"]
-    # The version label comes from a build arg whose default is the project's version.
-    version_arg = re.fullmatch(r"\$\{?(\w+)\}?", labels[prefix + "version"])
-    assert version_arg, labels[prefix + "version"]
-    args: dict[str, str] = {}
-    for instruction in FINAL.all("ARG"):
-        args.update(key_values(instruction.args))
-    assert args.get(version_arg.group(1)) == PYPROJECT["project"]["version"]
 
 
 def test_header_says_how_to_build_both_variants():

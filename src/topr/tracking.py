@@ -77,9 +77,16 @@ def experiment_id(client, name: str, tracking_uri: str) -> str:
     return client.create_experiment(name, artifact_location=artifact_location)
 
 
+IMAGE_TAGS = {"TOPR_IMAGE_REF": "topr.image", "TOPR_IMAGE_DIGEST": "topr.image.digest", "TOPR_REVISION": "topr.image.revision"}
+"""What a container of topr's image knows of it (set by the Dockerfile and ``topr run --runner
+docker``), and the run tag each becomes."""
+
+
 def code_version() -> dict[str, str]:
-    """The package version and, when the source is a git checkout, its commit."""
+    """The package version and, when the source is a git checkout, its commit; in a container of
+    topr's image, the image (tag, digest where known, and the commit it was built from)."""
     version = {"topr.version": topr.__version__}
+    version.update({tag: os.environ[name] for name, tag in IMAGE_TAGS.items() if os.environ.get(name)})
     try:
         commit = subprocess.run(
             ["git", "rev-parse", "HEAD"],
