@@ -153,10 +153,23 @@ def image_digest(client, image: str) -> str:
         raise DockerRunnerError(f"--runner docker: image {image!r} is not on this machine; build it with 'make image'") from None
 
 
+S3_ENDPOINTS = ("AWS_ENDPOINT_URL", "MLFLOW_S3_ENDPOINT_URL")
+
+
+def stack_services(tracking_uri: str, environment: dict[str, str]) -> dict[str, tuple[str, tuple[str, int]]]:
+    """The services the containers need (the tracking server, the S3 store where an endpoint is
+    set): each variable that names one, with its URL and its (loopback) address."""
+    urls = {"MLFLOW_TRACKING_URI": tracking_uri} | {name: environment[name] for name in S3_ENDPOINTS if environment.get(name)}
+    return {
+        name: (url, loopback_address(url, "the tracking URI" if name == "MLFLOW_TRACKING_URI" else f"the S3 endpoint ({name})"))
+        for name, url in urls.items()
+    }
+
+
 def preflight(image: str, tracking_uri: str) -> None:
     """Fail before the run starts when its containers could not run: no engine, no image, or a
-    tracking URI they could not reach."""
-    loopback_address(tracking_uri, "the tracking URI")
+    service they could not reach."""
+    stack_services(tracking_uri, dict(os.environ))
     client = docker_client()
     try:
         image_digest(client, image)
@@ -189,15 +202,10 @@ def docker_runner(image: str, tracking_uri: str, pipeline_root: Path) -> Iterato
     digest = image_digest(client, image)
     gateway = stack_network(client)
     environment = {name: value for name, value in os.environ.items() if name.startswith(PASSED_ENV_PREFIXES)}
-    forwarders = [forward(gateway, loopback_address(tracking_uri, "the tracking URI"))]
-    container_tracking_uri = moved(tracking_uri, forwarders[0].address)
-    s3_endpoint = environment.get("AWS_ENDPOINT_URL") or environment.get("MLFLOW_S3_ENDPOINT_URL")
-    if s3_endpoint:
-        forwarders.append(forward(gateway, loopback_address(s3_endpoint, "the S3 endpoint (AWS_ENDPOINT_URL)")))
-        for name in ("AWS_ENDPOINT_URL", "MLFLOW_S3_ENDPOINT_URL"):
-            if name in environment:
-                environment[name] = moved(environment[name], forwarders[-1].address)
-    environment.update({"MLFLOW_TRACKING_URI": container_tracking_uri, "TOPR_IMAGE_REF": image, "TOPR_IMAGE_DIGEST": digest})
+    services = stack_services(tracking_uri, environment)
+    forwarders = {address: forward(gateway, address) for _, address in services.values()}
+    environment.update({name: moved(url, forwarders[address].address) for name, (url, address) in services.items()})
+    environment.update({"TOPR_IMAGE_REF": image, "TOPR_IMAGE_DIGEST": digest})
     for name in THROUGH_THE_SERVER:
         environment.setdefault(name, "false")
     runner = local.DockerRunner(
@@ -211,9 +219,9 @@ def docker_runner(image: str, tracking_uri: str, pipeline_root: Path) -> Iterato
         environment=environment,
     )
     try:
-        yield ContainerSetup(runner, container_tracking_uri)
+        yield ContainerSetup(runner, environment["MLFLOW_TRACKING_URI"])
     finally:
-        for forwarder in forwarders:
+        for forwarder in forwarders.values():
             forwarder.server.shutdown()
             forwarder.server.server_close()
         client.close()
