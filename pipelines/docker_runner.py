@@ -168,13 +168,20 @@ def stack_services(tracking_uri: str, environment: dict[str, str]) -> dict[str, 
 
 def preflight(image: str, tracking_uri: str) -> None:
     """Fail before the run starts when its containers could not run: no engine, no image, or a
-    service they could not reach."""
+    service they could not reach; warn when the image holds other code than this checkout (the
+    tasks parse the configuration this process writes, so a field one side lacks fails them)."""
+    from topr.tracking import code_version
+
     stack_services(tracking_uri, dict(os.environ))
     client = docker_client()
     try:
         image_digest(client, image)
+        built_from = client.images.get(image).labels.get("org.opencontainers.image.revision", "")
     finally:
         client.close()
+    checkout = code_version().get("topr.git_commit")
+    if checkout and built_from != checkout:
+        log.warning("image %s was built from %s, this checkout is at %s: rebuild it (make image) if the code differs", image, built_from or "an unknown commit", checkout)
 
 
 @dataclass

@@ -7,6 +7,7 @@ prompt, a wrong temperature or an unnormalised truncated distribution all show u
 
 from __future__ import annotations
 
+import os
 import sys
 
 import pytest
@@ -342,30 +343,38 @@ def test_vllm_engine_without_vllm_names_the_extra(monkeypatch, tiny_model_dir):
 
 
 class FakeVLLM:
-    """A stand-in for the ``vllm`` package (which cannot be installed here) with vLLM's shapes.
+    """A stand-in for the ``vllm`` package (which the main venv does not have) with vLLM's shapes.
 
     ``LLM.generate`` samples for real with the transformers engine on the same model, then
     returns vLLM-shaped outputs: one ``RequestOutput`` per prompt, ``n`` ``CompletionOutput``s each,
     and per generated token a ``{token_id: Logprob}`` dict, as vLLM returns for ``logprobs=0``.
+    ``on_cpu`` is what ``vllm.platforms.current_platform.is_cpu()`` says; a request without a
+    seed draws from this process's torch generator, as vLLM's in-process CPU engine does.
     """
 
-    def __init__(self):
+    def __init__(self, on_cpu: bool = False):
         from types import SimpleNamespace
 
         self.made: dict = {}
         self.sampling: dict = {}
+        self.environment: dict = {}
+        self.closed: list[str] = []
         fake = self
 
         class LLM:
             def __init__(self, **kwargs):
                 fake.made = kwargs
+                fake.environment = dict(os.environ)
                 model, tokenizer = load_policy(kwargs["model"])
                 self.engine = TransformersEngine(model, tokenizer, batch_size=8, progress=False)
+                self.llm_engine = SimpleNamespace(engine_core=SimpleNamespace(shutdown=lambda: fake.closed.append("engine")))
+                torch.set_num_threads = lambda threads: None  # as vLLM's CPU worker does
 
-            def generate(self, prompts, sampling):
+            def generate(self, prompts, sampling, use_tqdm=True):
                 params = SamplingParams(
                     n=sampling["n"], temperature=sampling["temperature"], top_k=max(sampling["top_k"], 0),
-                    top_p=sampling["top_p"], max_new_tokens=sampling["max_tokens"], seed=sampling["seed"],
+                    top_p=sampling["top_p"], max_new_tokens=sampling["max_tokens"],
+                    seed=sampling.get("seed", torch.initial_seed()),
                 )  # fmt: skip
                 results = self.engine.generate([p["prompt_token_ids"] for p in prompts], params)
                 return [
@@ -386,31 +395,76 @@ class FakeVLLM:
 
         self.module = SimpleNamespace(LLM=LLM, SamplingParams=sampling_params)
         self.inputs = SimpleNamespace(TokensPrompt=lambda prompt_token_ids: {"prompt_token_ids": prompt_token_ids})
+        self.platforms = SimpleNamespace(current_platform=SimpleNamespace(is_cpu=lambda: on_cpu))
+        self.parallel_state = SimpleNamespace(cleanup_dist_env_and_memory=lambda: fake.closed.append("distributed"))
+
+    def install(self, monkeypatch) -> None:
+        monkeypatch.setitem(sys.modules, "vllm", self.module)
+        monkeypatch.setitem(sys.modules, "vllm.inputs", self.inputs)
+        monkeypatch.setitem(sys.modules, "vllm.platforms", self.platforms)
+        monkeypatch.setitem(sys.modules, "vllm.distributed.parallel_state", self.parallel_state)
+        monkeypatch.setattr(torch, "set_num_threads", torch.set_num_threads)  # whatever the fake does to it
+
+
+def write_questions(path) -> None:
+    write_records(path, [{"prompt_id": f"p{i}", "prompt": q, "reference": "7"} for i, q in enumerate(QUESTIONS)])
+
+
+SAMPLING_OVERRIDES = ["task.train_size=3", "sample.samples_per_prompt=2", "sample.max_new_tokens=6", "sample.top_k=5"]
 
 
 def test_vllm_engine_asks_for_processed_logprobs_and_makes_the_same_records(monkeypatch, tmp_path, tiny_model_dir):
     fake = FakeVLLM()
-    monkeypatch.setitem(sys.modules, "vllm", fake.module)
-    monkeypatch.setitem(sys.modules, "vllm.inputs", fake.inputs)
-    prompts = tmp_path / "prompts.jsonl"
-    write_records(prompts, [{"prompt_id": f"p{i}", "prompt": q, "reference": "7"} for i, q in enumerate(QUESTIONS)])
-    overrides = ["task.train_size=3", "sample.samples_per_prompt=2", "sample.max_new_tokens=6", "sample.top_k=5"]
+    fake.install(monkeypatch)
+    write_questions(tmp_path / "prompts.jsonl")
 
-    run_sample(load_config(None, [*overrides, "sample.engine=vllm", "sample.tensor_parallel_size=2"]), tiny_model_dir, prompts, tmp_path / "v.jsonl")
-    run_sample(load_config(None, overrides), tiny_model_dir, prompts, tmp_path / "t.jsonl")
+    run_sample(load_config(None, [*SAMPLING_OVERRIDES, "sample.engine=vllm", "sample.tensor_parallel_size=2"]), tiny_model_dir, tmp_path / "prompts.jsonl", tmp_path / "v.jsonl")
+    run_sample(load_config(None, SAMPLING_OVERRIDES), tiny_model_dir, tmp_path / "prompts.jsonl", tmp_path / "t.jsonl")
 
     # log mu must be that of the distribution sampled from (temperature, top-k, top-p applied):
     # vLLM returns raw log-probs unless asked for processed ones.
     assert fake.made == {"model": tiny_model_dir, "tensor_parallel_size": 2, "seed": 0, "logprobs_mode": "processed_logprobs", "load_format": "safetensors"}
-    assert fake.sampling == {"n": 2, "temperature": 0.5, "top_k": 5, "top_p": 1.0, "max_tokens": 6, "seed": 1, "logprobs": 0}
+    assert fake.sampling == {"n": 2, "temperature": 0.5, "top_k": 5, "top_p": 1.0, "max_tokens": 6, "seed": 1, "logprobs": 0, "detokenize": False}
     from_vllm, from_transformers = read_records(tmp_path / "v.jsonl"), read_records(tmp_path / "t.jsonl")
     assert from_vllm == from_transformers  # same samples, same fields, same order, same log-probs
 
 
+def test_vllm_on_cpu_runs_in_process_in_float32_seeded_through_torch(monkeypatch, tmp_path, tiny_model_dir):
+    """vLLM's CPU build: an in-process engine (no spawned workers), float32, eager, a bounded KV
+    cache, and each call seeded through this process's torch generator (a per-request seed fails
+    on CPU); the process's environment and ``torch.set_num_threads`` are left as they were."""
+    fake = FakeVLLM(on_cpu=True)
+    fake.install(monkeypatch)
+    monkeypatch.delenv("VLLM_ENABLE_V1_MULTIPROCESSING", raising=False)
+    write_questions(tmp_path / "prompts.jsonl")
+    environment, set_num_threads = dict(os.environ), torch.set_num_threads
+
+    config = load_config(None, [*SAMPLING_OVERRIDES, "sample.engine=vllm", "sample.cpu_kv_cache_gib=1.5"])
+    run_sample(config, tiny_model_dir, tmp_path / "prompts.jsonl", tmp_path / "v.jsonl")
+    run_sample(load_config(None, SAMPLING_OVERRIDES), tiny_model_dir, tmp_path / "prompts.jsonl", tmp_path / "t.jsonl")
+
+    assert fake.made == {
+        "model": tiny_model_dir, "tensor_parallel_size": 1, "seed": 0, "logprobs_mode": "processed_logprobs",
+        "load_format": "safetensors", "dtype": "float32", "enforce_eager": True, "kv_cache_memory_bytes": 3 * 2**29,
+    }  # fmt: skip
+    assert fake.environment["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0" and fake.environment["OMP_NUM_THREADS"]
+    assert "seed" not in fake.sampling
+    assert dict(os.environ) == environment and torch.set_num_threads is set_num_threads
+    assert fake.closed == ["engine", "distributed"]  # the stage closes its engine: a process that goes on gets its memory back
+    assert read_records(tmp_path / "v.jsonl") == read_records(tmp_path / "t.jsonl")  # seeded with sample.seed + iteration
+
+
+def test_vllm_greedy_records_zero_logprobs_like_the_transformers_engine(monkeypatch, tiny_model_dir, prompts):
+    fake = FakeVLLM(on_cpu=True)
+    fake.install(monkeypatch)
+    engine = VLLMEngine(tiny_model_dir)
+    (choice,) = engine.generate(prompts[:1], SamplingParams(n=1, temperature=0.0, max_new_tokens=4))[0]
+    assert fake.sampling["logprobs"] is None and choice.logprobs == [0.0] * len(choice.token_ids)
+
+
 def test_vllm_top_k_zero_means_no_truncation(monkeypatch, tiny_model_dir):
     fake = FakeVLLM()
-    monkeypatch.setitem(sys.modules, "vllm", fake.module)
-    monkeypatch.setitem(sys.modules, "vllm.inputs", fake.inputs)
+    fake.install(monkeypatch)
     engine = VLLMEngine(tiny_model_dir)
     engine.generate([[1, 2, 3]], SamplingParams(n=1, temperature=1.0, top_k=0, max_new_tokens=2))
     assert fake.sampling["top_k"] == -1  # vLLM's "off"; 0 is rejected by older vLLM releases

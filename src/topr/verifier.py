@@ -45,7 +45,7 @@ from topr.loop import LibraryStages, run_iteration
 from topr.metrics import auroc, auroc_interval, balanced_accuracy, majority_vote, vote_correct, weighted_vote, wilson_interval
 from topr.models import load_policy, model_identity, prompt_token_ids, set_threads
 from topr.records import PROMPT_FIELDS, Record, read_records, write_json, write_records
-from topr.sample import SamplingParams, make_engine, sample_records
+from topr.sample import SamplingParams, opened_engine, sample_records
 from topr.stats import problem_gain
 from topr.tasks import get_task
 from topr.train import StepCallback
@@ -382,9 +382,9 @@ def run_verifier_data(
     verifier = config.verifier
     train_problems = read_records(train_prompts_path, required=PROMPT_FIELDS)[: verifier.train_questions]
     eval_problems = read_records(eval_prompts_path, required=PROMPT_FIELDS)[: config.task.eval_size]
-    engine, tokenizer = make_engine(config, policy_dir, config.sample.batch_size)
-    train_solutions = _sample_solutions(config, engine, tokenizer, train_problems, policy_dir)
-    eval_solutions = _sample_solutions(config, engine, tokenizer, eval_problems, policy_dir)
+    with opened_engine(config, policy_dir, config.sample.batch_size) as (engine, tokenizer):
+        train_solutions = _sample_solutions(config, engine, tokenizer, train_problems, policy_dir)
+        eval_solutions = _sample_solutions(config, engine, tokenizer, eval_problems, policy_dir)
     train_prompts = build_verifier_prompts(train_solutions)
     if verifier.balance:
         train_prompts = balance_labels(train_prompts, verifier.seed)
