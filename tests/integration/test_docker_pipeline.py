@@ -29,18 +29,19 @@ def test_every_task_runs_in_the_image_and_the_model_verifies(stack, topr_image, 
     model_uri = f"s3://{stack.bucket}/models/tiny"
     storage.publish_directory(tiny_model_dir, model_uri)  # a container sees no host path: the model comes from S3
     store = f"s3://{stack.bucket}/docker-runs"
-    volumes_before = docker_lines("volume", "ls", "-q")
+    dangling_before = docker_lines("volume", "ls", "-q", "--filter", "dangling=true")
 
     code = main([
         "run", "--runner", "docker", "--tracking-uri", stack.tracking_uri, f"run.output_dir={tmp_path}", "run.name=in-containers",
-        f"model.path={model_uri}", "run.iterations=1", f"run.artifact_store={store}", "run.registered_model=docker-test", *TINY_RUN,
+        f"model.path={model_uri}", "run.iterations=1", f"run.artifact_store={store}", "run.registered_model=docker-test",
+        "run.experiment=in-containers", *TINY_RUN,
     ])  # fmt: skip
     assert code == 0, capsys.readouterr().err
     assert "pass@1" in capsys.readouterr().out  # the run's table
 
     client = mlflow.MlflowClient(stack.tracking_uri)
     (parent,) = client.search_runs(
-        [client.get_experiment_by_name("topr").experiment_id], "attributes.run_name = 'in-containers'"
+        [client.get_experiment_by_name("in-containers").experiment_id], "attributes.run_name = 'in-containers'"
     )
     assert parent.info.status == "FINISHED"
     stage_runs = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
@@ -57,7 +58,7 @@ def test_every_task_runs_in_the_image_and_the_model_verifies(stack, topr_image, 
     assert "0 problem(s)" in capsys.readouterr().err
     # Every container and its writable volumes went with its task.
     assert docker_lines("ps", "-aq", "--filter", f"ancestor={topr_image}") == set()
-    assert docker_lines("volume", "ls", "-q") <= volumes_before
+    assert docker_lines("volume", "ls", "-q", "--filter", "dangling=true") <= dangling_before
 
 
 def test_a_tracking_uri_the_containers_cannot_reach_is_refused_before_the_run(tmp_path, capsys):
