@@ -12,7 +12,6 @@ The docker runner needs the image (``make image``) and an engine; it is secured 
     .venv/bin/python bench/task_starts.py --tasks 4 --repeats 2 --json task_starts.json
 """
 
-from __future__ import annotations
 
 import contextlib
 import statistics
@@ -84,7 +83,7 @@ def main() -> None:
 
     image = args.image or local_image()
     runners = args.runners.split(",")
-    timings: dict[str, list[float]] = {name: [] for name in runners}
+    timings = {name: [] for name in runners}
     with tempfile.TemporaryDirectory(prefix="task-starts-") as folder:
         for round_ in range(args.repeats):
             for name in runners:

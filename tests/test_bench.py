@@ -177,3 +177,15 @@ def test_gpu_experiment_stops_at_its_time_box(tmp_path):
                    check=True, env=env, capture_output=True, timeout=300)  # fmt: skip
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["units"] == [] and summary["stopped"].startswith("time box: 0 units done")
+
+
+@pytest.mark.slow
+def test_task_starts_times_every_runner(topr_image, tmp_path):
+    output = tmp_path / "task_starts.json"
+    command = [sys.executable, str(BENCH / "task_starts.py"), "--quick", "--image", topr_image, "--json", str(output)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    timings = json.loads(output.read_text())["seconds_per_task"]
+    assert set(timings) == {"warm", "cold", "docker"}
+    assert all(len(values) == 1 and values[0] > 0 for values in timings.values())
+    assert "vs warm" in done.stdout
