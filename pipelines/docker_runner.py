@@ -51,14 +51,17 @@ class DockerRunnerError(RuntimeError):
 
 @dataclass
 class Forwarder:
-    """A TCP port on the gateway whose connections are piped to ``target`` (host, port)."""
+    """A TCP port on the gateway whose connections are piped to ``server.target`` (host, port)."""
 
     server: socketserver.ThreadingTCPServer
-    target: tuple[str, int]
 
     @property
     def address(self) -> tuple[str, int]:
         return self.server.server_address[:2]
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
 
 
 class _Pipe(socketserver.BaseRequestHandler):
@@ -93,7 +96,7 @@ def forward(gateway: str, target: tuple[str, int]) -> Forwarder:
     server.daemon_threads = True
     server.target = target
     threading.Thread(target=server.serve_forever, name=f"forward-{target[1]}", daemon=True).start()
-    return Forwarder(server, target)
+    return Forwarder(server)
 
 
 def loopback_address(url: str, what: str) -> tuple[str, int]:
@@ -229,6 +232,5 @@ def docker_runner(image: str, tracking_uri: str, pipeline_root: Path) -> Iterato
         yield ContainerSetup(runner, environment["MLFLOW_TRACKING_URI"])
     finally:
         for forwarder in forwarders.values():
-            forwarder.server.shutdown()
-            forwarder.server.server_close()
+            forwarder.close()
         client.close()

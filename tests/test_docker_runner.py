@@ -50,8 +50,7 @@ def test_the_forwarder_carries_both_directions_and_the_end_of_each():
             client.shutdown(socket.SHUT_WR)  # the server reads to the end, then answers
             answer = b"".join(iter(lambda: client.recv(65536), b""))
     finally:
-        forwarder.server.shutdown()
-        forwarder.server.server_close()
+        forwarder.close()
         server.join(10)
         upstream.close()
     assert len(b"".join(received)) == 300_000

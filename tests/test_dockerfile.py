@@ -11,7 +11,6 @@ variant installs, no secret-like build arguments; and what .dockerignore keeps o
 from __future__ import annotations
 
 import fnmatch
-import json
 import re
 import shlex
 import tomllib
