@@ -465,6 +465,17 @@ def test_ratio_quantiles_on_negatives_leave_the_positives_out():
     assert stats["ratio_negative_p50"] < stats["ratio_p50"]  # the batch's median mixes in the positives
 
 
+def test_the_stats_hold_every_negatives_clamped_ratio_in_batch_order():
+    """What ``topr.train`` takes a step's quantiles over, across its micro-batches."""
+    log_ratios = [3.0, -1.0, 2.0, 25.0, -0.5, -30.0]  # two beyond the clamp
+    rewards = [1.0, -1.0, 1.0, -1.0, -1.0, -1.0]
+    _, _, stats = loss_and_grad(*rows_with_log_ratios(log_ratios, rewards), objective="topr")
+    expected = torch.tensor([-1.0, LOG_RATIO_CLAMP, -0.5, -LOG_RATIO_CLAMP], dtype=torch.float64).exp()
+    assert stats.negative_ratios == pytest.approx(expected.tolist(), rel=1e-12)
+    _, _, positives_only = loss_and_grad(*rows_with_log_ratios([3.0, -1.0], [1.0, 0.0]), objective="topr")
+    assert positives_only.negative_ratios == []
+
+
 def test_gradient_weights_are_the_tapered_push_of_each_group():
     # TOPR: positives at weight 1; negatives at clip(rho, 0, 1) = e^-1, then 1 (rho = e^0.5 > 1).
     log_ratios, rewards = [-2.0, 0.0, -1.0, 0.5], [1.0, 0.5, -1.0, -2.0]

@@ -104,6 +104,17 @@ NEGATIVE_RATIO_STATS = ("ratio_negative_p10", "ratio_negative_p50", "ratio_negat
 """Stats of ``policy_loss`` that it reports only when the batch has negatives."""
 
 
+class LossStats(dict[str, float]):
+    """The stats of ``policy_loss`` (a dict of Python floats), and ``negative_ratios``: the
+    sequence ratio rho_i (clamped as the weights are) of each negative, in batch order, so that
+    ratio quantiles can be taken over several batches together (``topr.train`` takes them over
+    an optimizer step's micro-batches)."""
+
+    def __init__(self, stats: dict[str, float], negative_ratios: list[float]):
+        super().__init__(stats)
+        self.negative_ratios = negative_ratios
+
+
 def policy_loss(
     logprobs: Tensor,
     behavior_logprobs: Tensor,
@@ -118,7 +129,7 @@ def policy_loss(
     ppo_clip: float = 0.2,
     length_normalization: str = "sequence",
     normalizer: float | None = None,
-) -> tuple[Tensor, dict[str, float]]:
+) -> tuple[Tensor, LossStats]:
     """The loss to minimise for one batch of completions, and statistics to chart.
 
     Args:
@@ -140,7 +151,8 @@ def policy_loss(
 
     Returns:
         ``(loss, stats)``: the scalar loss (mean over the B completions, empty ones counting 0)
-        and a dict of Python floats, finite when the inputs are at the completion tokens:
+        and a dict of Python floats (a ``LossStats``, which also holds every negative's sequence
+        ratio), finite when the inputs are at the completion tokens:
 
         - ``loss``; non-finite when a completion token's log-probability is, so that training
           can stop on it (``topr.train``) instead of reading a fault as 0;
@@ -307,8 +319,9 @@ def _stats(
     token_log_ratio: Tensor,
     weights: Tensor,
     clipped: Tensor,
-) -> dict[str, float]:
-    """Detached summaries, gathered into one tensor so that reading them costs one device sync."""
+) -> LossStats:
+    """Detached summaries and the negatives' sequence ratios, gathered into one tensor so that
+    reading them costs one device sync."""
     positive = advantages >= 0
     negative = ~positive
     per_token = weights.dim() == 2
@@ -346,12 +359,15 @@ def _stats(
         "logprob_positive_mean": _mean_over(logp, valid & positive[:, None]),
         "logprob_negative_mean": _mean_over(logp, valid & negative[:, None]),
     }
-    stacked = torch.stack([value.to(torch.float64) for value in values.values()])
-    stats = dict(zip(values, stacked.tolist(), strict=True))
+    figures = torch.stack([value.to(torch.float64) for value in values.values()])
+    read = torch.cat([figures, sequence_ratio.to(torch.float64), negative.to(torch.float64)]).tolist()
+    count, batch = len(values), len(negative)
+    stats = dict(zip(values, read[:count], strict=True))
+    ratios, negatives = read[count : count + batch], read[count + batch :]
     if not stats["negative_count"]:
         for name in NEGATIVE_RATIO_STATS:
             del stats[name]
-    return stats
+    return LossStats(stats, [ratio for ratio, is_negative in zip(ratios, negatives, strict=True) if is_negative])
 
 
 def _sequence_weights(weights: Tensor, valid: Tensor, lengths: Tensor) -> Tensor:

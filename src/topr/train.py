@@ -1,8 +1,10 @@
 """The training stage: epochs of ``policy_loss`` over a curated set, then save the new policy.
 
-Reads top to bottom: load records and model, build the optimizer, loop over global batches
-(micro-batches of similar lengths, gradient accumulation, clipping), report every optimizer
-step, save.
+``run_train`` reads top to bottom: load records and model, build the optimizer, loop over
+global batches (``forward_backward`` on micro-batches of similar lengths with gradient
+accumulation, clipping, the optimizer step), report every step, save. A step's figures are
+added up over its micro-batches (``StepTally``) and derived once over all processes;
+``RunProgress`` keeps every step's figures, which a checkpoint carries and the summary sums up.
 The behaviour log-probs come from the records, so no second model is held in memory.
 
 Training runs in one process or, under torchrun, in several (``launch_train`` starts them when
@@ -23,6 +25,7 @@ import random
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -33,7 +36,7 @@ from topr.config import Config, config_to_yaml
 from topr.console import progress_bar
 from topr.logprobs import batch_prompt_completions, completion_logprobs
 from topr.models import load_policy, model_identity, save_policy, set_threads
-from topr.objectives import LOG_RATIO_CLAMP, NEGATIVE_RATIO_STATS, policy_loss
+from topr.objectives import NEGATIVE_RATIO_STATS, LossStats, policy_loss
 from topr.records import TRAIN_FIELDS, Record, RecordError, read_records
 
 log = logging.getLogger(__name__)
@@ -259,9 +262,11 @@ class CompletionLogprobs(torch.nn.Module):
         )
 
 
-def loss_on_batch(scorer, batch: list[Record], config: Config, pad_token_id: int, device: torch.device):
-    """``policy_loss`` of one micro-batch (the mean over its sequences), its stats, and the
-    sequence ratios π/μ of its negatives (for the step's quantiles)."""
+def loss_on_batch(
+    scorer, batch: list[Record], config: Config, pad_token_id: int, device: torch.device
+) -> tuple[torch.Tensor, LossStats]:
+    """``policy_loss`` of one micro-batch (the mean over its sequences) and its stats, which hold
+    the sequence ratios π/μ of its negatives (for the step's quantiles)."""
     tensors = batch_prompt_completions(
         [r["prompt_token_ids"] for r in batch], [r["completion_token_ids"] for r in batch], pad_token_id
     )
@@ -287,14 +292,7 @@ def loss_on_batch(scorer, batch: list[Record], config: Config, pad_token_id: int
         length_normalization=train.length_normalization,
         normalizer=normalizer,
     )
-    return loss, stats, negative_ratios(logprobs, behavior, tensors["completion_mask"], rewards - train.baseline)
-
-
-def negative_ratios(logprobs: torch.Tensor, behavior: torch.Tensor, mask: torch.Tensor, advantages: torch.Tensor) -> list[float]:
-    """The sequence ratio π/μ of every negative (advantage < 0), clamped as ``policy_loss`` does."""
-    log_ratio = torch.where(mask != 0, logprobs.detach().float() - behavior.float(), 0.0).sum(dim=1)
-    ratio = log_ratio.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP).exp()
-    return ratio[advantages < 0].tolist()
+    return loss, stats
 
 
 def negative_ratio_quantiles(ratios: list[float]) -> dict[str, float]:
@@ -317,24 +315,47 @@ def group_sizes(stats: dict[str, float], part: list[Record]) -> dict[str, float]
     return {group: size if part else 0.0 for group, size in sizes.items()}
 
 
-def add_micro_batch(sums: dict[str, float], stats: dict[str, float], part: list[Record]) -> None:
-    """Add a micro-batch's stats to the step's sums: each value times its weight under its name,
-    the weight under ``weight/<name>``. Every stat of ``GROUP_STATS`` gets both, present or not,
-    so that every rank passes the same keys to ``distributed.sum_over_ranks``."""
-    sizes = group_sizes(stats, part)
-    for name in dict.fromkeys([*stats, *GROUP_STATS]):
-        if name in NEGATIVE_RATIO_STATS:
-            continue  # taken over the whole step's negatives
-        if name in SUMMED_STATS:
-            sums[name] = sums.get(name, 0.0) + (stats[name] if part else 0.0)
-            continue
-        weight = sizes[GROUP_STATS.get(name, "sequences")]
-        sums[name] = sums.get(name, 0.0) + stats.get(name, 0.0) * weight
-        sums[f"weight/{name}"] = sums.get(f"weight/{name}", 0.0) + weight
+@dataclass
+class StepTally:
+    """One optimizer step's micro-batches on this rank, added up; ``figures`` derives the step's
+    figures from them once, over all ranks.
+
+    ``sums`` holds ``tokens`` (prompt and completion tokens trained on), the counts of
+    ``SUMMED_STATS``, and every other stat of ``policy_loss`` times its weight under its name,
+    the weight under ``weight/<name>``; ``negative_ratios``, the sequence ratio of every negative.
+    """
+
+    sums: dict[str, float] = field(default_factory=lambda: {"tokens": 0.0})
+    negative_ratios: list[float] = field(default_factory=list)
+
+    def add(self, stats: LossStats, part: list[Record]) -> None:
+        """Add a micro-batch's stats; ``part`` holds its sequences (none for a rank's stand-in).
+        Every stat of ``GROUP_STATS`` gets a sum and a weight, present or not, so that every rank
+        passes the same keys to ``distributed.sum_over_ranks``."""
+        sizes = group_sizes(stats, part)
+        for name in dict.fromkeys([*stats, *GROUP_STATS]):
+            if name in NEGATIVE_RATIO_STATS:
+                continue  # taken over the whole step's negatives
+            if name in SUMMED_STATS:
+                self.sums[name] = self.sums.get(name, 0.0) + (stats[name] if part else 0.0)
+                continue
+            weight = sizes[GROUP_STATS.get(name, "sequences")]
+            self.sums[name] = self.sums.get(name, 0.0) + stats.get(name, 0.0) * weight
+            self.sums[f"weight/{name}"] = self.sums.get(f"weight/{name}", 0.0) + weight
+        self.negative_ratios += stats.negative_ratios if part else []
+        self.sums["tokens"] += sum(sequence_length(record) for record in part)
+
+    def figures(self, device: torch.device) -> tuple[dict[str, float], int]:
+        """The step's figures (``step_figures`` and the quantiles of the ratio on its negatives),
+        and the tokens it trained on, all over every rank's micro-batches."""
+        totals = distributed.sum_over_ranks(self.sums, device)
+        tokens = int(totals.pop("tokens"))
+        figures = step_figures(totals)
+        return figures | negative_ratio_quantiles(distributed.gather_over_ranks(self.negative_ratios)), tokens
 
 
 def step_figures(totals: dict[str, float]) -> dict[str, float]:
-    """The step's figures from the sums of ``add_micro_batch`` over its micro-batches and ranks:
+    """The step's figures from the sums of ``StepTally`` over its micro-batches and ranks:
     each stat's weighted mean (left out when its group is empty in the whole step), and
     ``positive_weight_share``, the positives' part of the gradient weight after the taper
     (left out when there is none)."""
@@ -401,6 +422,55 @@ def gradient_summary(history: list[dict[str, float]]) -> dict[str, float]:
     return figures
 
 
+@dataclass
+class RunProgress:
+    """The run so far, all of which a checkpoint carries over: every finished step's figures
+    (``history``), the tokens trained on, and the clock (``started`` is set back by the time a
+    resumed run had already spent, so that throughput counts the earlier steps too)."""
+
+    history: list[dict[str, float]]
+    tokens_seen: int
+    started: float
+    seconds: float = 0.0
+    """Time spent when the last step was recorded."""
+
+    @classmethod
+    def from_checkpoint(cls, state: dict | None) -> RunProgress:
+        """The progress a checkpoint's ``state`` saved, or a fresh run's without one."""
+        if not state:
+            return cls(history=[], tokens_seen=0, started=time.perf_counter())
+        return cls(state["history"], state["tokens_seen"], time.perf_counter() - state["seconds"])
+
+    def record(
+        self, figures: dict[str, float], tokens: int, sequences: int, grad_norm: float, learning_rate: float
+    ) -> dict[str, float]:
+        """Add a finished step: the figures of its micro-batches (``StepTally.figures``), its
+        sequences, and the optimizer's figures; return them with the throughput so far."""
+        self.tokens_seen += tokens
+        self.seconds = time.perf_counter() - self.started
+        throughput = self.tokens_seen / self.seconds
+        figures.update(sequences=sequences, grad_norm=grad_norm, learning_rate=learning_rate, tokens_per_second=throughput)
+        self.history.append(figures)
+        return figures
+
+    def summary(self, examples: int, steps: int, processes: int, weights_sha256: str) -> dict:
+        """What ``run_train`` returns once the model is saved: the run's sizes and throughput, and
+        what its steps' figures add up to."""
+        seconds = time.perf_counter() - self.started
+        return {
+            "examples": examples,
+            "steps": steps,
+            "processes": processes,
+            "tokens": self.tokens_seen,
+            "seconds": seconds,
+            "tokens_per_second": self.tokens_seen / seconds,
+            "final_loss": self.history[-1]["loss"],
+            **negatives_summary(self.history),
+            **gradient_summary(self.history),
+            "weights_sha256": weights_sha256,
+        }
+
+
 def warn_if_own_data_starts_off_policy(records: list[Record], model_dir: str, first_step_log_ratio: float) -> None:
     """Warn when π and μ disagree at step 0 on data that the model being trained sampled itself."""
     identity = model_identity(model_dir)
@@ -424,7 +494,7 @@ def usable_checkpoint(checkpoint: TrainCheckpoint | None, config: Config, world_
     return checkpoint
 
 
-def training_state(fingerprint: str, next_step: int, model, optimizer, scheduler, history: list, tokens_seen: int, seconds: float) -> dict:
+def training_state(fingerprint: str, next_step: int, model, optimizer, scheduler, progress: RunProgress) -> dict:
     """What a checkpoint holds (see ``topr.checkpoint``)."""
     return {
         "fingerprint": fingerprint,
@@ -433,9 +503,9 @@ def training_state(fingerprint: str, next_step: int, model, optimizer, scheduler
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         "rng": torch.get_rng_state(),
-        "history": history,
-        "tokens_seen": tokens_seen,
-        "seconds": seconds,
+        "history": progress.history,
+        "tokens_seen": progress.tokens_seen,
+        "seconds": progress.seconds,
     }
 
 
@@ -445,6 +515,48 @@ def resume(state: dict, optimizer, scheduler) -> None:
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["rng"])
+
+
+def training_scorer(model, config: Config, world_size: int, device: torch.device, autocast_dtype: torch.dtype | None):
+    """The policy in training mode as a module whose forward pass gives log π of the completion
+    tokens, wrapped for the processes (DDP or FSDP; ``distributed.wrap`` places it on ``device``)."""
+    train = config.train
+    model.train()
+    model.config.use_cache = False
+    # π is evaluated at the sampling temperature, so on-policy data has ratio π/μ = 1.
+    temperature = train.policy_temperature or config.sample.temperature
+    sharded = train.parallelism == "fsdp" and world_size > 1
+    scorer = CompletionLogprobs(model, train.logprob_chunk_size, temperature, train.float32_head, share_prefix=not sharded)
+    return distributed.wrap(scorer, train.parallelism, device, autocast_dtype)
+
+
+def forward_backward(
+    scorer,
+    batch: list[Record],
+    config: Config,
+    pad_token_id: int,
+    ranks: distributed.Ranks,
+    device: torch.device,
+    autocast_dtype: torch.dtype | None,
+) -> StepTally:
+    """This rank's forward and backward passes over its micro-batches of a global batch, the
+    gradient accumulating (and averaged over the ranks on the last one); their stats, tallied."""
+    batch_size = config.train.batch_size
+    parts = distributed.micro_batches(by_length(batch, batch_size, ranks.world_size), batch_size, ranks)
+    tally = StepTally()
+    for index, part in enumerate(parts):
+        # A rank left without sequences in a short last batch runs one at weight 0, so that
+        # it still takes part in the collectives of the forward and backward passes.
+        inputs = part or batch[:1]
+        # Every sequence weighs 1/len(batch) in the gradient; DDP and FSDP average the
+        # ranks' gradients, hence the factor world_size.
+        weight = len(part) * ranks.world_size / len(batch)
+        with distributed.gradient_sync(scorer, enabled=index == len(parts) - 1):
+            with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+                loss, stats = loss_on_batch(scorer, inputs, config, pad_token_id, device)
+            (loss * weight).backward()
+        tally.add(stats, part)
+    return tally
 
 
 def run_train(
@@ -477,70 +589,40 @@ def run_train(
         model, tokenizer = load_policy(model_dir, device=torch.device("cpu"))  # wrap() places it
         if resumed:
             model.load_state_dict(resumed["model"])
-        model.train()
-        model.config.use_cache = False
         autocast_dtype = training_dtype(config, device)
-        # π is evaluated at the sampling temperature, so on-policy data has ratio π/μ = 1.
-        temperature = train.policy_temperature or config.sample.temperature
-        sharded = train.parallelism == "fsdp" and ranks.world_size > 1
-        scorer = CompletionLogprobs(model, train.logprob_chunk_size, temperature, train.float32_head, share_prefix=not sharded)
-        scorer = distributed.wrap(scorer, train.parallelism, device, autocast_dtype)
+        scorer = training_scorer(model, config, ranks.world_size, device, autocast_dtype)
         optimizer = make_optimizer(scorer, config)
-
         step_size = train.batch_size * train.gradient_accumulation * ranks.world_size
         batches = global_batches(
             records, step_size, train.epochs, train.seed, train.batch_order, train.baseline, train.steps_per_epoch
         )
         scheduler = make_scheduler(optimizer, config, len(batches))
-        history: list[dict[str, float]] = resumed["history"] if resumed else []
-        tokens_seen = resumed["tokens_seen"] if resumed else 0
-        started = time.perf_counter() - (resumed["seconds"] if resumed else 0.0)
+        progress = RunProgress.from_checkpoint(resumed)
         if resumed:
             resume(resumed, optimizer, scheduler)
             del resumed  # weights and optimizer moments: a second copy in memory for the whole run otherwise
-            for step, stats in enumerate(history):
+            for step, stats in enumerate(progress.history):
                 if on_step and ranks.main:
                     on_step(step, stats)
-        bar = progress_bar(total=len(batches), initial=len(history), desc="training", unit="step", disable=not ranks.main)
-        for step in range(len(history), len(batches)):
+
+        bar = progress_bar(total=len(batches), initial=len(progress.history), desc="training", unit="step", disable=not ranks.main)
+        for step in range(len(progress.history), len(batches)):
             batch = batches[step]
-            parts = distributed.micro_batches(by_length(batch, train.batch_size, ranks.world_size), train.batch_size, ranks)
-            sums, ratios = {"tokens": 0.0}, []
-            for index, part in enumerate(parts):
-                # A rank left without sequences in a short last batch runs one at weight 0, so that
-                # it still takes part in the collectives of the forward and backward passes.
-                inputs = part or batch[:1]
-                # Every sequence weighs 1/len(batch) in the gradient; DDP and FSDP average the
-                # ranks' gradients, hence the factor world_size.
-                weight = len(part) * ranks.world_size / len(batch)
-                with distributed.gradient_sync(scorer, enabled=index == len(parts) - 1):
-                    with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
-                        loss, stats, part_ratios = loss_on_batch(scorer, inputs, config, tokenizer.pad_token_id, device)
-                    (loss * weight).backward()
-                add_micro_batch(sums, stats, part)
-                ratios += part_ratios if part else []
-                sums["tokens"] += sum(len(r["prompt_token_ids"]) + len(r["completion_token_ids"]) for r in part)
-            # The step's figures: weighted means over all its sequences, on every rank.
-            totals = distributed.sum_over_ranks(sums, device)
-            tokens_seen += int(totals.pop("tokens"))
-            step_stats = step_figures(totals) | negative_ratio_quantiles(distributed.gather_over_ranks(ratios))
+            tally = forward_backward(scorer, batch, config, tokenizer.pad_token_id, ranks, device, autocast_dtype)
+            figures, tokens = tally.figures(device)
             grad_norm = distributed.clip_grad_norm(scorer, train.max_grad_norm)
-            check_finite_step(step, step_stats["loss"], grad_norm)
+            check_finite_step(step, figures["loss"], grad_norm)
             learning_rate = optimizer.param_groups[0]["lr"]  # this step's, before the scheduler moves it
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            elapsed = time.perf_counter() - started
-            step_stats.update(
-                sequences=len(batch), grad_norm=grad_norm, learning_rate=learning_rate, tokens_per_second=tokens_seen / elapsed
-            )
-            history.append(step_stats)
+            stats = progress.record(figures, tokens, len(batch), grad_norm, learning_rate)
             if on_step and ranks.main:
-                on_step(step, step_stats)
+                on_step(step, stats)
             if checkpoint and ranks.main and step + 1 < len(batches) and checkpoint.due():
-                checkpoint.save(training_state(fingerprint, step + 1, model, optimizer, scheduler, history, tokens_seen, elapsed))
+                checkpoint.save(training_state(fingerprint, step + 1, model, optimizer, scheduler, progress))
             bar.update()
-            bar.set_postfix(loss=f"{step_stats['loss']:.4f}", tokens_per_s=f"{step_stats['tokens_per_second']:.0f}")
+            bar.set_postfix(loss=f"{stats['loss']:.4f}", tokens_per_s=f"{stats['tokens_per_second']:.0f}")
         bar.close()
 
         model.eval()
@@ -551,19 +633,7 @@ def run_train(
         digest = save_policy(
             policy, tokenizer, output_dir, provenance={"parent": model_identity(model_dir), "training_data": str(data_path)}
         )
-    seconds = time.perf_counter() - started
-    summary = {
-        "examples": len(records),
-        "steps": len(batches),
-        "processes": ranks.world_size,
-        "tokens": tokens_seen,
-        "seconds": seconds,
-        "tokens_per_second": tokens_seen / seconds,
-        "final_loss": history[-1]["loss"],
-        **negatives_summary(history),
-        **gradient_summary(history),
-        "weights_sha256": digest,
-    }
+    summary = progress.summary(len(records), len(batches), ranks.world_size, digest)
     warn_if_own_data_starts_off_policy(records, model_dir, summary["first_step_log_ratio_per_token"])
     log.info("trained %(steps)d steps on %(examples)d examples in %(seconds).0f s", summary)
     return summary
