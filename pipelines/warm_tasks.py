@@ -19,12 +19,17 @@ be started warm go to kfp.local's own subprocess.
 
 kfp is pinned (pyproject.toml): ``started`` replaces ``run_local_subprocess`` of kfp's
 ``subprocess_task_handler`` for the duration of the block, and ``task_of`` recognises the
-command that kfp 2.17's ``component_factory`` writes for a lightweight component.
+command that kfp 2.17's ``component_factory`` writes for a lightweight component. Both are
+kfp's internals: where they no longer have the shape written for (``private_function_changed``,
+``cold_reason``), or the forkserver fails, tasks start cold, as kfp.local starts them, and the
+run logs why as a warning, once for each reason (``_ColdStarts``): a run whose tasks all start
+cold takes minutes longer.
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import multiprocessing
 import os
@@ -37,6 +42,7 @@ from dataclasses import dataclass
 from multiprocessing import forkserver, reduction
 from pathlib import Path
 
+import kfp
 from kfp.local import subprocess_task_handler
 
 log = logging.getLogger(__name__)
@@ -93,6 +99,57 @@ def task_of(command: list[str]) -> Task | None:
     return Task(source=command[3], arguments=command[4:])
 
 
+def cold_reason(command: list[str]) -> tuple[str, str]:
+    """Why ``command``, which ``task_of`` does not start warm, starts cold: a short key (one
+    warning a run for each) and the reason in words."""
+    if any("pip install" in part for part in command):
+        return "packages", "the component installs packages first (packages_to_install)"
+    script = _SCRIPT.fullmatch(command[2]) if len(command) >= 4 and command[:2] == ["sh", "-ec"] else None
+    if script is not None:
+        return "interpreter", f"the task's interpreter is {script['python']}, not this process's {sys.executable} (SubprocessRunner(use_venv=True)?)"
+    return "script", (
+        "kfp.local's command for a lightweight component is not the script that kfp 2.17's "
+        f"component_factory generates (warm_tasks._SCRIPT): it begins {' '.join(command[:3])[:160]!r}"
+    )
+
+
+def private_function_changed() -> str | None:
+    """Why kfp.local's private ``subprocess_task_handler.run_local_subprocess`` cannot be
+    replaced as written for kfp 2.17 (a function ``(full_command, env_vars) -> exit code`` that
+    ``SubprocessTaskHandler.run`` looks up in its module as it runs), or None when it can."""
+    original = getattr(subprocess_task_handler, "run_local_subprocess", None)
+    if not callable(original):
+        return "kfp.local.subprocess_task_handler has no function run_local_subprocess"
+    try:
+        parameters = list(inspect.signature(original).parameters)
+    except (TypeError, ValueError):
+        parameters = None
+    if parameters != ["full_command", "env_vars"]:
+        return f"kfp.local's run_local_subprocess takes {parameters}, not ['full_command', 'env_vars']"
+    run = getattr(getattr(subprocess_task_handler, "SubprocessTaskHandler", None), "run", None)
+    if "run_local_subprocess" not in getattr(getattr(run, "__code__", None), "co_names", ()):
+        return "kfp.local's SubprocessTaskHandler.run no longer calls run_local_subprocess by its module's name"
+    return None
+
+
+class _ColdStarts:
+    """A run's reasons for starting tasks cold (kfp.local's own subprocess, a fresh interpreter):
+    each is logged once, as a warning, however many tasks it sends cold."""
+
+    def __init__(self):
+        self._logged: set[str] = set()
+        self._lock = threading.Lock()
+
+    def fall_back(self, key: str, reason: str) -> None:
+        with self._lock:
+            if key in self._logged:
+                return
+            self._logged.add(key)
+        log.warning(
+            "tasks start cold, in fresh interpreters (seconds more each): %s (kfp %s; logged once a run)", reason, kfp.__version__
+        )
+
+
 IMPORT_TIME_SETTINGS = re.compile(r"(HF_|HUGGINGFACE_|TRANSFORMERS_|TORCH|PYTORCH_|OMP_|MKL_|KMP_|MLFLOW_|TMPDIR$|DO_NOT_TRACK$)")
 """Environment variables that libraries may read once, as they are imported (huggingface_hub's
 offline mode and cache paths, OpenMP's threads, the temporary folder): the forkserver starts
@@ -102,14 +159,23 @@ with those of the first task, and a task that asks for other values starts cold.
 @contextlib.contextmanager
 def started() -> Iterator[None]:
     """Within the block, kfp.local's lightweight tasks run in processes forked from a forkserver,
-    started with the block's first task and stopped when the block ends."""
+    started with the block's first task and stopped when the block ends. Tasks that cannot
+    start so start cold, and the run logs why (once for each reason)."""
+    cold = _ColdStarts()
+    changed = private_function_changed()
+    if changed:
+        cold.fall_back("private function", changed)
+        yield
+        return
     original = subprocess_task_handler.run_local_subprocess
 
     def run_task(full_command: list[str], env_vars: dict[str, str] | None = None) -> int:
         task = task_of(full_command)
+        if task is None:
+            cold.fall_back(*cold_reason(full_command))
         environment = {**os.environ, **(env_vars or {})}
-        context = _forkserver(environment) if task else None
-        code = run_forked(context, task, environment) if context else None
+        context = _forkserver(environment, cold) if task else None
+        code = run_forked(context, task, environment, cold) if context else None
         return original(full_command, env_vars) if code is None else code
 
     subprocess_task_handler.run_local_subprocess = run_task
@@ -128,9 +194,10 @@ def _import_time_settings(environment: dict[str, str]) -> dict[str, str]:
     return {name: value for name, value in environment.items() if IMPORT_TIME_SETTINGS.match(name)}
 
 
-def _forkserver(environment: dict[str, str]) -> multiprocessing.context.BaseContext | None:
-    """The forkserver (started with ``environment`` if it is not running yet), or None when it
-    runs with other import-time settings than ``environment`` has."""
+def _forkserver(environment: dict[str, str], cold: _ColdStarts) -> multiprocessing.context.BaseContext | None:
+    """The forkserver (started with ``environment`` if it is not running yet), or None (and
+    ``cold`` told why) when it does not start or runs with other import-time settings than
+    ``environment`` has."""
     global _server_settings
     context = multiprocessing.get_context("forkserver")
     with _server_lock:
@@ -140,11 +207,11 @@ def _forkserver(environment: dict[str, str]) -> multiprocessing.context.BaseCont
                 with _environment(environment):
                     forkserver.ensure_running()
             except Exception as error:
-                log.warning("could not start the forkserver (%s: %s); tasks start in fresh interpreters", type(error).__name__, error)
+                cold.fall_back("forkserver", f"could not start the forkserver ({type(error).__name__}: {error})")
                 return None
             _server_settings = _import_time_settings(environment)
     if _import_time_settings(environment) != _server_settings:
-        log.info("a task with other import-time settings than the forkserver's starts in a fresh interpreter")
+        cold.fall_back("settings", "a task asks for other import-time settings (IMPORT_TIME_SETTINGS) than the forkserver started with")
         return None
     return context
 
@@ -172,17 +239,19 @@ def _environment(environment: dict[str, str]) -> Iterator[None]:
         os.environ.update(saved)
 
 
-def run_forked(context: multiprocessing.context.BaseContext, task: Task, environment: dict[str, str]) -> int | None:
+def run_forked(
+    context: multiprocessing.context.BaseContext, task: Task, environment: dict[str, str], cold: _ColdStarts | None = None
+) -> int | None:
     """Run ``task`` in a process forked by ``context``'s forkserver, print its output line by line
     as kfp.local does (its ``print``, which indents a task's lines), and return its exit code;
-    None when the process could not be started (the task has then not run)."""
+    None when the process could not be started (the task has then not run; ``cold`` is told why)."""
     read_end, write_end = os.pipe()
     try:
         process = context.Process(target=_execute, args=(_Descriptor(write_end), task, environment), name="kfp-task")
         process.start()
     except Exception as error:  # the forkserver failed to start or died
         os.close(read_end)
-        log.warning("could not start a task warm (%s: %s); starting it in a fresh interpreter", type(error).__name__, error)
+        (cold or _ColdStarts()).fall_back("fork", f"could not start a task warm ({type(error).__name__}: {error})")
         return None
     finally:
         os.close(write_end)  # the task holds the only write end: its exit ends the stream

@@ -2,6 +2,7 @@
 
 # No `from __future__ import annotations`: kfp reads the components' annotations as types.
 import json
+import logging
 import os
 import sys
 
@@ -81,7 +82,7 @@ def test_each_run_starts_its_own_forkserver_with_its_first_tasks_environment(loc
             assert json.loads(describe_process(label=value).output)["torch_imported"]
 
 
-def test_a_task_that_cannot_be_forked_runs_cold_and_leaves_no_descriptor_open(local_runner, monkeypatch):
+def test_a_task_that_cannot_be_forked_runs_cold_and_leaves_no_descriptor_open(local_runner, monkeypatch, cold_start_warnings):
     from multiprocessing.context import ForkServerProcess
 
     def broken_start(process):
@@ -91,12 +92,14 @@ def test_a_task_that_cannot_be_forked_runs_cold_and_leaves_no_descriptor_open(lo
         describe_process(label="warm")  # the forkserver runs
         monkeypatch.setattr(ForkServerProcess, "start", broken_start)
         descriptors = len(os.listdir("/proc/self/fd"))
-        described = json.loads(describe_process(label="cold").output)
+        described = [json.loads(describe_process(label=label).output) for label in ("cold", "cold again")]
         assert len(os.listdir("/proc/self/fd")) == descriptors
-    assert not described["torch_imported"]
+    assert not any(task["torch_imported"] for task in described)
+    (warning,) = cold_start_warnings()
+    assert "the forkserver is gone" in warning
 
 
-def test_without_a_forkserver_tasks_run_cold(local_runner, monkeypatch):
+def test_without_a_forkserver_tasks_run_cold(local_runner, monkeypatch, cold_start_warnings):
     from multiprocessing import forkserver
 
     def broken_server():
@@ -105,8 +108,77 @@ def test_without_a_forkserver_tasks_run_cold(local_runner, monkeypatch):
     monkeypatch.setattr(warm_tasks, "_server_settings", None)
     monkeypatch.setattr(forkserver, "ensure_running", broken_server)
     with warm_tasks.started():
-        described = json.loads(describe_process(label="cold").output)
-    assert not described["torch_imported"]
+        described = [json.loads(describe_process(label=label).output) for label in ("cold", "cold again")]
+    assert not any(task["torch_imported"] for task in described)
+    (warning,) = cold_start_warnings()
+    assert "no forkserver here" in warning
+
+
+@pytest.fixture
+def cold_start_warnings(caplog, monkeypatch):
+    """The warnings ``warm_tasks`` logs, as a function. kfp.local swaps the root logger's handlers
+    (caplog's among them) while a task runs, so caplog's handler listens on warm_tasks' own logger."""
+    monkeypatch.setattr(warm_tasks.log, "propagate", False)
+    warm_tasks.log.addHandler(caplog.handler)
+    yield lambda: [record.getMessage() for record in caplog.records if record.name == warm_tasks.log.name and record.levelno == logging.WARNING]
+    warm_tasks.log.removeHandler(caplog.handler)
+
+
+def _with_another_script(monkeypatch) -> None:
+    """kfp.local hands the task handler a lightweight component's script of another shape than
+    kfp 2.17's (one line more), which still runs the task."""
+    from kfp.local import subprocess_task_handler
+
+    replace = subprocess_task_handler.replace_python_executable
+
+    def replaced(full_command, new_executable):
+        command = replace(full_command, new_executable)
+        return command[:2] + ["export TOPR_ANOTHER_SHAPE=1\n" + command[2]] + command[3:] if command[:2] == ["sh", "-ec"] else command
+
+    monkeypatch.setattr(subprocess_task_handler, "replace_python_executable", replaced)
+
+
+def test_a_script_of_another_shape_starts_every_task_cold_with_one_warning_a_run(local_runner, monkeypatch, cold_start_warnings):
+    import kfp
+
+    _with_another_script(monkeypatch)
+    with warm_tasks.started():
+        first_run = [json.loads(describe_process(label=label).output) for label in ("one", "two")]
+    assert len(cold_start_warnings()) == 1
+    with warm_tasks.started():
+        second_run = json.loads(describe_process(label="three").output)
+    assert not any(task["torch_imported"] for task in [*first_run, second_run])
+    warnings = cold_start_warnings()
+    assert len(warnings) == 2  # once a run, not once a task
+    assert "script" in warnings[0] and f"kfp {kfp.__version__}" in warnings[0]
+
+
+def test_a_private_function_of_another_shape_is_left_alone_and_every_task_starts_cold_with_one_warning(local_runner, monkeypatch, cold_start_warnings):
+    import kfp
+    from kfp.local import subprocess_task_handler
+
+    original = subprocess_task_handler.run_local_subprocess
+
+    def another_shape(full_command, env_vars=None, timeout=None):
+        return original(full_command, env_vars)
+
+    monkeypatch.setattr(subprocess_task_handler, "run_local_subprocess", another_shape)
+    with warm_tasks.started():
+        assert subprocess_task_handler.run_local_subprocess is another_shape
+        described = [json.loads(describe_process(label=label).output) for label in ("one", "two")]
+    assert not any(task["torch_imported"] for task in described)
+    (warning,) = cold_start_warnings()
+    assert "run_local_subprocess" in warning and f"kfp {kfp.__version__}" in warning
+
+
+def test_a_missing_private_function_starts_every_task_cold_with_one_warning(monkeypatch, cold_start_warnings):
+    from kfp.local import subprocess_task_handler
+
+    monkeypatch.delattr(subprocess_task_handler, "run_local_subprocess")
+    with warm_tasks.started():
+        assert not hasattr(subprocess_task_handler, "run_local_subprocess")
+    (warning,) = cold_start_warnings()
+    assert "run_local_subprocess" in warning
 
 
 def test_a_cold_task_starts_a_fresh_interpreter(local_runner):

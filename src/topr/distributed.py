@@ -31,6 +31,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from topr.console import EVENTS_ENV
+from topr.hf_internals import transformer_block_classes
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +160,7 @@ def wrap(module: torch.nn.Module, parallelism: str, device: torch.device, comput
 
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     precision = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32 if compute_dtype else None)
-    blocks = {name for sub in module.modules() for name in getattr(sub, "_no_split_modules", None) or ()}
+    blocks = transformer_block_classes(module)
     for sub in module.modules():
         if type(sub).__name__ in blocks:
             fully_shard(sub, mesh=mesh, mp_policy=precision)

@@ -19,10 +19,10 @@ the gradient through them is the sum over the rows, as when each row computes it
 
 from __future__ import annotations
 
-import inspect
-
 import torch
 from torch.utils.checkpoint import checkpoint
+
+from topr.hf_internals import cache_keyword, cache_tensors, full_attention, new_cache, repeated_cache
 
 
 def _float32_logits(hidden: torch.Tensor, head: torch.nn.Linear) -> torch.Tensor:
@@ -143,44 +143,17 @@ def shared_prefix_length(input_ids: torch.Tensor, completion_start: torch.Tensor
     return int(differs[0]) if len(differs) else limit
 
 
-def cache_keyword(model) -> str:
-    """The name of forward's KV-cache argument: transformers 5.24 renamed past_key_values to
-    cache; the GPU image has 5.17."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-
-def full_attention(cache) -> bool:
-    """Whether every layer of ``cache`` is a plain full-attention one, whose keys and values can
-    be shared, padded, cut and joined; sliding-window layers are left as they are."""
-    from transformers.cache_utils import DynamicLayer
-
-    return all(type(layer) is DynamicLayer for layer in cache.layers)
-
-
-def repeated_cache(prefix: list[tuple[torch.Tensor, torch.Tensor]], rows: int, config):
-    """A new DynamicCache whose layers hold a one-row prefix's (keys, values) for ``rows`` rows:
-    views of the prefix (``expand``), so its gradient is the sum over the rows."""
-    from transformers import DynamicCache
-
-    cache = DynamicCache(config=config)
-    for layer, (keys, values) in zip(cache.layers, prefix):
-        layer.update(keys.expand(rows, -1, -1, -1), values.expand(rows, -1, -1, -1))
-    return cache
-
-
 def prefix_can_be_shared(model) -> bool:
     """Whether the rows' common prefix can run once with the same result as in every row: full
     attention in every layer, no rotary scaling that changes with the sequence's length
     (dynamic, longrope), and, in training, no dropout (it would draw one mask for all rows)."""
-    from transformers import DynamicCache
-
     config = model.config
     if _rope_types(config) & {"dynamic", "longrope"}:
         return False
     dropout = getattr(config, "attention_dropout", 0.0) or any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules())
     if model.training and dropout:
         return False
-    return full_attention(DynamicCache(config=config))
+    return full_attention(new_cache(config))
 
 
 def _rope_types(config) -> set[str]:
@@ -200,16 +173,15 @@ def backbone_hidden_states(model, input_ids: torch.Tensor, attention_mask: torch
     values. Where that would not give each row's own result (``prefix_can_be_shared``), or the
     prefix's keys and values are not all in the cache afterwards (a model that ignores the
     cache, gradient checkpointing), the rows run whole and ``shared`` is 0."""
-    from transformers import DynamicCache
-
     backbone = model.base_model
     if shared and prefix_can_be_shared(model):
         keyword = cache_keyword(backbone)
-        prefix = DynamicCache(config=model.config)
+        prefix = new_cache(model.config)
         backbone(input_ids=input_ids[:1, :shared], use_cache=True, **{keyword: prefix})
-        if all(getattr(layer, "keys", None) is not None and layer.keys.shape[-2] == shared for layer in prefix.layers):
+        tensors = list(cache_tensors(prefix))
+        if all(keys is not None and keys.shape[-2] == shared for keys, _ in tensors):
             rows = input_ids.shape[0]
-            cache = repeated_cache([(layer.keys, layer.values) for layer in prefix.layers], rows, model.config)
+            cache = repeated_cache(tensors, rows, model.config)
             positions = torch.arange(shared, input_ids.shape[1], device=input_ids.device).expand(rows, -1)
             hidden = backbone(
                 input_ids=input_ids[:, shared:], attention_mask=attention_mask, position_ids=positions, use_cache=True, **{keyword: cache}

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from topr.config import EMBEDDED_MODEL
+from topr.hf_internals import forget_gguf_quantization
 
 log = logging.getLogger(__name__)
 
@@ -115,18 +116,10 @@ def load_policy(path: str, device: torch.device | None = None, dtype: torch.dtyp
     weights = {"gguf_file": source.gguf_file} if source.gguf_file else {"use_safetensors": True}
     model = AutoModelForCausalLM.from_pretrained(source.location, dtype=dtype, **weights)
     if source.gguf_file:
-        _forget_gguf_quantization(model)
+        forget_gguf_quantization(model)  # GGUF weights arrive dequantized: savable once the markers go
     model.to(device or pick_device())
     model.eval()
     return model, load_tokenizer(path)
-
-
-def _forget_gguf_quantization(model) -> None:
-    """GGUF weights arrive dequantized; drop the quantizer marker so the model can be saved."""
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    model.is_quantized = False
 
 
 def save_policy(model, tokenizer, output_dir: str | os.PathLike, provenance: dict | None = None) -> str:

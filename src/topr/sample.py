@@ -26,7 +26,7 @@ import torch
 
 from topr.config import Config, SampleConfig
 from topr.console import progress_bar
-from topr.logprobs import cache_keyword, full_attention, repeated_cache
+from topr.hf_internals import cache_keyword, cache_tensors, full_attention, new_cache, repeated_cache, select_rows, set_cache_tensors
 from topr.models import context_length, load_policy, load_tokenizer, model_identity, prompt_token_ids, set_threads
 from topr.records import PROMPT_FIELDS, SAMPLE_FIELDS, Record, RecordError, read_records, write_records
 
@@ -126,7 +126,7 @@ class TransformersEngine:
         unique = list(dict.fromkeys(row.prompt_index for row in rows))
         cache, mask, logits = prompts.prefill(unique, self.tokenizer)
         rows_of = torch.tensor([unique.index(row.prompt_index) for row in rows], device=mask.device)
-        cache.batch_select_indices(rows_of)
+        select_rows(cache, rows_of)
         joining = _Batch(cache, mask[rows_of], mask.sum(-1)[rows_of], rows)
         joining.add_tokens(*choose(logits[rows_of].float(), rows))
         return joining if batch is None else batch.merge(joining)
@@ -137,19 +137,17 @@ class _Prompts:
     turn, say) prefilled once: each prefill then runs only on what differs."""
 
     def __init__(self, token_ids: list[list[int]], model, cache_keyword: str):
-        from transformers import DynamicCache
-
         self.token_ids, self.model, self.cache_keyword = token_ids, model, cache_keyword
         shortest = min(map(len, token_ids))
         # At least one token of each prompt is left to prefill, for the logits of its first token.
         self.shared = next((i for i in range(shortest - 1) if len({p[i] for p in token_ids}) > 1), max(0, shortest - 1))
         self.shared_layers: list[tuple[torch.Tensor, torch.Tensor]] = []
         if self.shared:
-            cache = DynamicCache(config=model.config)
+            cache = new_cache(model.config)
             prefix = torch.tensor([token_ids[0][: self.shared]], device=model.device)
             model(input_ids=prefix, logits_to_keep=1, use_cache=True, **{cache_keyword: cache})
             if full_attention(cache):
-                self.shared_layers = [(layer.keys, layer.values) for layer in cache.layers]
+                self.shared_layers = list(cache_tensors(cache))
             else:  # sliding-window layers: each prompt is prefilled whole
                 self.shared = 0
 
@@ -269,7 +267,7 @@ class _Batch:
         self.rows = [self.rows[index] for index in keep]
         if keep:
             kept = torch.tensor(keep, device=self.mask.device)
-            self.cache.batch_select_indices(kept)
+            select_rows(self.cache, kept)
             self.mask, self.positions, self.last_tokens = self.mask[kept], self.positions[kept], self.last_tokens[kept]
             self._drop_padding_columns()
         return finished
@@ -279,15 +277,19 @@ class _Batch:
         first = int(self.mask.any(0).long().argmax())
         if first and self.mergeable:
             self.mask = self.mask[:, first:]
-            for layer in self.cache.layers:
-                layer.keys, layer.values = layer.keys[:, :, first:], layer.values[:, :, first:]
+            set_cache_tensors(self.cache, ((keys[:, :, first:], values[:, :, first:]) for keys, values in cache_tensors(self.cache)))
 
     def merge(self, other: _Batch) -> _Batch:
         """Add ``other``'s rows, left-padding the shorter cache so the two line up."""
         length = max(self.mask.shape[1], other.mask.shape[1])
-        for mine, theirs in zip(self.cache.layers, other.cache.layers):
-            mine.keys = torch.cat([_pad_left(mine.keys, length, dim=2), _pad_left(theirs.keys, length, dim=2)])
-            mine.values = torch.cat([_pad_left(mine.values, length, dim=2), _pad_left(theirs.values, length, dim=2)])
+        joined = (  # layer by layer: never a second copy of the whole cache
+            (
+                torch.cat([_pad_left(my_keys, length, dim=2), _pad_left(their_keys, length, dim=2)]),
+                torch.cat([_pad_left(my_values, length, dim=2), _pad_left(their_values, length, dim=2)]),
+            )
+            for (my_keys, my_values), (their_keys, their_values) in zip(cache_tensors(self.cache), cache_tensors(other.cache))
+        )
+        set_cache_tensors(self.cache, joined)
         self.mask = torch.cat([_pad_left(self.mask, length, dim=1), _pad_left(other.mask, length, dim=1)])
         self.positions = torch.cat([self.positions, other.positions])
         self.last_tokens = torch.cat([self.last_tokens, other.last_tokens])
