@@ -12,6 +12,7 @@ from topr import objectives, tasks
 from topr.config import ConfigError, load_config
 from topr.objectives import policy_loss
 from topr.tasks import get_task
+from topr.verifier import build_verifier_prompts
 
 PLUGIN = '''
 """Everything a new task and a new objective need, in one file."""
@@ -20,13 +21,14 @@ from topr.tasks import Task
 
 
 class ParityTask(Task):
-    """Is n even? Prompts "n", references "even" or "odd"."""
+    """Is n even? Prompts "Is n even?" and the instruction, references "even" or "odd"."""
 
     name = "parity"
+    instruction = "Finish with one word: even or odd."
 
     def problems(self, split, size, seed):
         offset = 0 if split == "train" else 1000
-        return [{"prompt_id": f"n{offset + i}", "prompt": f"Is {offset + i} even?", "reference": "even" if i % 2 == 0 else "odd"} for i in range(size)]
+        return [{"prompt_id": f"n{offset + i}", "prompt": self.prompt_for(f"Is {offset + i} even?"), "reference": "even" if i % 2 == 0 else "odd"} for i in range(size)]
 
     def extract(self, completion):
         words = [word for word in completion.lower().split() if word in ("even", "odd")]
@@ -63,6 +65,16 @@ def test_a_task_and_an_objective_from_one_file_are_chosen_by_name(plugin):
     loss.backward()
     # Positives get weight 0, negatives 0.5 at ratio 1: only the negative's log-probs move.
     assert logprobs.grad[0].abs().sum() == 0 and (logprobs.grad[1] > 0).all()
+
+
+def test_the_verifier_is_shown_a_new_tasks_question_without_its_instruction(plugin):
+    task = get_task(load_config(None, ["task.name=parity"]).task)
+    (problem,) = task.problems("train", 1, 0)
+    assert problem["prompt"] == "Is 0 even?\nFinish with one word: even or odd."
+    solved = {**problem, "completion": "0 is even", "sample_index": 0, "extracted": "even", "correct": True}
+    (pair,) = build_verifier_prompts([solved], task)
+    assert "Finish with" not in pair["prompt"]
+    assert "Question:\nIs 0 even?\n\nProposed solution:\n0 is even\n\n" in pair["prompt"]
 
 
 def test_unknown_names_list_what_is_registered(plugin):

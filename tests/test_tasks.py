@@ -1,4 +1,3 @@
-import json
 import re
 import threading
 from pathlib import Path
@@ -7,11 +6,14 @@ import pytest
 
 from topr.config import TaskConfig
 from topr.records import RecordError
-from topr.tasks import get_task, last_number, normalize_number, numbers_equal
+from topr.tasks import ANSWER_INSTRUCTION, Task, get_task, last_number, normalize_number, numbers_equal
 from topr.tasks.arithmetic import LEVELS, ArithmeticTask
 from topr.tasks.gsm8k import Gsm8kTask
-from topr.tasks.jsonl import JsonlTask
-from topr.tasks.math_task import MathTask, last_boxed
+from topr.tasks.jsonl import EXACT_INSTRUCTION, JsonlTask
+from topr.tasks.math_task import BOXED_INSTRUCTION, MathTask, last_boxed
+from topr.tasks.verifier import VerifierTask
+
+from helpers import write_jsonl
 
 FIXTURES = Path(__file__).parent / "fixtures"
 GSM8K = FIXTURES / "gsm8k.jsonl"
@@ -19,11 +21,6 @@ MATH = FIXTURES / "math.jsonl"
 GENERIC = FIXTURES / "generic.jsonl"
 MALFORMED = FIXTURES / "malformed.jsonl"
 INSTRUCTION = "End your reply with 'Answer: <number>'."
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    return path
 
 
 # --- get_task -------------------------------------------------------------------------------
@@ -56,6 +53,61 @@ def test_unknown_level_lists_the_levels():
 def test_unknown_split_is_refused():
     with pytest.raises(ValueError, match="'validation'"):
         ArithmeticTask().problems("validation", 5, 0)
+
+
+# --- prompt format --------------------------------------------------------------------------
+
+
+class Colours(Task):
+    """A task defined here (no name: not registered) that sets an instruction and nothing else about its prompts."""
+
+    instruction = "Finish with 'Colour: <name>'."
+
+    def problems(self, split, size, seed):
+        return [{"prompt_id": "sky", "prompt": self.prompt_for("Which colour is the sky?"), "reference": "blue"}][:size]
+
+    def extract(self, completion):
+        return completion.rpartition("Colour:")[2].strip() or None
+
+    def is_correct(self, extracted, reference):
+        return extracted.lower() == reference
+
+
+def test_a_task_writes_its_instruction_on_the_prompts_last_line_and_takes_it_off_again():
+    task = Colours()
+    (problem,) = task.problems("train", 1, 0)
+    assert problem["prompt"] == "Which colour is the sky?\nFinish with 'Colour: <name>'."
+    assert task.question_text(problem["prompt"]) == "Which colour is the sky?"
+    assert task.question_text(problem["prompt"] + " \n") == "Which colour is the sky?"
+    # Only a last line that is the instruction is taken off.
+    for prompt in (
+        "Which colour is the sky?",
+        "Finish with 'Colour: <name>'.\nWhich colour is the sky?",
+        "Sky?\nFinish with 'Colour: <name>'. Or not.",
+    ):
+        assert task.question_text(prompt) == prompt
+
+
+def test_a_task_without_an_instruction_leaves_its_prompts_as_they_are():
+    task = Colours()
+    task.instruction = ""
+    assert task.prompt_for("Which colour is the sky?") == "Which colour is the sky?"
+    assert task.question_text("Which colour is the sky?\n") == "Which colour is the sky?\n"
+
+
+@pytest.mark.parametrize(
+    ("kind", "instruction"),
+    [
+        (ArithmeticTask(), ANSWER_INSTRUCTION),
+        (Gsm8kTask(None, None), ANSWER_INSTRUCTION),
+        (MathTask(None, None), BOXED_INSTRUCTION),
+        (JsonlTask(None, None), ANSWER_INSTRUCTION),
+        (JsonlTask(None, None, match="exact"), EXACT_INSTRUCTION),
+        (VerifierTask(None, None), ""),
+    ],
+)
+def test_each_task_knows_its_instruction(kind, instruction):
+    assert kind.instruction == instruction
 
 
 # --- arithmetic -----------------------------------------------------------------------------

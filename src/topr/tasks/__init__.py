@@ -3,7 +3,10 @@
 A task turns ``(split, size, seed)`` into prompt records (``prompt_id``, ``prompt``,
 ``reference``), parses the final answer out of a completion (``extract``) and judges it against
 the reference (``is_correct``). The prompt is the bare user message (the chat template is applied
-when sampling) and always tells the model the answer format its checker expects.
+when sampling) and always tells the model the answer format its checker expects: a task sets that
+instruction once (``Task.instruction``) and builds each prompt with ``Task.prompt_for(question)``,
+the question then the instruction on a line of its own; ``Task.question_text`` gives a prompt back
+without it (what the generative verifier is shown, ``topr.verifier``).
 
 Every concrete ``Task`` subclass with a ``name`` registers itself under it, and ``get_task``
 picks one by ``TaskConfig.name``; the modules of this package are imported when a name is first
@@ -60,6 +63,10 @@ class Task(ABC):
     name: ClassVar[str]
     needs_task_files: ClassVar[bool] = False
     """Whether its prompts come from task.train_path and task.eval_path (checked with the config)."""
+    instruction: str = ""
+    """The answer-format instruction its prompts end with, on a line of their own (``prompt_for``
+    adds it, ``question_text`` takes it off); "" when its prompts carry none. A class attribute,
+    or set in ``__init__`` when it depends on the task's options."""
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -73,6 +80,25 @@ class Task(ABC):
     def from_config(cls, config: TaskConfig) -> Task:
         """The task as the ``task`` section sets it up (by default it takes no option)."""
         return cls()
+
+    def prompt_for(self, question: str) -> str:
+        """The prompt asking ``question``: the question, then ``instruction`` on a line of its own."""
+        return f"{question}\n{self.instruction}" if self.instruction else str(question)
+
+    def question_text(self, prompt: str) -> str:
+        """One of its prompts without the answer-format instruction (and whitespace after it); a
+        prompt that does not end with the instruction is returned as it is.
+
+        The generative verifier is shown this: the instruction tells the policy how to end a
+        solution and would only ask the verifier for something other than Yes or No. A task whose
+        prompts do not end with ``instruction`` as ``prompt_for`` writes it overrides this.
+        """
+        if self.instruction:
+            text = prompt.rstrip()
+            suffix = f"\n{self.instruction}"
+            if text.endswith(suffix):
+                return text[: -len(suffix)]
+        return prompt
 
     @abstractmethod
     def problems(self, split: str, size: int, seed: int) -> list[dict[str, str]]:

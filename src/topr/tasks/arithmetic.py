@@ -173,6 +173,7 @@ def _pool(level: str, split: str) -> tuple[Problem, ...]:
 
 class ArithmeticTask(Task):
     name = "arithmetic"
+    instruction = ANSWER_INSTRUCTION
 
     @classmethod
     def from_config(cls, config) -> ArithmeticTask:
@@ -194,7 +195,7 @@ class ArithmeticTask(Task):
         question = LEVELS[self.level].render(problem, random.Random(problem.expression))
         return {
             "prompt_id": f"arithmetic-{self.level}-{split}-{index:05d}",
-            "prompt": f"{question}\n{ANSWER_INSTRUCTION}",
+            "prompt": self.prompt_for(question),
             "reference": str(problem.answer),
         }
 

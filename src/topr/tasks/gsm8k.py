@@ -31,6 +31,7 @@ _HASHES = re.compile("####")
 class Gsm8kTask(FileTask):
     name = "gsm8k"
     required_fields = ("question", "answer")
+    instruction = ANSWER_INSTRUCTION
 
     def problem(self, record: dict[str, Any], path: Path, index: int) -> dict[str, str]:
         _, hashes, reference = str(record["answer"]).rpartition("####")
@@ -39,7 +40,7 @@ class Gsm8kTask(FileTask):
             raise record_error(path, index, "answer does not end in '#### <number>'")
         return {
             "prompt_id": record_id(record, path, index),
-            "prompt": f"{record['question']}\n{ANSWER_INSTRUCTION}",
+            "prompt": self.prompt_for(record["question"]),
             "reference": reference,
         }
 

@@ -110,15 +110,15 @@ class JsonlTask(FileTask):
         self.answer_field = answer_field
         self.match = match
         self.required_fields = (prompt_field, answer_field)
+        self.instruction = ANSWER_INSTRUCTION if match == "numeric" else EXACT_INSTRUCTION
 
     def problem(self, record: dict[str, Any], path: Path, index: int) -> dict[str, str]:
         reference = str(record[self.answer_field]).strip()
         if self.match == "numeric" and normalize_number(reference) is None:
             raise record_error(path, index, f"{self.answer_field} {reference!r} is not a number")
-        instruction = ANSWER_INSTRUCTION if self.match == "numeric" else EXACT_INSTRUCTION
         return {
             "prompt_id": record_id(record, path, index),
-            "prompt": f"{record[self.prompt_field]}\n{instruction}",
+            "prompt": self.prompt_for(record[self.prompt_field]),
             "reference": reference,
         }
 

@@ -73,6 +73,7 @@ def equivalent(answer: str, reference: str) -> bool:
 class MathTask(FileTask):
     name = "math"
     required_fields = ("problem", "solution")
+    instruction = BOXED_INSTRUCTION
 
     def problem(self, record: dict[str, Any], path: Path, index: int) -> dict[str, str]:
         reference = last_boxed(str(record["solution"]))
@@ -80,7 +81,7 @@ class MathTask(FileTask):
             raise record_error(path, index, "solution has no \\boxed{...} answer")
         return {
             "prompt_id": record_id(record, path, index),
-            "prompt": f"{record['problem']}\n{BOXED_INSTRUCTION}",
+            "prompt": self.prompt_for(record["problem"]),
             "reference": reference,
         }
 
