@@ -2,7 +2,9 @@
 
 Most tests use ``tiny_model_dir`` (random weights, 2 layers, the default model's real
 tokenizer and chat template), saved once per session as a Hugging Face directory exactly as
-``topr.models.save_policy`` writes it. Tests marked ``slow`` use the real embedded model.
+``topr.models.save_policy`` writes it; ``policy`` and ``peaked_policy`` load it, once per test
+module. Tests marked ``slow`` use the real embedded model. Plain helper functions shared by
+several modules (``write_jsonl``, ``train_config``, ...) are in ``helpers.py``.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import json
 import os
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -22,6 +25,17 @@ from topr import promotion, storage
 from topr.config import EMBEDDED_MODEL
 
 torch.set_num_threads(2)
+
+INTEGRATION = Path(__file__).resolve().parent / "integration"
+
+
+@pytest.hookimpl(tryfirst=True)  # before ``-m`` deselects
+def pytest_collection_modifyitems(items):
+    """Every test under tests/integration/ is marked ``integration``: ``make test`` runs them in its
+    second lane, with the ``slow`` ones, after the fast lane (``make test-fast``) has passed."""
+    for item in items:
+        if item.path.resolve().is_relative_to(INTEGRATION):
+            item.add_marker(pytest.mark.integration)
 
 
 @pytest.fixture(scope="session")
@@ -68,6 +82,29 @@ def nan_model_dir(tmp_path_factory, tiny_model_dir):
     path = tmp_path_factory.mktemp("nan") / "model"
     save_policy(model, tokenizer, path, provenance={"source": "tests/conftest.py tiny Llama with a NaN weight"})
     return str(path)
+
+
+@pytest.fixture(scope="module")
+def policy(tiny_model_dir):
+    """``(model, tokenizer)``: the tiny policy loaded on the CPU, once per test module."""
+    from topr.models import load_policy
+
+    return load_policy(tiny_model_dir, device=torch.device("cpu"))
+
+
+@pytest.fixture(scope="module")
+def peaked_policy(tiny_model_dir):
+    """``(model, tokenizer)``: the tiny policy with a separate random output head of a larger
+    scale (N(0, 0.5²), seed 0), once per test module. The tied head gives near-uniform next-token
+    distributions; this one gives varied, peaked ones, so that temperature, top-k truncation and
+    padding errors show."""
+    from topr.models import load_policy
+
+    model, tokenizer = load_policy(tiny_model_dir, device=torch.device("cpu"))
+    head = torch.randn(model.lm_head.weight.shape, generator=torch.Generator().manual_seed(0)) * 0.5
+    model.lm_head.weight = torch.nn.Parameter(head)
+    assert model.get_output_embeddings().weight is not model.get_input_embeddings().weight
+    return model, tokenizer
 
 
 RECURRING_RUN = {"recurring_run_id": "rr-1", "display_name": "nightly", "status": "ENABLED", "trigger": {"cron_schedule": {"cron": "0 0 3 * * *"}}}

@@ -9,9 +9,7 @@ import yaml
 from topr.cli import main
 from topr.records import SCHEMA_VERSION, read_records, write_records
 
-
-def write_jsonl(path, records):
-    path.write_text("".join(json.dumps(record) + "\n" for record in records), encoding="utf-8")
+from helpers import write_jsonl
 
 
 COMPLETIONS = [

@@ -19,11 +19,13 @@ import torch
 from safetensors.torch import load_file
 
 from topr import distributed, steps, storage
-from topr.config import config_to_dict, load_config
+from topr.config import config_to_dict
 from topr.distributed import Ranks, WorkerError
 from topr.records import write_records
 from topr.checkpoint import TrainCheckpoint
 from topr.train import global_batches, launch_train, run_train
+
+from helpers import train_config
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: one thread beats synchronising several
 
@@ -35,7 +37,7 @@ def single_threaded_workers(monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
 
 
-def make_records(count: int) -> list[dict]:
+def fixed_records(count: int) -> list[dict]:
     """Fixed prompts and completions of 2-4 tokens, rewards ±1, behaviour log-probs near the tiny
     model's own (about -10.8 per token), so that TOPR's clip bounds act on some of them."""
     records = []
@@ -54,12 +56,9 @@ def make_records(count: int) -> list[dict]:
 
 
 def config(*overrides):
-    return load_config(
-        None,
-        # c = 0 and a step per global batch, the settings these checks were written for.
-        ["sample.temperature=1.0", "train.learning_rate=3e-3", "train.batch_size=2", "train.gradient_accumulation=1",
-         "train.baseline=0", "train.steps_per_epoch=null", *overrides],
-    )
+    """``helpers.train_config`` (c = 0, a step per global batch) with micro-batches of 2 and the
+    default (stratified) batch order."""
+    return train_config("train.batch_size=2", *overrides)
 
 
 def one_process(tmp_path, model_dir, records, cfg):
@@ -142,7 +141,7 @@ def test_process_count_and_when_to_launch(monkeypatch):
 @pytest.fixture(scope="module")
 def two_epochs(tiny_model_dir, tmp_path_factory):
     """7 records, 2 epochs, global batches of 4: 4, 4, 4 and a short last one of 2."""
-    records = make_records(7)
+    records = fixed_records(7)
     reference = one_process(tmp_path_factory.mktemp("reference"), tiny_model_dir, records, config("train.epochs=2", "train.gradient_accumulation=2"))
     assert reference[1]["steps"] == 4
     return records, reference
@@ -246,7 +245,7 @@ def test_the_train_step_launches_workers_and_logs_every_step(tiny_model_dir, tmp
     9 records, one epoch, global batches of 4: the last holds one sequence, so rank 1 runs a
     zero-weight micro-batch there.
     """
-    records = make_records(9)
+    records = fixed_records(9)
     reference_dir, reference, reference_history = one_process(tmp_path, tiny_model_dir, records, config("train.gradient_accumulation=2"))
     assert reference["steps"] == 3
     run = RecordingRun()
@@ -271,7 +270,7 @@ def test_the_train_step_launches_workers_and_logs_every_step(tiny_model_dir, tmp
 
 def test_a_failing_worker_is_a_clear_error(tmp_path):
     data = tmp_path / "data.jsonl"
-    write_records(data, make_records(3))
+    write_records(data, fixed_records(3))
     cfg = config(f"train.processes={WORKERS}")
     with pytest.raises(WorkerError, match=r"worker rank \d failed with exit code 2 .*topr train: error: model path .*nowhere"):
         launch_train(cfg, str(tmp_path / "nowhere"), data, tmp_path / "model")

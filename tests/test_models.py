@@ -29,11 +29,6 @@ from topr.models import (
 )
 
 
-@pytest.fixture(scope="module")
-def policy(tiny_model_dir):
-    return load_policy(tiny_model_dir, device=torch.device("cpu"))
-
-
 def snapshot(directory: Path) -> dict[str, bytes]:
     return {path.name: path.read_bytes() for path in sorted(directory.iterdir())}
 

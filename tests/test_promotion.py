@@ -33,7 +33,7 @@ FAULTS = {
 
 
 @pytest.fixture
-def store(tmp_path):
+def registry(tmp_path):
     """A sqlite store with a pipeline run (pass@1 0.5 at iteration 1) and versions 1-3 of the
     model, registered by a train stage that finished (so committed, with no artifact store)."""
     tracking_uri = default_tracking_uri(tmp_path)
@@ -67,8 +67,8 @@ def inject(monkeypatch, fault: str) -> None:
 
 
 @pytest.mark.parametrize("fault", sorted(FAULTS))
-def test_a_registry_fault_fails_the_gate_instead_of_promoting(store, monkeypatch, fault):
-    tracking_uri, config_json, run_id, client = store
+def test_a_registry_fault_fails_the_gate_instead_of_promoting(registry, monkeypatch, fault):
+    tracking_uri, config_json, run_id, client = registry
     client.set_registered_model_alias(NAME, ALIAS, "1")
     inject(monkeypatch, fault)
     with pytest.raises(promotion.RegistryError) as raised:
@@ -81,17 +81,17 @@ def test_a_registry_fault_fails_the_gate_instead_of_promoting(store, monkeypatch
     assert gate_run.info.status == "FAILED"
 
 
-def test_a_missing_model_or_alias_is_no_champion(store):
-    tracking_uri, config_json, run_id, client = store
+def test_a_missing_model_or_alias_is_no_champion(registry):
+    tracking_uri, config_json, run_id, client = registry
     assert promotion.alias_version(client, "never-registered", ALIAS) is None
     assert promotion.alias_version(client, NAME, ALIAS) is None
     client.set_registered_model_alias(NAME, ALIAS, "2")
     assert promotion.alias_version(client, NAME, ALIAS) == "2"
 
 
-def test_a_champion_of_another_task_fails_the_gate_before_any_comparison(store):
+def test_a_champion_of_another_task_fails_the_gate_before_any_comparison(registry):
     """A run on task arithmetic, told to register into a model whose champion learnt gsm8k."""
-    tracking_uri, config_json, run_id, client = store
+    tracking_uri, config_json, run_id, client = registry
     client.set_model_version_tag(NAME, "1", "topr.task", "gsm8k")
     client.set_registered_model_alias(NAME, ALIAS, "1")
     with pytest.raises(TaskMismatchError, match=f"{NAME}/1 was trained on task 'gsm8k' and this run's task is 'arithmetic'"):
@@ -107,8 +107,8 @@ def test_the_task_check_passes_the_same_task_and_versions_that_predate_it():
         check_same_task("m/1", "math", "arithmetic")
 
 
-def test_with_no_champion_the_gate_promotes_and_says_it_beat_none(store):
-    tracking_uri, config_json, run_id, client = store
+def test_with_no_champion_the_gate_promotes_and_says_it_beat_none(registry):
+    tracking_uri, config_json, run_id, client = registry
     assert steps.gate(steps.StageContext.from_pipeline(config_json, tracking_uri, run_id, 1), "2", "unused") == ("promote", "")
     assert client.get_model_version(NAME, "2").tags["topr.gate"] == "promote: no champion yet"
 
@@ -116,8 +116,8 @@ def test_with_no_champion_the_gate_promotes_and_says_it_beat_none(store):
 # 2. Promotion is a compare-and-set.
 
 
-def test_a_promotion_moves_the_alias_and_records_each_move(store):
-    tracking_uri, config_json, run_id, client = store
+def test_a_promotion_moves_the_alias_and_records_each_move(registry):
+    tracking_uri, config_json, run_id, client = registry
     steps.promote(steps.StageContext.from_pipeline(config_json, tracking_uri, run_id), "1", "")
     steps.promote(steps.StageContext.from_pipeline(config_json, tracking_uri, run_id), "3", "1")
     assert str(client.get_model_version_by_alias(NAME, ALIAS).version) == "3"
@@ -128,16 +128,16 @@ def test_a_promotion_moves_the_alias_and_records_each_move(store):
     assert client.search_registered_models(f"name = '{LOCK}'") == []  # the lock is released
 
 
-def test_a_retried_promotion_whose_first_attempt_moved_the_alias_succeeds(store):
-    tracking_uri, config_json, run_id, client = store
+def test_a_retried_promotion_whose_first_attempt_moved_the_alias_succeeds(registry):
+    tracking_uri, config_json, run_id, client = registry
     steps.promote(steps.StageContext.from_pipeline(config_json, tracking_uri, run_id), "1", "")
     steps.promote(steps.StageContext.from_pipeline(config_json, tracking_uri, run_id), "1", "")  # Kubeflow retries the task
     assert str(client.get_model_version_by_alias(NAME, ALIAS).version) == "1"
     assert [(move["version"], move["previous"]) for move in promotion.alias_history(client, NAME, ALIAS)] == [("1", None)]
 
 
-def test_a_version_whose_train_stage_failed_is_never_promoted(store, tmp_path):
-    tracking_uri, config_json, run_id, client = store
+def test_a_version_whose_train_stage_failed_is_never_promoted(registry, tmp_path):
+    tracking_uri, config_json, run_id, client = registry
     with pytest.raises(RuntimeError, match="the upload failed"):
         with stage_run(tracking_uri, run_id, "train", 2) as train:
             client.create_model_version(NAME, str(tmp_path / "model"), run_id=train.run_id, tags={"topr.model_uri": str(tmp_path / "model")})
@@ -147,8 +147,8 @@ def test_a_version_whose_train_stage_failed_is_never_promoted(store, tmp_path):
     assert client.get_registered_model(NAME).aliases == {}
 
 
-def test_a_promotion_refuses_when_the_alias_moved_since_the_gate(store):
-    tracking_uri, config_json, run_id, client = store
+def test_a_promotion_refuses_when_the_alias_moved_since_the_gate(registry):
+    tracking_uri, config_json, run_id, client = registry
     client.set_registered_model_alias(NAME, ALIAS, "2")  # moved after the gate saw version 1
     with pytest.raises(promotion.PromotionRefused, match=f"{NAME}@{ALIAS} is now version 2; the gate beat version 1"):
         steps.promote(steps.StageContext.from_pipeline(config_json, tracking_uri, run_id), "3", "1")
@@ -159,8 +159,8 @@ def test_a_promotion_refuses_when_the_alias_moved_since_the_gate(store):
     assert client.search_registered_models(f"name = '{LOCK}'") == []
 
 
-def test_a_registry_fault_during_promotion_moves_nothing_and_releases_the_lock(store, monkeypatch):
-    tracking_uri, config_json, run_id, client = store
+def test_a_registry_fault_during_promotion_moves_nothing_and_releases_the_lock(registry, monkeypatch):
+    tracking_uri, config_json, run_id, client = registry
     inject(monkeypatch, "unavailable")
     with pytest.raises(promotion.RegistryError):
         steps.promote(steps.StageContext.from_pipeline(config_json, tracking_uri, run_id), "1", "")
@@ -168,17 +168,17 @@ def test_a_registry_fault_during_promotion_moves_nothing_and_releases_the_lock(s
     assert client.search_registered_models(f"name = '{LOCK}'") == []
 
 
-def test_two_promotions_at_once_exactly_one_wins(store, promotion_race):
+def test_two_promotions_at_once_exactly_one_wins(registry, promotion_race):
     """Two runs gated against the same (absent) champion promote at the same moment."""
-    tracking_uri, config_json, run_id, client = store
+    tracking_uri, config_json, run_id, client = registry
     winner, refusal = promotion_race(lambda version: steps.promote(steps.StageContext.from_pipeline(config_json, tracking_uri, run_id), version, ""), ("1", "2"))
     assert f"{NAME}@{ALIAS} is now version {winner}; the gate beat no champion" in refusal
     assert str(client.get_model_version_by_alias(NAME, ALIAS).version) == winner
     assert [move["version"] for move in promotion.alias_history(client, NAME, ALIAS)] == [winner]
 
 
-def test_a_promotion_waits_for_the_lock_then_sees_the_move_made_under_it(store):
-    tracking_uri, config_json, run_id, client = store
+def test_a_promotion_waits_for_the_lock_then_sees_the_move_made_under_it(registry):
+    tracking_uri, config_json, run_id, client = registry
     outcome = []
     with promotion.promotion_lock(client, NAME, "another-run"):
         thread = threading.Thread(target=lambda: outcome.append(_refusal(config_json, tracking_uri, run_id, "3", "")))
@@ -190,8 +190,8 @@ def test_a_promotion_waits_for_the_lock_then_sees_the_move_made_under_it(store):
     assert f"{NAME}@{ALIAS} is now version 2; the gate beat no champion" in outcome[0]
 
 
-def test_a_lock_held_past_the_wait_refuses_naming_its_holder(store, monkeypatch):
-    tracking_uri, config_json, run_id, client = store
+def test_a_lock_held_past_the_wait_refuses_naming_its_holder(registry, monkeypatch):
+    tracking_uri, config_json, run_id, client = registry
     monkeypatch.setattr(promotion, "LOCK_WAIT_S", 0.5)
     with promotion.promotion_lock(client, NAME, "run-that-died"):
         refusal = _refusal(config_json, tracking_uri, run_id, "1", "")

@@ -29,27 +29,16 @@ from topr.sample import (
     select_iteration_prompts,
 )
 
+from helpers import flatten_choices
+
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: one thread beats synchronising several
 
 QUESTIONS = ["Hi", "What is 12 plus 7? Show your steps please.", "Add 3 and 4."]
 
 
 @pytest.fixture(scope="module")
-def policy(tiny_model_dir):
-    model, tokenizer = load_policy(tiny_model_dir, device=torch.device("cpu"))
-    # The tiny model's tied head gives near-uniform next-token distributions (or, made sharper,
-    # predicts its input token again). A separate random head of a larger scale gives varied,
-    # peaked distributions, so that temperature and top-k truncation matter.
-    generator = torch.Generator().manual_seed(0)
-    head = torch.randn(model.lm_head.weight.shape, generator=generator) * 0.5
-    model.lm_head.weight = torch.nn.Parameter(head)
-    assert model.get_output_embeddings().weight is not model.get_input_embeddings().weight
-    return model, tokenizer
-
-
-@pytest.fixture(scope="module")
-def prompts(policy):
-    _, tokenizer = policy
+def prompts(peaked_policy):
+    _, tokenizer = peaked_policy
     ids = [prompt_token_ids(tokenizer, question) for question in QUESTIONS]
     assert len({len(p) for p in ids}) == len(ids)  # different lengths
     return ids
@@ -59,11 +48,6 @@ def fresh_logprobs(model, prompts, completions, temperature):
     batch = batch_prompt_completions(prompts, completions, pad_token_id=2)
     with torch.no_grad():
         return completion_logprobs(model, **batch, temperature=temperature)
-
-
-def flatten(prompts, results):
-    pairs = [(prompt, choice) for prompt, choices in zip(prompts, results) for choice in choices]
-    return [p for p, _ in pairs], [c for _, c in pairs]
 
 
 def check_finish(choice: Completion, stop_ids, max_new_tokens):
@@ -81,8 +65,8 @@ def check_finish(choice: Completion, stop_ids, max_new_tokens):
 # ----------------------------------------------------------------------------- TransformersEngine
 
 
-def test_generate_n_per_prompt_in_prompt_order_with_behaviour_logprobs(policy, prompts):
-    model, tokenizer = policy
+def test_generate_n_per_prompt_in_prompt_order_with_behaviour_logprobs(peaked_policy, prompts):
+    model, tokenizer = peaked_policy
     # batch_size 4 with n = 2: two prompts per batch, so two batches, one of them left-padded.
     engine = TransformersEngine(model, tokenizer, batch_size=4, progress=False)
     params = SamplingParams(n=2, temperature=0.7, top_k=0, top_p=1.0, max_new_tokens=6, seed=3)
@@ -95,7 +79,7 @@ def test_generate_n_per_prompt_in_prompt_order_with_behaviour_logprobs(policy, p
             check_finish(choice, engine.stop_ids, 6)
     # Each completion's behaviour log-probs equal a fresh forward pass on *its own* prompt, at the
     # sampling temperature: completions swapped between prompts would not match.
-    flat_prompts, flat = flatten(prompts, results)
+    flat_prompts, flat = flatten_choices(prompts, results)
     expected = fresh_logprobs(model, flat_prompts, [c.token_ids for c in flat], temperature=0.7)
     for row, choice in enumerate(flat):
         assert_close(torch.tensor(choice.logprobs), expected[row, : len(choice.token_ids)], rtol=0, atol=2e-4)
@@ -104,8 +88,8 @@ def test_generate_n_per_prompt_in_prompt_order_with_behaviour_logprobs(policy, p
     assert not torch.allclose(torch.tensor(flat[0].logprobs), other[0, : len(flat[0].token_ids)], atol=1e-2)
 
 
-def test_greedy_is_deterministic_order_independent_and_has_zero_logprobs(policy, prompts):
-    model, tokenizer = policy
+def test_greedy_is_deterministic_order_independent_and_has_zero_logprobs(peaked_policy, prompts):
+    model, tokenizer = peaked_policy
     engine = TransformersEngine(model, tokenizer, batch_size=2, progress=False)
     params = SamplingParams(n=1, temperature=0, max_new_tokens=5, seed=0)
     first = engine.generate(prompts, params)
@@ -128,12 +112,12 @@ def test_greedy_is_deterministic_order_independent_and_has_zero_logprobs(policy,
     assert alone[0][0].token_ids == first[1][0].token_ids
 
 
-def test_top_k_logprobs_are_of_the_truncated_renormalised_distribution(policy, prompts):
-    model, tokenizer = policy
+def test_top_k_logprobs_are_of_the_truncated_renormalised_distribution(peaked_policy, prompts):
+    model, tokenizer = peaked_policy
     engine = TransformersEngine(model, tokenizer, batch_size=8, progress=False)
     temperature, k = 1.5, 5
     results = engine.generate(prompts[:2], SamplingParams(n=2, temperature=temperature, top_k=k, max_new_tokens=6, seed=1))
-    flat_prompts, flat = flatten(prompts[:2], results)
+    flat_prompts, flat = flatten_choices(prompts[:2], results)
     untruncated = fresh_logprobs(model, flat_prompts, [c.token_ids for c in flat], temperature)
     strictly_higher = 0
     for row, (prompt, choice) in enumerate(zip(flat_prompts, flat)):
@@ -153,8 +137,8 @@ def test_top_k_logprobs_are_of_the_truncated_renormalised_distribution(policy, p
     assert strictly_higher > 0
 
 
-def test_stop_token_cuts_the_completion(policy, prompts):
-    model, tokenizer = policy
+def test_stop_token_cuts_the_completion(peaked_policy, prompts):
+    model, tokenizer = peaked_policy
     params = SamplingParams(n=2, temperature=1.0, max_new_tokens=8, seed=5)
     engine = TransformersEngine(model, tokenizer, batch_size=8, progress=False)
     free = engine.generate(prompts[:1], params)[0]
@@ -173,8 +157,8 @@ def test_stop_token_cuts_the_completion(policy, prompts):
         check_finish(choice, engine.stop_ids, 8)
 
 
-def test_seed_controls_the_samples(policy, prompts):
-    model, tokenizer = policy
+def test_seed_controls_the_samples(peaked_policy, prompts):
+    model, tokenizer = peaked_policy
     engine = TransformersEngine(model, tokenizer, batch_size=8, progress=False)
 
     def tokens(seed):
@@ -187,11 +171,11 @@ def test_seed_controls_the_samples(policy, prompts):
     assert tokens(12) != first
 
 
-def test_rows_that_join_a_running_batch_sample_what_they_would_alone(policy, prompts):
+def test_rows_that_join_a_running_batch_sample_what_they_would_alone(peaked_policy, prompts):
     """Continuous batching: rows finish at different steps and waiting rows take their places in
     the running batch (its cache left-padded to line up). Each sample draws from its own stream,
     so every completion, tokens and log-probs, equals the one sampled with no other row beside it."""
-    model, tokenizer = policy
+    model, tokenizer = peaked_policy
     params = SamplingParams(n=3, temperature=1.0, max_new_tokens=8, seed=7)
     alone = TransformersEngine(model, tokenizer, batch_size=1, progress=False)
     free = alone.generate(prompts, params)
@@ -202,7 +186,7 @@ def test_rows_that_join_a_running_batch_sample_what_they_would_alone(policy, pro
 
     expected, got = alone.generate(prompts, params), shared.generate(prompts, params)
 
-    _, flat = flatten(prompts, got)
+    _, flat = flatten_choices(prompts, got)
     assert len({len(choice.token_ids) for choice in flat}) > 1  # rows left at different steps
     for expected_choices, choices in zip(expected, got):
         for reference, choice in zip(expected_choices, choices):
@@ -210,7 +194,7 @@ def test_rows_that_join_a_running_batch_sample_what_they_would_alone(policy, pro
             assert choice.finish_reason == reference.finish_reason
             assert choice.logprobs == pytest.approx(reference.logprobs, abs=1e-4)
             check_finish(choice, shared.stop_ids, 8)
-    flat_prompts, _ = flatten(prompts, got)
+    flat_prompts, _ = flatten_choices(prompts, got)
     fresh = fresh_logprobs(model, flat_prompts, [c.token_ids for c in flat], temperature=1.0)
     for row, choice in enumerate(flat):
         assert_close(torch.tensor(choice.logprobs), fresh[row, : len(choice.token_ids)], rtol=0, atol=2e-4)
@@ -233,7 +217,7 @@ def test_a_model_with_sliding_window_layers_samples_in_batches_that_only_shrink(
     results = engine.generate(prompts, params)
     alone = TransformersEngine(model, tokenizer, batch_size=1, progress=False).generate(prompts, params)
     assert [[c.token_ids for c in choices] for choices in results] == [[c.token_ids for c in choices] for choices in alone]
-    flat_prompts, flat = flatten(prompts, results)
+    flat_prompts, flat = flatten_choices(prompts, results)
     fresh = fresh_logprobs(model, flat_prompts, [c.token_ids for c in flat], temperature=1.0)
     for row, choice in enumerate(flat):
         check_finish(choice, engine.stop_ids, 6)
@@ -250,8 +234,8 @@ def test_a_model_with_non_finite_scores_stops_sampling_with_a_clear_error(nan_mo
 # ----------------------------------------------------------------------------- records and stage
 
 
-def test_sample_records_fields_and_pass_through(policy):
-    model, tokenizer = policy
+def test_sample_records_fields_and_pass_through(peaked_policy):
+    model, tokenizer = peaked_policy
     engine = TransformersEngine(model, tokenizer, batch_size=8, progress=False)
     problems = [
         {"prompt_id": "a", "prompt": QUESTIONS[0], "reference": "1", "extra": {"x": 1}},

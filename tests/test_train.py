@@ -21,7 +21,6 @@ from safetensors.torch import load_file
 from topr import distributed
 from topr import train as train_module
 from topr.checkpoint import TrainCheckpoint
-from topr.config import load_config
 from topr.logprobs import batch_prompt_completions, completion_logprobs
 from topr.models import PROVENANCE_FILE, load_policy, model_identity, prompt_token_ids
 from topr.objectives import NEGATIVE_RATIO_STATS
@@ -29,14 +28,11 @@ from topr.records import RecordError, write_records
 from topr.sample import SamplingParams, TransformersEngine, sample_records
 from topr.train import NonFiniteStepError, global_batches, launch_train, run_train
 
+from helpers import train_config
+
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: one thread beats synchronising several
 
 TEMPERATURE = 1.0
-
-
-@pytest.fixture(scope="module")
-def policy(tiny_model_dir):
-    return load_policy(tiny_model_dir, device=torch.device("cpu"))
 
 
 def sequence_logprobs(model, records) -> torch.Tensor:
@@ -75,20 +71,7 @@ def make_records(policy, specs, behavior_shift=0.0):
 
 
 def config(*overrides):
-    return load_config(
-        None,
-        [
-            f"sample.temperature={TEMPERATURE}",
-            "train.learning_rate=3e-3",
-            "train.batch_size=4",
-            "train.gradient_accumulation=1",
-            "train.baseline=0",  # c = 0 and a step per global batch: the settings these checks were written for
-            "train.steps_per_epoch=null",
-            "train.batch_order=shuffle",
-            "train.epochs=1",
-            *overrides,
-        ],
-    )
+    return train_config(f"sample.temperature={TEMPERATURE}", "train.batch_size=4", "train.batch_order=shuffle", "train.epochs=1", *overrides)
 
 
 def train(tmp_path, model_dir, records, cfg, name="trained"):

@@ -27,6 +27,8 @@ from topr.records import SAMPLE_FIELDS, read_records, write_records
 from topr.sample import SamplingParams, TransformersEngine, VLLMEngine, run_sample
 from topr.tasks import get_task
 
+from helpers import flatten_choices
+
 pytestmark = [pytest.mark.vllm_cpu, pytest.mark.timeout(900)]
 
 LOGPROB_TOLERANCE = 1e-3
@@ -142,11 +144,6 @@ def processed_logprobs(model, prompts, choices, temperature: float, top_k: int =
     return rows
 
 
-def flatten(prompts, results):
-    pairs = [(prompt, choice) for prompt, choices in zip(prompts, results) for choice in choices]
-    return [p for p, _ in pairs], [c for _, c in pairs]
-
-
 # ----------------------------------------------------------------------------- a small random model
 
 
@@ -209,7 +206,7 @@ def test_behaviour_logprobs_are_those_of_the_distribution_sampled_from(engines, 
     model, tokenizer = real_model
     prompts = arithmetic_prompts(tokenizer, "train", 8)
     params = SamplingParams(n=2, temperature=0.5, top_k=top_k, max_new_tokens=Config().sample.max_new_tokens, seed=3)
-    flat_prompts, flat = flatten(prompts, engines(real_model_dir).generate(prompts, params))
+    flat_prompts, flat = flatten_choices(prompts, engines(real_model_dir).generate(prompts, params))
 
     expected = processed_logprobs(model, flat_prompts, flat, params.temperature, top_k)
     differences = [torch.tensor(choice.logprobs) - row for choice, row in zip(flat, expected)]
