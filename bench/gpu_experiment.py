@@ -14,9 +14,9 @@ fit the 64 MiB that can be carried), so
 2. its held-out accuracy is measured once on ``--eval-size`` (≥ 500) problems of the
    ``add_sub_2digit`` arithmetic level;
 3. replicate by replicate, it samples the replicate's own training prompts once (its seeds: the
-   replicate's index), and every arm trains one iteration on those samples with
-   ``topr.loop.run_iteration`` (the library's own stages, bf16 autocast with the float32 head)
-   and is evaluated on the same held-out problems.
+   replicate's index), and every arm trains one iteration on those samples with the library's
+   own stages (``one_iteration``: bf16 autocast with the float32 head) and is evaluated on the
+   same held-out problems.
 
 Each unit writes ``<out>/units/<arm>-rep<r>.json`` (accuracy, per-problem correctness, training
 summary, seconds) as soon as it ends; before a unit starts, the script stops if the time box
@@ -190,8 +190,9 @@ def run(args: argparse.Namespace) -> dict:
     import transformers
 
     from topr.evaluate import run_evaluate
-    from topr.loop import IterationFiles, LibraryStages, run_iteration
     from topr.prompts import run_prompts
+    from topr.sample import run_sample
+    from topr.workflow import IterationFiles
 
     started = time.perf_counter()
     deadline = started + args.time_box
@@ -210,7 +211,7 @@ def run(args: argparse.Namespace) -> dict:
         config = unit_config(args, REFERENCE, replicate, None)
         prompts = shared.folder / "train_prompts.jsonl"
         run_prompts(config, prompts, eval_prompts)
-        LibraryStages(config).sample(start_model, prompts, shared.samples, 1)
+        run_sample(config, start_model, prompts, shared.samples)
         for arm in args.arms.split(","):
             if time.perf_counter() + slowest > deadline:
                 summary["stopped"] = f"time box: {len(units)} units done, the next ({arm}/rep{replicate}) would not end inside it"
@@ -218,7 +219,7 @@ def run(args: argparse.Namespace) -> dict:
             unit_started = time.perf_counter()
             config = unit_config(args, arm, replicate, shared.samples)
             files = IterationFiles(args.out / "arms" / arm / f"rep{replicate}")
-            stages = run_iteration(LibraryStages(config), start_model, prompts, 1, files.folder, eval_prompts)
+            stages = one_iteration(config, start_model, prompts, files, eval_prompts)
             seconds = time.perf_counter() - unit_started
             slowest = max(slowest, seconds)
             unit = {"arm": arm, "replicate": f"rep{replicate}", "pass_at_1": stages["evaluate"]["pass_at_1"], "seconds": seconds,
@@ -227,6 +228,24 @@ def run(args: argparse.Namespace) -> dict:
             units.append(f"{arm}/rep{replicate}")
             logging.info("%s/rep%d: pass@1 %.3f in %.0f s", arm, replicate, unit["pass_at_1"], seconds)
     return summary | {"units": units, "seconds": time.perf_counter() - started}
+
+
+def one_iteration(config, model_dir: str, prompts: Path, files, eval_prompts: Path) -> dict[str, dict]:
+    """Sample (or take the shared samples), verify, curate, train and evaluate, on local files
+    under ``files.folder``, without tracking; each stage's summary by its name."""
+    from topr.curate import run_curate
+    from topr.evaluate import run_evaluate
+    from topr.sample import run_sample
+    from topr.train import launch_train
+    from topr.verify import run_verify
+
+    files.folder.mkdir(parents=True, exist_ok=True)
+    stages = {"sample": run_sample(config, model_dir, prompts, files.samples)}
+    stages["verify"] = run_verify(config.task, files.samples, files.verified)
+    stages["curate"] = run_curate(config, files.verified, files.train_set, files.composition)
+    stages["train"] = launch_train(config, model_dir, files.train_set, files.model)
+    stages["evaluate"] = run_evaluate(config, str(files.model), eval_prompts, files.evaluation, files.completions)
+    return stages
 
 
 def analyse(out: Path) -> str:

@@ -86,10 +86,10 @@ def test_component_body_delegates_to_the_library(name):
 def test_every_component_folder_is_a_stage_with_pod_defaults_and_is_packaged():
     import tomllib
 
-    from topr.cluster import STAGES
+    from topr.workflow import POD_DEFAULTS
 
     folders = sorted(path.parent.name for path in Path(__file__).parent.glob("*/component.py"))
-    assert folders == sorted(STAGES) == sorted(INTERFACES)
+    assert folders == sorted(POD_DEFAULTS) == sorted(INTERFACES)
     pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
     packaged = {name.removeprefix("topr_components.") for name in pyproject["tool"]["setuptools"]["packages"]}
     assert set(folders) <= packaged, "list the component's folder in pyproject.toml's packages"

@@ -1,52 +1,84 @@
-"""The TOPR loop as one Kubeflow Pipelines DAG, defined once for local and cluster runs.
+"""The TOPR loop as one Kubeflow Pipelines DAG, compiled from the loop's description (``topr.workflow``).
 
-    start_run ─▶ prepare_model, prompts ─▶ evaluate(model_0)
-                  │
-                  └▶ iteration 1: sample ×shards ▶ collect ▶ verify ▶ curate ▶ train ▶ evaluate ─▶ model_1
-                     iteration 2: the same, from model_1                       ─▶ model_2
-                     …
-                     gate(model_N vs the registered champion) ─▶ if "promote": promote (if the champion is unchanged)
-                     verifier (verifier.enabled): verifier_data(model_N) ▶ train_verifier(model_0) ▶ evaluate_verifier
+    start_run ─▶ start phase: prepare_model, prompts ─▶ evaluate(model_0)
+                 iteration 1: sample ×shards ▶ collect ▶ verify ▶ curate ▶ train ▶ evaluate ─▶ model_1
+                 iteration 2: the same, from model_1                                        ─▶ model_2
+                 …
+                 finish phase: gate(model_N) ─▶ if "promote": promote;  verifier_data ▶ train_verifier ▶ evaluate_verifier
     finish_run (exit handler: closes the MLflow run as FINISHED or FAILED)
 
-KFP v2 has no loops over a run-time count, so ``build_pipeline(config)`` unrolls the
+Every stage of the description becomes a task of its component (``components/<name>/``), which
+``component`` finds by the stage's name; ``topr.inprocess`` runs the same description in one
+process. KFP v2 has no loops over a run-time count, so ``build_pipeline(config)`` unrolls the
 ``run.iterations`` iterations at compile time, each a nested pipeline (``iteration-<i>``) taking
-the previous iteration's Model, and fans sampling out over ``sample.shards`` pods
-(``dsl.ParallelFor``). Every task gets its ``cluster`` settings (image, resources, GPUs,
+the previous iteration's Model, and fans a sharded stage out over its shards' pods
+(``dsl.ParallelFor``, read back with ``dsl.Collected``). Stages a config disables
+(``enabled_by``) are left out at compile time; a stage that ``runs_if`` an earlier stage's
+value sits in a ``dsl.If``. Every task gets its ``cluster`` settings (image, resources, GPUs,
 secrets, retries, timeouts), which only a cluster run uses.
 """
 
 
+from importlib import import_module
+
 from kfp import dsl
 from kfp.dsl import Dataset, Input, Model
 
+from topr import workflow
 from topr.config import Config
-from topr_components.collect_samples.component import collect_samples
-from topr_components.curate.component import curate
-from topr_components.evaluate.component import evaluate
-from topr_components.evaluate_verifier.component import evaluate_verifier
 from topr_components.finish_run.component import finish_run
-from topr_components.gate.component import gate
-from topr_components.prepare_model.component import prepare_model
-from topr_components.promote.component import promote
-from topr_components.prompts.component import prompts
-from topr_components.sample.component import sample
 from topr_components.start_run.component import start_run
-from topr_components.train.component import train
-from topr_components.train_verifier.component import train_verifier
-from topr_components.verifier_data.component import verifier_data
-from topr_components.verify.component import verify
 from topr_pipelines.cluster_settings import on_cluster
 
 
+def component(stage: str):
+    """The component of a stage: ``topr_components.<stage>.component.<stage>``."""
+    return getattr(import_module(f"topr_components.{stage}.component"), stage)
+
+
+def add_phase(stages, scope: dict, tracking: dict, iteration: int, config: Config) -> dict:
+    """Add the phase's enabled stages as tasks, in order, each reading what earlier ones made;
+    returns ``scope`` with their outputs (task output channels) by name."""
+    for stage in stages:
+        if not stage.enabled(config):
+            continue
+        if stage.runs_if:
+            with dsl.If(scope[stage.runs_if.value] == stage.runs_if.equals, name=stage.runs_if.title):
+                add_stage(stage, scope, tracking, iteration, config)
+        else:
+            add_stage(stage, scope, tracking, iteration, config)
+    return scope
+
+
+def add_stage(stage: workflow.Stage, scope: dict, tracking: dict, iteration: int, config: Config) -> None:
+    """One stage's task (one per shard in a ``dsl.ParallelFor`` for a sharded stage), with its cluster settings."""
+    op = component(stage.name)
+    arguments = dict(tracking)
+    if "iteration" in op.component_spec.inputs:
+        arguments["iteration"] = iteration
+    for parameter, source in stage.inputs.items():
+        name, _, key = source.partition(".")
+        arguments[name if key else parameter] = scope[name]  # a metadata value: the component reads it from the artifact
+    if stage.sharded_by:
+        shards = workflow.config_value(config, stage.sharded_by)
+        with dsl.ParallelFor(list(range(shards)), name=f"{stage.title} shards") as shard:
+            task = on_cluster(op(**arguments, shard=shard, shards=shards).set_display_name(stage.title), config.cluster)
+        scope.update({name: dsl.Collected(task.outputs[name]) for name in stage.outputs})
+    else:
+        task = on_cluster(op(**arguments).set_display_name(stage.title), config.cluster)
+        scope.update({name: task.outputs[name] for name in stage.outputs})
+        scope.update({value: task.outputs[output] for value, output in stage.results.items()})
+
+
 def iteration_pipeline(iteration: int, config: Config):
-    """The nested pipeline of one round: sample (sharded), collect, verify, curate, train, evaluate.
+    """The nested pipeline of one round (``topr.workflow.ITERATION``).
 
     Each round gets its own pipeline definition (``iteration-<i>``) so that its tasks have
     their own component names, and so their own artifact folders under kfp.local, where a
     component reused by several rounds would write every round into the same folder.
     """
-    cluster, shards = config.cluster, config.sample.shards
+    if workflow.iteration_inputs() != {"model", "train_prompts", "eval_prompts"}:
+        raise ValueError(f"an iteration reads {sorted(workflow.iteration_inputs())}: give iteration_pipeline those inputs")
 
     @dsl.pipeline(name=f"iteration-{iteration}", description=f"Round {iteration}: sample, verify, curate, train, evaluate.")
     def one_round(
@@ -57,34 +89,11 @@ def iteration_pipeline(iteration: int, config: Config):
         train_prompts: Input[Dataset],
         eval_prompts: Input[Dataset],
     ) -> Model:
-        tracking = {"config_json": config_json, "tracking_uri": tracking_uri, "parent_run_id": parent_run_id, "iteration": iteration}
-        with dsl.ParallelFor(list(range(shards)), name="sample shards") as shard:
-            sampled = sample(**tracking, shard=shard, shards=shards, model=model, train_prompts=train_prompts)
-            on_cluster(sampled.set_display_name("sample"), cluster)
-        collected = collect_samples(**tracking, shards=dsl.Collected(sampled.outputs["samples"]))
-        on_cluster(collected.set_display_name("collect samples"), cluster)
-        samples = collected.outputs["samples"]
-        verified = on_cluster(verify(**tracking, samples=samples).set_display_name("verify"), cluster)
-        curated = on_cluster(curate(**tracking, verified=verified.outputs["verified"]).set_display_name("curate"), cluster)
-        trained = train(**tracking, model=model, train_set=curated.outputs["train_set"], samples=samples)
-        on_cluster(trained.set_display_name("train"), cluster)
-        evaluated = evaluate(**tracking, model=trained.outputs["trained_model"], eval_prompts=eval_prompts)
-        on_cluster(evaluated.set_display_name("evaluate"), cluster)
-        return trained.outputs["trained_model"]
+        tracking = {"config_json": config_json, "tracking_uri": tracking_uri, "parent_run_id": parent_run_id}
+        scope = {"model": model, "train_prompts": train_prompts, "eval_prompts": eval_prompts}
+        return add_phase(workflow.ITERATION, scope, tracking, iteration, config)[workflow.TRAINED_MODEL]
 
     return one_round
-
-
-def verifier_branch(tracking: dict, base_model, final_model, train_prompts, eval_prompts, config: Config) -> None:
-    """The generative verifier (``topr.verifier``): the final policy's solutions are labelled, the
-    starting model learns to judge them, and its judgments weight a vote over held-out solutions."""
-    cluster = config.cluster
-    data = verifier_data(**tracking, model=final_model, train_prompts=train_prompts, eval_prompts=eval_prompts)
-    pairs = on_cluster(data.set_display_name("verifier data"), cluster).outputs["verifier_data"]
-    trained = train_verifier(**tracking, base_model=base_model, verifier_data=pairs)
-    on_cluster(trained.set_display_name("train verifier"), cluster)
-    evaluated = evaluate_verifier(**tracking, base_model=base_model, verifier=trained.outputs["verifier"], verifier_data=pairs)
-    on_cluster(evaluated.set_display_name("evaluate verifier"), cluster)
 
 
 def build_pipeline(config: Config, pipeline_root: str | None = None):
@@ -106,22 +115,12 @@ def build_pipeline(config: Config, pipeline_root: str | None = None):
         on_cluster(closing.set_display_name("finish MLflow run"), cluster)
         with dsl.ExitHandler(closing, name="topr loop"):
             tracking = {"config_json": config_json, "tracking_uri": tracking_uri, "parent_run_id": parent_run_id}
-            base = on_cluster(prepare_model(**tracking).set_display_name("prepare model"), cluster)
-            prompt_sets = on_cluster(prompts(**tracking).set_display_name("prompts"), cluster)
-            model, eval_prompts = base.outputs["model"], prompt_sets.outputs["eval_prompts"]
-            first = evaluate(**tracking, iteration=0, model=model, eval_prompts=eval_prompts)
-            on_cluster(first.set_display_name("evaluate starting model"), cluster)
+            scope = add_phase(workflow.START, {}, tracking, 0, config)
+            scope[workflow.BASE_MODEL] = scope[workflow.MODEL]
             for iteration, one_round in enumerate(rounds, start=1):
-                model = one_round(
-                    **tracking, model=model, train_prompts=prompt_sets.outputs["train_prompts"], eval_prompts=eval_prompts
-                ).set_display_name(f"iteration {iteration}").output
-            decision = gate(**tracking, iteration=iterations, model=model, eval_prompts=eval_prompts)
-            on_cluster(decision.set_display_name("promotion gate"), cluster)
-            with dsl.If(decision.outputs["Output"] == "promote", name="gain above margin"):
-                promoted = promote(**tracking, model=model, champion_version=decision.outputs["champion_version"])
-                on_cluster(promoted.set_display_name("promote to champion"), cluster)
-            if config.verifier.enabled:
-                verifier_branch(tracking, base.outputs["model"], model, prompt_sets.outputs["train_prompts"], eval_prompts, config)
+                inputs = {name: scope[name] for name in ("model", "train_prompts", "eval_prompts")}
+                scope[workflow.MODEL] = one_round(**tracking, **inputs).set_display_name(f"iteration {iteration}").output
+            add_phase(workflow.FINISH, scope, tracking, iterations, config)
         return parent_run_id
 
     return topr

@@ -167,7 +167,7 @@ class ScriptedArms:
         from mlflow import MlflowClient
         from mlflow.entities import Metric
 
-        from topr.loop import IterationFiles
+        from topr.workflow import IterationFiles
         from topr.records import write_records
 
         replicate = run_name.rsplit("/", 1)[1]

@@ -24,7 +24,7 @@ def test_library_source_never_imports_kfp_or_the_upper_floors():
 def test_importing_every_stage_and_building_the_cli_loads_no_workflow_package():
     # The pipeline's commands come in through an entry point, yet `topr --help` imports no kfp:
     # it works where only the core is installed.
-    stages = "objectives logprobs records prompts sample verify curate train evaluate models tracking steps report config cli storage stack lineage verifier experiment loop inprocess stats promotion"
+    stages = "objectives logprobs records prompts sample verify curate train evaluate models tracking steps report config cli storage stack lineage verifier experiment workflow inprocess stats promotion"
     code = (
         f"import sys; import {', '.join('topr.' + s for s in stages.split())}; topr.cli._build_parser(); "
         "print(sorted({m.split('.')[0] for m in sys.modules} & {'kfp', 'mlflow', 'boto3', 'botocore', 'matplotlib', 'statsmodels', 'pandas'}))"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,7 +17,8 @@ from topr.metrics import auroc, auroc_interval, balanced_accuracy
 from topr.models import load_policy, prompt_token_ids
 from topr.prompts import run_prompts
 from topr.records import read_records, write_records
-from topr.tasks import ANSWER_INSTRUCTION, get_task
+from topr.tasks import ANSWER_INSTRUCTION, get_task, registered_tasks
+from topr.tasks.arithmetic import ArithmeticTask
 from topr.tasks.jsonl import EXACT_INSTRUCTION
 from topr.tasks.math_task import BOXED_INSTRUCTION
 from topr.tasks.verifier import VerifierTask
@@ -45,6 +47,8 @@ from topr.verify import verify_records
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 TASK = VerifierTask(None, None)
+POLICY = ArithmeticTask()  # the policy's task where a test builds verifier prompts itself
+FIXTURES = Path(__file__).parent / "fixtures"
 
 
 # --- the verifier task ---------------------------------------------------------------------
@@ -75,7 +79,7 @@ def test_get_task_builds_the_verifier_task():
 
 
 def test_verifier_task_reads_prompt_files_as_they_are(tmp_path):
-    records = build_verifier_prompts([solution("q1", 0, "Answer: 4", "4", True)])
+    records = build_verifier_prompts([solution("q1", 0, "Answer: 4", "4", True)], POLICY)
     write_records(tmp_path / "pairs.jsonl", records)
     (problem,) = VerifierTask(str(tmp_path / "pairs.jsonl"), None).problems("train", 10, 0)
     assert {key: problem[key] for key in records[0]} == records[0]
@@ -110,30 +114,74 @@ def test_build_verifier_prompts_labels_each_non_empty_solution():
         solution("q1", 1, "  \n", None, False),
         solution("q1", 2, "2 + 2 = 5. Answer: 5", "5", False),
     ]
-    prompts = build_verifier_prompts(solutions)
+    prompts = build_verifier_prompts(solutions, POLICY)
     assert [p["prompt_id"] for p in prompts] == ["q1/s0", "q1/s2"]
     assert [p["reference"] for p in prompts] == ["Yes", "No"]
     assert [(p["question_id"], p["solution_index"], p["solution_answer"], p["solution_correct"]) for p in prompts] == [
         ("q1", 0, "4", True),
         ("q1", 2, "5", False),
     ]
-    assert prompts[1]["prompt"] == verifier_prompt("What is 2 + 2?", "2 + 2 = 5. Answer: 5")
+    assert prompts[1]["prompt"] == verifier_prompt("What is 2 + 2?", "2 + 2 = 5. Answer: 5", POLICY)
     assert "What is 2 + 2?" in prompts[1]["prompt"] and "Yes or No" in prompts[1]["prompt"]
 
 
-@pytest.mark.parametrize("instruction", [ANSWER_INSTRUCTION, EXACT_INSTRUCTION, BOXED_INSTRUCTION])
-def test_verifier_prompt_leaves_out_the_policys_answer_instruction(instruction):
-    prompt = verifier_prompt(f"Tom has 3 apples and buys 4 more. How many apples?\n{instruction}", "3 + 4 = 7. Answer: 7")
-    assert instruction not in prompt and "End your reply" not in prompt
-    assert "Tom has 3 apples and buys 4 more. How many apples?\n\n" in prompt
-    assert "3 + 4 = 7. Answer: 7" in prompt and prompt.endswith("Reply with Yes or No only.")
+def fixture_task(name: str, file: str, **options) -> TaskConfig:
+    return TaskConfig(name=name, train_path=str(FIXTURES / file), eval_path=str(FIXTURES / file), **options)
 
 
-def test_verifier_prompt_of_a_task_prompt_holds_the_question_only():
-    problem = get_task(TaskConfig()).problems("train", 1, 0)[0]
-    question = problem["prompt"].removesuffix(f"\n{ANSWER_INSTRUCTION}")
-    assert question != problem["prompt"]
-    assert verifier_prompt(problem["prompt"], "Answer: 1") == verifier_prompt(question, "Answer: 1")
+# Every built-in policy task: its config, the question of its first training prompt (seed 0) and
+# the answer-format instruction that prompt ends with.
+BUILT_IN = {
+    "arithmetic": (TaskConfig(), "Anna has 8 books. She loses 4. How many books does Anna have now?", ANSWER_INSTRUCTION),
+    "gsm8k": (fixture_task("gsm8k", "gsm8k.jsonl"), "A school orders 40 boxes of 30 pencils. How many pencils does it order?", ANSWER_INSTRUCTION),
+    "math": (fixture_task("math", "math.jsonl"), "What is $\\sin 60^\\circ$?", BOXED_INSTRUCTION),
+    "jsonl-numeric": (fixture_task("jsonl", "generic.jsonl", prompt_field="text", answer_field="target"), "What is 7 divided by 2?", ANSWER_INSTRUCTION),
+    "jsonl-exact": (fixture_task("jsonl", "generic.jsonl", prompt_field="text", answer_field="target", match="exact"), "What is 7 divided by 2?", EXACT_INSTRUCTION),
+}  # fmt: skip
+
+
+def test_every_built_in_task_is_checked_below():
+    built_in = {name for name, kind in registered_tasks().items() if kind.__module__.startswith("topr.tasks.")}
+    assert built_in == {config.name for config, _, _ in BUILT_IN.values()} | {"verifier"}
+
+
+@pytest.mark.parametrize(("config", "question", "instruction"), BUILT_IN.values(), ids=BUILT_IN.keys())
+def test_the_verifier_is_shown_a_built_in_tasks_question_without_its_instruction(config, question, instruction):
+    task = get_task(config)
+    (problem,) = task.problems("train", 1, 0)
+    assert problem["prompt"] == f"{question}\n{instruction}"
+    # Byte for byte the verifier prompt of before tasks stripped their own instruction.
+    assert verifier_prompt(problem["prompt"], "3 + 4 = 7. Answer: 7", task) == (
+        "Here is a question and a proposed solution.\n\n"
+        f"Question:\n{question}\n\n"
+        "Proposed solution:\n3 + 4 = 7. Answer: 7\n\n"
+        "Is the proposed solution correct? Reply with Yes or No only."
+    )
+    for problem in task.problems("test", 50, 0):
+        asked = task.question_text(problem["prompt"])
+        assert instruction not in asked and "End your reply" not in asked and "\\boxed{}" not in asked
+        assert task.prompt_for(asked) == problem["prompt"]
+
+
+def test_a_verifier_prompt_is_shown_as_it_is(tmp_path):
+    pairs = build_verifier_prompts([solution("q1", 0, "Answer: 4", "4", True)], POLICY)
+    write_records(tmp_path / "pairs.jsonl", pairs)
+    (problem,) = VerifierTask(str(tmp_path / "pairs.jsonl"), None).problems("train", 1, 0)
+    assert TASK.question_text(problem["prompt"]) == problem["prompt"] == pairs[0]["prompt"]
+
+
+def test_a_task_with_a_prompt_format_of_its_own_overrides_question_text():
+    class Quoted(ArithmeticTask):
+        """Asks "Q: <question>" and the instruction first."""
+
+        def prompt_for(self, question):
+            return f"{self.instruction}\nQ: {question}"
+
+        def question_text(self, prompt):
+            return prompt.removeprefix(f"{self.instruction}\nQ: ")
+
+    prompt = verifier_prompt(Quoted().prompt_for("What is 2 + 2?"), "4", Quoted())
+    assert prompt == verifier_prompt("What is 2 + 2?", "4", POLICY) and ANSWER_INSTRUCTION not in prompt
 
 
 def labelled(labels: str) -> list[dict]:
@@ -287,19 +335,9 @@ def test_judgment_metrics_name_the_verifier_and_are_left_out_when_labels_are_ali
 # --- P(correct) --------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def judge(tiny_model_dir):
-    """The tiny model with a separate, larger random head: its tied head is nearly uniform, so
-    P(Yes) would be about 0.5 for every prompt and a padding error would go unnoticed."""
-    model, tokenizer = load_policy(tiny_model_dir, device=torch.device("cpu"))
-    head = torch.randn(model.lm_head.weight.shape, generator=torch.Generator().manual_seed(0)) * 0.5
-    model.lm_head.weight = torch.nn.Parameter(head)
-    return model, tokenizer
-
-
-def test_p_correct_matches_an_unpadded_forward_pass(judge):
-    model, tokenizer = judge
-    prompts = [verifier_prompt("What is 2 + 2?", solution) for solution in ("4", "It is 5, since 2 + 2 + 1 = 5.", "Four. Answer: 4")]
+def test_p_correct_matches_an_unpadded_forward_pass(peaked_policy):
+    model, tokenizer = peaked_policy
+    prompts = [verifier_prompt("What is 2 + 2?", solution, POLICY) for solution in ("4", "It is 5, since 2 + 2 + 1 = 5.", "Four. Answer: 4")]
     batched = p_correct(model, tokenizer, prompts, system_prompt=None, batch_size=3)
     yes, no = judgment_token_ids(tokenizer)
     assert tokenizer.decode([yes]) == "Yes" and tokenizer.decode([no]) == "No"
@@ -316,13 +354,13 @@ def test_p_correct_matches_an_unpadded_forward_pass(judge):
 # --- training judgments: both replies of every pair ---------------------------------------------
 
 
-def test_both_judgments_of_every_pair_reach_training_and_the_right_one_is_the_positive(judge):
-    model, tokenizer = judge
+def test_both_judgments_of_every_pair_reach_training_and_the_right_one_is_the_positive(peaked_policy):
+    model, tokenizer = peaked_policy
     pairs = build_verifier_prompts([
         solution("q1", 0, "2 + 2 = 4. Answer: 4", "4", True),
         solution("q1", 1, "2 + 2 = 5. Answer: 5", "5", False),
         solution("q2", 0, "3 + 3 = 7. Answer: 7", "7", False, prompt="What is 3 + 3?"),
-    ])  # fmt: skip
+    ], POLICY)  # fmt: skip
     judgments = both_judgments(model, tokenizer, pairs, system_prompt=None, batch_size=4, behavior_model="sha256:judge")
     assert [(j["prompt_id"], j["completion"], j["sample_index"]) for j in judgments] == [
         ("q1/s0", "Yes", 0), ("q1/s0", "No", 1), ("q1/s1", "Yes", 0), ("q1/s1", "No", 1), ("q2/s0", "Yes", 0), ("q2/s0", "No", 1),
@@ -344,9 +382,9 @@ def test_both_judgments_of_every_pair_reach_training_and_the_right_one_is_the_po
     }  # fmt: skip
 
 
-def test_the_behaviour_log_probs_of_a_judgment_are_its_tokens_log_probs_under_the_model(judge):
-    model, tokenizer = judge
-    pairs = build_verifier_prompts([solution("q1", 0, "Answer: 4", "4", True), solution("q1", 1, "It is 5, as 2 + 2 + 1 = 5.", "5", False)])
+def test_the_behaviour_log_probs_of_a_judgment_are_its_tokens_log_probs_under_the_model(peaked_policy):
+    model, tokenizer = peaked_policy
+    pairs = build_verifier_prompts([solution("q1", 0, "Answer: 4", "4", True), solution("q1", 1, "It is 5, as 2 + 2 + 1 = 5.", "5", False)], POLICY)
     for judgment in both_judgments(model, tokenizer, pairs, system_prompt=None, batch_size=3, behavior_model="m"):
         prompt, reply = judgment["prompt_token_ids"], judgment["completion_token_ids"]
         assert prompt == prompt_token_ids(tokenizer, judgment["prompt"])
@@ -362,7 +400,7 @@ def test_training_raises_p_yes_on_correct_pairs_and_lowers_it_on_wrong_ones(tiny
         for a in (2, 3, 4)
         for index in (0, 1)
     ]  # fmt: skip
-    pairs = build_verifier_prompts(solutions)
+    pairs = build_verifier_prompts(solutions, POLICY)
     write_records(tmp_path / "data" / VERIFIER_TRAIN, pairs)
     write_records(tmp_path / "data" / VERIFIER_EVAL, pairs)
     config = load_config(
@@ -408,7 +446,7 @@ def test_branch_end_to_end_on_the_tiny_model(tiny_model_dir, tmp_path):
     assert 0 <= summary["verifier_train_yes_share"] <= 1
 
     trained = run_train_verifier(config, tiny_model_dir, data, tmp_path / "verifier", tmp_path / "work")
-    judgments = read_records(tmp_path / "work" / "samples.jsonl")  # topr.loop.IterationFiles
+    judgments = read_records(tmp_path / "work" / "samples.jsonl")  # topr.workflow.IterationFiles
     assert trained["judgments"] == len(judgments) == 2 * summary["verifier_train_prompts"]
     assert trained["curated_count"] == len(judgments) and trained["curated_positives"] == trained["curated_negatives"]
     assert trained["steps"] >= 1

@@ -20,6 +20,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from topr.workflow import POD_DEFAULTS
+
 DEFAULT_IMAGE = "ghcr.io/topr-project/topr:0.1.0"
 
 
@@ -69,37 +71,6 @@ class StageResources(_Strict):
         return None if value is None else str(value)
 
 
-def _stage(**fields: Any) -> dict[str, Any]:
-    return fields
-
-
-DEFAULT_STAGES: dict[str, dict[str, Any]] = {
-    "start_run": _stage(cpu="500m", memory="1Gi", retries=2, timeout_minutes=10, ephemeral_storage="1Gi"),
-    "finish_run": _stage(cpu="500m", memory="1Gi", retries=2, timeout_minutes=10, ephemeral_storage="1Gi"),
-    # Copies the base model (several GiB) through /tmp when it comes from S3 or the registry.
-    "prepare_model": _stage(cpu="2", memory="32Gi", retries=2, timeout_minutes=60, ephemeral_storage="50Gi"),
-    "prompts": _stage(cpu="1", memory="4Gi", retries=2, timeout_minutes=30),
-    "sample": _stage(cpu="8", memory="64Gi", gpus=1, retries=2, timeout_minutes=360, ephemeral_storage="20Gi"),
-    "collect_samples": _stage(cpu="1", memory="8Gi", retries=2, timeout_minutes=30),
-    "verify": _stage(cpu="4", memory="8Gi", retries=2, timeout_minutes=60),
-    "curate": _stage(cpu="1", memory="8Gi", retries=1, timeout_minutes=30),
-    # Resumes from its checkpoint, staged in /tmp: ~16 bytes per parameter (weights, grads, Adam),
-    # two of them while one replaces the other.
-    "train": _stage(cpu="8", memory="64Gi", gpus=1, retries=1, timeout_minutes=1440, ephemeral_storage="150Gi"),
-    "evaluate": _stage(cpu="8", memory="64Gi", gpus=1, retries=2, timeout_minutes=180, ephemeral_storage="20Gi"),
-    # Downloads the champion into /tmp to evaluate it again.
-    "gate": _stage(cpu="8", memory="64Gi", gpus=1, retries=2, timeout_minutes=180, ephemeral_storage="50Gi"),
-    "promote": _stage(cpu="500m", memory="1Gi", retries=2, timeout_minutes=10, ephemeral_storage="1Gi"),
-    "verifier_data": _stage(cpu="8", memory="64Gi", gpus=1, retries=2, timeout_minutes=360, ephemeral_storage="20Gi"),
-    "train_verifier": _stage(cpu="8", memory="64Gi", gpus=1, retries=0, timeout_minutes=1440, ephemeral_storage="50Gi"),
-    "evaluate_verifier": _stage(cpu="8", memory="64Gi", gpus=1, retries=2, timeout_minutes=180, ephemeral_storage="20Gi"),
-}
-"""Every stage of the pipeline, named as its component and its step (``topr.steps``), with its
-pod's defaults."""
-
-STAGES = tuple(DEFAULT_STAGES)
-
-
 class Toleration(_Strict):
     key: str | None = Field(None, description="Taint key; empty with operator Exists tolerates every taint.")
     operator: Literal["Equal", "Exists"] = "Exists"
@@ -137,7 +108,7 @@ class ClusterConfig(_Strict):
         False, description="Let Kubeflow reuse a task's earlier outputs; off because stages log to MLflow."
     )
     stages: dict[str, StageResources] = Field(
-        default_factory=lambda: {name: StageResources(**fields) for name, fields in DEFAULT_STAGES.items()},
+        default_factory=lambda: {name: StageResources(**fields) for name, fields in POD_DEFAULTS.items()},
         description="Per-stage pod settings (cpu, memory, gpus, retries, timeout_minutes, ephemeral_storage, "
         "shared_memory, s3_secret), merged over the defaults.",
     )
@@ -147,11 +118,11 @@ class ClusterConfig(_Strict):
     def _merge_over_defaults(cls, given: Any) -> Any:
         if not isinstance(given, dict):
             return given
-        unknown = sorted(set(given) - set(STAGES))
+        unknown = sorted(set(given) - set(POD_DEFAULTS))
         if unknown:
-            raise ValueError(f"unknown stage(s) {', '.join(unknown)} (choices: {', '.join(STAGES)})")
+            raise ValueError(f"unknown stage(s) {', '.join(unknown)} (choices: {', '.join(POD_DEFAULTS)})")
         merged = {}
-        for name, defaults in DEFAULT_STAGES.items():
+        for name, defaults in POD_DEFAULTS.items():
             override = given.get(name) or {}
             if isinstance(override, StageResources):
                 override = override.model_dump(exclude_unset=True)

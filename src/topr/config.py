@@ -340,6 +340,11 @@ class VerifierConfig(Section):
 
 
 class GateConfig(Section):
+    enabled: bool = Field(
+        True,
+        description="Run the promotion gate (and promote) after the last iteration; false leaves the "
+        "alias alone (what the arms of `topr experiment` do: they are compared, not promoted).",
+    )
     margin: float = Field(
         0.0,
         description="Move the alias only when new pass@1 − champion pass@1 exceeds this "

@@ -43,7 +43,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from topr import console
 from topr.config import Config, ConfigError, apply_overrides, build_config, config_to_dict
 from topr.inprocess import SharedStart, run_in_process
-from topr.loop import IterationFiles
+from topr.workflow import IterationFiles
 from topr.records import write_json
 
 log = logging.getLogger(__name__)
@@ -192,10 +192,11 @@ def prepare_shared(experiment: Config, folder: Path, tracking_uri: str, replicat
     evaluation on the held-out prompts, and each replicate's training prompts and verified
     iteration-1 samples (``<folder>/rep<r>/``)."""
     from topr.evaluate import run_evaluate
-    from topr.loop import LibraryStages
     from topr.models import prepare_base_model
     from topr.prompts import run_prompts
+    from topr.sample import run_sample
     from topr.steps import registered_model_source
+    from topr.verify import run_verify
 
     started = time.perf_counter()
     folder.mkdir(parents=True, exist_ok=True)
@@ -209,10 +210,9 @@ def prepare_shared(experiment: Config, folder: Path, tracking_uri: str, replicat
         files.folder.mkdir(exist_ok=True)
         train_prompts = files.folder / "train_prompts.jsonl"
         counts = run_prompts(config, train_prompts, eval_prompts)
-        stages = LibraryStages(config)
         if not files.samples.exists():
-            stages.sample(str(model_dir), train_prompts, files.samples, iteration=1)
-        summary = stages.verify(files.samples, files.verified, iteration=1)
+            run_sample(config, str(model_dir), train_prompts, files.samples, iteration=1)
+        summary = run_verify(config.task, files.samples, files.verified)
         by_replicate[replicate_name(replicate)] = {"samples": str(files.samples), "samples_accuracy": summary["accuracy"], "samples_count": summary["count"]}
     if not start.evaluation.exists():
         start.folder.mkdir(exist_ok=True)
@@ -231,10 +231,11 @@ def prepare_shared(experiment: Config, folder: Path, tracking_uri: str, replicat
 
 def arm_config(name: str, experiment_name: str, arm: Config, experiment: Config, shared: dict, replicate: int = 0) -> Config:
     """The arm's config as it runs in ``replicate``: that replicate's seeds, the shared starting
-    model and data where they apply, its own names."""
+    model and data where they apply, its own names, and no gate (arms are compared, not promoted)."""
     arm, experiment = replicate_config(arm, replicate), replicate_config(experiment, replicate)
     update = {
         "run": arm.run.model_copy(update={"name": name, "registered_model": f"{experiment_name}-{name}", "experiment": f"experiment-{experiment_name}"}),
+        "gate": arm.gate.model_copy(update={"enabled": False}),
     }
     if arm.model == experiment.model:
         update["model"] = arm.model.model_copy(update={"path": shared["model_dir"]})

@@ -1,50 +1,28 @@
 """A whole run in this process: the pipeline's stages and tracking without Kubeflow's task processes.
 
-``topr experiment`` runs every arm × replicate this way. Each stage goes through ``topr.steps``,
-as a component would call it, so an arm's MLflow run has the layout of a pipeline run: a parent
-run with the config, a nested run per stage and iteration (``iter1/sample`` …), datasets with
-digests, per-step training figures, the registered model and its lineage. What it leaves out:
-Kubeflow's task processes (about 5 s of start-up each), the promotion gate (arms are compared,
-not promoted) and, when the experiment hands it in, the starting model's preparation and
-evaluation, which every arm shares (greedy decoding of the same model on the same problems): the
-unit then logs those figures as its iteration 0, with the shared evaluation's file as a param.
+``run_in_process`` runs the loop's description (``topr.workflow``) stage by stage, each through
+its step (``topr.steps.<name>``) as its component would call it, so the run's MLflow layout is a
+pipeline run's: a parent run with the config, a nested run per stage and iteration
+(``iter1/sample`` …), datasets with digests, per-step training figures, the registered models
+and their lineage. Every stage writes into its phase's folder under the run's folder (``iter0``
+for the start, ``iter<i>``, ``finish``), under the file names the description gives.
+
+``topr experiment`` runs every arm × replicate this way, with the gate off (``gate.enabled``:
+arms are compared, not promoted). What it may hand in (``SharedStart``): the starting model and
+its evaluation, which every arm shares (greedy decoding of the same model on the same
+problems); the unit then logs those figures as its iteration 0, with the shared evaluation's
+file as a param, in place of running ``prepare_model`` and the first ``evaluate``.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from topr import steps
+from topr import steps, workflow
 from topr.config import Config
-from topr.loop import IterationFiles, run_iteration
-
-
-@dataclass
-class TrackedStages:
-    """The loop's stages (``topr.loop.Stages``) as ``topr.steps`` calls into one parent MLflow run."""
-
-    context: steps.StageContext
-
-    def sample(self, model_dir: str, prompts: Path, output: Path, iteration: int) -> dict:
-        """One shard, then the collecting step that publishes and logs the samples, as in the pipeline."""
-        shard = output.with_name(f"{output.stem}.shard0{output.suffix}")
-        summary = steps.sample(self.context.at(iteration), model_dir, str(prompts), str(shard))
-        steps.collect_samples(self.context.at(iteration), [str(shard)], str(output))
-        return summary
-
-    def verify(self, samples: Path, output: Path, iteration: int) -> dict:
-        return steps.verify(self.context.at(iteration), str(samples), str(output))
-
-    def curate(self, verified: Path, output: Path, report: Path, iteration: int) -> dict:
-        return steps.curate(self.context.at(iteration), str(verified), str(output), str(report))
-
-    def train(self, model_dir: str, train_set: Path, samples: Path, output: Path, iteration: int) -> dict:
-        return steps.train(self.context.at(iteration), model_dir, str(train_set), str(samples), str(output))
-
-    def evaluate(self, model_dir: str, prompts: Path, report: Path, completions: Path, iteration: int) -> dict:
-        return steps.evaluate(self.context.at(iteration), model_dir, str(prompts), str(report), str(completions))
 
 
 @dataclass(frozen=True)
@@ -57,9 +35,26 @@ class SharedStart:
     evaluation: Path
 
 
+@dataclass
+class LocalArtifact:
+    """An artifact of an in-process run: its file or folder, and what its stage returned (a
+    pipeline task's artifact carries the same in its metadata)."""
+
+    path: str
+    metadata: dict = field(default_factory=dict)
+
+
+Scope = dict[str, object]
+"""The artifacts (``LocalArtifact``, or a list of them for a sharded stage's) and returned values
+made so far, by name."""
+
+Substitute = Callable[[steps.StageContext], Scope]
+"""Stands in for a stage (by its title) and returns what it would have put in scope."""
+
+
 def run_in_process(config: Config, run_dir: str | Path, tracking_uri: str, run_name: str, shared: SharedStart | None = None) -> str:
-    """Run ``config``'s iterations (and the verifier branch when enabled) here; return the parent
-    MLflow run id. The run ends FAILED, and the error propagates, when a stage raises."""
+    """Run ``config``'s whole loop here; return the parent MLflow run id. The run ends FAILED,
+    and the error propagates, when a stage raises."""
     from topr.tracking import mlflow_client, start_pipeline_run
 
     run_dir = Path(run_dir)
@@ -67,7 +62,7 @@ def run_in_process(config: Config, run_dir: str | Path, tracking_uri: str, run_n
     steps.check_services(tracking_uri, config.run.artifact_store)
     parent_run_id = start_pipeline_run(tracking_uri, config, run_name)
     try:
-        _run_loop(steps.StageContext(config, tracking_uri, parent_run_id), run_dir, shared)
+        run_workflow(steps.StageContext(config, tracking_uri, parent_run_id), run_dir, _shared_start(shared) if shared else {})
     except BaseException:
         mlflow_client(tracking_uri).set_terminated(parent_run_id, "FAILED")
         raise
@@ -75,34 +70,72 @@ def run_in_process(config: Config, run_dir: str | Path, tracking_uri: str, run_n
     return parent_run_id
 
 
-def _run_loop(context: steps.StageContext, run_dir: Path, shared: SharedStart | None) -> None:
-    start = run_dir / "iter0"
-    start.mkdir(exist_ok=True)
-    train_prompts, eval_prompts = start / "train_prompts.jsonl", start / "eval_prompts.jsonl"
-    steps.prompts(context, str(train_prompts), str(eval_prompts))
-    if shared is None:
-        base_model = str(start / "model")
-        steps.prepare_model(context, base_model)
-        steps.evaluate(context, base_model, str(eval_prompts), str(start / "evaluation.json"), str(start / "evaluation_completions.jsonl"))
-    else:
-        base_model = shared.model_dir
-        _log_shared_evaluation(context, shared)
-    stages, model_dir = TrackedStages(context), base_model
-    for iteration in range(1, context.config.run.iterations + 1):
-        folder = run_dir / f"iter{iteration}"
-        run_iteration(stages, model_dir, train_prompts, iteration, folder, eval_prompts)
-        model_dir = str(IterationFiles(folder).model)
-    if context.config.verifier.enabled:
-        verifier = run_dir / "verifier"
-        data, trained = verifier / "data", verifier / "model"
-        steps.verifier_data(context, model_dir, str(train_prompts), str(eval_prompts), str(data))
-        steps.train_verifier(context, base_model, str(data), str(trained))
-        steps.evaluate_verifier(context, base_model, str(trained), str(data), str(verifier / "evaluation.json"))
+def run_workflow(context: steps.StageContext, run_dir: Path, substitutes: Mapping[str, Substitute] = {}) -> Scope:
+    """The description's phases in order: start, ``run.iterations`` iterations, finish."""
+    iterations = context.config.run.iterations
+    scope = run_phase(workflow.START, context.at(0), run_dir / "iter0", {}, substitutes)
+    scope[workflow.BASE_MODEL] = scope[workflow.MODEL]
+    for iteration in range(1, iterations + 1):
+        made = run_phase(workflow.ITERATION, context.at(iteration), run_dir / f"iter{iteration}", dict(scope), substitutes)
+        scope[workflow.MODEL] = made[workflow.TRAINED_MODEL]
+    return run_phase(workflow.FINISH, context.at(iterations), run_dir / "finish", scope, substitutes)
 
 
-def _log_shared_evaluation(context: steps.StageContext, shared: SharedStart) -> None:
+def run_phase(stages, context: steps.StageContext, folder: Path, scope: Scope, substitutes: Mapping[str, Substitute]) -> Scope:
+    """Run each enabled stage whose condition holds, in order, adding what it makes to ``scope``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for stage in stages:
+        if not stage.enabled(context.config) or (stage.runs_if and scope[stage.runs_if.value] != stage.runs_if.equals):
+            continue
+        if stage.title in substitutes:
+            scope.update(substitutes[stage.title](context))
+        elif stage.sharded_by:
+            shards = workflow.config_value(context.config, stage.sharded_by)
+            made = [run_stage(stage, context, folder, scope, shard, shards) for shard in range(shards)]
+            scope.update({name: [artifacts[name] for artifacts in made] for name in stage.outputs})
+        else:
+            scope.update(run_stage(stage, context, folder, scope))
+    return scope
+
+
+def run_stage(stage: workflow.Stage, context: steps.StageContext, folder: Path, scope: Scope, shard: int | None = None, shards: int = 1) -> Scope:
+    """One stage's step on the artifacts it reads; what it wrote and returned, by name."""
+    paths = {name: folder / file for name, file in stage.outputs.items()}
+    if shard is not None:
+        paths = {name: path.with_name(f"{path.stem}.shard{shard}{path.suffix}") for name, path in paths.items()}
+    arguments = {parameter: _read(scope, source) for parameter, source in stage.inputs.items()}
+    arguments.update({name: str(path) for name, path in paths.items()})
+    if shard is not None:
+        arguments.update(shard=shard, shards=shards)
+    returned = getattr(steps, stage.name)(context, **arguments)
+    if stage.returns:
+        return dict(zip(stage.results, returned, strict=True))
+    return {name: LocalArtifact(str(path), dict(returned or {})) for name, path in paths.items()}
+
+
+def _read(scope: Scope, source: str):
+    """A path, a list of paths (a sharded stage's), or ``artifact.key``'s metadata value as text."""
+    name, _, key = source.partition(".")
+    value = scope[name]
+    if key:
+        return str(value.metadata[key])
+    if isinstance(value, list):
+        return [artifact.path for artifact in value]
+    return value.path if isinstance(value, LocalArtifact) else value
+
+
+def _shared_start(shared: SharedStart) -> dict[str, Substitute]:
+    """An experiment's shared start in place of preparing and evaluating the starting model."""
+    return {
+        "prepare model": lambda context: {workflow.MODEL: LocalArtifact(shared.model_dir)},
+        "evaluate starting model": lambda context: _log_shared_evaluation(context, shared),
+    }
+
+
+def _log_shared_evaluation(context: steps.StageContext, shared: SharedStart) -> Scope:
     """The starting model's evaluation, made once for every arm, logged as this run's iteration 0."""
     report = json.loads(shared.evaluation.read_text())
     with context.stage("evaluate") as (run, _):
         run.log_params({"model": report["model"], "evaluated_once_for_all_arms": str(shared.evaluation)})
         run.log_metrics(report["metrics"], on_parent=True)
+    return {}

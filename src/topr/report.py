@@ -375,7 +375,7 @@ ProblemResults = dict[int, dict[str, dict[str, dict[str, bool]]]]
 def per_problem_correct(folder: Path, shared: dict, finished: dict[str, Replicates]) -> ProblemResults:
     """Greedy correctness per held-out problem, by iteration, arm and replicate, read from the
     units' evaluation completions (iteration 0: the shared starting model's, else the unit's own)."""
-    from topr.loop import IterationFiles
+    from topr.workflow import IterationFiles
 
     def correct(path: Path) -> dict[str, bool] | None:
         if not path.exists():

@@ -181,78 +181,80 @@ def registered_model_source(tracking_uri: str, model_path: str) -> tuple[str, st
     return model_uri, manifest_sha256
 
 
-def prepare_model(context: StageContext, model_dir: str) -> dict:
+def prepare_model(context: StageContext, model: str) -> dict:
+    """Copy (or convert) the configured starting model into the directory ``model`` and publish it."""
     from topr.models import prepare_base_model
 
     with context.stage("prepare_model") as (run, outputs):
         source, manifest_sha256 = registered_model_source(context.tracking_uri, context.config.model.path)
-        digest = prepare_base_model(source, model_dir, manifest_sha256)
-        published = outputs.model(model_dir, "model")
+        digest = prepare_base_model(source, model, manifest_sha256)
+        published = outputs.model(model, "model")
         run.log_params({"source": context.config.model.path, "resolved_source": source, "weights_sha256": digest, **published})
     return {"weights_sha256": digest}
 
 
-def prompts(context: StageContext, train_path: str, eval_path: str) -> dict:
+def prompts(context: StageContext, train_prompts: str, eval_prompts: str) -> dict:
     from topr.prompts import run_prompts
 
     with context.stage("prompts") as (run, outputs):
-        counts = run_prompts(context.config, train_path, eval_path)
-        for path, name, use in ((train_path, "train_prompts", "training"), (eval_path, "eval_prompts", "evaluation")):
+        counts = run_prompts(context.config, train_prompts, eval_prompts)
+        for path, name, use in ((train_prompts, "train_prompts", "training"), (eval_prompts, "eval_prompts", "evaluation")):
             run.log_dataset(path, name, use, source=outputs.file(path, f"{name}.jsonl"))
         run.log_metrics(counts)
     return counts
 
 
-def sample(context: StageContext, model_dir: str, prompts_path: str, output_path: str, shard: int = 0, shards: int = 1) -> dict:
+def sample(context: StageContext, model: str, train_prompts: str, samples: str, shard: int = 0, shards: int = 1) -> dict:
     """Sample one shard of the iteration's prompts (``collect_samples`` publishes the whole set)."""
     from topr.sample import run_sample
 
     config = context.config
     with context.stage("sample", f"shard{shard}of{shards}" if shards > 1 else "") as (run, _):
         run.log_params({**config.sample.model_dump(), "shard": shard, "shards": shards})
-        summary = run_sample(config, model_dir, prompts_path, output_path, context.iteration, shard, shards)
+        summary = run_sample(config, model, train_prompts, samples, context.iteration, shard, shards)
         run.log_metrics(summary)
     return summary
 
 
-def collect_samples(context: StageContext, shard_paths: list[str], output_path: str) -> dict:
+def collect_samples(context: StageContext, shards: list[str], samples: str) -> dict:
     """Join the shards' samples in shard order, then publish and log them as the iteration's samples."""
     from topr.sample import collect_shards
 
     with context.stage("collect_samples") as (run, outputs):
-        summary = collect_shards(shard_paths, output_path)
-        uri = outputs.file(output_path, "samples.jsonl")
-        run.log_dataset(output_path, f"samples_iter{context.iteration}", "sampling", source=uri)
+        summary = collect_shards(shards, samples)
+        uri = outputs.file(samples, "samples.jsonl")
+        run.log_dataset(samples, f"samples_iter{context.iteration}", "sampling", source=uri)
         run.log_metrics(summary)
     return summary
 
 
-def verify(context: StageContext, input_path: str, output_path: str) -> dict:
+def verify(context: StageContext, samples: str, verified: str) -> dict:
     from topr.verify import run_verify
 
     with context.stage("verify") as (run, outputs):
-        summary = run_verify(context.config.task, input_path, output_path)
-        uri = outputs.file(output_path, "verified.jsonl")
-        run.log_dataset(output_path, f"verified_iter{context.iteration}", "verification", source=uri)
+        summary = run_verify(context.config.task, samples, verified)
+        uri = outputs.file(verified, "verified.jsonl")
+        run.log_dataset(verified, f"verified_iter{context.iteration}", "verification", source=uri)
         run.log_metrics(summary)
         run.log_metrics({"sample_accuracy": summary["accuracy"]}, on_parent=True)
     return summary
 
 
-def curate(context: StageContext, input_path: str, output_path: str, report_path: str) -> dict:
+def curate(context: StageContext, verified: str, train_set: str, report: str) -> dict:
+    """Curate the verified samples into ``train_set``; ``report`` receives the composition."""
     from topr.curate import run_curate
 
     with context.stage("curate") as (run, outputs):
         run.log_params(context.config.curate.model_dump())
-        report = run_curate(context.config, input_path, output_path, report_path)
-        uri = outputs.file(output_path, "train_set.jsonl")
-        outputs.file(report_path, "composition.json")
-        run.log_dataset(output_path, f"train_set_iter{context.iteration}", "training", source=uri)
-        run.log_artifact(report_path)
-        composition = {f"curated_{key}": report[key] for key in ("count", "positives", "negatives")}
-        composition.update(positive_fraction=report["positive_fraction"], effective_positive_fraction=report["effective_positive_fraction"])
-        run.log_metrics(composition, on_parent=True)
-    return report
+        composition = run_curate(context.config, verified, train_set, report)
+        uri = outputs.file(train_set, "train_set.jsonl")
+        outputs.file(report, "composition.json")
+        run.log_dataset(train_set, f"train_set_iter{context.iteration}", "training", source=uri)
+        run.log_artifact(report)
+        counts = {f"curated_{key}": composition[key] for key in ("count", "positives", "negatives")}
+        counts.update(positive_fraction=composition["positive_fraction"], effective_positive_fraction=composition["effective_positive_fraction"])
+        run.log_metrics(counts, on_parent=True)
+    return composition
 
 
 def training_set_facts(data_path: str) -> tuple[list[str], str | None]:
@@ -269,7 +271,7 @@ def training_set_facts(data_path: str) -> tuple[list[str], str | None]:
     return sorted(models), one_sided_warning(positives, count)
 
 
-def train(context: StageContext, model_dir: str, data_path: str, samples_path: str, output_dir: str) -> dict:
+def train(context: StageContext, model: str, train_set: str, samples: str, trained_model: str) -> dict:
     """Train, publish and register the model, recording where it came from (see ``topr.lineage``).
 
     With ``train.processes`` > 1 (default: one per GPU) training runs in torchrun workers
@@ -283,24 +285,24 @@ def train(context: StageContext, model_dir: str, data_path: str, samples_path: s
     with context.stage("train") as (run, outputs):
         run.log_params(flatten(config_to_dict(config)))
         train_set_uri, samples_uri = context.published_uri("train_set.jsonl"), context.published_uri("samples.jsonl")
-        run.log_dataset(data_path, f"train_set_iter{iteration}", "training", source=train_set_uri)
-        run.log_dataset(samples_path, f"samples_iter{iteration}", "sampling", source=samples_uri)
+        run.log_dataset(train_set, f"train_set_iter{iteration}", "training", source=train_set_uri)
+        run.log_dataset(samples, f"samples_iter{iteration}", "sampling", source=samples_uri)
         step_metrics = StepMetrics(run)
         checkpoint = train_checkpoint(context)
-        summary = launch_train(config, model_dir, data_path, output_dir, step_metrics, checkpoint)
+        summary = launch_train(config, model, train_set, trained_model, step_metrics, checkpoint)
         step_metrics.flush()
         run.log_metrics({k: v for k, v in summary.items() if k != "weights_sha256"})
         run.log_metrics({k: summary[k] for k in ("mean_weight_negative", "final_logprob_negative", "final_logprob_positive", "first_step_log_ratio_per_token", "positive_weight_share", "final_ratio_negative_p50") if k in summary}, on_parent=True)
         run.log_text(config_to_yaml(config), "config.yaml")
-        sampling_models, warning = training_set_facts(data_path)
+        sampling_models, warning = training_set_facts(train_set)
         lineage = {
             "task": config.task.name,
-            "parent_model_uri": context.published_uri("model", iteration - 1) or model_dir,
-            "train_set_uri": train_set_uri or data_path,
-            "samples_uri": samples_uri or samples_path,
+            "parent_model_uri": context.published_uri("model", iteration - 1) or model,
+            "train_set_uri": train_set_uri or train_set,
+            "samples_uri": samples_uri or samples,
             "sampling_models": ",".join(sampling_models),
         }
-        trained = TrainedModel(run, outputs, output_dir, model_dir, summary["weights_sha256"])
+        trained = TrainedModel(run, outputs, trained_model, model, summary["weights_sha256"])
         summary["registered_version"] = trained.register(config.run.registered_model, "model", lineage, warning)
     if checkpoint:
         remove_checkpoint(checkpoint)
@@ -370,32 +372,32 @@ def _model_source(run, output_dir: str, published: dict[str, str]) -> str:
     return "model"
 
 
-def evaluate(context: StageContext, model_dir: str, prompts_path: str, report_path: str, samples_path: str, page_path: str = "") -> dict:
-    """Evaluate the model on the held-out prompts; with ``page_path``, also write the run so far
+def evaluate(context: StageContext, model: str, eval_prompts: str, report: str, completions: str, accuracy_page: str = "") -> dict:
+    """Evaluate the model on the held-out prompts; with ``accuracy_page``, also write the run so far
     there as an HTML page (``topr.report.run_html``), for Kubeflow's UI."""
     from topr.evaluate import run_evaluate
     from topr.report import run_html
 
     with context.stage("evaluate") as (run, outputs):
-        metrics = run_evaluate(context.config, model_dir, prompts_path, report_path, samples_path)
-        outputs.file(report_path, "evaluation.json")
-        outputs.file(samples_path, "evaluation_completions.jsonl")
-        run.log_dataset(prompts_path, "eval_prompts", "evaluation", source=context.published_uri("eval_prompts.jsonl", 0))
-        run.log_text(Path(report_path).read_text(), EVALUATION_ARTIFACT)
+        metrics = run_evaluate(context.config, model, eval_prompts, report, completions)
+        outputs.file(report, "evaluation.json")
+        outputs.file(completions, "evaluation_completions.jsonl")
+        run.log_dataset(eval_prompts, "eval_prompts", "evaluation", source=context.published_uri("eval_prompts.jsonl", 0))
+        run.log_text(Path(report).read_text(), EVALUATION_ARTIFACT)
         run.log_metrics(metrics, on_parent=True)
-    if page_path:  # after the commit, so best-effort: a failure here must not fail a committed stage
+    if accuracy_page:  # after the commit, so best-effort: a failure here must not fail a committed stage
         title = f"{context.config.run.registered_model}: held-out accuracy after iteration {context.iteration}"
         try:
-            Path(page_path).write_text(run_html(context.tracking_uri, context.parent_run_id, title))
+            Path(accuracy_page).write_text(run_html(context.tracking_uri, context.parent_run_id, title))
         except Exception as error:  # noqa: BLE001 - whatever broke, the evaluation stands
             log.warning("could not write the run's page for the pipeline UI: %s", error)
     return metrics
 
 
-def gate(context: StageContext, version: str, prompts_path: str, decision_path: str = "") -> tuple[str, str]:
+def gate(context: StageContext, version: str, eval_prompts: str, decision_report: str = "") -> tuple[str, str]:
     """Compare the new model (registered ``version``) with the champion; return the decision
     ("promote" or "keep") and the champion version compared against ("" for none), which
-    ``promote`` requires to still hold the alias. With ``decision_path``, the decision is also
+    ``promote`` requires to still hold the alias. With ``decision_report``, the decision is also
     written there in Markdown, for Kubeflow's UI.
 
     The new model's pass@1 is its last evaluation in this run; the champion is evaluated again
@@ -415,15 +417,15 @@ def gate(context: StageContext, version: str, prompts_path: str, decision_path: 
         if champion is not None:
             champion_version = client.get_model_version(name, champion)
             check_same_task(f"{name}/{champion}", champion_version.tags.get("topr.task"), config.task.name)
-            champion_pass_at_1 = _evaluate_registered(config, client, champion_version, prompts_path)
+            champion_pass_at_1 = _evaluate_registered(config, client, champion_version, eval_prompts)
         decision = decide(new_pass_at_1, champion_pass_at_1, config.gate.margin)
         run.log_params({"model": f"{name}/{version}", "champion": f"{name}/{champion}" if champion else "none", "decision": decision.label, "reason": decision.reason})
         run.log_metrics(decision.figures(), on_parent=True)
         client.set_tag(parent_run_id, "topr.gate", f"{decision.label}: {decision.reason}")
         client.set_model_version_tag(name, version, "topr.gate", f"{decision.label}: {decision.reason}")
     log.info("gate: %s %s/%s (%s)", decision.label, name, version, decision.reason)
-    if decision_path:
-        Path(decision_path).write_text(decision.markdown(f"{name}/{version}", f"{name}/{champion}" if champion else None))
+    if decision_report:
+        Path(decision_report).write_text(decision.markdown(f"{name}/{version}", f"{name}/{champion}" if champion else None))
     return decision.label, champion or ""
 
 
@@ -461,7 +463,7 @@ def promote(context: StageContext, version: str, champion_version: str) -> None:
     log.info("%s@%s is now version %s", name, alias, version)
 
 
-def verifier_data(context: StageContext, model_dir: str, train_prompts_path: str, eval_prompts_path: str, output_dir: str) -> dict:
+def verifier_data(context: StageContext, model: str, train_prompts: str, eval_prompts: str, verifier_data: str) -> dict:
     """Sample and label the final policy's solutions for the verifier (see ``topr.verifier``);
     the verifier's stages count as the last iteration's."""
     from topr.verifier import SOLUTIONS_EVAL, SOLUTIONS_TRAIN, VERIFIER_EVAL, VERIFIER_TRAIN, run_verifier_data
@@ -475,31 +477,31 @@ def verifier_data(context: StageContext, model_dir: str, train_prompts_path: str
     )
     with context.stage("verifier_data") as (run, outputs):
         run.log_params(context.config.verifier.model_dump())
-        summary = run_verifier_data(context.config, model_dir, train_prompts_path, eval_prompts_path, output_dir)
-        uri = outputs.directory(output_dir, "verifier_data")
+        summary = run_verifier_data(context.config, model, train_prompts, eval_prompts, verifier_data)
+        uri = outputs.directory(verifier_data, "verifier_data")
         for file, name, use in datasets:
-            run.log_dataset(Path(output_dir, file), name, use, source=uri and storage.join(uri, file))
+            run.log_dataset(Path(verifier_data, file), name, use, source=uri and storage.join(uri, file))
         run.log_metrics(summary)
     return summary
 
 
-def train_verifier(context: StageContext, model_dir: str, data_dir: str, output_dir: str) -> dict:
-    """Train the starting model (``model_dir``) as the verifier; publish it and register it as a
+def train_verifier(context: StageContext, base_model: str, verifier_data: str, verifier: str) -> dict:
+    """Train the starting model (``base_model``) as the verifier; publish it and register it as a
     version of ``<run.registered_model>-verifier`` with the lineage tags of ``train``.
 
     The intermediate judgments and training set are kept as artifacts of the stage's run (and
     published), since the folder they are written to is temporary.
     """
-    from topr.loop import IterationFiles
+    from topr.workflow import IterationFiles
     from topr.models import model_identity
     from topr.verifier import data_files, run_train_verifier, verifier_config
 
     context = context.at(context.config.run.iterations)
     config = context.config
     with context.stage("train_verifier") as (run, outputs), tempfile.TemporaryDirectory(prefix="topr-verifier-") as work:
-        run.log_text(config_to_yaml(verifier_config(config, *data_files(data_dir))), "verifier_config.yaml")
+        run.log_text(config_to_yaml(verifier_config(config, *data_files(verifier_data))), "verifier_config.yaml")
         step_metrics = StepMetrics(run)
-        summary = run_train_verifier(config, model_dir, data_dir, output_dir, work, on_step=step_metrics)
+        summary = run_train_verifier(config, base_model, verifier_data, verifier, work, on_step=step_metrics)
         step_metrics.flush()
         kept, files = {}, IterationFiles(Path(work))
         for path, name, use in ((files.samples, "verifier_judgments", "sampling"), (files.train_set, "verifier_train_set", "training")):
@@ -511,26 +513,26 @@ def train_verifier(context: StageContext, model_dir: str, data_dir: str, output_
         run.log_metrics({k: v for k, v in summary.items() if k != "weights_sha256"})
         lineage = {
             "task": "verifier",
-            "parent_model_uri": context.published_uri("model", 0) or model_dir,
+            "parent_model_uri": context.published_uri("model", 0) or base_model,
             "train_set_uri": kept["verifier_train_set"],
             "samples_uri": kept["verifier_judgments"],
-            "sampling_models": model_identity(model_dir),
+            "sampling_models": model_identity(base_model),
         }
-        trained = TrainedModel(run, outputs, output_dir, model_dir, summary["weights_sha256"])
+        trained = TrainedModel(run, outputs, verifier, base_model, summary["weights_sha256"])
         summary["registered_version"] = trained.register(f"{config.run.registered_model}-verifier", "verifier_model", lineage)
     return summary
 
 
-def evaluate_verifier(context: StageContext, base_model_dir: str, verifier_dir: str, data_dir: str, report_path: str) -> dict:
+def evaluate_verifier(context: StageContext, base_model: str, verifier: str, verifier_data: str, report: str) -> dict:
     """Held-out judgment accuracy of the starting and the trained verifier, and the votes they weight."""
     from topr.verifier import VERIFIER_EVAL, run_evaluate_verifier
 
     context = context.at(context.config.run.iterations)
     with context.stage("evaluate_verifier") as (run, outputs):
-        metrics = run_evaluate_verifier(context.config, base_model_dir, verifier_dir, data_dir, report_path)
-        outputs.file(report_path, "verifier_evaluation.json")
+        metrics = run_evaluate_verifier(context.config, base_model, verifier, verifier_data, report)
+        outputs.file(report, "verifier_evaluation.json")
         data_uri = context.published_uri("verifier_data")
-        run.log_dataset(Path(data_dir, VERIFIER_EVAL), "verifier_eval", "evaluation", source=data_uri and storage.join(data_uri, VERIFIER_EVAL))
-        run.log_artifact(report_path)
+        run.log_dataset(Path(verifier_data, VERIFIER_EVAL), "verifier_eval", "evaluation", source=data_uri and storage.join(data_uri, VERIFIER_EVAL))
+        run.log_artifact(report)
         run.log_metrics(metrics, on_parent=True)
     return metrics

@@ -5,7 +5,8 @@ After the last iteration (``verifier.enabled``):
 1. ``run_verifier_data``: the final policy samples ``solutions_per_question`` solutions for the
    first ``train_questions`` training prompts and for every held-out prompt; the task's checker
    labels them, and each (question, solution) pair becomes a verifier prompt ("Is this solution
-   correct? Yes or No", without the policy's answer-format instruction) whose reference is the
+   correct? Yes or No", without the policy's answer-format instruction, which the task takes
+   off: ``Task.question_text``) whose reference is the
    label. The training pairs are balanced so that the verifier cannot do well by always giving
    the more common answer.
 2. ``run_train_verifier``: the starting model is trained on the training pairs with the policy's
@@ -28,7 +29,6 @@ from __future__ import annotations
 import logging
 import math
 import random
-import re
 import tempfile
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
@@ -39,17 +39,18 @@ from statistics import fmean
 import torch
 
 from topr.config import Config, build_config, config_to_dict
+from topr.curate import run_curate
 from topr.evaluate import run_evaluate
 from topr.logprobs import batch_prompt_completions, completion_logprobs
-from topr.loop import LibraryStages, run_iteration
 from topr.metrics import auroc, auroc_interval, balanced_accuracy, majority_vote, vote_correct, weighted_vote, wilson_interval
 from topr.models import load_policy, model_identity, prompt_token_ids, set_threads
 from topr.records import PROMPT_FIELDS, Record, read_records, write_json, write_records
 from topr.sample import SamplingParams, opened_engine, sample_records
 from topr.stats import problem_gain
-from topr.tasks import get_task
-from topr.train import StepCallback
-from topr.verify import verify_records
+from topr.tasks import Task, get_task
+from topr.train import StepCallback, launch_train
+from topr.verify import run_verify, verify_records
+from topr.workflow import IterationFiles
 
 log = logging.getLogger(__name__)
 
@@ -61,22 +62,12 @@ YES, NO = "Yes", "No"
 JUDGMENTS = (YES, NO)  # a pair's training judgments, as sample_index 0 and 1
 SOLUTION_FIELDS = ("prompt_id", "prompt", "completion", "sample_index", "extracted", "correct")
 
-# The answer-format instruction every built-in task puts on its prompt's last line (topr.tasks
-# ANSWER_INSTRUCTION, topr.tasks.jsonl EXACT_INSTRUCTION, topr.tasks.math_task BOXED_INSTRUCTION).
-_ANSWER_INSTRUCTION = re.compile(r"\n(?:End your reply with 'Answer: <\w+>'|Put your final answer within \\boxed\{\})\.\s*\Z")
-
-
-def question_text(prompt: str) -> str:
-    """The policy's prompt without its answer-format instruction, which tells the policy how to
-    end a solution and would only ask the verifier for something other than Yes or No."""
-    return _ANSWER_INSTRUCTION.sub("", prompt)
-
-
-def verifier_prompt(question: str, solution: str) -> str:
-    """The verifier's prompt for one (question, solution) pair; ``question`` is the policy's prompt."""
+def verifier_prompt(question: str, solution: str, task: Task) -> str:
+    """The verifier's prompt for one (question, solution) pair; ``question`` is a prompt of the
+    policy's ``task``, shown without its answer-format instruction (``Task.question_text``)."""
     return (
         "Here is a question and a proposed solution.\n\n"
-        f"Question:\n{question_text(question)}\n\n"
+        f"Question:\n{task.question_text(question)}\n\n"
         f"Proposed solution:\n{solution}\n\n"
         "Is the proposed solution correct? Reply with Yes or No only."
     )
@@ -87,12 +78,13 @@ def solution_id(question_id: str, solution_index: int) -> str:
     return f"{question_id}/s{solution_index}"
 
 
-def build_verifier_prompts(verified: Sequence[Record]) -> list[Record]:
-    """One verifier prompt per non-empty verified solution, its reference the checker's verdict."""
+def build_verifier_prompts(verified: Sequence[Record], task: Task) -> list[Record]:
+    """One verifier prompt per non-empty verified solution to a prompt of ``task``, its reference
+    the checker's verdict."""
     return [
         {
             "prompt_id": solution_id(record["prompt_id"], record["sample_index"]),
-            "prompt": verifier_prompt(record["prompt"], record["completion"]),
+            "prompt": verifier_prompt(record["prompt"], record["completion"], task),
             "reference": YES if record["correct"] else NO,
             "question_id": record["prompt_id"],
             "solution_index": record["sample_index"],
@@ -223,13 +215,6 @@ def run_judgments(config: Config, model_dir: str, pairs_path: str | Path, output
     records = both_judgments(model, tokenizer, pairs, config.model.system_prompt, config.sample.batch_size, model_identity(model_dir))
     write_records(output_path, records)
     return {"prompts": len(pairs), "samples": len(records)}
-
-
-class VerifierStages(LibraryStages):
-    """The loop's library stages, with both judgments of every pair scored in place of sampling."""
-
-    def sample(self, model_dir: str, prompts: Path, output: Path, iteration: int) -> dict:
-        return run_judgments(self.config, model_dir, prompts, output)
 
 
 @torch.no_grad()
@@ -385,10 +370,11 @@ def run_verifier_data(
     with opened_engine(config, policy_dir, config.sample.batch_size) as (engine, tokenizer):
         train_solutions = _sample_solutions(config, engine, tokenizer, train_problems, policy_dir)
         eval_solutions = _sample_solutions(config, engine, tokenizer, eval_problems, policy_dir)
-    train_prompts = build_verifier_prompts(train_solutions)
+    task = get_task(config.task)
+    train_prompts = build_verifier_prompts(train_solutions, task)
     if verifier.balance:
         train_prompts = balance_labels(train_prompts, verifier.seed)
-    eval_prompts = build_verifier_prompts(eval_solutions)
+    eval_prompts = build_verifier_prompts(eval_solutions, task)
     output_dir = Path(output_dir)
     for name, prompts in ((VERIFIER_TRAIN, train_prompts), (VERIFIER_EVAL, eval_prompts)):
         if not prompts:
@@ -423,22 +409,24 @@ def run_train_verifier(
 ) -> dict:
     """Train the starting model as a verifier on ``data_dir``'s training pairs; save it to ``output_dir``.
 
-    One iteration of the policy's loop (``topr.loop.run_iteration``) with ``verifier_config`` and
-    ``VerifierStages``: both judgments of every pair scored under the starting model, verified
-    against the labels, curated (all kept), trained on. ``work_dir`` receives the intermediate
-    files (``topr.loop.IterationFiles``: the judgments in ``samples.jsonl``, then
-    ``verified.jsonl``, ``train_set.jsonl`` and ``composition.json``).
+    The policy's own stages with ``verifier_config``, sampling aside: both judgments of every
+    pair are scored under the starting model (``run_judgments``), verified against the labels,
+    curated (all kept) and trained on. ``work_dir`` receives the intermediate files under the
+    names an iteration gives them (``topr.workflow.IterationFiles``: the judgments in
+    ``samples.jsonl``, then ``verified.jsonl``, ``train_set.jsonl`` and ``composition.json``).
     """
-    verifier = verifier_config(config, *data_files(data_dir))
-    stages = VerifierStages(verifier, on_step)
-    summaries = run_iteration(stages, base_model_dir, verifier.task.train_path, 1, work_dir, model_output=output_dir)
-    composition = summaries["curate"]
+    verifier, files = verifier_config(config, *data_files(data_dir)), IterationFiles(Path(work_dir))
+    files.folder.mkdir(parents=True, exist_ok=True)
+    judgments = run_judgments(verifier, base_model_dir, verifier.task.train_path, files.samples)
+    run_verify(verifier.task, files.samples, files.verified)
+    composition = run_curate(verifier, files.verified, files.train_set, files.composition)
+    trained = launch_train(verifier, base_model_dir, files.train_set, output_dir, on_step)
     return {
-        "judgments": summaries["sample"]["samples"],
+        "judgments": judgments["samples"],
         "curated_count": composition["count"],
         "curated_positives": composition["positives"],
         "curated_negatives": composition["negatives"],
-        **summaries["train"],
+        **trained,
     }
 
 

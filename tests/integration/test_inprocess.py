@@ -1,0 +1,45 @@
+"""The in-process runner (``topr.inprocess``) runs the loop's whole description against the real
+stack, the gate included: a first run with no champion promotes its model; the same run again
+is gated against that champion."""
+
+from __future__ import annotations
+
+import pytest
+from mlflow import MlflowClient
+
+from topr.config import load_config
+from topr.inprocess import run_in_process
+
+TINY = [
+    "run.iterations=1",
+    "task.train_size=2",
+    "task.eval_size=2",
+    "sample.samples_per_prompt=2",
+    "sample.max_new_tokens=4",
+    "evaluate.max_new_tokens=4",
+    "train.batch_size=2",
+]
+
+
+@pytest.mark.slow
+def test_a_run_in_process_is_gated_and_promotes_like_a_pipeline_run(stack, tmp_path, tiny_model_dir):
+    config = load_config(
+        None,
+        [f"model.path={tiny_model_dir}", f"run.artifact_store=s3://{stack.bucket}/inprocess", "run.registered_model=inprocess-gate", *TINY],
+    )
+    client = MlflowClient(stack.tracking_uri)
+
+    first = run_in_process(config, tmp_path / "first", stack.tracking_uri, "first")
+
+    champion = client.get_model_version_by_alias("inprocess-gate", "champion")
+    assert client.get_run(first).data.tags["topr.promoted"] == f"inprocess-gate/{champion.version}"
+    stage_runs = client.search_runs(
+        [client.get_run(first).info.experiment_id], f"tags.mlflow.parentRunId = '{first}'", max_results=50
+    )
+    names = {run.info.run_name for run in stage_runs}
+    assert {"iter0/prepare_model", "iter0/prompts", "iter0/evaluate", "iter1/train", "iter1/evaluate", "iter1/gate"} <= names
+
+    second = run_in_process(config, tmp_path / "second", stack.tracking_uri, "second")
+
+    gate = client.get_run(second).data.tags["topr.gate"]
+    assert gate.startswith(("promote", "keep")) and client.get_run(second).data.metrics["gate_champion_pass_at_1"] >= 0
