@@ -171,7 +171,8 @@ def test_a_registry_fault_during_promotion_moves_nothing_and_releases_the_lock(r
 def test_two_promotions_at_once_exactly_one_wins(registry, promotion_race):
     """Two runs gated against the same (absent) champion promote at the same moment."""
     tracking_uri, config_json, run_id, client = registry
-    winner, refusal = promotion_race(lambda version: steps.promote(steps.StageContext.from_pipeline(config_json, tracking_uri, run_id), version, ""), ("1", "2"))
+    runs = {"1": run_id, "2": steps.start(config_json, tracking_uri, "second-run")}
+    winner, refusal = promotion_race(lambda version: steps.promote(steps.StageContext.from_pipeline(config_json, tracking_uri, runs[version]), version, ""), ("1", "2"))
     assert f"{NAME}@{ALIAS} is now version {winner}; the gate beat no champion" in refusal
     assert str(client.get_model_version_by_alias(NAME, ALIAS).version) == winner
     assert [move["version"] for move in promotion.alias_history(client, NAME, ALIAS)] == [winner]
@@ -203,3 +204,104 @@ def _refusal(config_json: str, tracking_uri: str, run_id: str, version: str, cha
     with pytest.raises(promotion.PromotionRefused) as raised:
         steps.promote(steps.StageContext.from_pipeline(config_json, tracking_uri, run_id), version, champion)
     return str(raised.value)
+
+
+# 3. A promotion interrupted at any instant leaves a state the next one finishes or undoes.
+
+
+def _lost(method: str, monkeypatch, *, after: bool, retried: bool = False, times: int = 1) -> None:
+    """The server is lost around the next ``times`` calls of ``method``: the request reaches the
+    store (``after``) or not, and no reply comes back; with ``retried``, MLflow's client sends the
+    request again, as it does by default, and that second reply is what the caller sees."""
+    real, pending = getattr(mlflow.MlflowClient, method), [times]
+
+    def flaky(self, *args, **kwargs):
+        if pending[0] <= 0:
+            return real(self, *args, **kwargs)
+        pending[0] -= 1
+        if after:
+            real(self, *args, **kwargs)
+        if retried:
+            return real(self, *args, **kwargs)
+        raise MlflowException(f"API request to {method} failed with exception ConnectionError: reply lost", error_code=databricks_pb2.INTERNAL_ERROR)
+
+    monkeypatch.setattr(mlflow.MlflowClient, method, flaky)
+
+
+def _promote(config_json: str, tracking_uri: str, run_id: str, version: str, champion: str) -> None:
+    steps.promote(steps.StageContext.from_pipeline(config_json, tracking_uri, run_id), version, champion)
+
+
+def _consistent(client, *versions: str) -> None:
+    """The alias holds the last version, the history lists exactly these moves, done, each version
+    is tagged promoted, and no lock is left."""
+    history = promotion.alias_history(client, NAME, ALIAS)
+    assert [(move["version"], move.get("state")) for move in history] == [(version, None) for version in versions]
+    assert str(client.get_model_version_by_alias(NAME, ALIAS).version) == versions[-1]
+    assert all(client.get_model_version(NAME, version).tags["topr.promotion"].startswith(f"promoted: {NAME}@{ALIAS}") for version in versions)
+    assert client.search_registered_models(f"name = '{LOCK}'") == []
+
+
+def test_a_lock_create_whose_reply_was_lost_and_retried_is_this_promotions_own(registry, monkeypatch):
+    tracking_uri, config_json, run_id, client = registry
+    monkeypatch.setattr(promotion, "LOCK_WAIT_S", 0.5)
+    _lost("create_registered_model", monkeypatch, after=True, retried=True)  # the retry meets ALREADY_EXISTS
+    _promote(config_json, tracking_uri, run_id, "1", "")
+    _consistent(client, "1")
+
+
+def test_a_lock_create_whose_reply_was_lost_is_released_and_the_next_run_proceeds(registry, monkeypatch):
+    tracking_uri, config_json, run_id, client = registry
+    _lost("create_registered_model", monkeypatch, after=True)
+    with pytest.raises(MlflowException, match="reply lost"):
+        _promote(config_json, tracking_uri, run_id, "1", "")
+    assert client.search_registered_models(f"name = '{LOCK}'") == [] and client.get_registered_model(NAME).aliases == {}
+    _promote(config_json, tracking_uri, steps.start(config_json, tracking_uri, "next"), "2", "")
+    _consistent(client, "2")
+
+
+def test_a_move_lost_after_the_alias_moved_is_finished_by_a_retry_or_by_the_next_run(registry, monkeypatch):
+    tracking_uri, config_json, run_id, client = registry
+    _lost("set_registered_model_alias", monkeypatch, after=True)
+    with pytest.raises(MlflowException, match="reply lost"):
+        _promote(config_json, tracking_uri, run_id, "1", "")
+    assert [move["state"] for move in promotion.alias_history(client, NAME, ALIAS)] == ["moving"]
+    _promote(config_json, tracking_uri, run_id, "1", "")  # Kubeflow retries the task
+    _consistent(client, "1")
+    _promote(config_json, tracking_uri, steps.start(config_json, tracking_uri, "next"), "3", "1")
+    _consistent(client, "1", "3")
+
+
+def test_a_move_lost_before_the_alias_moved_is_dropped_by_the_next_run(registry, monkeypatch):
+    tracking_uri, config_json, run_id, client = registry
+    _lost("set_registered_model_alias", monkeypatch, after=False)
+    with pytest.raises(MlflowException, match="reply lost"):
+        _promote(config_json, tracking_uri, run_id, "1", "")
+    client.set_terminated(run_id, "FAILED")
+    _promote(config_json, tracking_uri, steps.start(config_json, tracking_uri, "next"), "2", "")
+    _consistent(client, "2")
+    assert "topr.promotion" not in client.get_model_version(NAME, "1").tags
+
+
+def test_a_lock_left_by_an_ended_run_is_reclaimed_with_a_record(registry, monkeypatch):
+    tracking_uri, config_json, run_id, client = registry
+    monkeypatch.setattr(promotion, "LOCK_WAIT_S", 0.5)
+    _lost("delete_registered_model", monkeypatch, after=False)  # the server is lost as the lock is released
+    _promote(config_json, tracking_uri, run_id, "1", "")  # promoted all the same
+    assert client.get_registered_model(LOCK).tags["holder"] == run_id
+    client.set_terminated(run_id, "FAILED")
+
+    _promote(config_json, tracking_uri, steps.start(config_json, tracking_uri, "next"), "2", "1")
+
+    _consistent(client, "1", "2")
+    (record,) = client.search_registered_models(f"name LIKE '{LOCK}.reclaimed.{run_id}.%'")
+    assert record.tags["holder"] == run_id and f"holder run {run_id} is FAILED" in record.tags["reclaimed"]
+
+
+def test_a_lock_whose_holder_still_runs_is_not_reclaimed(registry, monkeypatch):
+    tracking_uri, config_json, run_id, client = registry
+    monkeypatch.setattr(promotion, "LOCK_WAIT_S", 0.5)
+    with promotion.promotion_lock(client, NAME, steps.start(config_json, tracking_uri, "holder")):
+        refusal = _refusal(config_json, tracking_uri, run_id, "1", "")
+    assert "once that run has ended the next promotion reclaims the lock" in refusal
+    assert client.get_registered_model(NAME).aliases == {}

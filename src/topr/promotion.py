@@ -16,16 +16,30 @@ SeaweedFS honours with 412) would lock only runs that share a bucket and need wr
 in the promote pod; a Postgres advisory lock needs the database that MLflow's clients never
 see; a Kubernetes Lease cannot lock a local run.
 
-A promotion killed while holding the lock leaves it behind: the next promotion waits
-``LOCK_WAIT_S``, then refuses naming the holder. Delete the lock model by hand only when that
-run is gone (promotion holds the lock for a few registry calls).
+Every instant of a promotion can be lost (a killed pod, a server that dies, a reply that never
+arrives while MLflow's client retries the request), so each step leaves a state the next
+promotion finishes or undoes (``promote``):
+
+- The lock names its holder, the pipeline run, and a token of the attempt. A lock that names this
+  attempt (a create that succeeded although its reply was lost) or this run (an earlier attempt,
+  which Kubeflow retries only after it ended) is this promotion's own. A lock whose holder run has
+  ended is stale: it is reclaimed by renaming it to ``<lock>.reclaimed.<holder>.<since>`` (a
+  rename succeeds once, so two promotions cannot both reclaim it), which stays in the registry as
+  the record. A lock whose holder still runs makes a promotion wait ``LOCK_WAIT_S``, then refuse
+  naming it. The lock is released on every path, the create included.
+- The move is written to the alias history as "moving" before the alias is set, and marked done
+  after. A history that ends with a "moving" entry is settled first, under the lock: done if the
+  alias holds that version (and the version is tagged promoted), dropped if not. So the history,
+  the alias and the versions' ``topr.promotion`` tags agree after any promotion.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -90,6 +104,7 @@ def promote(client, name: str, alias: str, version: str, gate_champion: str | No
     """
     with promotion_lock(client, name, run_id):
         current = alias_version(client, name, alias)
+        settle(client, name, alias, current)
         if current == version != gate_champion:
             return _retried(client, name, alias, Move(version, gate_champion, run_id, _now()))
         if current != gate_champion:
@@ -97,10 +112,43 @@ def promote(client, name: str, alias: str, version: str, gate_champion: str | No
                 f"{name}@{alias} is now {_named(current)}; the gate beat {_named(gate_champion)}. "
                 f"Version {version} is not promoted: gate it again against the current champion"
             )
-        client.set_registered_model_alias(name, alias, version)
         move = Move(version, current, run_id, _now())
-        _record(client, name, alias, move)
+        key = _record(client, name, alias, move, MOVING)
+        client.set_registered_model_alias(name, alias, version)
+        _mark_promoted(client, name, alias, key, move)
     return move
+
+
+MOVING = "moving"
+"""The state of a history entry written before its alias move, until the move is confirmed."""
+
+
+def settle(client, name: str, alias: str, current: str | None) -> None:
+    """Finish or undo a move an interrupted promotion left "moving" at the end of the history:
+    done if the alias holds its version (``current``), dropped if not; a move recorded done whose
+    version was never tagged (the server lost in between) is tagged. Called under the lock."""
+    entries = _history_entries(client, name, alias)
+    if not entries:
+        return
+    key, entry = entries[-1]
+    move = Move(**{field: entry[field] for field in ("version", "previous", "run_id", "time")})
+    if entry.get("state") != MOVING:
+        tag = client.get_model_version(name, move.version).tags.get("topr.promotion", "")
+        if current == move.version and not tag.startswith("promoted"):
+            _mark_promoted(client, name, alias, key, move)
+        return
+    if current == move.version:
+        log.warning("%s@%s: finishing the record of run %s's move to version %s, interrupted after the alias moved", name, alias, move.run_id, move.version)
+        _mark_promoted(client, name, alias, key, move)
+    else:
+        log.warning("%s@%s: dropping run %s's move to version %s, interrupted before the alias moved", name, alias, move.run_id, move.version)
+        client.delete_registered_model_tag(name, key)
+
+
+def _mark_promoted(client, name: str, alias: str, key: str, move: Move) -> None:
+    """The move happened: its history entry done, its version tagged as promoted."""
+    client.set_registered_model_tag(name, key, json.dumps(asdict(move)))
+    client.set_model_version_tag(name, move.version, "topr.promotion", f"promoted: {name}@{alias} by run {move.run_id} at {move.time}")
 
 
 def _now() -> str:
@@ -114,7 +162,7 @@ def _retried(client, name: str, alias: str, move: Move) -> Move:
     if history and history[-1]["version"] == move.version:
         log.info("%s@%s already holds version %s (moved by run %s)", name, alias, move.version, history[-1]["run_id"])
         return Move(**history[-1])
-    _record(client, name, alias, move)
+    _mark_promoted(client, name, alias, _record(client, name, alias, move, MOVING), move)
     return move
 
 
@@ -124,27 +172,79 @@ def _named(version: str | None) -> str:
 
 @contextmanager
 def promotion_lock(client, name: str, holder: str) -> Iterator[None]:
-    """Hold ``<name>.promotion-lock`` (a registered model, see the module's docstring) while the block runs."""
+    """Hold ``<name>.promotion-lock`` (a registered model, see the module's docstring) while the
+    block runs; ``holder`` is the pipeline run. Released on every path, its taking included."""
     lock = name + LOCK_SUFFIX
-    since = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    _acquire(client, lock, {"holder": holder, "since": since})
+    tags = {"holder": holder, "token": uuid.uuid4().hex, "since": _now()}
     try:
+        _acquire(client, lock, tags)
         yield
     finally:
-        client.delete_registered_model(lock)
+        _release(client, lock, tags)
 
 
 def _acquire(client, lock: str, tags: dict[str, str]) -> None:
-    """Create the lock model, polling while another promotion holds it, for up to ``LOCK_WAIT_S``."""
+    """Create the lock model, or find it is this promotion's own, or reclaim it from a run that
+    ended; poll while another promotion holds it, for up to ``LOCK_WAIT_S``."""
     deadline = time.monotonic() + LOCK_WAIT_S
     while not _created(client, lock, tags):
-        holder = _holder(client, lock) if time.monotonic() > deadline else None
-        if holder is not None:
+        held = _lock_tags(client, lock)
+        if held is None:
+            continue  # released meanwhile
+        if held.get("token") == tags["token"] or held.get("holder") == tags["holder"]:
+            log.info("%s is this promotion's own (an earlier attempt of run %s)", lock, tags["holder"])
+            return
+        ended = _ended(client, held.get("holder"))
+        if ended:
+            _reclaim(client, lock, held, tags["holder"], ended)
+            continue
+        if time.monotonic() > deadline:
             raise PromotionRefused(
-                f"another promotion holds the lock {lock} ({holder}) after {LOCK_WAIT_S:g} s; "
-                f"if that run is no longer running, delete the registered model '{lock}' and promote again"
+                f"another promotion holds the lock {lock} (run {held.get('holder')} since {held.get('since')}) "
+                f"after {LOCK_WAIT_S:g} s; once that run has ended the next promotion reclaims the lock"
             )
         time.sleep(LOCK_POLL_S)
+
+
+def _release(client, lock: str, tags: dict[str, str]) -> None:
+    """Delete the lock if it is this promotion's; best-effort, as a lock left behind is this
+    run's own on a retry and stale for everyone else once the run ends."""
+    try:
+        held = _lock_tags(client, lock)
+        if held is not None and held.get("token") == tags["token"]:
+            client.delete_registered_model(lock)
+    except Exception as error:  # noqa: BLE001 - whatever failed, the promotion's outcome stands
+        log.warning("could not release %s (%s); it is reclaimed once run %s has ended", lock, error, tags["holder"])
+
+
+def _ended(client, run_id: str | None) -> str | None:
+    """The status of ``run_id`` if it has ended (FINISHED, FAILED, KILLED); None while it runs or
+    when no such run exists (a holder nobody can check is never taken for gone)."""
+    from mlflow.exceptions import MlflowException
+
+    if not run_id:
+        return None
+    try:
+        status = client.get_run(run_id).info.status
+    except MlflowException:
+        return None
+    return None if status in ("RUNNING", "SCHEDULED") else status
+
+
+def _reclaim(client, lock: str, held: dict[str, str], reclaimer: str, status: str) -> None:
+    """Move a stale lock aside, keeping it as the record: the rename to a name of its own
+    succeeds for exactly one reclaimer, so two cannot both take the lock from the same holder."""
+    from mlflow.exceptions import MlflowException
+
+    record = f"{lock}.reclaimed.{held.get('holder')}.{re.sub(r'[^0-9A-Za-z]', '', held.get('since', ''))}"
+    try:
+        client.rename_registered_model(lock, record)
+    except MlflowException as error:
+        if error.error_code in ("RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST"):
+            return  # another promotion reclaimed it first
+        raise
+    client.set_registered_model_tag(record, "reclaimed", f"by run {reclaimer} at {_now()}: holder run {held.get('holder')} is {status}")
+    log.warning("reclaimed %s from run %s, which is %s (kept as %s)", lock, held.get("holder"), status, record)
 
 
 def _created(client, lock: str, tags: dict[str, str]) -> bool:
@@ -159,29 +259,36 @@ def _created(client, lock: str, tags: dict[str, str]) -> bool:
     return True
 
 
-def _holder(client, lock: str) -> str | None:
-    """Who holds the lock and since when; None when it was released meanwhile."""
+def _lock_tags(client, lock: str) -> dict[str, str] | None:
+    """The lock's tags (holder, token, since); None when it was released meanwhile."""
     from mlflow.exceptions import MlflowException
 
     try:
-        tags = client.get_registered_model(lock).tags
+        return dict(client.get_registered_model(lock).tags)
     except MlflowException as error:
         if error.error_code == "RESOURCE_DOES_NOT_EXIST":
             return None
         raise
-    return f"run {tags.get('holder')} since {tags.get('since')}"
 
 
-def _record(client, name: str, alias: str, move: Move) -> None:
-    """Append ``move`` to the alias's history (under the lock, so the sequence number is free)."""
-    key = f"{HISTORY_PREFIX}.{alias}.{len(alias_history(client, name, alias)) + 1}"
-    client.set_registered_model_tag(name, key, json.dumps(asdict(move)))
-    log.info("%s@%s: %s -> %s (tag %s)", name, alias, move.previous, move.version, key)
+def _record(client, name: str, alias: str, move: Move, state: str | None = None) -> str:
+    """Append ``move`` to the alias's history (under the lock, so the sequence number is free);
+    returns its tag's key."""
+    key = f"{HISTORY_PREFIX}.{alias}.{len(_history_entries(client, name, alias)) + 1}"
+    client.set_registered_model_tag(name, key, json.dumps({**asdict(move), **({"state": state} if state else {})}))
+    log.info("%s@%s: %s -> %s (tag %s%s)", name, alias, move.previous, move.version, key, f", {state}" if state else "")
+    return key
 
 
-def alias_history(client, name: str, alias: str) -> list[dict]:
-    """The alias's moves, oldest first: ``{"version", "previous", "run_id", "time"}`` each."""
+def _history_entries(client, name: str, alias: str) -> list[tuple[str, dict]]:
+    """Every entry of the alias's history, oldest first, with its tag's key."""
     prefix = f"{HISTORY_PREFIX}.{alias}."
     tags = client.get_registered_model(name).tags
     keys = sorted((key for key in tags if key.startswith(prefix)), key=lambda key: int(key.removeprefix(prefix)))
-    return [json.loads(tags[key]) for key in keys]
+    return [(key, json.loads(tags[key])) for key in keys]
+
+
+def alias_history(client, name: str, alias: str) -> list[dict]:
+    """The alias's moves, oldest first: ``{"version", "previous", "run_id", "time"}`` each (a
+    last move still "moving", interrupted before it was settled, has ``"state": "moving"``)."""
+    return [entry for _, entry in _history_entries(client, name, alias)]
