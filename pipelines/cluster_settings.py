@@ -3,7 +3,18 @@
 Everything here ends up in the compiled YAML: the image, requests and limits, GPUs with their
 node selector and tolerations, credentials from Kubernetes Secrets, endpoints from a ConfigMap,
 retries with backoff, pod deadlines, caching, the writable emptyDirs and the hub switched off.
-``kfp.local`` ignores all of it.
+``kfp.local`` ignores all of it but the retries, which ``topr run`` leaves out
+(``topr_pipelines.runner.local_pipeline``).
+
+Retries: KFP 2.17's retry policy (``set_retry``) is a count and a backoff (60 s, 120 s, ...),
+with no condition on the error or the exit code. KFP's backend gives it to Argo with Argo's
+default retryPolicy, OnFailure (kubeflow/pipelines#13386): every non-zero exit of the stage's
+container is retried, a failure certain to repeat too (a bad record, a prompt longer than the
+context, a refused promotion, an invalid config), which fails again and costs the backoff and
+the stage's start-up, nothing else (a retried stage finds its earlier outputs,
+``topr.steps.StageOutputs``); what they are kept for is what can pass: a network fault past the
+clients' own retries, a GPU or process crash, an OOM kill. A pod lost with its node or evicted
+ends in Argo's Error phase, which OnFailure does not retry.
 
 Pod security: kfp-kubernetes 2.17 can only set runAsUser/runAsGroup/runAsNonRoot. KFP's backend
 (>= 2.16) adds the rest of what Pod Security "restricted" asks to every pod it makes

@@ -358,3 +358,29 @@ def test_top_level_must_be_a_mapping(tmp_path, text):
     path.write_text(text)
     with pytest.raises(ConfigError, match="mapping"):
         load_config(path)
+
+
+def test_sampling_far_beyond_the_machine_is_refused_with_the_figure_and_how_to_allow_it():
+    with pytest.raises(ConfigError) as caught:
+        load_config(None, ["sample.samples_per_prompt=100000", "task.train_size=8"])
+    message = str(caught.value)
+    assert "task.train_size=8 × sample.samples_per_prompt=100000 = 800,000 completions per iteration" in message
+    assert "more than sample.max_completions=100,000" in message
+    assert "51,200,000 new tokens" in message  # 800k × sample.max_new_tokens=64
+    assert "sample.max_completions=800000" in message  # how to ask for it anyway
+    allowed = load_config(None, ["sample.samples_per_prompt=100000", "task.train_size=8", "sample.max_completions=800000"])
+    assert allowed.sample.samples_per_prompt == 100000
+
+
+def test_evaluation_samples_count_against_the_same_bound():
+    with pytest.raises(ConfigError, match=r"task\.eval_size=200 × evaluate\.samples_per_prompt=1000 = 200,000 completions per evaluation"):
+        load_config(None, ["evaluate.samples_per_prompt=1000"])
+
+
+def test_the_default_bound_leaves_room_for_the_configs_in_the_repository():
+    config = load_config()
+    assert config.sample.max_completions == 100_000
+    assert config.task.train_size * config.sample.samples_per_prompt <= config.sample.max_completions
+    load_config(None, ["task.train_size=1000", "sample.samples_per_prompt=100"])  # 100,000: at the bound, allowed
+    with pytest.raises(ConfigError, match="sample.max_completions"):
+        load_config(None, ["sample.max_completions=0"])

@@ -143,3 +143,44 @@ def test_the_process_is_restored_when_the_run_fails(tmp_path):
         with console.capture(tmp_path / "run.log"):
             raise RuntimeError("a stage failed")
     assert (sys.stdout, sys.stderr) == (stdout, stderr) and console.EVENTS_ENV not in os.environ
+
+
+def test_a_second_capture_works_after_a_library_bound_a_handler_to_the_first(tmp_path, capsys):
+    logger = logging.getLogger("topr.test_console.bound")
+    with console.capture(tmp_path / "first" / "run.log"):
+        # Like transformers on its first import: a handler on sys.stderr, its flush that of sys.stderr then.
+        handler = logging.StreamHandler()
+        handler.flush = sys.stderr.flush
+        logger.addHandler(handler)
+    try:
+        logger.warning("between the runs")
+        with console.capture(tmp_path / "second" / "run.log"):
+            logger.warning("in the second run")
+        logger.warning("after both")
+    finally:
+        logger.removeHandler(handler)
+    shown = capsys.readouterr().err
+    assert "Logging error" not in shown and "between the runs" in shown and "after both" in shown
+    assert "in the second run" in (tmp_path / "second" / "run.log").read_text()
+
+
+class FullDisk(io.StringIO):
+    def write(self, text):
+        raise OSError(28, "No space left on device")
+
+    def flush(self):
+        raise OSError(28, "No space left on device")
+
+
+def test_the_process_is_restored_when_the_log_cannot_be_flushed(tmp_path):
+    stdout, stderr = sys.stdout, sys.stderr
+    handler = logging.StreamHandler(sys.stderr)
+    logger = logging.getLogger("topr.test_console.full")
+    logger.addHandler(handler)
+    try:
+        with pytest.raises(OSError, match="No space left"), console.capture(tmp_path / "run.log") as run:
+            run.log = FullDisk()  # the disk fills up during the run: the error is told, the process restored all the same
+        assert handler.stream is sys.stderr and (sys.stdout, sys.stderr) == (stdout, stderr)
+        assert console.EVENTS_ENV not in os.environ
+    finally:
+        logger.removeHandler(handler)

@@ -231,3 +231,15 @@ def test_run_curate_requires_fields(tmp_path, records):
     with pytest.raises(RecordError, match="correct"):
         run_curate(run_config(), input_path, tmp_path / "train.jsonl", tmp_path / "report.json")
     assert not (tmp_path / "train.jsonl").exists()
+
+
+def test_run_curate_refuses_a_duplicate_sample_naming_both_lines(tmp_path, records):
+    """A duplicate (prompt_id, sample_index) is a bug upstream; curated, it would be trained on twice."""
+    input_path, output_path = tmp_path / "verified.jsonl", tmp_path / "train.jsonl"
+    write_records(input_path, records + [records[3]])
+    first = next(line for line, record in enumerate(records, start=1) if record is records[3])
+    key = f"prompt_id '{records[3]['prompt_id']}', sample_index {records[3]['sample_index']}"
+    with pytest.raises(RecordError) as caught:
+        run_curate(run_config(), input_path, output_path, tmp_path / "report.json")
+    assert str(caught.value).startswith(f"{input_path}:{len(records) + 1}: duplicate record: {key} is also at line {first}")
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["verified.jsonl"]

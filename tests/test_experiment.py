@@ -354,3 +354,63 @@ def test_paired_comparisons_pair_problem_by_problem_whatever_the_order():
     arm = {"rep0": {"c": True, "a": True, "b": True, "z": True}, "rep1": {"b": True, "a": False, "c": True, "z": False}}
     (comparison,) = paired_comparisons({1: {"rft": reference, "topr": arm}}, "rft")[1]
     assert comparison.arm == "topr" and comparison.differences == pytest.approx([2 / 3, 1 / 3])
+
+
+class ImportsALibraryFirst(ScriptedArms):
+    """ScriptedArms in a process whose first unit imports a library that binds a logging handler
+    to the output of that moment, as transformers does (its handler's ``flush`` is that of
+    ``sys.stderr`` when it is imported: the first unit's console, closed once the unit ends)."""
+
+    LIBRARY = "topr.test_experiment.library"
+
+    def __call__(self, config, run_dir, tracking_uri, run_name, start):
+        import logging
+        import sys
+
+        if not self.calls:  # a fresh process: the library's first import
+            handler = logging.StreamHandler()
+            handler.flush = sys.stderr.flush
+            logging.getLogger(self.LIBRARY).handlers = [handler]
+        logging.getLogger(self.LIBRARY).warning("a library's warning in %s", run_name)
+        return super().__call__(config, run_dir, tracking_uri, run_name, start)
+
+
+def test_the_experiment_exits_non_zero_while_units_failed_and_resume_reruns_every_failed_one(tmp_path, tiny_model_dir, monkeypatch, capsys):
+    import functools
+    import logging
+
+    from topr import experiment as experiment_module
+    from topr.cli import main
+
+    spec = tmp_path / "three.yaml"
+    spec.write_text("description: Three arms.\narms: {a: [], b: ['train.objective=rft'], c: ['train.objective=tis']}\n")
+    command = ["experiment", str(spec), f"model.path={tiny_model_dir}", f"run.output_dir={tmp_path}", *TINY]
+    runners = []
+
+    def run_with(failing: set[str], resume: bool = False) -> int:
+        runners.append(ImportsALibraryFirst(failing))
+        monkeypatch.setattr(experiment_module, "run_experiment", functools.partial(run_experiment, run_arm=runners[-1]))
+        capsys.readouterr()
+        return main([*command, *(["--resume"] if resume else [])])
+
+    try:
+        assert run_with(failing={"a", "b"}) == 1
+        said = capsys.readouterr().err
+        assert "2 of 3 unit(s) failed" in said and "three/a/rep0 (RuntimeError: curation left nothing to train on)" in said
+        assert "three/b/rep0" in said and "three/c/rep0" not in said and "--resume" in said
+        assert runners[-1].calls == ["a/rep0", "b/rep0", "c/rep0"]
+
+        # Both failed units run again, each in its own capture of the same process; one fails again.
+        assert run_with(failing={"b"}, resume=True) == 1
+        assert runners[-1].calls == ["a/rep0", "b/rep0"]
+        said = capsys.readouterr().err
+        assert "1 of 3 unit(s) failed: three/b/rep0 (RuntimeError: curation left nothing to train on)" in said
+
+        assert run_with(failing=set(), resume=True) == 0
+        assert runners[-1].calls == ["b/rep0"]
+        results = json.loads((tmp_path / "three" / "results.json").read_text())["units"]
+        assert {arm: unit["rep0"]["status"] for arm, unit in results.items()} == {"a": "finished", "b": "finished", "c": "finished"}
+        assert "a library's warning in three/b/rep0" in (tmp_path / "three" / "arms" / "b" / "rep0" / "run.log").read_text()
+    finally:
+        logging.getLogger(ImportsALibraryFirst.LIBRARY).handlers = []
+

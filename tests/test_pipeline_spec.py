@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from topr_pipelines.runner import compile_pipeline, print_restored
+from topr_pipelines.runner import compile_pipeline, local_pipeline, print_restored
 from topr.cli import main
 from topr.config import load_config
 
@@ -181,6 +181,52 @@ def test_retries_timeouts_and_caching(tmp_path):
     assert deadlines["train"] == 90 * 60
     assert deadlines["sample"] == 360 * 60
     assert all(seconds > 0 for seconds in deadlines.values())
+
+
+def test_kfp_local_honours_a_tasks_retry_policy(tmp_path, monkeypatch):
+    """kfp 2.17's kfp.local runs a task again as its retry policy says, whatever made it fail
+    (``kfp.local.orchestrator.task_executor.execute_single_task``), as a cluster would: so a local
+    run must not carry the cluster's retries (``test_a_local_run_retries_no_stage``)."""
+    from kfp import compiler, dsl, local
+
+    def failing(counter: str):  # its source runs in the task, where the annotation is a type
+        with open(counter, "a") as handle:
+            handle.write("attempt\n")
+        raise ValueError("an input error: certain to repeat")
+
+    def retried(counter):
+        component(counter=counter).set_retry(num_retries=2, backoff_duration="0s", backoff_factor=1.0)
+
+    failing.__annotations__ = retried.__annotations__ = {"counter": str}  # here, types rather than __future__'s strings
+    component = dsl.component(failing)
+    retried = dsl.pipeline(name="retried")(retried)
+
+    counter = tmp_path / "attempts.txt"
+    monkeypatch.setattr(local.config.LocalExecutionConfig, "instance", None)  # put back after the test
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp_path / "root"), raise_on_error=False)
+    retried(counter=str(counter))
+    assert counter.read_text().count("attempt") == 3
+    compiler.Compiler().compile(retried, str(tmp_path / "retried.yaml"))  # the policy is in the spec kfp.local reads
+    assert yaml.safe_load((tmp_path / "retried.yaml").read_text())["root"]["dag"]["tasks"]["failing"]["retryPolicy"]["maxRetryCount"] == 2
+
+
+def test_a_local_run_retries_no_stage(tmp_path):
+    """kfp.local cannot tell a failure that will repeat (a prompt longer than the context, a
+    refused promotion, a bad record) from a transient one, and would wait out the cluster's
+    backoff (60 s, then 120 s, ...) before each repeat: ``topr run`` builds its pipeline without
+    retries. The compiled cluster pipeline keeps them."""
+    from kfp import compiler
+
+    config = load_config(None, ["run.iterations=1", "verifier.enabled=true", "sample.shards=2"])
+    path = tmp_path / "local.yaml"
+    compiler.Compiler().compile(local_pipeline(config), str(path))
+    spec = yaml.safe_load_all(path.read_text()).__next__()
+    stages = tasks_by_stage(spec)
+    assert {"sample", "train", "curate", "promote", "start_run", "finish_run"} <= set(stages)
+    assert all("retryPolicy" not in task for tasks in stages.values() for task in tasks)
+    assert config.cluster.stage("sample").retries == 2  # the config itself is left as it was
+    cluster_spec, _ = compiled(tmp_path, "run.iterations=1", "verifier.enabled=true", "sample.shards=2")
+    assert tasks_by_stage(cluster_spec)["sample"][0]["retryPolicy"]["maxRetryCount"] == 2
 
 
 def test_image_comes_from_config_or_environment(tmp_path, monkeypatch):

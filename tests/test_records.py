@@ -1,12 +1,18 @@
+import errno
 import json
+import shutil
 
 import pytest
 
+from topr import records as records_module
 from topr.records import (
+    RECORD_KEY,
     SCHEMA_VERSION,
     VERIFY_INPUT_FIELDS,
+    DiskFullError,
     RecordError,
     atomic_path,
+    check_token_ids,
     read_records,
     write_json,
     write_records,
@@ -302,3 +308,116 @@ def test_write_json(tmp_path):
     write_json(path, {"count": 3, "name": "é"})
     assert json.loads(path.read_text(encoding="utf-8")) == {"count": 3, "name": "é"}
     assert [p.name for p in tmp_path.iterdir()] == ["report.json"]
+
+
+# ----------------------------------------------------- token ids, duplicate records, a full disk
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".parquet"])
+@pytest.mark.parametrize(
+    "field, ids, problem",
+    [
+        ("completion_token_ids", [5, 100, 7], "completion_token_ids[1] is 100"),
+        ("completion_token_ids", [5, 10**7], "completion_token_ids[1] is 10000000"),
+        ("prompt_token_ids", [-1, 5], "prompt_token_ids[0] is -1"),
+    ],
+)
+def test_a_token_id_outside_the_vocabulary_names_file_line_field_and_position(tmp_path, suffix, field, ids, problem):
+    path = tmp_path / f"records{suffix}"
+    good = {"prompt_id": "p", "prompt_token_ids": [0, 2], "completion_token_ids": [3, 99]}
+    write_records(path, [good, good, {**good, field: ids}])
+    records = read_records(path)
+    check_token_ids(path, records[:2], vocabulary=100)  # 0..99: the edges are in
+    with pytest.raises(RecordError) as caught:
+        check_token_ids(path, records, vocabulary=100)
+    message = str(caught.value)
+    assert message.startswith(f"{path}:3: {problem}")
+    assert "vocabulary of 100 tokens (ids 0 to 99)" in message
+
+
+def test_a_token_id_outside_the_vocabulary_is_found_on_its_line_past_blank_lines(tmp_path):
+    path = tmp_path / "records.jsonl"
+    path.write_text('\n{"completion_token_ids": [1]}\n\n   \n{"completion_token_ids": [1, 50]}\n', encoding="utf-8")
+    with pytest.raises(RecordError, match=r"records\.jsonl:5: completion_token_ids\[1\] is 50"):
+        check_token_ids(path, read_records(path), vocabulary=50)
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".parquet"])
+def test_a_duplicate_prompt_id_and_sample_index_names_both_lines(tmp_path, suffix):
+    path = tmp_path / f"records{suffix}"
+    rows = [("p1", 0), ("p1", 1), ("p2", 1), ("p1", 1), ("p2", 1)]
+    write_records(path, [{"prompt_id": prompt_id, "sample_index": index} for prompt_id, index in rows])
+    assert len(read_records(path)) == 5  # only a stage that asks for unique keys refuses them
+    with pytest.raises(RecordError) as caught:
+        read_records(path, unique=RECORD_KEY)
+    message = str(caught.value)
+    assert message.startswith(f"{path}:4: duplicate record: prompt_id 'p1', sample_index 1 is also at line 2")
+
+
+def test_records_without_every_key_field_are_not_compared(tmp_path):
+    """Completions from elsewhere may have no sample_index: several per prompt are then normal."""
+    path = tmp_path / "records.jsonl"
+    write_records(path, [{"prompt_id": "p1"}, {"prompt_id": "p1"}, {"prompt_id": 1, "sample_index": 0}, {"prompt_id": "1", "sample_index": 0}])
+    assert len(read_records(path, unique=RECORD_KEY)) == 4
+
+
+def test_verify_refuses_a_duplicate_sample_naming_both_lines(tmp_path):
+    from topr.config import TaskConfig
+    from topr.verify import run_verify
+
+    sample = {"prompt_id": "p1", "reference": "4", "completion": "Answer: 4", "sample_index": 0}
+    path, output = tmp_path / "samples.jsonl", tmp_path / "verified.jsonl"
+    write_records(path, [sample, {**sample, "sample_index": 1}, sample])
+    with pytest.raises(RecordError, match=r"samples\.jsonl:3: duplicate record: prompt_id 'p1', sample_index 0 is also at line 1"):
+        run_verify(TaskConfig(), path, output)
+    assert not output.exists()
+
+
+def nearly_full(total=5 * 2**30, free=12 * 2**10):
+    return lambda path: shutil._ntuple_diskusage(total, total - free, free)
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".parquet"])
+def test_a_full_disk_while_writing_records_is_named_with_its_folder(tmp_path, suffix, monkeypatch):
+    path = tmp_path / "out" / f"records{suffix}"
+    write_records(path, RECORDS)
+    before = path.read_bytes()
+    monkeypatch.setattr(shutil, "disk_usage", nearly_full())
+
+    def no_space(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(records_module.json, "dumps", no_space)
+    import pyarrow.parquet
+
+    monkeypatch.setattr(pyarrow.parquet, "write_table", no_space)
+    with pytest.raises(DiskFullError) as caught:
+        write_records(path, RECORDS)
+    message = str(caught.value)
+    assert caught.value.errno == errno.ENOSPC
+    assert f"the disk holding {path.parent} is full (12.0 KiB free of 5.0 GiB)" in message
+    assert str(path) in message
+    assert path.read_bytes() == before
+    assert [p.name for p in path.parent.iterdir()] == [path.name]
+
+
+@pytest.mark.parametrize(
+    "error",
+    [RuntimeError("basic_ios::clear: iostream error"), RuntimeError("[enforce fail at inline_container.cc:603] . PytorchStreamWriter failed writing file data/0: file write failed")],
+)
+def test_an_opaque_write_error_on_a_nearly_full_disk_is_named_as_a_full_disk(tmp_path, monkeypatch, error):
+    path = tmp_path / "state.pt"
+    monkeypatch.setattr(shutil, "disk_usage", nearly_full())
+    with pytest.raises(DiskFullError) as caught:
+        with atomic_path(path):
+            raise error
+    assert f"the disk holding {tmp_path} is full (12.0 KiB free of 5.0 GiB)" in str(caught.value)
+    assert str(error) in str(caught.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_opaque_write_error_with_room_left_on_the_disk_stays_as_it_was(tmp_path, monkeypatch):
+    monkeypatch.setattr(shutil, "disk_usage", nearly_full(free=40 * 2**30, total=100 * 2**30))
+    with pytest.raises(RuntimeError, match=r"^basic_ios::clear: iostream error$"):
+        with atomic_path(tmp_path / "state.pt"):
+            raise RuntimeError("basic_ios::clear: iostream error")

@@ -733,13 +733,74 @@ def test_empty_training_set_is_an_error(tiny_model_dir, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_failure_during_training_leaves_the_existing_output(tiny_model_dir, tmp_path):
-    # A token id beyond the vocabulary passes the record checks and fails in the forward pass.
-    data = tmp_path / "oov.jsonl"
-    write_records(data, [fake_record([5, 10**7], [-1.0, -1.0])])
+def test_failure_during_training_leaves_the_existing_output(tiny_model_dir, tmp_path, monkeypatch):
+    # A step that fails (injected: a token id beyond the vocabulary used to do it, and is now refused up front).
+    def failing_step(*args, **kwargs):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(train_module, "forward_backward", failing_step)
+    data = tmp_path / "data.jsonl"
+    write_records(data, [fake_record([5, 6], [-1.0, -1.0])])
     output = existing_output(tmp_path)
-    with pytest.raises(IndexError):
+    with pytest.raises(RuntimeError, match="illegal memory access"):
         run_train(config(), tiny_model_dir, data, output)
+    assert_untouched(tmp_path, output, data)
+
+
+@pytest.mark.parametrize(
+    "changes, problem",
+    [
+        ({"completion_token_ids": [5, 10**7]}, "completion_token_ids[1] is 10000000"),
+        ({"completion_token_ids": [5, -3]}, "completion_token_ids[1] is -3"),
+        ({"prompt_token_ids": [1, 2, 10**6]}, "prompt_token_ids[2] is 1000000"),
+    ],
+)
+def test_a_token_id_outside_the_models_vocabulary_names_file_and_line_before_any_step(policy, tiny_model_dir, tmp_path, changes, problem):
+    vocabulary = policy[0].get_input_embeddings().num_embeddings
+    data = tmp_path / "oov.jsonl"
+    write_records(data, [fake_record([5, 6], [-1.0, -1.0]), fake_record([5, vocabulary - 1], [-1.0, -1.0], **changes)])
+    output = existing_output(tmp_path)
+    steps = []
+    with pytest.raises(RecordError) as error:
+        run_train(config(), tiny_model_dir, data, output, on_step=lambda step, stats: steps.append(step))
+    message = str(error.value)
+    assert message.startswith(f"{data}:2: {problem}")
+    assert f"the model's vocabulary of {vocabulary} tokens (ids 0 to {vocabulary - 1})" in message
+    assert steps == []
+    assert_untouched(tmp_path, output, data)
+
+
+def test_a_duplicate_training_record_is_refused_naming_both_lines(tiny_model_dir, tmp_path):
+    """Trained twice, a duplicate would weigh double (and the model it made was promoted)."""
+    data = tmp_path / "dup.jsonl"
+    first = fake_record([5, 6], [-1.0, -1.0], sample_index=0)
+    write_records(data, [first, fake_record([7], [-2.0], sample_index=1, reward=-1.0), first])
+    output = existing_output(tmp_path)
+    with pytest.raises(RecordError, match=r"dup\.jsonl:3: duplicate record: prompt_id 'x', sample_index 0 is also at line 1"):
+        run_train(config(), tiny_model_dir, data, output)
+    assert_untouched(tmp_path, output, data)
+
+
+def test_a_full_disk_while_saving_the_trained_model_names_the_disk(tiny_model_dir, tmp_path, monkeypatch):
+    import shutil
+
+    from safetensors import SafetensorError
+    from transformers import PreTrainedModel
+
+    from topr.records import DiskFullError
+
+    def no_space(*args, **kwargs):  # what safetensors raises on a full disk
+        raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })')
+
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", no_space)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(2**40, 2**40 - 2**30, 2**30))
+    data = tmp_path / "data.jsonl"
+    write_records(data, [fake_record([5, 6], [-1.0, -1.0])])
+    output = existing_output(tmp_path)
+    with pytest.raises(DiskFullError) as error:
+        run_train(config(), tiny_model_dir, data, output)
+    assert f"the disk holding {tmp_path} is full (1.0 GiB free of 1.0 TiB)" in str(error.value)
+    assert str(output) in str(error.value)
     assert_untouched(tmp_path, output, data)
 
 

@@ -6,17 +6,19 @@ step's figures (so the retried stage's run logs the whole curve). The order of t
 batches is not saved: it follows from the seed, so resuming at step k replays exactly the steps
 an uninterrupted run would have taken from k on, and ends with the same weights.
 
-The file is written atomically on local disk and, when the checkpoint has a ``remote`` s3:// URI,
-uploaded there (an S3 PUT replaces the object whole), so that a pod retried on another node finds
-it. A fingerprint of the training job (data, starting model, training settings, processes) ties
+The file is written atomically on local disk (a full disk raises ``DiskFullError``, naming it)
+and, when the checkpoint has a ``remote`` s3:// URI, uploaded there (an S3 PUT replaces the
+object whole), so that a pod retried on another node finds it. A fingerprint of the training job (data, starting model, training settings, processes) ties
 a checkpoint to its job: one left by different data or settings is ignored, with a warning.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -26,7 +28,7 @@ import torch
 from topr import storage
 from topr.config import Config, config_to_dict
 from topr.models import model_identity
-from topr.records import atomic_path
+from topr.records import DiskFullError, atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -85,8 +87,18 @@ class TrainCheckpoint:
         return time.monotonic() - self.last_save >= self.every_minutes * 60
 
     def save(self, state: dict[str, Any]) -> None:
-        with atomic_path(self.path) as partial:
-            torch.save(state, partial)
+        """Write the state atomically (the last good checkpoint stays if it fails), then upload it.
+        On a full disk, ``DiskFullError`` names the folder instead of torch's ``basic_ios::clear:
+        iostream error``."""
+        try:
+            with atomic_path(self.path) as partial:
+                torch.save(state, partial)
+        except DiskFullError as error:
+            raise DiskFullError(
+                errno.ENOSPC,
+                f"{error.strerror} (the training checkpoint; the train stage stages it under TMPDIR, now "
+                f"{tempfile.gettempdir()}: point TMPDIR at a disk with room for the weights and optimizer state)",
+            ) from error
         if self.remote:
             storage.upload_file(self.path, self.remote)
         self.last_save = time.monotonic()

@@ -2,7 +2,8 @@
 
 This is the ``cluster`` section of the configuration. It only matters when the pipeline is
 compiled for Kubeflow Pipelines (``topr compile``, ``topr submit``, ``topr schedule``);
-``kfp.local`` runs ignore it. The pipeline applies it to every task (see
+``topr run`` (kfp.local) ignores it: kfp.local would honour the retries, and ``topr run`` leaves
+them out (``topr_pipelines.runner.local_pipeline``). The pipeline applies it to every task (see
 ``pipelines/cluster_settings.py``); the library itself never imports KFP.
 
 Stage settings merge over the defaults field by field, so a config file may say only::
@@ -45,7 +46,7 @@ class StageResources(_Strict):
     memory: str = Field("2Gi", description="Memory request, e.g. 64Gi.")
     memory_limit: str | None = Field(None, description="Memory limit; default: the request.")
     gpus: int = Field(0, ge=0, description="GPUs (cluster.accelerator_type) for the pod; 0 = CPU only.")
-    retries: int = Field(0, ge=0, le=10, description="Retries after a failure (transient node or network faults).")
+    retries: int = Field(0, ge=0, le=10, description="Retries after a failure, on a cluster: for transient node or network faults, though KFP retries every failure alike.")
     timeout_minutes: int = Field(0, ge=0, description="Kill the pod after this long (activeDeadlineSeconds); 0 = never.")
     ephemeral_storage: str = Field(
         "5Gi",

@@ -124,6 +124,13 @@ class SampleConfig(Section):
         "then topr from .venv-vllm).",
     )
     samples_per_prompt: int = Field(4, ge=1, description="Completions sampled per prompt (n).")
+    max_completions: int = Field(
+        100_000,
+        ge=1,
+        description="Most completions one sampling pass may ask for: task.train_size × samples_per_prompt "
+        "per iteration, task.eval_size × evaluate.samples_per_prompt per evaluation. A guard against a typo "
+        "(samples_per_prompt=100000 asked for 800k completions); raise it to sample more on purpose.",
+    )
     temperature: float = Field(0.5, gt=0, description="Sampling temperature.")
     top_k: int = Field(0, ge=0, description="Top-k truncation; 0 disables it.")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus truncation; 1.0 disables it.")
@@ -410,6 +417,24 @@ class Config(Section):
     def _registered_model_of_the_task(self) -> Config:
         if self.run.registered_model is None:
             self.run.registered_model = f"topr-{self.task.name}"
+        return self
+
+    @model_validator(mode="after")
+    def _sampling_within_bound(self) -> Config:
+        """Refuse a sampling pass larger than ``sample.max_completions``, stating its size, its cost
+        in new tokens at most and how to allow it."""
+        bound = self.sample.max_completions
+        passes = (
+            ("task.train_size", self.task.train_size, "sample.samples_per_prompt", self.sample.samples_per_prompt, self.sample.max_new_tokens, "iteration"),
+            ("task.eval_size", self.task.eval_size, "evaluate.samples_per_prompt", self.evaluate.samples_per_prompt, self.evaluate.max_new_tokens, "evaluation"),
+        )
+        for prompts_field, prompts, samples_field, samples, new_tokens, per in passes:
+            if prompts * samples > bound:
+                raise ValueError(
+                    f"{prompts_field}={prompts} × {samples_field}={samples} = {prompts * samples:,} completions per {per}, "
+                    f"more than sample.max_completions={bound:,} (up to {prompts * samples * new_tokens:,} new tokens to "
+                    f"sample and hold); if you mean it, set sample.max_completions={prompts * samples}"
+                )
         return self
 
     @model_validator(mode="after")

@@ -144,6 +144,9 @@ class RunConsole(io.TextIOBase):
         return len(text)
 
     def flush(self) -> None:
+        if self.closed:  # past the run, as in ``write``: transformers binds its handler's flush to the stderr of its first import
+            self.bars.flush()
+            return
         with self._lock:
             self.log.flush()
             self.console.flush()

@@ -30,7 +30,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from topr.config import Config, CurateConfig
-from topr.records import Record, read_records, write_json, write_records
+from topr.records import RECORD_KEY, Record, read_records, write_json, write_records
 
 log = logging.getLogger(__name__)
 
@@ -116,9 +116,11 @@ def run_curate(
     """Curate the verified records at ``input_path``; write the training set and its report.
 
     A record without ``finish_reason`` counts as ``"stop"``. Nothing is written when curation
-    leaves no example (``CurationError``): an existing output stays as it was.
+    leaves no example (``CurationError``): an existing output stays as it was, and neither when
+    a (prompt_id, sample_index) appears twice (``RecordError`` naming both lines): curated, the
+    duplicate would be trained on twice.
     """
-    records = read_records(input_path, required=CURATE_FIELDS)
+    records = read_records(input_path, required=CURATE_FIELDS, unique=RECORD_KEY)
     curated, report = curate(records, config.curate, config.train.baseline)
     write_records(output_path, curated)
     write_json(report_path, report)

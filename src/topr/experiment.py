@@ -20,8 +20,9 @@ in MLflow as one parent run with the layout of a pipeline run. The shared work i
   from each arm's own model, with the same seeds and the same sample budget.
 
 The configuration of arm ``a`` is: the config file, then the spec's overrides, then the arm's,
-then the command line's. An arm that fails is reported with its error and the others still run;
-``--resume`` keeps the units an interrupted experiment had finished.
+then the command line's. An arm that fails is reported with its error and the others still run, and
+``topr experiment`` exits 1 while any unit has failed (``failure_summary``); ``--resume`` keeps the
+units an interrupted experiment had finished and runs every other one again.
 """
 
 from __future__ import annotations
@@ -315,6 +316,25 @@ def _run_one_unit(
     result["minutes"] = (time.perf_counter() - started) / 60
     write_json(result_path, result)
     return result
+
+
+def failure_summary(name: str, folder: Path) -> str | None:
+    """What to tell when units of the experiment's last report (``results.json``) failed: how many,
+    each with its error, and where their logs are; None when every unit finished."""
+    units = json.loads((folder / "results.json").read_text())["units"]
+    failed = [
+        f"{name}/{arm}/{replicate} ({result.get('error', 'no error recorded')})"
+        for arm, by_replicate in units.items()
+        for replicate, result in by_replicate.items()
+        if result["status"] != "finished"
+    ]
+    if not failed:
+        return None
+    total = sum(len(by_replicate) for by_replicate in units.values())
+    return (
+        f"{len(failed)} of {total} unit(s) failed: {', '.join(failed)}. Each unit's output is in its run.log under "
+        f"{folder / 'arms'}; --resume runs the failed units again and keeps the finished ones"
+    )
 
 
 UNCOMPARED_ON_RESUME = ("cluster.", "run.tracking_uri", "run.output_dir")

@@ -20,6 +20,7 @@ import torch
 
 from topr.config import EMBEDDED_MODEL
 from topr.hf_internals import forget_gguf_quantization
+from topr.records import full_disk_named
 
 log = logging.getLogger(__name__)
 
@@ -147,15 +148,16 @@ def copy_policy(saved_dir: str | os.PathLike, output_dir: str | os.PathLike, pro
 def _write_model_dir(output_dir: str | os.PathLike, write, provenance: dict | None) -> str:
     """Fill a staging folder beside ``output_dir`` with ``write(staging)``, add the provenance
     with the weights' digest, then put it in place in one rename; a failure leaves
-    ``output_dir`` as it was."""
+    ``output_dir`` as it was (a full disk: ``DiskFullError``, naming the folder)."""
     output_dir = Path(output_dir)
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
     staging.chmod(0o755)  # mkdtemp makes folders owner-only; models are shared artifacts
     try:
-        write(staging)
-        digest = weights_digest(staging)
-        (staging / PROVENANCE_FILE).write_text(json.dumps({"weights_sha256": digest, **(provenance or {})}, indent=2))
+        with full_disk_named(output_dir.parent, output_dir):  # DiskFullError, not safetensors' IoError
+            write(staging)
+            digest = weights_digest(staging)
+            (staging / PROVENANCE_FILE).write_text(json.dumps({"weights_sha256": digest, **(provenance or {})}, indent=2))
         if output_dir.exists():
             shutil.rmtree(output_dir)
         os.replace(staging, output_dir)

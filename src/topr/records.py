@@ -30,14 +30,21 @@ missing one is reported with the file, the line and the field. Fields a stage do
 through unchanged, so users can score completions that came from elsewhere. Numbers are finite:
 Python's ``json`` reads ``NaN``, ``Infinity`` and overflowing literals such as ``1e999``, which
 standard JSON has no place for and which would poison a loss, so a record holding one is refused
-(file, line and field).
+(file, line and field). A stage that reads samples may ask for unique ``RECORD_KEY``s
+(``unique``): a second record of the same prompt and sample index is a bug upstream, and would be
+trained on twice, so it is refused with both lines. Token ids are checked against the model that
+uses them (``check_token_ids``). A write that fails because the disk is full says so, naming the
+folder (``DiskFullError``).
 """
 
 from __future__ import annotations
 
+import errno
+import itertools
 import json
 import math
 import os
+import shutil
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -57,6 +64,10 @@ SAMPLE_FIELDS = PROMPT_FIELDS + (
 VERIFY_INPUT_FIELDS = ("prompt_id", "reference", "completion")
 VERIFIED_FIELDS = ("extracted", "correct", "reward")
 TRAIN_FIELDS = ("prompt_id", "prompt_token_ids", "completion_token_ids", "behavior_logprobs", "reward")
+RECORD_KEY = ("prompt_id", "sample_index")
+"""What names one sample: each (prompt_id, sample_index) appears once in a samples, verified or
+training file (records that lack one of them, from elsewhere, are not compared)."""
+TOKEN_FIELDS = ("prompt_token_ids", "completion_token_ids")
 
 Record = dict[str, Any]
 
@@ -73,23 +84,25 @@ RecordCheck = Callable[[Record], None]
 
 
 def read_records(
-    path: str | os.PathLike, required: Sequence[str] = (), check: RecordCheck | None = None
+    path: str | os.PathLike, required: Sequence[str] = (), check: RecordCheck | None = None, unique: Sequence[str] = ()
 ) -> list[Record]:
     """Read every record of a JSONL (or ``.parquet``) file, checking the ``required`` fields.
 
     ``check`` is a stage's own test of one record; the ``ValueError`` it raises is reported
-    with the file and line of the record.
+    with the file and line of the record. ``unique`` (e.g. ``RECORD_KEY``): fields whose values
+    no two records that have them all may share; a second one is refused, naming both lines.
     """
-    return list(iter_records(path, required, check))
+    return list(iter_records(path, required, check, unique))
 
 
 def iter_records(
-    path: str | os.PathLike, required: Sequence[str] = (), check: RecordCheck | None = None
+    path: str | os.PathLike, required: Sequence[str] = (), check: RecordCheck | None = None, unique: Sequence[str] = ()
 ) -> Iterator[Record]:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"record file not found: {path}")
     rows = _iter_parquet(path) if _is_parquet(path) else _iter_jsonl(path)
+    first_lines: dict[tuple, int] = {}
     for line_number, record in rows:
         missing = [field for field in required if field not in record]
         if missing:
@@ -114,7 +127,35 @@ def iter_records(
                 check(record)
             except ValueError as error:
                 raise RecordError(f"{path}:{line_number}: {error}") from None
+        if unique and all(field in record for field in unique):
+            key = tuple(record[field] for field in unique)
+            first = first_lines.setdefault(key, line_number)
+            if first != line_number:
+                named = ", ".join(f"{field} {value!r}" for field, value in zip(unique, key))
+                raise RecordError(f"{path}:{line_number}: duplicate record: {named} is also at line {first} (each must appear once)")
         yield record
+
+
+def check_token_ids(path: str | os.PathLike, records: Sequence[Record], vocabulary: int) -> None:
+    """Refuse a token id outside ``[0, vocabulary)`` in ``records`` (read from ``path``, in order),
+    naming the file, line, field and position: the model's embedding would fail on it, mid-run,
+    with an ``index out of range`` that names nothing."""
+    for index, record in enumerate(records):
+        for field in TOKEN_FIELDS:
+            ids = record.get(field)
+            if ids and not (0 <= min(ids) and max(ids) < vocabulary):
+                position = next(place for place, token in enumerate(ids) if not 0 <= token < vocabulary)
+                raise RecordError(
+                    f"{path}:{_line_of(path, index)}: {field}[{position}] is {ids[position]}, outside the model's vocabulary "
+                    f"of {vocabulary} tokens (ids 0 to {vocabulary - 1}): tokens of another model or tokenizer?"
+                )
+
+
+def _line_of(path: str | os.PathLike, index: int) -> int:
+    """The line (JSONL) or row (Parquet) of the ``index``-th record of ``path`` (read again: only errors ask)."""
+    path = Path(path)
+    rows = _iter_parquet(path) if _is_parquet(path) else _iter_jsonl(path)
+    return next(itertools.islice(rows, index, None))[0]
 
 
 def _is_integer(value: Any) -> bool:
@@ -217,22 +258,69 @@ def _iter_parquet(path: Path) -> Iterator[tuple[int, Record]]:
         yield row_number, record
 
 
+class DiskFullError(OSError):
+    """A write that failed because the disk is full (``errno.ENOSPC``); the message names the folder."""
+
+
+OPAQUE_WRITE_ERRORS = ("iostream error", "file write failed", "unexpected pos")
+"""What torch.save's C++ writer says when a write fails (``basic_ios::clear: iostream error``,
+``PytorchStreamWriter failed writing file ...: file write failed``): it does not say why."""
+
+NEARLY_FULL_BYTES = 256 * 2**20
+"""Free space below which an opaque write error (``OPAQUE_WRITE_ERRORS``) is taken for a full disk."""
+
+
+def _size(count: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if count < 1024:
+            return f"{count:.1f} {unit}" if unit != "B" else f"{count} B"
+        count /= 1024
+    return f"{count:.1f} TiB"
+
+
+@contextmanager
+def full_disk_named(folder: str | os.PathLike, target: str | os.PathLike) -> Iterator[None]:
+    """Turn a write error of the block that comes from a full disk into a ``DiskFullError`` naming
+    ``folder`` (where the block writes) and ``target`` (what it was writing): ``ENOSPC``, a
+    library's "No space left on device" (safetensors), or torch's opaque ``OPAQUE_WRITE_ERRORS``
+    when the disk has less than ``NEARLY_FULL_BYTES`` left. Other errors pass unchanged."""
+    try:
+        yield
+    except Exception as error:
+        told = (isinstance(error, OSError) and error.errno == errno.ENOSPC) or "No space left on device" in str(error)
+        opaque = isinstance(error, RuntimeError) and any(sign in str(error) for sign in OPAQUE_WRITE_ERRORS)
+        if not (told or opaque):
+            raise
+        try:
+            usage = shutil.disk_usage(folder)  # before the partial file goes: its space counts as used
+        except OSError:
+            usage = None
+        if not told and (usage is None or usage.free >= NEARLY_FULL_BYTES):
+            raise
+        room = f" ({_size(usage.free)} free of {_size(usage.total)})" if usage else ""
+        raise DiskFullError(
+            errno.ENOSPC, f"the disk holding {folder} is full{room}: writing {target} failed ({error}); free space there"
+        ) from error
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds.
 
     A failed write therefore never leaves a file that looks complete, and never replaces a
-    good artifact with a broken one.
+    good artifact with a broken one. A block that fails on a full disk raises ``DiskFullError``.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    with full_disk_named(path.parent, path):
+        handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(handle)
     temporary_path = Path(temporary)
     os.chmod(temporary_path, 0o644)  # mkstemp makes files owner-only; artifacts are shared
     try:
-        yield temporary_path
-        os.replace(temporary_path, path)
+        with full_disk_named(path.parent, path):
+            yield temporary_path
+            os.replace(temporary_path, path)
     finally:
         temporary_path.unlink(missing_ok=True)
 

@@ -37,7 +37,7 @@ from topr.console import progress_bar
 from topr.logprobs import batch_prompt_completions, completion_logprobs
 from topr.models import load_policy, model_identity, save_policy, set_threads
 from topr.objectives import NEGATIVE_RATIO_STATS, LossStats, policy_loss
-from topr.records import TRAIN_FIELDS, Record, RecordError, read_records
+from topr.records import RECORD_KEY, TRAIN_FIELDS, Record, RecordError, check_token_ids, read_records
 
 log = logging.getLogger(__name__)
 
@@ -217,6 +217,17 @@ def check_train_record(record: Record) -> None:
         raise ValueError(f"reward is {reward}, not +1.0 (correct) or -1.0 (wrong); train.baseline shifts rewards in the loss")
     if "correct" in record and reward != (1.0 if record["correct"] else -1.0):
         raise ValueError(f"reward {reward} disagrees with correct={json.dumps(record['correct'])}")
+
+
+def vocabulary_size(model) -> int:
+    """How many token ids the model can take: its input embedding's rows (what an out-of-range id
+    fails on), or its output head's, if fewer (the log-probs of completion tokens are gathered
+    there). ``len(tokenizer)`` may be smaller: embeddings are often padded past the tokenizer."""
+    sizes = [model.get_input_embeddings().num_embeddings]
+    head = model.get_output_embeddings()
+    if head is not None and hasattr(head, "out_features"):
+        sizes.append(head.out_features)
+    return min(sizes)
 
 
 class NonFiniteStepError(RuntimeError):
@@ -574,10 +585,12 @@ def run_train(
     whose loss or gradient norm is not finite stops training before the optimizer applies it
     (``NonFiniteStepError``), and nothing is saved. With a ``checkpoint``, rank 0 saves the
     training state when it is due, and a run that finds its job's checkpoint resumes from it,
-    first replaying the finished steps' figures to ``on_step``.
+    first replaying the finished steps' figures to ``on_step``. The records are checked before
+    any step (``RecordError`` with file and line): as they are read (``check_train_record``, each
+    (prompt_id, sample_index) once), and their token ids against the model's ``vocabulary_size``.
     """
     train = config.train
-    records = read_records(data_path, required=TRAIN_FIELDS, check=check_train_record)
+    records = read_records(data_path, required=TRAIN_FIELDS, check=check_train_record, unique=RECORD_KEY)
     if not records:
         raise RecordError(f"{data_path}: the training set is empty")
     set_threads(config.model.threads)
@@ -587,6 +600,7 @@ def run_train(
         fingerprint = job_fingerprint(config, model_dir, data_path, ranks.world_size) if checkpoint else ""
         resumed = checkpoint.load(fingerprint) if checkpoint else None
         model, tokenizer = load_policy(model_dir, device=torch.device("cpu"))  # wrap() places it
+        check_token_ids(data_path, records, vocabulary_size(model))  # before any step, naming file and line
         if resumed:
             model.load_state_dict(resumed["model"])
         autocast_dtype = training_dtype(config, device)

@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from topr.config import TaskConfig
-from topr.records import VERIFY_INPUT_FIELDS, Record, read_records, write_records
+from topr.records import RECORD_KEY, VERIFY_INPUT_FIELDS, Record, read_records, write_records
 from topr.tasks import Task, get_task
 
 
@@ -50,8 +50,9 @@ def verify_records(records: Iterable[Record], task: Task) -> tuple[list[Record],
 def run_verify(
     task_config: TaskConfig, input_path: str | os.PathLike, output_path: str | os.PathLike
 ) -> dict[str, Any]:
-    """Verify a file of completions into ``output_path`` (atomically); return the summary."""
-    records = read_records(input_path, required=VERIFY_INPUT_FIELDS)
+    """Verify a file of completions into ``output_path`` (atomically); return the summary. A
+    (prompt_id, sample_index) that appears twice is refused, naming both lines."""
+    records = read_records(input_path, required=VERIFY_INPUT_FIELDS, unique=RECORD_KEY)
     verified, summary = verify_records(records, get_task(task_config))
     write_records(output_path, verified)
     return summary
