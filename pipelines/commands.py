@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import socket
+import sys
 import time
 from pathlib import Path
 
@@ -198,6 +200,80 @@ def local_image() -> str:
 
 
 def cmd_run(args) -> int:
+    """``topr run``, and every MLflow run it starts ends. SIGTERM and SIGINT stop the run's tasks,
+    end its parent run and every stage run still RUNNING as KILLED, then exit with 128 + the
+    signal; an error of ``topr run`` itself (a full disk, kfp.local) ends them FAILED. Each gets
+    the tag ``topr.ended`` saying why. The parent run records who runs it (``OWNER_ENV``), so a
+    run whose ``topr run`` is killed outright is found and ended later: by ``topr gc``, and as
+    the next ``topr run`` starts (``_end_abandoned_runs``)."""
+    from topr.tracking import OWNER_ENV, owner_environment
+    from topr_pipelines.runner import Interrupted, interruptible
+
+    ending: dict[str, str] = {}  # the tracking URI and run name, once the pipeline may start runs
+    saved = os.environ.get(OWNER_ENV)
+    os.environ.update(owner_environment())
+    try:
+        with interruptible():
+            return _run(args, ending)
+    except Interrupted as stop:
+        why = f"{stop.name} received by topr run (pid {os.getpid()} on {socket.gethostname()})"
+        if not (ending and _end_runs(ending, "KILLED", why)):
+            print(f"topr run: {why}", file=sys.stderr)
+        return 128 + stop.signum
+    except BaseException as error:
+        if ending:
+            _end_runs(ending, "FAILED", f"topr run failed: {type(error).__name__}: {error}")
+        raise
+    finally:
+        if saved is None:
+            os.environ.pop(OWNER_ENV, None)
+        else:
+            os.environ[OWNER_ENV] = saved
+
+
+def _end_runs(ending: dict[str, str], status: str, why: str) -> bool:
+    """End what still runs of this ``topr run``'s MLflow runs as ``status``, tagged with ``why``,
+    and say so with the checkpoints they leave; whether any was ended. Best-effort: the error
+    that stopped the run goes on whatever happens here."""
+    from topr import gc
+
+    try:
+        ended = gc.end_runs_of_this_process(ending["tracking_uri"], ending["run_name"], status, why)
+    except Exception as error:  # noqa: BLE001 - an unreachable tracking server among others
+        print(f"topr run: {why}; could not end its MLflow runs ({error}): 'topr gc' ends them once this process is gone", file=sys.stderr)
+        return True
+    for item, run in ended:
+        stages = [name for name in item.ended if name != item.name]
+        if item.name in item.ended:
+            what = f"MLflow run {item.name} ({item.run_id})" + (f" and {', '.join(stages)}" if stages else "")
+        else:
+            what = f"the stage runs {', '.join(stages)} of MLflow run {item.name} ({item.run_id})"
+        print(f"topr run: {why}: ended {what} as {status}", file=sys.stderr)
+        try:
+            left, _ = gc.checkpoints(run)
+        except Exception:  # noqa: BLE001 - listing them is a courtesy; 'topr gc' lists them too
+            left = {}
+        for location, state in left.items():
+            print(f"  checkpoint {location} ({state})", file=sys.stderr)
+    return bool(ended)
+
+
+def _end_abandoned_runs(tracking_uri: str) -> None:
+    """What every ``topr run`` checks first: this host's runs whose ``topr run`` is gone are
+    ended KILLED, and their checkpoints listed (``topr gc``, which also removes them). Best-effort:
+    it never keeps a run from starting."""
+    from topr import gc
+
+    try:
+        found = gc.collect(tracking_uri, finder=f"topr run (pid {os.getpid()})", abandoned_only=True)
+    except Exception as error:  # noqa: BLE001 - an old server, a store that cannot be read
+        print(f"topr run: could not look for abandoned runs ({error}); 'topr gc' looks again", file=sys.stderr)
+        return
+    for item in found:
+        print("abandoned run " + "\n".join(item.lines()), flush=True)
+
+
+def _run(args, ending: dict[str, str]) -> int:
     from topr.report import write_run_report
     from topr.steps import check_services
     from topr.tracking import default_tracking_uri
@@ -214,11 +290,13 @@ def cmd_run(args) -> int:
 
         preflight(config.cluster.image, tracking_uri)
     check_services(tracking_uri, config.run.artifact_store)
+    _end_abandoned_runs(tracking_uri)
     run_dir.mkdir(parents=True)
     (run_dir / "config.yaml").write_text(config_to_yaml(config))
     print(f"topr run {run_name}: {config.run.iterations} iteration(s), tracking {tracking_uri}\nlog: {log_path(run_dir)}", flush=True)
 
     started = time.perf_counter()
+    ending.update(tracking_uri=tracking_uri, run_name=run_name)
     try:
         image = config.cluster.image if args.runner == "docker" else None
         parent_run_id = run_local(config, run_dir, tracking_uri, run_name, args.show_output, warm=not args.cold_tasks, image=image)

@@ -327,3 +327,30 @@ def test_a_command_without_its_extra_says_what_to_install(monkeypatch, capsys, t
     monkeypatch.setitem(sys.modules, "mlflow", None)  # as if the workflow extra were not installed
     assert main(["lineage", "topr-arithmetic@champion", "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db"]) == 2
     assert "topr lineage: error: this needs mlflow, from topr's workflow extra: pip install 'topr[workflow]'" in capsys.readouterr().err
+
+
+def test_a_failed_run_shows_the_failing_stage_and_its_last_lines(tmp_path, monkeypatch, capsys):
+    from kfp import dsl
+
+    from topr_pipelines import runner
+
+    @dsl.component(base_image="python:3.11", install_kfp_package=False)
+    def curate(config_json: str) -> str:
+        for step in range(30):
+            print(f"curating {step}")
+        raise ValueError("curation left nothing to train on")
+
+    @dsl.pipeline(name="failing")
+    def failing(config_json: str, tracking_uri: str, run_name: str) -> str:
+        return curate(config_json=config_json).output
+
+    monkeypatch.setattr(runner, "build_pipeline", lambda config: failing)
+    assert main(["run", "--cold-tasks", f"run.output_dir={tmp_path}", "run.name=failing"]) == 2
+
+    shown = capsys.readouterr()
+    assert "curating 3" not in shown.out + shown.err  # the task's output is in run.log, only its end on the console
+    error = shown.err[shown.err.index("'curate' failed"):]
+    lines = error.splitlines()
+    assert len(lines) <= 13 and 'raise ValueError("curation left nothing to train on")' in error
+    assert lines.index("    ValueError: curation left nothing to train on") < next(i for i, line in enumerate(lines) if line.startswith("topr run: error:"))
+    assert str(tmp_path / "failing" / "run.log") in error

@@ -13,15 +13,23 @@ from topr.config import config_to_dict, load_config
 from topr.records import write_records
 from topr.storage import file_sha256
 from topr.tracking import (
+    ENDED_TAG,
     ITERATION_TAG,
     KFP_RUN_TAG,
+    OWNER_ENV,
+    OWNER_HOST_TAG,
+    OWNER_PID_TAG,
+    OWNER_STARTED_TAG,
     STAGE_TAG,
     StepMetrics,
     default_tracking_uri,
+    end_pipeline_run,
     find_pipeline_run,
     finish_pipeline_run,
     flatten,
     metric_history,
+    owned_runs,
+    owner_environment,
     stage_run,
     start_pipeline_run,
 )
@@ -247,3 +255,45 @@ def test_training_figures_outlast_a_tracking_outage(store, client, parent, monke
     history = client.get_metric_history(run.run_id, "loss")
     assert sorted((m.step, m.value) for m in history) == [(0, 1.0), (1, 0.5), (2, 0.25)]
     assert client.get_run(run.run_id).info.status == "FINISHED"
+
+
+def test_parent_run_records_the_topr_run_that_runs_it(store, config, client, monkeypatch):
+    """``topr run`` puts who it is in its tasks' environment; the parent run keeps it as tags,
+    which is how a run whose ``topr run`` was killed is found later (``topr gc``)."""
+    import os
+    import socket
+
+    environment = owner_environment()
+    host, pid, started = environment[OWNER_ENV].split(" ")
+    assert (host, int(pid)) == (socket.gethostname(), os.getpid()) and float(started) > 0
+    monkeypatch.setenv(OWNER_ENV, environment[OWNER_ENV])
+    owned = client.get_run(start_pipeline_run(store[0], config, "owned")).data.tags
+    assert (owned[OWNER_HOST_TAG], owned[OWNER_PID_TAG], owned[OWNER_STARTED_TAG]) == (host, pid, started)
+    assert [run.info.run_id for run in owned_runs(store[0], host, int(pid), run_name="owned")] == [
+        client.search_runs([client.get_experiment_by_name(EXPERIMENT).experiment_id], "tags.mlflow.runName = 'owned'")[0].info.run_id
+    ]
+    monkeypatch.delenv(OWNER_ENV)
+    unowned = client.get_run(start_pipeline_run(store[0], config, "unowned")).data.tags
+    assert OWNER_HOST_TAG not in unowned and OWNER_PID_TAG not in unowned  # a cluster run: no topr run owns it
+
+
+def test_end_pipeline_run_ends_what_still_runs_with_the_reason(store, config, client):
+    parent = start_pipeline_run(store[0], config, "to-end")
+    with stage_run(store[0], parent, "curate", 1) as done:
+        pass
+    experiment = client.get_run(parent).info.experiment_id
+    tags = {"mlflow.parentRunId": parent, STAGE_TAG: "train", ITERATION_TAG: "1"}
+    running = client.create_run(experiment, run_name="iter1/train", tags=tags).info.run_id  # a stage whose process was killed
+
+    ended = end_pipeline_run(store[0], parent, "KILLED", "SIGTERM received by topr run (pid 1)")
+
+    assert ended == ["iter1/train", "to-end"]
+    for run_id in (running, parent):
+        run = client.get_run(run_id)
+        assert run.info.status == "KILLED" and run.info.end_time is not None
+        assert run.data.tags[ENDED_TAG] == "SIGTERM received by topr run (pid 1)"
+    finished = client.get_run(done.run_id)
+    assert finished.info.status == "FINISHED" and ENDED_TAG not in finished.data.tags
+    # Ending it again changes nothing: a run ends once.
+    assert end_pipeline_run(store[0], parent, "FAILED", "again") == []
+    assert client.get_run(parent).info.status == "KILLED"

@@ -138,6 +138,21 @@ def _add_lineage_command(commands) -> argparse.ArgumentParser:
 
 
 
+def _add_gc_command(commands) -> argparse.ArgumentParser:
+    gc = commands.add_parser(
+        "gc",
+        help="End the runs whose 'topr run' was killed; list (--delete: remove) the checkpoints of runs that never resume.",
+        description="End as KILLED every RUNNING run of this host's 'topr run's on the tracking server whose process "
+        "is gone (killed outright: SIGKILL, out of memory), with its stage runs still RUNNING, tagged topr.ended; "
+        "then list the training checkpoints these runs and the runs 'topr run' ended on a signal or error left, "
+        "under $TMPDIR/topr-checkpoints/<run id>/ and <run.artifact_store>/<run id>/iter<i>/. Runs of other hosts "
+        "and of clusters are left alone. 'topr run' ends such runs as it starts, too.",
+    )
+    gc.add_argument("--tracking-uri", type=tracking_uri_argument, help="MLflow tracking URI (default: the local store under runs/).")
+    gc.add_argument("--delete", action="store_true", help="Remove the checkpoints listed (nothing resumes these runs).")
+    return gc
+
+
 def _add_down_command(commands) -> argparse.ArgumentParser:
     down = commands.add_parser("down", help="Stop exactly what 'topr up' started.")
     down.add_argument("--state-dir", default="runs/stack", help="The state directory given to 'topr up'.")
@@ -224,7 +239,7 @@ def _print_json(payload: dict) -> None:
 
 
 def cmd_experiment(args) -> int:
-    from topr.experiment import arm_configs, load_spec, run_experiment
+    from topr.experiment import arm_configs, failure_summary, load_spec, run_experiment
     from topr.steps import check_services
     from topr.tracking import default_tracking_uri
 
@@ -252,6 +267,10 @@ def cmd_experiment(args) -> int:
     report = run_experiment(name, spec, experiment, arms, folder, tracking_uri, args.resume, verbose=args.show_output)
     print(report.read_text())
     print(f"report: {report}")
+    failed = failure_summary(name, folder)
+    if failed:
+        print(f"topr experiment: {failed}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -306,6 +325,21 @@ def cmd_lineage(args) -> int:
         print(f"PROBLEM {problem}", file=sys.stderr)
     print(f"verified {sum(1 for link in chain if link.uri.startswith('s3://'))} stored artifacts: {len(problems)} problem(s)", file=sys.stderr)
     return 1 if problems else 0
+
+
+def cmd_gc(args) -> int:
+    from topr import gc
+    from topr.tracking import check_tracking_server, default_tracking_uri
+
+    tracking_uri = args.tracking_uri or default_tracking_uri("runs")
+    check_tracking_server(tracking_uri)
+    found = gc.collect(tracking_uri, delete=args.delete)
+    for item in found:
+        print("\n".join(item.lines()))
+    ended = sum(item.abandoned for item in found)
+    count = sum(len(item.checkpoints) for item in found)
+    print(f"topr gc: {ended} abandoned run(s) ended; {count} checkpoint(s) {'removed' if args.delete else 'listed'}")
+    return 0
 
 
 def cmd_down(args) -> int:
@@ -417,6 +451,7 @@ COMMANDS = (
     Command("up", _add_up_command, cmd_up),
     Command("down", _add_down_command, cmd_down),
     Command("lineage", _add_lineage_command, cmd_lineage),
+    Command("gc", _add_gc_command, cmd_gc),
     Command("sample", _add_sample_command, cmd_sample),
     Command("verify", _add_verify_command, cmd_verify),
     Command("curate", _add_curate_command, cmd_curate),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -27,6 +28,16 @@ STAGE_TAG, ITERATION_TAG = "topr.stage", "topr.iteration"
 EVALUATION_ARTIFACT = "evaluation.json"
 """What an evaluate stage run logs: its metrics and each held-out problem's greedy correctness."""
 KFP_RUN_TAG = "kfp.pipeline_run_id"
+OWNER_ENV = "TOPR_RUN_OWNER"
+"""Who runs the pipeline, in the environment ``topr run`` gives its tasks: "<host> <pid> <start
+time>" of that ``topr run`` process (``owner_environment``), which the parent run records as
+the owner tags (a cluster run has none)."""
+OWNER_HOST_TAG, OWNER_PID_TAG, OWNER_STARTED_TAG = "topr.owner.host", "topr.owner.pid", "topr.owner.started"
+ENDED_TAG = "topr.ended"
+"""Why a run was ended by something other than its own code: a signal, an error of ``topr run``,
+or its ``topr run`` found gone (``end_pipeline_run``, ``topr.gc``)."""
+CHECKPOINTS_TAG = "topr.checkpoints"
+"""Set by ``topr.gc`` on an ended run once no training checkpoint of it is left."""
 
 
 def default_tracking_uri(output_dir: str | os.PathLike) -> str:
@@ -122,7 +133,7 @@ def start_pipeline_run(tracking_uri: str, config: Config, run_name: str, kfp_run
     client = mlflow_client(tracking_uri)
     run_id = find_pipeline_run(tracking_uri, config.run.experiment, kfp_run_id) if kfp_run_id else None
     if run_id is None:
-        tags = {**code_version(), "mlflow.runName": run_name, **({KFP_RUN_TAG: kfp_run_id} if kfp_run_id else {})}
+        tags = {**code_version(), **owner_tags(), "mlflow.runName": run_name, **({KFP_RUN_TAG: kfp_run_id} if kfp_run_id else {})}
         run_id = client.create_run(experiment_id(client, config.run.experiment, tracking_uri), run_name=run_name, tags=tags).info.run_id
     else:
         log.info("MLflow run %s already belongs to Kubeflow run %s: continuing it", run_id, kfp_run_id)
@@ -133,6 +144,74 @@ def start_pipeline_run(tracking_uri: str, config: Config, run_name: str, kfp_run
     client.log_text(run_id, config_to_yaml(config), "config.yaml")
     log.info("MLflow run %s in experiment %s (%s)", run_id, config.run.experiment, tracking_uri)
     return run_id
+
+
+def owner_environment() -> dict[str, str]:
+    """What ``topr run`` puts in its tasks' environment to say who runs them (``OWNER_ENV``): its
+    host, pid and start time (seconds since the epoch, which tells it from a later process given
+    the same pid)."""
+    import psutil
+
+    return {OWNER_ENV: f"{socket.gethostname()} {os.getpid()} {psutil.Process().create_time():.3f}"}
+
+
+def owner_tags() -> dict[str, str]:
+    """The owner tags of a parent run started under ``topr run`` (from ``OWNER_ENV``); none else."""
+    owner = os.environ.get(OWNER_ENV, "").split()
+    if len(owner) not in (2, 3):
+        return {}
+    return dict(zip((OWNER_HOST_TAG, OWNER_PID_TAG, OWNER_STARTED_TAG), owner))
+
+
+def owned_runs(
+    tracking_uri: str, host: str, pid: int | None = None, run_name: str | None = None, status: str | None = "RUNNING", tagged: str | None = None
+) -> list:
+    """The parent runs, in every experiment of the tracking server, that a ``topr run`` on ``host``
+    started; only those of ``pid``, named ``run_name``, with ``status`` and having the tag
+    ``tagged``, for each of these given."""
+    client = mlflow_client(tracking_uri)
+    clauses = [f"tags.`{OWNER_HOST_TAG}` = '{host}'"]
+    if pid is not None:
+        clauses.append(f"tags.`{OWNER_PID_TAG}` = '{pid}'")
+    if status:
+        clauses.append(f"attributes.status = '{status}'")
+    if tagged:
+        clauses.append(f"tags.`{tagged}` LIKE '%'")
+    experiments, token = [], None
+    while True:
+        page = client.search_experiments(max_results=1000, page_token=token)
+        experiments += [experiment.experiment_id for experiment in page]
+        token = page.token
+        if not token:
+            break
+    runs = []
+    for first in range(0, len(experiments), 100):
+        token = None
+        while True:
+            page = client.search_runs(experiments[first : first + 100], " and ".join(clauses), max_results=1000, page_token=token)
+            runs += [run for run in page if run_name is None or run.info.run_name == run_name]
+            token = page.token
+            if not token:
+                break
+    return runs
+
+
+def end_pipeline_run(tracking_uri: str, run_id: str, status: str, reason: str) -> list[str]:
+    """End a parent run that its pipeline will not end: each of its stage runs still RUNNING, then
+    itself if it still runs, as ``status`` (KILLED, FAILED), each tagged ``ENDED_TAG`` with
+    ``reason``. Returns the names of the runs ended, the stage runs first."""
+    client = mlflow_client(tracking_uri)
+    parent = client.get_run(run_id)
+    stages = client.search_runs(
+        [parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{run_id}' and attributes.status = 'RUNNING'", max_results=1000
+    )
+    ended = []
+    for run in [*stages, parent]:
+        if run.info.status == "RUNNING":
+            client.set_tag(run.info.run_id, ENDED_TAG, reason[:5000])
+            client.set_terminated(run.info.run_id, status)
+            ended.append(run.info.run_name)
+    return ended
 
 
 def find_pipeline_run(tracking_uri: str, experiment: str, kfp_run_id: str) -> str | None:
