@@ -7,25 +7,16 @@ from __future__ import annotations
 import pytest
 from mlflow import MlflowClient
 
+from test_experiment_run import TINY
 from topr.config import load_config
 from topr.inprocess import run_in_process
-
-TINY = [
-    "run.iterations=1",
-    "task.train_size=2",
-    "task.eval_size=2",
-    "sample.samples_per_prompt=2",
-    "sample.max_new_tokens=4",
-    "evaluate.max_new_tokens=4",
-    "train.batch_size=2",
-]
 
 
 @pytest.mark.slow
 def test_a_run_in_process_is_gated_and_promotes_like_a_pipeline_run(stack, tmp_path, tiny_model_dir):
     config = load_config(
         None,
-        [f"model.path={tiny_model_dir}", f"run.artifact_store=s3://{stack.bucket}/inprocess", "run.registered_model=inprocess-gate", *TINY],
+        [f"model.path={tiny_model_dir}", f"run.artifact_store=s3://{stack.bucket}/inprocess", "run.registered_model=inprocess-gate", "run.iterations=1", *TINY],
     )
     client = MlflowClient(stack.tracking_uri)
 

@@ -15,19 +15,10 @@ import mlflow
 import psutil
 import pytest
 
+from test_pipeline import TINY_RUN
 from topr.tracking import ENDED_TAG
 
 EXPERIMENT = "interrupted-run"
-TINY_RUN = [
-    "task.train_size=3",
-    "task.eval_size=3",
-    "sample.samples_per_prompt=2",
-    "sample.max_new_tokens=6",
-    "evaluate.max_new_tokens=6",
-    "evaluate.samples_per_prompt=2",
-    "train.batch_size=2",
-    "train.epochs=1000",  # training outlasts the test's look at it: the signal comes while it runs
-]
 
 
 def running_train_stage(client: mlflow.MlflowClient, process: subprocess.Popen, log_path, timeout_s: float = 900):
@@ -64,6 +55,7 @@ def test_sigterm_while_training_ends_the_run_and_its_stage_runs_killed(stack, tm
         sys.executable, "-m", "topr.cli", "run", "--tracking-uri", stack.tracking_uri,
         f"run.output_dir={tmp_path}", "run.name=interrupted", f"run.experiment={EXPERIMENT}",
         f"model.path={tiny_model_dir}", "run.iterations=1", *TINY_RUN,
+        "train.epochs=1000",  # training outlasts the test's look at it: the signal comes while it runs
     ]  # fmt: skip
     with open(log_path, "w") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
