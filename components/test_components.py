@@ -18,7 +18,10 @@ STAGE = {**TRACKED, "iteration": "Integer"}
 
 # component name: (inputs, outputs)
 INTERFACES = {
-    "start_run": ({"config_json": "String", "tracking_uri": "String", "run_name": "String", "kfp_run_id": "String"}, {"Output": "String"}),
+    "start_run": (
+        {"config_json": "String", "tracking_uri": "String", "run_name": "String", "kfp_run_id": "String", "resume_run_id": "String"},
+        {"Output": "String"},
+    ),
     "finish_run": ({"config_json": "String", "tracking_uri": "String", "kfp_run_id": "String", "status": "PipelineTaskFinalStatus"}, {}),
     "prepare_model": (TRACKED, {"model": MODEL}),
     "prompts": (TRACKED, {"train_prompts": DATASET, "eval_prompts": DATASET}),
@@ -75,7 +78,7 @@ def test_component_body_delegates_to_the_library(name):
     body = source.split('"""')[-1]
     assert "from topr import steps" in body
     called = {line.split("steps.")[1].split("(")[0].split(".")[0] for line in body.splitlines() if "steps." in line}
-    step = called - {"StageContext"}
+    step = called - {"StageContext", "report_metrics"}
     assert len(step) == 1 and hasattr(topr.steps, step.pop())
     # A stage's step gets one context built from the pipeline's parameters; starting and finishing
     # the pipeline's MLflow run come before and after any stage.
@@ -93,3 +96,16 @@ def test_every_component_folder_is_a_stage_with_pod_defaults_and_is_packaged():
     pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
     packaged = {name.removeprefix("topr_components.") for name in pyproject["tool"]["setuptools"]["packages"]}
     assert set(folders) <= packaged, "list the component's folder in pyproject.toml's packages"
+
+
+def test_a_metrics_output_holds_its_figures_in_its_file_too(tmp_path):
+    """kfp.local's cache (``topr run --resume``) takes a task whose output file is missing for one
+    that never ran; kfp keeps a Metrics artifact's figures in its metadata only."""
+    import json
+
+    from kfp.dsl import Metrics
+
+    metrics = Metrics(uri=str(tmp_path / "task" / "metrics"))
+    topr.steps.report_metrics(metrics, {"pass_at_1": 0.5, "count": 3, "converged": True, "task": "arithmetic"})
+    assert metrics.metadata == {"pass_at_1": 0.5, "count": 3}
+    assert json.loads(Path(metrics.path).read_text()) == {"pass_at_1": 0.5, "count": 3}

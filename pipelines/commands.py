@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from topr.cli import Command, add_config_arguments, command_config, tracking_uri_argument
-from topr.config import ConfigError, config_to_yaml, describe_fields
+from topr.config import Config, ConfigError, config_to_yaml, describe_fields
 
 def _add_run_command(commands) -> argparse.ArgumentParser:
     run = commands.add_parser(
@@ -60,6 +60,13 @@ def _add_run_command(commands) -> argparse.ArgumentParser:
         metavar="MODEL",
         help="Start from a registered model: an alias of run.registered_model (e.g. champion), "
         "name@alias or name/version (sets model.path=models:/...).",
+    )
+    run.add_argument(
+        "--resume",
+        metavar="RUN",
+        help="Continue RUN, a run that was interrupted or failed (its name under run.output_dir, or its folder), in "
+        "its own MLflow run and with its own configuration (<run folder>/config.yaml; no other overrides): every "
+        "stage that finished is kept, the others run. --runner process only.",
     )
     add_config_arguments(run)
     return run
@@ -219,10 +226,12 @@ def cmd_run(args) -> int:
         why = f"{stop.name} received by topr run (pid {os.getpid()} on {socket.gethostname()})"
         if not (ending and _end_runs(ending, "KILLED", why)):
             print(f"topr run: {why}", file=sys.stderr)
+        _say_how_to_resume(ending)
         return 128 + stop.signum
     except BaseException as error:
         if ending:
             _end_runs(ending, "FAILED", f"topr run failed: {type(error).__name__}: {error}")
+            _say_how_to_resume(ending)
         raise
     finally:
         if saved is None:
@@ -258,6 +267,11 @@ def _end_runs(ending: dict[str, str], status: str, why: str) -> bool:
     return bool(ended)
 
 
+def _say_how_to_resume(ending: dict[str, str]) -> None:
+    if ending:
+        print(f"topr run: to go on from its last finished stages: topr run --resume {ending['run_dir']}", file=sys.stderr)
+
+
 def _end_abandoned_runs(tracking_uri: str) -> None:
     """What every ``topr run`` checks first: this host's runs whose ``topr run`` is gone are
     ended KILLED, and their checkpoints listed (``topr gc``, which also removes them). Best-effort:
@@ -279,27 +293,37 @@ def _run(args, ending: dict[str, str]) -> int:
     from topr.tracking import default_tracking_uri
     from topr_pipelines.runner import log_path, run_local
 
-    config = command_config(args, _run_flags(args))
-    run_name = config.run.name or time.strftime("topr-%Y%m%d-%H%M%S")
-    run_dir = Path(config.run.output_dir) / run_name
-    if run_dir.exists():
-        raise ConfigError(f"run folder {run_dir} already exists: choose another run.name")
-    tracking_uri = config.run.tracking_uri or default_tracking_uri(config.run.output_dir)
+    if args.resume:
+        config, run_dir = _run_to_resume(args)
+        run_name = run_dir.name
+    else:
+        config = command_config(args, _run_flags(args))
+        run_name = config.run.name or time.strftime("topr-%Y%m%d-%H%M%S")
+        run_dir = Path(config.run.output_dir) / run_name
+        if run_dir.exists():
+            raise ConfigError(f"run folder {run_dir} already exists: choose another run.name, or continue it with --resume {run_dir}")
+    tracking_uri = config.run.tracking_uri or default_tracking_uri(run_dir.parent)
     if args.runner == "docker":
         from topr_pipelines.docker_runner import preflight
 
         preflight(config.cluster.image, tracking_uri)
     check_services(tracking_uri, config.run.artifact_store)
     _end_abandoned_runs(tracking_uri)
-    run_dir.mkdir(parents=True)
-    (run_dir / "config.yaml").write_text(config_to_yaml(config))
+    if args.resume:
+        resume_run_id = _parent_to_resume(tracking_uri, config, run_name)
+    else:
+        resume_run_id = ""
+        run_dir.mkdir(parents=True)
+        (run_dir / "config.yaml").write_text(config_to_yaml(config))
     print(f"topr run {run_name}: {config.run.iterations} iteration(s), tracking {tracking_uri}\nlog: {log_path(run_dir)}", flush=True)
 
     started = time.perf_counter()
-    ending.update(tracking_uri=tracking_uri, run_name=run_name)
+    ending.update(tracking_uri=tracking_uri, run_name=run_name, run_dir=str(run_dir))
     try:
         image = config.cluster.image if args.runner == "docker" else None
-        parent_run_id = run_local(config, run_dir, tracking_uri, run_name, args.show_output, warm=not args.cold_tasks, image=image)
+        parent_run_id = run_local(
+            config, run_dir, tracking_uri, run_name, args.show_output, warm=not args.cold_tasks, image=image, resume_run_id=resume_run_id
+        )
     except RuntimeError as error:
         raise RuntimeError(f"{error} (the whole log: {log_path(run_dir)})") from error
     minutes = (time.perf_counter() - started) / 60
@@ -307,6 +331,59 @@ def _run(args, ending: dict[str, str]) -> int:
     print(table)
     print(f"\n{minutes:.1f} min · MLflow run {parent_run_id} · {tracking_uri}\nreport: {run_dir / 'report.md'}")
     return 0
+
+
+def _run_to_resume(args) -> tuple[Config, Path]:
+    """The configuration and folder of the run ``--resume`` names: a run folder, or a run's name
+    under run.output_dir. Nothing else may change: every finished stage is kept because its
+    inputs are the same."""
+    from topr.config import load_config
+
+    if args.runner != "process":
+        raise ConfigError("--resume: only --runner process runs can be resumed (a container reaches MLflow through a port that changes per run)")
+    given = [flag for flag, value in (("--config", args.config), ("--from", args.start_from), ("--image", args.image), ("--tracking-uri", args.tracking_uri)) if value]
+    given += [override for override in args.overrides if not override.startswith("run.output_dir=")]
+    if given:
+        raise ConfigError(f"--resume: {', '.join(given)}: a resumed run keeps its own configuration (its folder's config.yaml)")
+    run_dir = Path(args.resume)
+    if not (run_dir / "config.yaml").is_file():
+        run_dir = Path(command_config(args).run.output_dir) / args.resume
+    config_file = run_dir / "config.yaml"
+    if not config_file.is_file():
+        raise ConfigError(f"--resume {args.resume}: no run folder with a config.yaml there or at {run_dir} (give the run's folder, or its run.output_dir)")
+    return load_config(str(config_file), []), run_dir
+
+
+def _parent_to_resume(tracking_uri: str, config: Config, run_name: str) -> str:
+    """The MLflow run that ``topr run --resume`` continues: the latest parent run named
+    ``run_name`` that a ``topr run`` of this host started with this run folder's configuration,
+    which must have ended KILLED or FAILED; "" if none was started (the run begins afresh)."""
+    from topr.tracking import ENDED_TAG, OWNER_PID_TAG, mlflow_client, owned_runs
+
+    runs = [
+        run
+        for run in owned_runs(tracking_uri, socket.gethostname(), run_name=run_name, status=None)
+        if run.data.params.get("run.output_dir") == config.run.output_dir and run.data.params.get("run.experiment") == config.run.experiment
+    ]
+    if not runs:
+        print(f"resuming {run_name}: it never started an MLflow run on {tracking_uri}; starting it from the beginning", flush=True)
+        return ""
+    run = max(runs, key=lambda each: each.info.start_time)
+    where = f"MLflow run {run.info.run_id} ({run_name})"
+    if run.info.status == "RUNNING":
+        raise ConfigError(f"--resume: {where} is still running, under topr run pid {run.data.tags.get(OWNER_PID_TAG)}: stop it first")
+    if run.info.status == "FINISHED":
+        raise ConfigError(f"--resume: {where} finished: nothing to resume")
+    client = mlflow_client(tracking_uri)
+    finished = client.search_runs(
+        [run.info.experiment_id],
+        f"tags.`mlflow.parentRunId` = '{run.info.run_id}' and attributes.status = 'FINISHED'",
+        max_results=1000,
+        order_by=["attributes.start_time ASC"],
+    )
+    print(f"resuming {where}, which ended {run.info.status}: {run.data.tags.get(ENDED_TAG, 'no reason recorded')}", flush=True)
+    print(f"  kept, as they finished: {', '.join(stage.info.run_name for stage in finished) or 'no stage'}", flush=True)
+    return run.info.run_id
 
 
 def cmd_compile(args) -> int:

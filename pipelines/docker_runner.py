@@ -29,6 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
+from topr.tracking import OWNER_ENV
+
 log = logging.getLogger(__name__)
 
 NETWORK = "topr-stack"
@@ -40,6 +42,8 @@ THROUGH_THE_SERVER = ("MLFLOW_ENABLE_PROXY_MULTIPART_DOWNLOAD", "MLFLOW_ENABLE_P
 """An MLflow server that offers multipart transfers hands its clients presigned URLs of its own
 S3 endpoint (a loopback address here, which a container cannot reach): artifacts go through the
 server instead."""
+RUN_LABEL = "topr.run.owner"
+"""The label of every container of one ``topr run``: its owner (``topr.tracking.OWNER_ENV``)."""
 PASSED_ENV_PREFIXES = ("AWS_", "MLFLOW_", "HF_", "TOPR_", "OMP_", "TOKENIZERS_")
 """Host variables a container gets (credentials, endpoints, offline switches, thread counts);
 the rest of the host's environment stays out, as it stays out of a pod."""
@@ -218,7 +222,9 @@ def docker_runner(image: str, tracking_uri: str, pipeline_root: Path) -> Iterato
     environment.update({"TOPR_IMAGE_REF": image, "TOPR_IMAGE_DIGEST": digest})
     for name in THROUGH_THE_SERVER:
         environment.setdefault(name, "false")
+    owner = os.environ.get(OWNER_ENV) or f"{socket.gethostname()} {os.getpid()}"
     runner = local.DockerRunner(
+        labels={RUN_LABEL: owner},
         user=IMAGE_USER,
         group_add=[str(os.getgid())],
         read_only=True,
@@ -231,6 +237,21 @@ def docker_runner(image: str, tracking_uri: str, pipeline_root: Path) -> Iterato
     try:
         yield ContainerSetup(runner, environment["MLFLOW_TRACKING_URI"])
     finally:
+        remove_containers(client, owner)
         for forwarder in forwarders.values():
             forwarder.close()
         client.close()
+
+
+def remove_containers(client, owner: str) -> None:
+    """Remove the containers of the run ``owner`` runs that are left: none after a run that ended
+    by itself (each is removed as its task ends), the running tasks' after a signal or an error
+    stopped it, as a pod goes with its pipeline run."""
+    import docker
+
+    for container in client.containers.list(all=True, filters={"label": f"{RUN_LABEL}={owner}"}):
+        try:
+            container.remove(force=True)
+            log.warning("docker runner: removed container %s (%s), left running as the run stopped", container.short_id, container.name)
+        except docker.errors.NotFound:
+            pass  # removed as its task ended, meanwhile

@@ -47,6 +47,7 @@ def run_local(
     verbose: bool = False,
     warm: bool = True,
     image: str | None = None,
+    resume_run_id: str = "",
 ) -> str:
     """Execute the whole pipeline locally; return the parent MLflow run id.
 
@@ -57,7 +58,11 @@ def run_local(
     ``warm``: fork each task from an interpreter that has imported the libraries once
     (``warm_tasks``); else a fresh interpreter per task, as kfp.local does. ``image``: run each
     task in a container of this image instead (``docker_runner``; the config's ``cluster.image``
-    must name it, as every task's image comes from there).
+    must name it, as every task's image comes from there). ``resume_run_id``: continue that
+    ended parent run (``topr run --resume``): kfp.local's cache under ``<run_dir>/pipeline_root``
+    hands back the outputs of every task that succeeded in this run folder before, as every
+    task's inputs are the same (the configuration, the parent run id, the artifacts of the tasks
+    before it), and runs the rest.
 
     Raises RuntimeError (from kfp) when a task fails; the exit handler has then already
     closed the MLflow run as FAILED.
@@ -67,14 +72,17 @@ def run_local(
     warnings.filterwarnings("ignore", message=r".*have no effect in the current local runner")
     pipeline_root = Path(run_dir).resolve() / "pipeline_root"
     with failure_shown(log_path(run_dir)), console.capture(log_path(run_dir), verbose), print_restored(), _tasks(warm, image, tracking_uri, pipeline_root) as (runner, task_tracking_uri):
-        local.init(runner=runner, pipeline_root=str(pipeline_root), raise_on_error=True)
+        local.init(runner=runner, pipeline_root=str(pipeline_root), raise_on_error=True, enable_caching=True)
         pipeline = local_pipeline(config)
-        task = pipeline(config_json=json.dumps(config_to_dict(config)), tracking_uri=task_tracking_uri, run_name=run_name)
+        config_json = json.dumps(config_to_dict(config))  # the same string as before for a resumed run: every cache key holds it
+        task = pipeline(config_json=config_json, tracking_uri=task_tracking_uri, run_name=run_name, resume_run_id=resume_run_id)
     return task.output
 
 
 def local_pipeline(config: Config):
-    """The pipeline as ``run_local`` runs it: that of ``config`` without the cluster's retries.
+    """The pipeline as ``run_local`` runs it: that of ``config`` without the cluster's retries,
+    and with every stage's outputs cached, for ``topr run --resume``: a cache entry's key holds
+    the parent run's id, so only a resume of the same run can find it.
 
     kfp.local (kfp 2.17, ``kfp.local.orchestrator.task_executor.execute_single_task``) honours a
     task's retry policy as a cluster does: it runs a failed task again after the backoff (60 s,
@@ -86,6 +94,7 @@ def local_pipeline(config: Config):
     from: a local task runs once, and its first failure ends the run.
     """
     local_config = config.model_copy(deep=True)
+    local_config.cluster.caching = True
     for stage in local_config.cluster.stages.values():
         stage.retries = 0
     return build_pipeline(local_config)

@@ -96,23 +96,36 @@ def iteration_pipeline(iteration: int, config: Config):
     return one_round
 
 
+def never_cached(task: dsl.PipelineTask) -> dsl.PipelineTask:
+    """A task that opens or closes the MLflow run: it must run in every pipeline run, but its
+    cache key would not tell one run from the next (the run-id placeholder is a constant until
+    the task runs), so no cache may hand back another run's id."""
+    return task.set_caching_options(enable_caching=False)
+
+
 def build_pipeline(config: Config, pipeline_root: str | None = None):
     """The pipeline for ``config``'s iterations, shards and cluster settings; its parameters are strings.
 
     ``pipeline_root`` (e.g. ``s3://bucket/kfp``) becomes the compiled pipeline's default root for
-    Kubeflow's own artifacts; a cluster run may still override it at submission.
+    Kubeflow's own artifacts; a cluster run may still override it at submission. ``resume_run_id``
+    (``topr run --resume``) names an ended parent run for ``start_run`` to continue instead of
+    creating one, so that every task's inputs are those of the run it resumes.
     """
     iterations, cluster = config.run.iterations, config.cluster
     rounds = [iteration_pipeline(iteration, config) for iteration in range(1, iterations + 1)]
 
     @dsl.pipeline(name="topr", description=f"Tapered Off-Policy REINFORCE, {iterations} iterations.", pipeline_root=pipeline_root)
-    def topr(config_json: str, tracking_uri: str, run_name: str = "topr") -> str:
+    def topr(config_json: str, tracking_uri: str, run_name: str = "topr", resume_run_id: str = "") -> str:
         started = start_run(
-            config_json=config_json, tracking_uri=tracking_uri, run_name=run_name, kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER
+            config_json=config_json,
+            tracking_uri=tracking_uri,
+            run_name=run_name,
+            kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+            resume_run_id=resume_run_id,
         )
-        parent_run_id = on_cluster(started.set_display_name("start MLflow run"), cluster).output
+        parent_run_id = never_cached(on_cluster(started.set_display_name("start MLflow run"), cluster)).output
         closing = finish_run(config_json=config_json, tracking_uri=tracking_uri, kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER)
-        on_cluster(closing.set_display_name("finish MLflow run"), cluster)
+        never_cached(on_cluster(closing.set_display_name("finish MLflow run"), cluster))
         with dsl.ExitHandler(closing, name="topr loop"):
             tracking = {"config_json": config_json, "tracking_uri": tracking_uri, "parent_run_id": parent_run_id}
             scope = add_phase(workflow.START, {}, tracking, 0, config)

@@ -341,7 +341,7 @@ def test_a_failed_run_shows_the_failing_stage_and_its_last_lines(tmp_path, monke
         raise ValueError("curation left nothing to train on")
 
     @dsl.pipeline(name="failing")
-    def failing(config_json: str, tracking_uri: str, run_name: str) -> str:
+    def failing(config_json: str, tracking_uri: str, run_name: str, resume_run_id: str) -> str:
         return curate(config_json=config_json).output
 
     monkeypatch.setattr(runner, "build_pipeline", lambda config: failing)
@@ -354,3 +354,12 @@ def test_a_failed_run_shows_the_failing_stage_and_its_last_lines(tmp_path, monke
     assert len(lines) <= 13 and 'raise ValueError("curation left nothing to train on")' in error
     assert lines.index("    ValueError: curation left nothing to train on") < next(i for i, line in enumerate(lines) if line.startswith("topr run: error:"))
     assert str(tmp_path / "failing" / "run.log") in error
+
+
+def test_resume_names_what_it_cannot_resume(tmp_path, capsys):
+    assert main(["run", "--resume", "never-ran", f"run.output_dir={tmp_path}"]) == 2
+    assert f"--resume never-ran: no run folder with a config.yaml there or at {tmp_path / 'never-ran'}" in capsys.readouterr().err
+    assert main(["run", "--runner", "docker", "--resume", "never-ran"]) == 2
+    assert "only --runner process runs can be resumed" in capsys.readouterr().err
+    assert main(["run", "--resume", "never-ran", "--from", "champion", "train.epochs=2"]) == 2
+    assert "--resume: --from, train.epochs=2: a resumed run keeps its own configuration" in capsys.readouterr().err

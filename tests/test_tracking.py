@@ -13,6 +13,7 @@ from topr.config import config_to_dict, load_config
 from topr.records import write_records
 from topr.storage import file_sha256
 from topr.tracking import (
+    CHECKPOINTS_TAG,
     ENDED_TAG,
     ITERATION_TAG,
     KFP_RUN_TAG,
@@ -20,11 +21,13 @@ from topr.tracking import (
     OWNER_HOST_TAG,
     OWNER_PID_TAG,
     OWNER_STARTED_TAG,
+    RESUMED_TAG,
     STAGE_TAG,
     StepMetrics,
     default_tracking_uri,
     end_pipeline_run,
     find_pipeline_run,
+    finished_stage_runs,
     finish_pipeline_run,
     flatten,
     metric_history,
@@ -211,6 +214,33 @@ def test_log_artifacts(store, client, parent, tmp_path):
     assert [f.path for f in client.list_artifacts(run_id, "model")] == ["model/config.json"]
 
 
+def test_a_folder_is_logged_whole_or_not_at_all(store, client, parent, tmp_path, monkeypatch):
+    """A full disk halfway through a model's weights (the artifact store's disk) leaves no part
+    of the folder logged: no half-copied model.safetensors for anyone to register or download."""
+    import errno
+    import shutil
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    (model / "model.safetensors").write_bytes(b"w" * 4096)
+    copyfile = shutil.copyfile
+
+    def disk_fills_halfway(source, target, *args, **kwargs):
+        if Path(source).name != "model.safetensors":
+            return copyfile(source, target, *args, **kwargs)
+        Path(target).write_bytes(Path(source).read_bytes()[:2048])
+        raise OSError(errno.ENOSPC, "No space left on device", str(target))
+
+    with pytest.raises(OSError, match="No space left"):
+        with stage_run(store[0], parent, "train", 5) as run:
+            run.log_artifact(model / "config.json")
+            monkeypatch.setattr(shutil, "copyfile", disk_fills_halfway)
+            run.log_artifacts(model, "model")
+    assert [f.path for f in client.list_artifacts(run.run_id)] == ["config.json"]
+    assert client.get_run(run.run_id).info.status == "FAILED"
+
+
 @pytest.mark.parametrize("status", ["FINISHED", "FAILED"])
 def test_finish_pipeline_run_by_kfp_tag(store, config, client, status):
     kfp_id = f"kfp-finish-{status.lower()}"
@@ -297,3 +327,39 @@ def test_end_pipeline_run_ends_what_still_runs_with_the_reason(store, config, cl
     # Ending it again changes nothing: a run ends once.
     assert end_pipeline_run(store[0], parent, "FAILED", "again") == []
     assert client.get_run(parent).info.status == "KILLED"
+
+
+def test_an_ended_run_resumes_as_the_same_run_under_its_new_owner(store, config, client, monkeypatch):
+    """``topr run --resume``: the ended parent run becomes RUNNING again under the new pipeline
+    run's id and owner, why it had ended moved to ``topr.resumed.<n>``; a retried start of that
+    pipeline run continues it, and a run that is not ended, or another run's id, is refused."""
+    parent = start_pipeline_run(store[0], config, "to-resume", kfp_run_id="kfp-first")
+    end_pipeline_run(store[0], parent, "KILLED", "SIGTERM received by topr run (pid 1)")
+    client.set_tag(parent, CHECKPOINTS_TAG, "none left")
+    monkeypatch.setenv(OWNER_ENV, "host-b 4242 17.000")
+
+    assert start_pipeline_run(store[0], config, "to-resume", kfp_run_id="kfp-second", resume_run_id=parent) == parent
+    run = client.get_run(parent)
+    assert run.info.status == "RUNNING"
+    tags = run.data.tags
+    assert (tags[RESUMED_TAG], tags[f"{RESUMED_TAG}.1"]) == ("1", "after: SIGTERM received by topr run (pid 1)")
+    assert (tags[KFP_RUN_TAG], tags[OWNER_HOST_TAG], tags[OWNER_PID_TAG]) == ("kfp-second", "host-b", "4242")
+    assert ENDED_TAG not in tags and CHECKPOINTS_TAG not in tags
+    assert start_pipeline_run(store[0], config, "to-resume", kfp_run_id="kfp-second", resume_run_id=parent) == parent  # a retried start
+    with pytest.raises(ValueError, match="is RUNNING: only an ended"):
+        start_pipeline_run(store[0], config, "to-resume", kfp_run_id="kfp-third", resume_run_id=parent)
+    finish_pipeline_run(store[0], EXPERIMENT, "kfp-second", "FAILED")
+    with pytest.raises(ValueError, match=r"\(to-resume\) is FAILED: only an ended \(KILLED or FAILED\) run named 'other'"):
+        start_pipeline_run(store[0], config, "other", resume_run_id=parent)
+    assert start_pipeline_run(store[0], config, "to-resume", resume_run_id=parent) == parent
+    assert client.get_run(parent).data.tags[f"{RESUMED_TAG}.2"] == "after: ended FAILED"
+
+
+def test_the_latest_of_a_stage_that_finished_twice_is_the_one_read(store, config, client):
+    """A resumed run re-runs a stage that had finished in the instant before the signal (its
+    kfp task had not yet recorded it): readers take the later run, whose outputs went on."""
+    parent = start_pipeline_run(store[0], config, "finished-twice")
+    for _ in range(2):
+        with stage_run(store[0], parent, "evaluate", 1) as run:
+            pass
+    assert finished_stage_runs(store[0], parent, "evaluate") == {1: run.run_id}

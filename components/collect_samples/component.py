@@ -22,5 +22,4 @@ def collect_samples(
     ordered = sorted(shards, key=lambda shard: shard.metadata["shard"])
     context = steps.StageContext.from_pipeline(config_json, tracking_uri, parent_run_id, iteration)
     summary = steps.collect_samples(context, [shard.path for shard in ordered], samples.path)
-    for name, value in summary.items():
-        metrics.log_metric(name, value)
+    steps.report_metrics(metrics, summary)

@@ -20,6 +20,4 @@ def curate(
 
     context = steps.StageContext.from_pipeline(config_json, tracking_uri, parent_run_id, iteration)
     summary = steps.curate(context, verified.path, train_set.path, report.path)
-    for name, value in summary.items():
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            composition.log_metric(name, value)
+    steps.report_metrics(composition, summary)

@@ -23,5 +23,4 @@ def evaluate(
 
     context = steps.StageContext.from_pipeline(config_json, tracking_uri, parent_run_id, iteration)
     summary = steps.evaluate(context, model.path, eval_prompts.path, report.path, completions.path, accuracy_page.path)
-    for name, value in summary.items():
-        metrics.log_metric(name, value)
+    steps.report_metrics(metrics, summary)

@@ -20,5 +20,4 @@ def evaluate_verifier(
 
     context = steps.StageContext.from_pipeline(config_json, tracking_uri, parent_run_id)
     summary = steps.evaluate_verifier(context, base_model.path, verifier.path, verifier_data.path, report.path)
-    for name, value in summary.items():
-        metrics.log_metric(name, value)
+    steps.report_metrics(metrics, summary)

@@ -23,5 +23,4 @@ def sample(
     context = steps.StageContext.from_pipeline(config_json, tracking_uri, parent_run_id, iteration)
     summary = steps.sample(context, model.path, train_prompts.path, samples.path, shard, shards)
     samples.metadata["shard"] = shard
-    for name, value in summary.items():
-        metrics.log_metric(name, value)
+    steps.report_metrics(metrics, summary)

@@ -25,5 +25,4 @@ def train(
     context = steps.StageContext.from_pipeline(config_json, tracking_uri, parent_run_id, iteration)
     summary = steps.train(context, model.path, train_set.path, samples.path, trained_model.path)
     trained_model.metadata.update({key: summary.pop(key) for key in ("weights_sha256", "registered_version")})
-    for name, value in summary.items():
-        metrics.log_metric(name, value)
+    steps.report_metrics(metrics, summary)

@@ -20,5 +20,4 @@ def train_verifier(
     context = steps.StageContext.from_pipeline(config_json, tracking_uri, parent_run_id)
     summary = steps.train_verifier(context, base_model.path, verifier_data.path, verifier.path)
     verifier.metadata.update({key: summary.pop(key) for key in ("weights_sha256", "registered_version")})
-    for name, value in summary.items():
-        metrics.log_metric(name, value)
+    steps.report_metrics(metrics, summary)

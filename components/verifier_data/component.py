@@ -20,5 +20,4 @@ def verifier_data(
 
     context = steps.StageContext.from_pipeline(config_json, tracking_uri, parent_run_id)
     summary = steps.verifier_data(context, model.path, train_prompts.path, eval_prompts.path, verifier_data.path)
-    for name, value in summary.items():
-        metrics.log_metric(name, value)
+    steps.report_metrics(metrics, summary)

@@ -19,5 +19,4 @@ def verify(
 
     context = steps.StageContext.from_pipeline(config_json, tracking_uri, parent_run_id, iteration)
     summary = steps.verify(context, samples.path, verified.path)
-    for name, value in summary.items():
-        metrics.log_metric(name, value)
+    steps.report_metrics(metrics, summary)

@@ -41,6 +41,19 @@ def parse_config(config_json: str) -> Config:
     return build_config(json.loads(config_json), source="pipeline parameter config_json")
 
 
+def report_metrics(metrics, figures: dict) -> None:
+    """Copy a step's figures (the numbers among them) into its component's Metrics artifact, and
+    into the artifact's file: kfp keeps a Metrics artifact's figures in its metadata alone, and
+    kfp.local's cache takes a task whose output file is missing for one that never ran, so
+    ``topr run --resume`` would run the stage again."""
+    from topr.records import write_json
+
+    numbers = {name: value for name, value in figures.items() if isinstance(value, (int, float)) and not isinstance(value, bool)}
+    for name, value in numbers.items():
+        metrics.log_metric(name, value)
+    write_json(metrics.path, numbers)
+
+
 def check_services(tracking_uri: str, artifact_store: str | None) -> None:
     """Fail before any expensive work if the tracking server or the object store is unreachable."""
     check_tracking_server(tracking_uri)
@@ -153,11 +166,12 @@ class StageOutputs:
             storage.commit(self.commit_uri, self.stage, self.context.iteration, self.run.run_id, self.outputs)
 
 
-def start(config_json: str, tracking_uri: str, run_name: str, kfp_run_id: str = "") -> str:
-    """Create the parent MLflow run; its id is handed to every later step."""
+def start(config_json: str, tracking_uri: str, run_name: str, kfp_run_id: str = "", resume_run_id: str = "") -> str:
+    """Create the parent MLflow run (or continue the ended run ``resume_run_id``); its id is
+    handed to every later step."""
     config = parse_config(config_json)
     check_services(tracking_uri, config.run.artifact_store)
-    return start_pipeline_run(tracking_uri, config, run_name, kfp_run_id)
+    return start_pipeline_run(tracking_uri, config, run_name, kfp_run_id, resume_run_id)
 
 
 def finish(config_json: str, tracking_uri: str, kfp_run_id: str, failed: bool) -> None:

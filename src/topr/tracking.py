@@ -38,6 +38,9 @@ ENDED_TAG = "topr.ended"
 or its ``topr run`` found gone (``end_pipeline_run``, ``topr.gc``)."""
 CHECKPOINTS_TAG = "topr.checkpoints"
 """Set by ``topr.gc`` on an ended run once no training checkpoint of it is left."""
+RESUMED_TAG = "topr.resumed"
+"""How many times ``topr run --resume`` continued a parent run; ``topr.resumed.<n>`` says why
+it had ended before the n-th."""
 
 
 def default_tracking_uri(output_dir: str | os.PathLike) -> str:
@@ -124,15 +127,18 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, str]:
     return flat
 
 
-def start_pipeline_run(tracking_uri: str, config: Config, run_name: str, kfp_run_id: str = "") -> str:
-    """Create the parent run (left RUNNING until ``finish_pipeline_run``); return its id.
+def start_pipeline_run(tracking_uri: str, config: Config, run_name: str, kfp_run_id: str = "", resume_run_id: str = "") -> str:
+    """Create the parent run (left RUNNING until ``finish_pipeline_run``), or continue the ended
+    run ``resume_run_id`` (``resume_pipeline_run``); return its id.
 
     A retried start of the same Kubeflow run (``kfp_run_id``) continues the run its first
-    attempt created, so a pipeline run never has two parent runs.
+    attempt created or resumed, so a pipeline run never has two parent runs.
     """
     client = mlflow_client(tracking_uri)
     run_id = find_pipeline_run(tracking_uri, config.run.experiment, kfp_run_id) if kfp_run_id else None
-    if run_id is None:
+    if run_id is None and resume_run_id:
+        run_id = resume_pipeline_run(client, resume_run_id, run_name, kfp_run_id)
+    elif run_id is None:
         tags = {**code_version(), **owner_tags(), "mlflow.runName": run_name, **({KFP_RUN_TAG: kfp_run_id} if kfp_run_id else {})}
         run_id = client.create_run(experiment_id(client, config.run.experiment, tracking_uri), run_name=run_name, tags=tags).info.run_id
     else:
@@ -143,6 +149,31 @@ def start_pipeline_run(tracking_uri: str, config: Config, run_name: str, kfp_run
     client.log_batch(run_id, params=[Param(key, value[:6000]) for key, value in params.items()])
     client.log_text(run_id, config_to_yaml(config), "config.yaml")
     log.info("MLflow run %s in experiment %s (%s)", run_id, config.run.experiment, tracking_uri)
+    return run_id
+
+
+def resume_pipeline_run(client, run_id: str, run_name: str, kfp_run_id: str = "") -> str:
+    """Make the ended parent run ``run_id`` (KILLED or FAILED, named ``run_name``) RUNNING again
+    for the pipeline run that resumes it: tagged with that run's Kubeflow id and owner (so that
+    ``finish_pipeline_run`` and ``topr gc`` find it), its ``topr.ended`` reason moved to
+    ``topr.resumed.<n>``; returns its id."""
+    run = client.get_run(run_id)
+    if run.info.run_name != run_name or run.info.status not in ("KILLED", "FAILED"):
+        raise ValueError(
+            f"MLflow run {run_id} ({run.info.run_name}) is {run.info.status}: only an ended (KILLED or FAILED) run named {run_name!r} can be resumed"
+        )
+    resumed = int(run.data.tags.get(RESUMED_TAG, "0")) + 1
+    why = run.data.tags.get(ENDED_TAG, f"ended {run.info.status}")
+    tags = {RESUMED_TAG: str(resumed), f"{RESUMED_TAG}.{resumed}": f"after: {why}"[:5000], **owner_tags()}
+    if kfp_run_id:
+        tags[KFP_RUN_TAG] = kfp_run_id
+    for key, value in tags.items():
+        client.set_tag(run_id, key, value)
+    for stale in (ENDED_TAG, CHECKPOINTS_TAG):
+        if stale in run.data.tags:
+            client.delete_tag(run_id, stale)
+    client.update_run(run_id, status="RUNNING")
+    log.info("MLflow run %s resumed (%d): %s", run_id, resumed, why)
     return run_id
 
 
@@ -290,8 +321,24 @@ class StageRun:
     def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(path), artifact_path)
 
-    def log_artifacts(self, directory: str | os.PathLike, artifact_path: str | None = None) -> None:
-        self.client.log_artifacts(self.run_id, str(directory), artifact_path)
+    def log_artifacts(self, directory: str | os.PathLike, artifact_path: str) -> None:
+        """Log a folder's files under ``artifact_path``, whole or not at all: a failure partway (a
+        full disk, a lost server) deletes what was logged of it before the error goes on, so no
+        half-copied model is left on the run for anyone to register or download. A process killed
+        partway leaves its part on a run that ends KILLED, which nothing registers."""
+        try:
+            self.client.log_artifacts(self.run_id, str(directory), artifact_path)
+        except BaseException:
+            self._delete_artifacts(artifact_path)
+            raise
+
+    def _delete_artifacts(self, artifact_path: str) -> None:
+        from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+        try:
+            get_artifact_repository(self.client.get_run(self.run_id).info.artifact_uri).delete_artifacts(artifact_path)
+        except Exception as error:  # noqa: BLE001 - the logging error goes on; this one is only reported
+            log.warning("could not delete the partly logged artifacts %s of run %s: %s", artifact_path, self.run_id, error)
 
     def log_text(self, text: str, artifact_file: str) -> None:
         self.client.log_text(self.run_id, text, artifact_file)
@@ -383,12 +430,15 @@ def metric_history(tracking_uri: str, run_id: str, key: str) -> dict[int, float]
 
 
 def finished_stage_runs(tracking_uri: str, parent_run_id: str, stage: str) -> dict[int, str]:
-    """The ids of ``stage``'s finished nested runs under ``parent_run_id``, by iteration."""
+    """The ids of ``stage``'s finished nested runs under ``parent_run_id``, by iteration: the
+    latest where a stage finished twice (a resumed run re-runs a stage that finished in the
+    instant before the signal, and its later tasks read the second's outputs)."""
     client = mlflow_client(tracking_uri)
     parent = client.get_run(parent_run_id)
     runs = client.search_runs(
         [parent.info.experiment_id],
         filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}' and tags.`{STAGE_TAG}` = '{stage}' and attributes.status = 'FINISHED'",
+        order_by=["attributes.start_time ASC"],
     )
     return {int(run.data.tags[ITERATION_TAG]): run.info.run_id for run in runs}
 

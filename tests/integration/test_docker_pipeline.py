@@ -4,7 +4,9 @@ against the real stack (SeaweedFS and an MLflow server on loopback), secured as 
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
+import sys
 
 import mlflow
 import pytest
@@ -12,7 +14,9 @@ import pytest
 from topr import storage
 from topr.cli import main
 from topr.tracking import STAGE_TAG
+from topr_pipelines.docker_runner import RUN_LABEL
 
+from test_interrupted_run import stop_while_training
 from test_pipeline import TINY_RUN
 
 
@@ -66,3 +70,27 @@ def test_a_tracking_uri_the_containers_cannot_reach_is_refused_before_the_run(tm
     assert code != 0
     assert "not a service on this machine's loopback" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.slow
+def test_a_signal_removes_the_running_tasks_containers(stack, topr_image, tmp_path, tiny_model_dir):
+    """SIGTERM while a task trains in its container: ``topr run`` exits 143 and no container of its
+    own is left running, as a pod goes with its pipeline run."""
+    model_uri = f"s3://{stack.bucket}/models/tiny-signal"
+    storage.publish_directory(tiny_model_dir, model_uri)
+    client = mlflow.MlflowClient(stack.tracking_uri)
+    log_path = tmp_path / "topr-run.out"
+    command = [
+        sys.executable, "-m", "topr.cli", "run", "--runner", "docker", "--tracking-uri", stack.tracking_uri,
+        f"run.output_dir={tmp_path}", "run.name=stopped", "run.experiment=docker-stopped", f"model.path={model_uri}",
+        "run.iterations=1", f"run.artifact_store=s3://{stack.bucket}/docker-stopped", *TINY_RUN, "train.epochs=1000",
+    ]  # fmt: skip
+    training = set()  # the train task's container
+
+    def containers_running():
+        training.update(docker_lines("ps", "-q", "--filter", f"ancestor={topr_image}", "--filter", f"label={RUN_LABEL}"))
+        assert training
+
+    stopped = stop_while_training(command, client, log_path, "docker-stopped", training=containers_running)
+    assert stopped.process.returncode == 128 + signal.SIGTERM, stopped.output[-4000:]
+    assert docker_lines("ps", "-aq", "--filter", f"ancestor={topr_image}") & training == set(), stopped.output[-4000:]
