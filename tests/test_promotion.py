@@ -6,6 +6,7 @@ Everything runs against a real (sqlite) MLflow store; a mock only injects a regi
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 
@@ -204,6 +205,83 @@ def _refusal(config_json: str, tracking_uri: str, run_id: str, version: str, cha
     with pytest.raises(promotion.PromotionRefused) as raised:
         steps.promote(steps.StageContext.from_pipeline(config_json, tracking_uri, run_id), version, champion)
     return str(raised.value)
+
+
+def promoted(registry, *moves: tuple[str, str]) -> None:
+    """Promote each (version, the champion the gate beat) in turn, as pipeline runs do."""
+    tracking_uri, config_json, run_id, _ = registry
+    for version, beaten in moves:
+        steps.promote(steps.StageContext.from_pipeline(config_json, tracking_uri, run_id), version, beaten)
+
+
+def test_a_rollback_moves_the_alias_back_as_a_recorded_move_and_a_second_undoes_it(registry):
+    tracking_uri, _, run_id, client = registry
+    promoted(registry, ("1", ""), ("3", "1"))
+
+    move = promotion.roll_back(tracking_uri, NAME, ALIAS, "topr")
+
+    assert (move.version, move.previous, move.action) == ("1", "3", "rollback")
+    assert str(client.get_model_version_by_alias(NAME, ALIAS).version) == "1"
+    history = promotion.alias_history(client, NAME, ALIAS)
+    assert [(entry["version"], entry["previous"], entry.get("action")) for entry in history] == [
+        ("1", None, "promote"), ("3", "1", "promote"), ("1", "3", "rollback"),
+    ]  # fmt: skip
+    rollback_run = client.get_run(move.run_id)
+    assert (rollback_run.info.run_name, rollback_run.info.status) == (f"rollback {NAME}@{ALIAS}", "FINISHED")
+    assert rollback_run.data.tags["topr.promoted"] == f"{NAME}/1"
+    assert rollback_run.data.tags["topr.owner.pid"] == str(os.getpid())  # 'topr gc' ends it if it is killed holding the lock
+    assert client.get_model_version(NAME, "1").tags["topr.promotion"].startswith(f"promoted: {NAME}@{ALIAS} by the rollback run {move.run_id}")
+    assert client.get_model_version(NAME, "3").tags["topr.promotion"].startswith(f"rolled back: {NAME}@{ALIAS} moved back to version 1")
+    assert client.search_registered_models(f"name = '{LOCK}'") == []
+    assert promotion.roll_back(tracking_uri, NAME, ALIAS, "topr").version == "3"  # the second undoes the first
+    assert promotion.roll_back(tracking_uri, NAME, ALIAS, "topr", to="2").version == "2"
+
+
+@pytest.mark.parametrize(
+    ("moves", "to", "refusal"),
+    [
+        ((), None, f"{NAME}@{ALIAS} is not set: there is no champion to roll back"),
+        ((("1", ""),), None, f"{NAME}@{ALIAS}: version 1 was its first version, there is none before it: name one with --to VERSION"),
+        ((("1", ""),), "1", f"{NAME}@{ALIAS} already holds version 1"),
+        ((("1", ""),), "9", f"{NAME} has no version 9"),
+        ((("1", ""),), "2", f"{NAME}/2 was trained on task 'gsm8k', the champion \\(version 1\\) on 'arithmetic': refusing to roll back across tasks"),
+    ],
+    ids=["no champion", "nothing before", "the champion itself", "no such version", "another task"],
+)
+def test_a_rollback_refuses_what_it_cannot_move_to_and_moves_nothing(registry, moves, to, refusal):
+    tracking_uri, _, _, client = registry
+    client.set_model_version_tag(NAME, "1", "topr.task", "arithmetic")
+    client.set_model_version_tag(NAME, "2", "topr.task", "gsm8k")
+    promoted(registry, *moves)
+    aliases = client.get_registered_model(NAME).aliases
+    with pytest.raises(promotion.PromotionRefused, match=refusal):
+        promotion.roll_back(tracking_uri, NAME, ALIAS, "topr", to=to)
+    assert client.get_registered_model(NAME).aliases == aliases
+    assert len(promotion.alias_history(client, NAME, ALIAS)) == len(moves)
+
+
+def test_a_rollback_to_a_version_whose_stage_never_committed_is_refused(registry, tmp_path):
+    tracking_uri, _, run_id, client = registry
+    promoted(registry, ("1", ""))
+    with pytest.raises(RuntimeError, match="the upload failed"):
+        with stage_run(tracking_uri, run_id, "train", 2) as train:
+            client.create_model_version(NAME, str(tmp_path / "model"), run_id=train.run_id, tags={"topr.model_uri": str(tmp_path / "model")})
+            raise RuntimeError("the upload failed")
+    with pytest.raises(UncommittedModelError, match=f"{NAME}/4: the stage run .* that registered it is FAILED"):
+        promotion.roll_back(tracking_uri, NAME, ALIAS, "topr", to="4")
+    assert str(client.get_model_version_by_alias(NAME, ALIAS).version) == "1"
+
+
+def test_two_rollbacks_at_once_exactly_one_moves_the_alias(registry, promotion_race):
+    """Two people roll the champion (version 3) back at the same moment, to versions 1 and 2."""
+    tracking_uri, config_json, _, client = registry
+    promoted(registry, ("1", ""), ("3", "1"))
+    runs = {version: steps.start(config_json, tracking_uri, f"rollback-{version}") for version in ("1", "2")}
+    winner, refusal = promotion_race(lambda version: promotion.rollback(client, NAME, ALIAS, version, "3", runs[version]), ("1", "2"))
+    assert f"{NAME}@{ALIAS} is now version {winner}; the rollback was asked against version 3. Nothing moved" in refusal
+    assert str(client.get_model_version_by_alias(NAME, ALIAS).version) == winner
+    assert [entry["version"] for entry in promotion.alias_history(client, NAME, ALIAS)] == ["1", "3", winner]
+    assert client.search_registered_models(f"name = '{LOCK}'") == []
 
 
 # 3. A promotion interrupted at any instant leaves a state the next one finishes or undoes.

@@ -141,7 +141,7 @@ def _add_lineage_command(commands) -> argparse.ArgumentParser:
 def _add_gc_command(commands) -> argparse.ArgumentParser:
     gc = commands.add_parser(
         "gc",
-        help="End the runs whose 'topr run' was killed; list (--delete: remove) the checkpoints of runs that never resume.",
+        help="End the runs whose 'topr run' was killed; list (--delete: remove) the checkpoints ended runs left.",
         description="End as KILLED every RUNNING run of this host's 'topr run's on the tracking server whose process "
         "is gone (killed outright: SIGKILL, out of memory), with its stage runs still RUNNING, tagged topr.ended; "
         "then list the training checkpoints these runs and the runs 'topr run' ended on a signal or error left, "
@@ -149,8 +149,25 @@ def _add_gc_command(commands) -> argparse.ArgumentParser:
         "and of clusters are left alone. 'topr run' ends such runs as it starts, too.",
     )
     gc.add_argument("--tracking-uri", type=tracking_uri_argument, help="MLflow tracking URI (default: the local store under runs/).")
-    gc.add_argument("--delete", action="store_true", help="Remove the checkpoints listed (nothing resumes these runs).")
+    gc.add_argument("--delete", action="store_true", help="Remove the checkpoints listed (a run resumed after that trains its stage from the start).")
     return gc
+
+
+def _add_promote_command(commands) -> argparse.ArgumentParser:
+    promote = commands.add_parser(
+        "promote",
+        help="Move the champion alias back: --rollback (to the version before), or --rollback --to VERSION.",
+        description="Point gate.alias (default champion) of run.registered_model back at the version it held before "
+        "its last move (a second rollback undoes the first), or at --to VERSION: through the same lock and "
+        "compare-and-set as a pipeline's promotion, recorded in the alias history (action rollback) and by an MLflow "
+        "run of its own in run.experiment. A version whose stage never committed it, or that was trained on another "
+        "task than the champion's, is refused.",
+    )
+    promote.add_argument("--rollback", action="store_true", required=True, help="Move the alias back (the only move made by hand).")
+    promote.add_argument("--to", metavar="VERSION", help="The version to move it to (default: the one it held before its last move).")
+    promote.add_argument("--tracking-uri", type=tracking_uri_argument, help="MLflow tracking URI (default: run.tracking_uri, else the local store under run.output_dir).")
+    add_config_arguments(promote)
+    return promote
 
 
 def _add_down_command(commands) -> argparse.ArgumentParser:
@@ -342,6 +359,19 @@ def cmd_gc(args) -> int:
     return 0
 
 
+def cmd_promote(args) -> int:
+    from topr.promotion import roll_back
+    from topr.tracking import check_tracking_server, default_tracking_uri
+
+    config = command_config(args)
+    tracking_uri = args.tracking_uri or config.run.tracking_uri or default_tracking_uri(config.run.output_dir)
+    check_tracking_server(tracking_uri)
+    name, alias = config.run.registered_model, config.gate.alias
+    move = roll_back(tracking_uri, name, alias, config.run.experiment, args.to)
+    print(f"{name}@{alias}: version {move.previous} -> version {move.version} (rollback run {move.run_id}, {move.time})")
+    return 0
+
+
 def cmd_down(args) -> int:
     from topr.stack import down
 
@@ -452,6 +482,7 @@ COMMANDS = (
     Command("down", _add_down_command, cmd_down),
     Command("lineage", _add_lineage_command, cmd_lineage),
     Command("gc", _add_gc_command, cmd_gc),
+    Command("promote", _add_promote_command, cmd_promote),
     Command("sample", _add_sample_command, cmd_sample),
     Command("verify", _add_verify_command, cmd_verify),
     Command("curate", _add_curate_command, cmd_curate),

@@ -3,8 +3,10 @@
 The gate reads which version holds the alias (``alias_version``) and hands that version on to
 ``promote``, which moves the alias only if it still points there: under a lock it reads the alias
 again and refuses when it moved since the gate. Two runs gated against the same champion cannot
-both win, and a model cannot overwrite a better one promoted in between. Every move is appended
-to the registered model's history (tags ``topr.alias.<alias>.<n>``, see ``alias_history``).
+both win, and a model cannot overwrite a better one promoted in between. ``rollback`` (``topr
+promote --rollback``, ``roll_back``) moves the alias back the same way, against the champion it
+was asked to replace. Every move is appended to the registered model's history (tags
+``topr.alias.<alias>.<n>``, see ``alias_history``).
 
 The lock is a registered model, ``<name>.promotion-lock``, created to take it and deleted to
 release it. Creating a registered model is an atomic create-if-absent in every MLflow store (the
@@ -42,7 +44,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from datetime import datetime, timezone
 
 log = logging.getLogger(__name__)
@@ -61,14 +63,24 @@ class PromotionRefused(RuntimeError):
     """The alias moved since the gate, or another promotion held the lock for too long."""
 
 
+PROMOTE, ROLLBACK = "promote", "rollback"
+
+
 @dataclass(frozen=True)
 class Move:
-    """One move of an alias, as kept in the registered model's history."""
+    """One move of an alias, as kept in the registered model's history: a promotion of the
+    version a gate passed, or a rollback (``topr promote --rollback``)."""
 
     version: str
     previous: str | None
     run_id: str
     time: str
+    action: str = PROMOTE
+
+    @classmethod
+    def from_entry(cls, entry: dict) -> Move:
+        """The move a history entry records (one written before rollbacks existed has no action)."""
+        return cls(**{field.name: entry[field.name] for field in fields(cls) if field.name in entry})
 
 
 def alias_version(client, name: str, alias: str) -> str | None:
@@ -112,10 +124,91 @@ def promote(client, name: str, alias: str, version: str, gate_champion: str | No
                 f"{name}@{alias} is now {_named(current)}; the gate beat {_named(gate_champion)}. "
                 f"Version {version} is not promoted: gate it again against the current champion"
             )
-        move = Move(version, current, run_id, _now())
-        key = _record(client, name, alias, move, MOVING)
-        client.set_registered_model_alias(name, alias, version)
-        _mark_promoted(client, name, alias, key, move)
+        return _move(client, name, alias, Move(version, current, run_id, _now()))
+
+
+def rollback(client, name: str, alias: str, version: str, expected: str, run_id: str) -> Move:
+    """Point ``name@alias`` back at ``version`` if it still holds ``expected``, the champion the
+    rollback was asked against: the compare-and-set of ``promote``, under the same lock, so two
+    rollbacks at once (or a rollback and a promotion) cannot both move it. Raises
+    ``PromotionRefused`` naming the version that holds it now."""
+    with promotion_lock(client, name, run_id):
+        current = alias_version(client, name, alias)
+        settle(client, name, alias, current)
+        if current != expected:
+            raise PromotionRefused(
+                f"{name}@{alias} is now {_named(current)}; the rollback was asked against version {expected}. Nothing moved: look again"
+            )
+        move = _move(client, name, alias, Move(version, current, run_id, _now(), ROLLBACK))
+        client.set_model_version_tag(name, expected, "topr.promotion", f"rolled back: {name}@{alias} moved back to version {version} by run {run_id} at {move.time}")
+    return move
+
+
+def roll_back(tracking_uri: str, name: str, alias: str, experiment: str, to: str | None = None) -> Move:
+    """``topr promote --rollback``: move ``name@alias`` back to ``to``, or to the version it held
+    before its last move (``previous_version``), by an MLflow run of its own in ``experiment``
+    (the lock's holder, and the record of who moved it: ``topr.promoted`` or, refused,
+    ``topr.promotion``). Refuses a version whose stage never committed it, or that was trained on
+    another task than the champion's."""
+    from topr.lineage import committed_model
+    from topr.tracking import OWNER_ENV, experiment_id, mlflow_client, owner_environment, owner_tags
+
+    client = mlflow_client(tracking_uri)
+    current = alias_version(client, name, alias)
+    if current is None:
+        raise PromotionRefused(f"{name}@{alias} is not set: there is no champion to roll back")
+    version = str(to or previous_version(client, name, alias, current))
+    if version == current:
+        raise PromotionRefused(f"{name}@{alias} already holds version {version}")
+    chosen, champion = _version(client, name, version), _version(client, name, current)
+    committed_model(client, chosen)
+    tasks = (chosen.tags.get("topr.task"), champion.tags.get("topr.task"))
+    if None not in tasks and tasks[0] != tasks[1]:
+        raise PromotionRefused(f"{name}/{version} was trained on task {tasks[0]!r}, the champion (version {current}) on {tasks[1]!r}: refusing to roll back across tasks")
+    # Owned by this process, so that 'topr gc' ends the run, and frees the lock, if it is killed holding it.
+    tags = {"topr.rollback": f"{name}@{alias}: version {current} -> {version}", **owner_tags(owner_environment()[OWNER_ENV])}
+    run_id = client.create_run(experiment_id(client, experiment, tracking_uri), run_name=f"rollback {name}@{alias}", tags=tags).info.run_id
+    try:
+        move = rollback(client, name, alias, version, current, run_id)
+    except BaseException as error:
+        client.set_tag(run_id, "topr.promotion", f"refused: {error}"[:5000])
+        client.set_terminated(run_id, "FAILED")
+        raise
+    client.set_tag(run_id, "topr.promoted", f"{name}/{version}")
+    client.set_terminated(run_id, "FINISHED")
+    return move
+
+
+def _version(client, name: str, version: str):
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_model_version(name, version)
+    except MlflowException as error:
+        if error.error_code == "RESOURCE_DOES_NOT_EXIST":
+            raise PromotionRefused(f"{name} has no version {version}") from None
+        raise
+
+
+def previous_version(client, name: str, alias: str, current: str) -> str:
+    """The version ``name@alias`` held before it moved to ``current``, from its history: a second
+    rollback undoes the first."""
+    history = alias_history(client, name, alias)
+    if not history or history[-1]["version"] != current:
+        raise PromotionRefused(
+            f"the history of {name}@{alias} does not say which version it held before version {current} "
+            "(was the alias moved outside topr?): name one with --to VERSION"
+        )
+    if history[-1]["previous"] is None:
+        raise PromotionRefused(f"{name}@{alias}: version {current} was its first version, there is none before it: name one with --to VERSION")
+    return str(history[-1]["previous"])
+
+
+def _move(client, name: str, alias: str, move: Move) -> Move:
+    """Move the alias, recorded "moving" before and done after (see the module's docstring)."""
+    key = _record(client, name, alias, move, MOVING)
+    client.set_registered_model_alias(name, alias, move.version)
+    _mark_promoted(client, name, alias, key, move)
     return move
 
 
@@ -131,7 +224,7 @@ def settle(client, name: str, alias: str, current: str | None) -> None:
     if not entries:
         return
     key, entry = entries[-1]
-    move = Move(**{field: entry[field] for field in ("version", "previous", "run_id", "time")})
+    move = Move.from_entry(entry)
     if entry.get("state") != MOVING:
         tag = client.get_model_version(name, move.version).tags.get("topr.promotion", "")
         if current == move.version and not tag.startswith("promoted"):
@@ -148,7 +241,8 @@ def settle(client, name: str, alias: str, current: str | None) -> None:
 def _mark_promoted(client, name: str, alias: str, key: str, move: Move) -> None:
     """The move happened: its history entry done, its version tagged as promoted."""
     client.set_registered_model_tag(name, key, json.dumps(asdict(move)))
-    client.set_model_version_tag(name, move.version, "topr.promotion", f"promoted: {name}@{alias} by run {move.run_id} at {move.time}")
+    by = "the rollback run" if move.action == ROLLBACK else "run"
+    client.set_model_version_tag(name, move.version, "topr.promotion", f"promoted: {name}@{alias} by {by} {move.run_id} at {move.time}")
 
 
 def _now() -> str:
@@ -161,7 +255,7 @@ def _retried(client, name: str, alias: str, move: Move) -> Move:
     history = alias_history(client, name, alias)
     if history and history[-1]["version"] == move.version:
         log.info("%s@%s already holds version %s (moved by run %s)", name, alias, move.version, history[-1]["run_id"])
-        return Move(**history[-1])
+        return Move.from_entry(history[-1])
     _mark_promoted(client, name, alias, _record(client, name, alias, move, MOVING), move)
     return move
 
@@ -289,6 +383,6 @@ def _history_entries(client, name: str, alias: str) -> list[tuple[str, dict]]:
 
 
 def alias_history(client, name: str, alias: str) -> list[dict]:
-    """The alias's moves, oldest first: ``{"version", "previous", "run_id", "time"}`` each (a
-    last move still "moving", interrupted before it was settled, has ``"state": "moving"``)."""
+    """The alias's moves, oldest first: ``{"version", "previous", "run_id", "time", "action"}``
+    each (a last move still "moving", interrupted before it was settled, has ``"state": "moving"``)."""
     return [entry for _, entry in _history_entries(client, name, alias)]

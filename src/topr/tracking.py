@@ -186,9 +186,10 @@ def owner_environment() -> dict[str, str]:
     return {OWNER_ENV: f"{socket.gethostname()} {os.getpid()} {psutil.Process().create_time():.3f}"}
 
 
-def owner_tags() -> dict[str, str]:
-    """The owner tags of a parent run started under ``topr run`` (from ``OWNER_ENV``); none else."""
-    owner = os.environ.get(OWNER_ENV, "").split()
+def owner_tags(owner: str | None = None) -> dict[str, str]:
+    """The owner tags of a parent run started under ``topr run`` (from ``OWNER_ENV``, or the
+    ``owner`` given in its form); none else."""
+    owner = (os.environ.get(OWNER_ENV, "") if owner is None else owner).split()
     if len(owner) not in (2, 3):
         return {}
     return dict(zip((OWNER_HOST_TAG, OWNER_PID_TAG, OWNER_STARTED_TAG), owner))

@@ -1,6 +1,6 @@
 """The in-process runner (``topr.inprocess``) runs the loop's whole description against the real
 stack, the gate included: a first run with no champion promotes its model; the same run again
-is gated against that champion."""
+is gated against that champion; ``topr promote --rollback`` then moves the champion by hand."""
 
 from __future__ import annotations
 
@@ -8,12 +8,14 @@ import pytest
 from mlflow import MlflowClient
 
 from test_experiment_run import TINY
+from topr import promotion
+from topr.cli import main
 from topr.config import load_config
 from topr.inprocess import run_in_process
 
 
 @pytest.mark.slow
-def test_a_run_in_process_is_gated_and_promotes_like_a_pipeline_run(stack, tmp_path, tiny_model_dir):
+def test_a_run_in_process_is_gated_and_promotes_like_a_pipeline_run(stack, tmp_path, tiny_model_dir, capsys):
     config = load_config(
         None,
         [f"model.path={tiny_model_dir}", f"run.artifact_store=s3://{stack.bucket}/inprocess", "run.registered_model=inprocess-gate", "run.iterations=1", *TINY],
@@ -34,3 +36,15 @@ def test_a_run_in_process_is_gated_and_promotes_like_a_pipeline_run(stack, tmp_p
 
     gate = client.get_run(second).data.tags["topr.gate"]
     assert gate.startswith(("promote", "keep")) and client.get_run(second).data.metrics["gate_champion_pass_at_1"] >= 0
+
+    # The platform team moves the champion by hand: to the other version, then back.
+    before = str(client.get_model_version_by_alias("inprocess-gate", "champion").version)
+    (other,) = {"1", "2"} - {before}
+    promote = ["promote", "--rollback", "--tracking-uri", stack.tracking_uri, "run.registered_model=inprocess-gate"]
+    capsys.readouterr()
+    assert main([*promote, "--to", other]) == 0
+    assert f"inprocess-gate@champion: version {before} -> version {other} (rollback run " in capsys.readouterr().out
+    assert main(promote) == 0
+    assert str(client.get_model_version_by_alias("inprocess-gate", "champion").version) == before
+    history = promotion.alias_history(client, "inprocess-gate", "champion")
+    assert [(entry["version"], entry["action"]) for entry in history[-2:]] == [(other, "rollback"), (before, "rollback")]
