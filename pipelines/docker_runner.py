@@ -244,14 +244,23 @@ def docker_runner(image: str, tracking_uri: str, pipeline_root: Path) -> Iterato
 
 
 def remove_containers(client, owner: str) -> None:
-    """Remove the containers of the run ``owner`` runs that are left: none after a run that ended
-    by itself (each is removed as its task ends), the running tasks' after a signal or an error
-    stopped it, as a pod goes with its pipeline run."""
+    """Remove the containers of the run ``owner`` runs that still run: none after a run that
+    ended by itself (each is removed as its task ends), the running tasks' after a signal or an
+    error stopped it, as a pod goes with its pipeline run. Never raises: whatever stopped the run
+    (or its success) is what it reports."""
     import docker
 
-    for container in client.containers.list(all=True, filters={"label": f"{RUN_LABEL}={owner}"}):
+    try:
+        running = client.containers.list(filters={"label": f"{RUN_LABEL}={owner}", "status": "running"})
+    except docker.errors.DockerException as error:
+        log.warning("docker runner: could not list the run's containers to remove them: %s", error)
+        return
+    for container in running:
         try:
             container.remove(force=True)
             log.warning("docker runner: removed container %s (%s), left running as the run stopped", container.short_id, container.name)
         except docker.errors.NotFound:
             pass  # removed as its task ended, meanwhile
+        except docker.errors.DockerException as error:
+            if getattr(error, "status_code", None) != 409:  # 409: its task ended and Docker is removing it already
+                log.warning("docker runner: could not remove container %s (%s): %s", container.short_id, container.name, error)

@@ -55,3 +55,45 @@ def test_the_forwarder_carries_both_directions_and_the_end_of_each():
         upstream.close()
     assert len(b"".join(received)) == 300_000
     assert answer == b"reply:xxxxx"
+
+
+def test_removing_the_runs_containers_never_fails_the_run():
+    """As a run ends, Docker may be removing its last container already (``auto_remove``): the
+    409 that a second removal meets, or an engine that does not answer, leaves the run's outcome
+    alone (it once failed a run that had succeeded). A real engine can't be made to race on cue,
+    so the engine's replies are injected."""
+    import docker
+
+    from topr_pipelines.docker_runner import RUN_LABEL, remove_containers
+
+    class Container:
+        short_id, name = "c5d07cd15801", "train"
+
+        def __init__(self, error):
+            self.error, self.removed = error, False
+
+        def remove(self, force):
+            if self.error:
+                raise self.error
+            self.removed = force
+
+    class Containers:
+        def __init__(self, listing):
+            self.listing, self.filters = listing, None
+
+        def list(self, filters):
+            self.filters = filters
+            if isinstance(self.listing, Exception):
+                raise self.listing
+            return self.listing
+
+    class Client:
+        def __init__(self, listing):
+            self.containers = Containers(listing)
+
+    in_progress = docker.errors.APIError("Conflict", response=type("Response", (), {"status_code": 409, "reason": "Conflict"})())
+    running, ending, gone = Container(None), Container(in_progress), Container(docker.errors.NotFound("gone"))
+    client = Client([running, ending, gone])
+    remove_containers(client, "host 42 1.0")
+    assert running.removed and client.containers.filters == {"label": f"{RUN_LABEL}=host 42 1.0", "status": "running"}
+    remove_containers(Client(docker.errors.DockerException("no engine answers")), "host 42 1.0")
