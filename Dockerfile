@@ -53,7 +53,7 @@ ARG GPU_BASE=nvidia/cuda:13.0.2-runtime-ubuntu24.04
 # --- wheel: topr built once, as a wheel, from a clean copy of the sources (not editable) -------
 FROM ${CPU_BASE} AS wheel
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml setup.py README.md ./
 COPY src ./src
 COPY components ./components
 COPY pipelines ./pipelines

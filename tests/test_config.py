@@ -31,6 +31,22 @@ def test_each_task_registers_into_its_own_model_by_default():
     assert load_config(None, ["task.name=gsm8k", *files, "run.registered_model=mine"]).run.registered_model == "mine"
 
 
+def test_a_jsonl_task_registers_into_a_model_of_its_held_out_file():
+    """Two jsonl runs on other files used to share topr-jsonl and gate against each other's champion."""
+
+    def registered(*overrides: str) -> str:
+        return load_config(None, ["task.name=jsonl", "task.train_path=train.jsonl", *overrides]).run.registered_model
+
+    capitals, sums = registered("task.eval_path=data/capitals/test.jsonl"), registered("task.eval_path=data/sums/test.jsonl")
+    assert (capitals, sums) == ("topr-jsonl-data-capitals-test", "topr-jsonl-data-sums-test")
+    # A scheduled run reads the same URI each time, and keeps its model.
+    assert registered("task.eval_path=s3://topr/prompts/eval.jsonl") == "topr-jsonl-topr-prompts-eval"
+    assert registered("task.eval_path=data/capitals/test.jsonl", "run.registered_model=capitals") == "capitals"
+    # A long location keeps its tail and a digest of the whole, so two stay apart.
+    deep = [registered(f"task.eval_path=/{'folder/' * 30}{tail}/test.jsonl") for tail in ("a", "b")]
+    assert deep[0] != deep[1] and all(len(name) <= 120 and name.endswith("-test") for name in deep)
+
+
 @pytest.mark.parametrize("name", ["../elsewhere", "/etc", "a/b", "..", ".hidden", "with space"])
 def test_a_run_name_is_one_safe_folder_name(name):
     with pytest.raises(ConfigError, match="run.name"):

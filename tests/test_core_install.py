@@ -62,6 +62,16 @@ def test_the_core_installs_without_the_workflow_extra(core_venv):
 
 
 @pytest.mark.slow
+def test_every_component_folder_is_installed(core_venv):
+    """setup.py finds the component folders: none is listed by hand, none is left out."""
+    site_packages = next((core_venv / "lib").glob("python3*/site-packages"))
+    folders = sorted(path.parent.name for path in (REPOSITORY / "components").glob("*/component.py"))
+    installed = sorted(path.parent.name for path in (site_packages / "topr_components").glob("*/component.py"))
+    assert folders and installed == folders
+    assert (site_packages / "topr_pipelines" / "topr_pipeline.py").exists()
+
+
+@pytest.mark.slow
 def test_policy_loss_from_the_core(core_venv):
     result = subprocess.run([str(core_venv / "bin" / "python"), "-c", POLICY_LOSS], capture_output=True, text=True, check=True)
     positive, negative = json.loads(result.stdout)

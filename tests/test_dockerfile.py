@@ -322,5 +322,5 @@ def test_dockerignore_excludes_env_files_with_credentials():
     assert is_ignored("k8s/overlays/local/s3-credentials.env", patterns)
     assert is_ignored("deploy/prod.env", patterns)
     # ... but not what the image is built from.
-    for path in ("pyproject.toml", "README.md", "src/topr/cli.py", "components/train/component.py"):
+    for path in ("pyproject.toml", "setup.py", "README.md", "src/topr/cli.py", "components/train/component.py"):
         assert not is_ignored(path, patterns), path

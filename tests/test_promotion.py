@@ -35,13 +35,15 @@ FAULTS = {
 
 @pytest.fixture
 def registry(tmp_path):
-    """A sqlite store with a pipeline run (pass@1 0.5 at iteration 1) and versions 1-3 of the
+    """A sqlite store with a pipeline run (pass@1 0.5 at iteration 1, and the figures the gate's
+    guardrails read) and versions 1-3 of the
     model, registered by a train stage that finished (so committed, with no artifact store)."""
     tracking_uri = default_tracking_uri(tmp_path)
     config_json = json.dumps(config_to_dict(load_config(None, [f"run.registered_model={NAME}"])))
     run_id = steps.start(config_json, tracking_uri, "promotion-test")
     client = mlflow.MlflowClient(tracking_uri)
-    client.log_metric(run_id, "pass_at_1", 0.5, step=1)
+    for key, value in {"pass_at_1": 0.5, "truncated_rate": 0.0, "parse_failure_rate": 0.0, "mean_completion_tokens": 20.0}.items():
+        client.log_metric(run_id, key, value, step=1)  # what the evaluation logs, and the gate reads
     client.create_registered_model(NAME)
     with stage_run(tracking_uri, run_id, "train", 1) as train:
         for _ in range(3):

@@ -170,3 +170,56 @@ def test_a_run_without_per_problem_results_reports_no_gains(tmp_path):
     with stage_run(uri, parent, "evaluate", 0) as run:
         run.log_text(json.dumps({"metrics": {"pass_at_1": 0.1}}), EVALUATION_ARTIFACT)
     assert evaluation_gains(uri, parent) == {}
+
+
+def test_the_page_drawn_as_the_run_finishes_has_the_start_the_gains_and_the_gates_decision(tmp_path):
+    """Drawn by the exit handler, it holds what every task logged, whichever finished first: here
+    the starting model's evaluation is logged after iteration 1's, and the gate's after both."""
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric
+
+    from topr.config import config_to_dict
+    from topr.steps import finish
+
+    uri = default_tracking_uri(tmp_path)
+    config = load_config(overrides=["run.experiment=topr-report-tests"])
+    parent = start_pipeline_run(uri, config, "page-run", kfp_run_id="kfp-page")
+    client = MlflowClient(uri)
+    for iteration in (1, 0):
+        right = CORRECT[iteration]
+        figures = dict(zip(("pass_at_1", "pass_at_1_ci_low", "pass_at_1_ci_high", "parse_failure_rate"), EVALUATIONS[iteration]))
+        client.log_batch(parent, metrics=[Metric(key, value, int(time.time() * 1000), iteration) for key, value in figures.items()])
+        with stage_run(uri, parent, "evaluate", iteration) as run:
+            run.log_text(json.dumps({"greedy_correct": {f"p{i}": f"p{i}" in right for i in range(20)}}), EVALUATION_ARTIFACT)
+    client.set_tag(parent, "topr.gate", "keep: gain +0.0500 (new 0.2500, champion 0.2000) > margin 0.0000; but mean answer length (tokens) fails")
+    client.set_tag(parent, "topr.gate.mean_completion_tokens", "mean answer length (tokens) fails: new 40.0 > limit 30.0 (champion 20.0)")
+
+    page = tmp_path / "run_page.html"
+    finish(json.dumps(config_to_dict(config)), uri, "kfp-page", failed=False, run_page=str(page))
+    text = page.read_text()
+    assert "<h2>topr-arithmetic: the run, FINISHED</h2>" in text and "data:image/png;base64," in text
+    assert "\n        0 " in text and "\n        1 " in text  # the start's row and iteration 1's
+    assert "iteration 1: +15.0 points" in text
+    assert "gate: keep: gain +0.0500" in text and "  mean answer length (tokens) fails: new 40.0 &gt; limit 30.0" in text
+    assert client.get_run(parent).info.status == "FINISHED"
+
+
+def test_the_exit_handler_closes_the_run_even_when_its_page_cannot_be_drawn(tmp_path, monkeypatch):
+    from mlflow import MlflowClient
+
+    import topr.report
+    from topr.config import config_to_dict
+    from topr.steps import finish
+
+    uri = default_tracking_uri(tmp_path)
+    config = load_config(overrides=["run.experiment=topr-report-tests"])
+    parent = start_pipeline_run(uri, config, "failed-run", kfp_run_id="kfp-failed")
+
+    def broken(*_):
+        raise ValueError("no figures")
+
+    monkeypatch.setattr(topr.report, "run_html", broken)
+    page = tmp_path / "run_page.html"
+    finish(json.dumps(config_to_dict(config)), uri, "kfp-failed", failed=True, run_page=str(page))
+    assert MlflowClient(uri).get_run(parent).info.status == "FAILED"
+    assert "the page could not be drawn (no figures)" in page.read_text()

@@ -41,7 +41,7 @@ def test_create_sends_a_cron_recurring_run_that_starts_from_the_champion(kfp_api
     runtime = sent["runtime_config"]
     assert runtime["pipeline_root"] == "s3://artifacts/kfp"
     config = json.loads(runtime["parameters"]["config_json"])
-    assert config["model"]["path"] == "models:/topr-jsonl@champion"  # its task's registered model
+    assert config["model"]["path"] == "models:/topr-jsonl-data-prompts-eval@champion"  # its dataset's registered model
     assert config["task"]["train_path"] == "s3://data/prompts/train.jsonl"
     assert config["task"]["eval_path"] == "s3://data/prompts/eval.jsonl"
     assert runtime["parameters"]["tracking_uri"] == "http://mlflow.mlops:5000"

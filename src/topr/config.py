@@ -358,6 +358,28 @@ class GateConfig(Section):
         "(both on the same held-out prompts, same seed).",
     )
     alias: str = Field("champion", min_length=1, description="Registered-model alias that the gate moves.")
+    # Guardrails: with a champion, a gain above the margin promotes only when none fails. Each
+    # compares the new model's greedy answers with the champion's on the same held-out prompts;
+    # null turns one off. Their figures are in the gate's Markdown and tags (topr.gate.<metric>).
+    max_truncated_rise: float | None = Field(
+        0.05,
+        ge=0,
+        le=1,
+        description="Keep the champion when the new model's share of answers cut at evaluate.max_new_tokens "
+        "exceeds the champion's by more than this (0.05: five points).",
+    )
+    max_parse_failure_rise: float | None = Field(
+        0.05,
+        ge=0,
+        le=1,
+        description="Keep the champion when the new model's share of answers with nothing the task can parse "
+        "exceeds the champion's by more than this.",
+    )
+    max_length_ratio: float | None = Field(
+        1.5,
+        gt=0,
+        description="Keep the champion when the new model's mean answer length (tokens) exceeds this times the champion's.",
+    )
 
 
 class RunConfig(Section):
@@ -378,7 +400,8 @@ class RunConfig(Section):
         min_length=1,
         description="MLflow registered model that every trained model becomes a version of; default: "
         "topr-<task.name>, one per task, since the gate compares a new model with the champion on this "
-        "run's task (and refuses a champion trained on another).",
+        "run's task (and refuses a champion trained on another); for jsonl, one per held-out file: "
+        "topr-jsonl-<task.eval_path as a name>, e.g. topr-jsonl-data-capitals-test.",
     )
     artifact_store: str | None = Field(
         None,
@@ -416,7 +439,9 @@ class Config(Section):
     @model_validator(mode="after")
     def _registered_model_of_the_task(self) -> Config:
         if self.run.registered_model is None:
-            self.run.registered_model = f"topr-{self.task.name}"
+            from topr.tasks import task_class
+
+            self.run.registered_model = task_class(self.task.name).registered_model(self.task)
         return self
 
     @model_validator(mode="after")

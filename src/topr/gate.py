@@ -1,12 +1,60 @@
-"""The promotion gate: move the ``champion`` alias only for a gain larger than a set margin.
+"""The promotion gate: move the ``champion`` alias only for a gain larger than a set margin, and
+only when no guardrail fails.
 
-The new model's held-out pass@1 comes from the run's last evaluation; the champion is evaluated
-again by the same code on the same prompts with the same seed, so the two figures compare.
+The new model's held-out figures come from the run's last evaluation; the champion is evaluated
+again by the same code on the same prompts with the same seed, so the two compare. pass@1 alone
+would promote a model whose answers now run to the length limit, or no longer parse, as long as
+it gained: the guardrails limit those signs of a degenerating policy against the champion's.
 """
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
+
+from topr.config import GateConfig
+
+
+@dataclass(frozen=True)
+class Guardrail:
+    """One evaluation figure of the new model, held to a limit set by the champion's."""
+
+    metric: str
+    label: str
+    new: float
+    champion: float
+    limit: float
+
+    @property
+    def holds(self) -> bool:
+        return self.new <= self.limit
+
+    def show(self, value: float) -> str:
+        return f"{value:.1f}" if self.metric == "mean_completion_tokens" else f"{value:.1%}"
+
+    def line(self) -> str:
+        verdict = "holds" if self.holds else "fails"
+        return f"{self.label} {verdict}: new {self.show(self.new)} {'<=' if self.holds else '>'} limit {self.show(self.limit)} (champion {self.show(self.champion)})"
+
+
+# (evaluation metric, what it counts, GateConfig field, the limit from the champion's value and the field)
+GUARDRAILS = (
+    ("truncated_rate", "answers cut at the length limit", "max_truncated_rise", operator.add),
+    ("parse_failure_rate", "answers with nothing to parse", "max_parse_failure_rise", operator.add),
+    ("mean_completion_tokens", "mean answer length (tokens)", "max_length_ratio", operator.mul),
+)
+
+# What the gate reads of the new model's last evaluation.
+GATE_METRICS = ("pass_at_1", *(metric for metric, *_ in GUARDRAILS))
+
+
+def guardrails(new: dict[str, float], champion: dict[str, float], settings: GateConfig) -> tuple[Guardrail, ...]:
+    """The guardrails ``settings`` enables (a limit set to None is off), each with its figures."""
+    return tuple(
+        Guardrail(metric, label, new[metric], champion[metric], limit_from(champion[metric], getattr(settings, field)))
+        for metric, label, field, limit_from in GUARDRAILS
+        if getattr(settings, field) is not None
+    )
 
 
 @dataclass(frozen=True)
@@ -16,6 +64,7 @@ class Decision:
     champion_pass_at_1: float | None
     margin: float
     reason: str
+    guardrails: tuple[Guardrail, ...] = ()
 
     @property
     def label(self) -> str:
@@ -27,13 +76,27 @@ class Decision:
         if champion is not None and self.champion_pass_at_1 is not None:
             rows.append(("champion", champion, f"{self.champion_pass_at_1:.1%}"))
         table = "\n".join(f"| {role} | `{name}` | {accuracy} |" for role, name, accuracy in rows)
-        return f"## Gate: {self.label}\n\n{self.reason}.\n\n| | model | held-out pass@1 |\n|---|---|---|\n{table}\n"
+        text = f"## Gate: {self.label}\n\n{self.reason}.\n\n| | model | held-out pass@1 |\n|---|---|---|\n{table}\n"
+        if self.guardrails:
+            lines = "\n".join(
+                f"| {g.label} | {g.show(g.new)} | {g.show(g.champion)} | {g.show(g.limit)} | {'holds' if g.holds else '**fails**'} |"
+                for g in self.guardrails
+            )
+            text += f"\n### Guardrails\n\n| | new model | champion | limit | |\n|---|---|---|---|---|\n{lines}\n"
+        return text
 
     def figures(self) -> dict[str, float]:
         figures = {"gate_new_pass_at_1": self.new_pass_at_1, "gate_margin": self.margin, "gate_promoted": float(self.promote)}
         if self.champion_pass_at_1 is not None:
             figures.update(gate_champion_pass_at_1=self.champion_pass_at_1, gate_gain=self.new_pass_at_1 - self.champion_pass_at_1)
+        for guardrail in self.guardrails:
+            figures[f"gate_champion_{guardrail.metric}"] = guardrail.champion
+            figures[f"gate_{guardrail.metric}_limit"] = guardrail.limit
         return figures
+
+    def tags(self) -> dict[str, str]:
+        """What the model version and the parent run are tagged with: the decision, and each guardrail's figures."""
+        return {"topr.gate": f"{self.label}: {self.reason}", **{f"topr.gate.{g.metric}": g.line() for g in self.guardrails}}
 
 
 class TaskMismatchError(RuntimeError):
@@ -51,12 +114,17 @@ def check_same_task(champion: str, champion_task: str | None, task: str) -> None
         )
 
 
-def decide(new_pass_at_1: float, champion_pass_at_1: float | None, margin: float) -> Decision:
-    """Promote when there is no champion yet, or when new − champion > margin."""
-    if champion_pass_at_1 is None:
-        return Decision(True, new_pass_at_1, None, margin, "no champion yet")
-    gain = new_pass_at_1 - champion_pass_at_1
-    promote = gain > margin
-    comparison = ">" if promote else "<="
-    reason = f"gain {gain:+.4f} (new {new_pass_at_1:.4f}, champion {champion_pass_at_1:.4f}) {comparison} margin {margin:.4f}"
-    return Decision(promote, new_pass_at_1, champion_pass_at_1, margin, reason)
+def decide(new: dict[str, float], champion: dict[str, float] | None, settings: GateConfig) -> Decision:
+    """Promote when there is no champion yet, or when new − champion pass@1 > margin and every
+    guardrail holds. ``new`` and ``champion`` are evaluation metrics (``topr.evaluate``)."""
+    new_pass_at_1 = new["pass_at_1"]
+    if champion is None:
+        return Decision(True, new_pass_at_1, None, settings.margin, "no champion yet")
+    gain = new_pass_at_1 - champion["pass_at_1"]
+    checks = guardrails(new, champion, settings)
+    gained = gain > settings.margin
+    reason = f"gain {gain:+.4f} (new {new_pass_at_1:.4f}, champion {champion['pass_at_1']:.4f}) {'>' if gained else '<='} margin {settings.margin:.4f}"
+    failed = [guardrail.line() for guardrail in checks if not guardrail.holds]
+    if gained and failed:
+        reason += "; but " + "; ".join(failed)
+    return Decision(gained and not failed, new_pass_at_1, champion["pass_at_1"], settings.margin, reason, checks)

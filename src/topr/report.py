@@ -10,7 +10,7 @@ from pathlib import Path
 
 from topr.records import read_records, write_json
 from topr.stats import ProblemGain
-from topr.tracking import metric_history
+from topr.tracking import metric_history, mlflow_client
 
 ACCURACY_KEYS = ("pass_at_1", "pass_at_1_ci_low", "pass_at_1_ci_high", "maj_at_k", "pass_at_k", "parse_failure_rate")
 COMPOSITION_KEYS = ("sample_accuracy", "curated_count", "curated_positives", "curated_negatives", "effective_positive_fraction")
@@ -103,9 +103,22 @@ def format_gains(gains: dict[int, ProblemGain]) -> str:
     return "\n".join(lines)
 
 
+def format_decision(tags: dict[str, str]) -> str:
+    """The gate's decision, its guardrails and the promotion, from the run's tags; "" before the gate."""
+    lines = [f"gate: {tags['topr.gate']}"] if "topr.gate" in tags else []
+    lines += [f"  {value}" for key, value in sorted(tags.items()) if key.startswith("topr.gate.")]
+    if "topr.promoted" in tags:
+        lines.append(f"promoted: {tags['topr.promoted']}")
+    elif "topr.promotion" in tags:
+        lines.append(f"promotion: {tags['topr.promotion']}")
+    return "\n".join(lines)
+
+
 def run_text(tracking_uri: str, run_id: str, metrics: dict[str, dict[int, float]]) -> str:
-    """The run's table, its gains over the starting model and its warnings."""
-    return "\n\n".join(filter(None, (format_table(metrics), format_gains(evaluation_gains(tracking_uri, run_id)), format_warnings(metrics))))
+    """The run's table, its gains over the starting model, the gate's decision and its warnings."""
+    tags = mlflow_client(tracking_uri).get_run(run_id).data.tags
+    parts = (format_table(metrics), format_gains(evaluation_gains(tracking_uri, run_id)), format_decision(tags), format_warnings(metrics))
+    return "\n\n".join(filter(None, parts))
 
 
 def run_html(tracking_uri: str, run_id: str, title: str) -> str:

@@ -174,10 +174,25 @@ def start(config_json: str, tracking_uri: str, run_name: str, kfp_run_id: str = 
     return start_pipeline_run(tracking_uri, config, run_name, kfp_run_id, resume_run_id)
 
 
-def finish(config_json: str, tracking_uri: str, kfp_run_id: str, failed: bool) -> None:
-    """Close the MLflow run of a pipeline run (found by its Kubeflow run id)."""
-    experiment = parse_config(config_json).run.experiment
-    finish_pipeline_run(tracking_uri, experiment, kfp_run_id, "FAILED" if failed else "FINISHED")
+def finish(config_json: str, tracking_uri: str, kfp_run_id: str, failed: bool, run_page: str = "") -> None:
+    """Close the MLflow run of a pipeline run (found by its Kubeflow run id). With ``run_page``,
+    write the whole run there as an HTML page for Kubeflow's UI: drawn last, it has the starting
+    model, every iteration, the gains over the start and the gate's decision, whichever of the
+    tasks finished first (the pages the evaluations draw show the run so far)."""
+    from topr.report import run_html
+
+    config = parse_config(config_json)
+    status = "FAILED" if failed else "FINISHED"
+    run_id = finish_pipeline_run(tracking_uri, config.run.experiment, kfp_run_id, status)
+    if not run_page:
+        return
+    title = f"{config.run.registered_model}: the run, {status}"
+    try:  # best-effort: the run is closed whatever the page does
+        page = run_html(tracking_uri, run_id, title) if run_id else f"<p>{title}: no MLflow run was started.</p>\n"
+    except Exception as error:  # noqa: BLE001 - whatever broke, the run stands
+        log.warning("could not draw the run's page for the pipeline UI: %s", error)
+        page = f"<p>{title}: the page could not be drawn ({error}); the run's figures are in MLflow.</p>\n"
+    Path(run_page).write_text(page)
 
 
 def registered_model_source(tracking_uri: str, model_path: str) -> tuple[str, str | None]:
@@ -414,43 +429,44 @@ def gate(context: StageContext, version: str, eval_prompts: str, decision_report
     ``promote`` requires to still hold the alias. With ``decision_report``, the decision is also
     written there in Markdown, for Kubeflow's UI.
 
-    The new model's pass@1 is its last evaluation in this run; the champion is evaluated again
-    on the same prompts with the same settings. The decision and its figures are recorded on
-    the gate's run, the parent run and the model version. A registry that cannot be read fails
-    the gate (``topr.promotion.alias_version``).
+    The new model's figures (pass@1 and those the guardrails limit, ``topr.gate``) are its last
+    evaluation in this run; the champion is evaluated again on the same prompts with the same
+    settings. The decision and its figures are recorded on the gate's run, the parent run and
+    the model version. A registry that cannot be read fails the gate
+    (``topr.promotion.alias_version``).
     """
-    from topr.gate import check_same_task, decide
+    from topr.gate import GATE_METRICS, check_same_task, decide
 
     config, parent_run_id = context.config, context.parent_run_id
     name, alias = config.run.registered_model, config.gate.alias
     client = mlflow_client(context.tracking_uri)
     with context.stage("gate") as (run, _):
-        new_pass_at_1 = metric_history(context.tracking_uri, parent_run_id, "pass_at_1")[context.iteration]
+        new = {key: metric_history(context.tracking_uri, parent_run_id, key)[context.iteration] for key in GATE_METRICS}
         champion = promotion.alias_version(client, name, alias)
-        champion_pass_at_1 = None
+        champion_metrics = None
         if champion is not None:
             champion_version = client.get_model_version(name, champion)
             check_same_task(f"{name}/{champion}", champion_version.tags.get("topr.task"), config.task.name)
-            champion_pass_at_1 = _evaluate_registered(config, client, champion_version, eval_prompts)
-        decision = decide(new_pass_at_1, champion_pass_at_1, config.gate.margin)
+            champion_metrics = _evaluate_registered(config, client, champion_version, eval_prompts)
+        decision = decide(new, champion_metrics, config.gate)
         run.log_params({"model": f"{name}/{version}", "champion": f"{name}/{champion}" if champion else "none", "decision": decision.label, "reason": decision.reason})
         run.log_metrics(decision.figures(), on_parent=True)
-        client.set_tag(parent_run_id, "topr.gate", f"{decision.label}: {decision.reason}")
-        client.set_model_version_tag(name, version, "topr.gate", f"{decision.label}: {decision.reason}")
+        for key, value in decision.tags().items():
+            client.set_tag(parent_run_id, key, value)
+            client.set_model_version_tag(name, version, key, value)
     log.info("gate: %s %s/%s (%s)", decision.label, name, version, decision.reason)
     if decision_report:
         Path(decision_report).write_text(decision.markdown(f"{name}/{version}", f"{name}/{champion}" if champion else None))
     return decision.label, champion or ""
 
 
-def _evaluate_registered(config: Config, client, version, prompts_path: str) -> float:
+def _evaluate_registered(config: Config, client, version, prompts_path: str) -> dict[str, float]:
     from topr.evaluate import run_evaluate
 
     from topr.lineage import committed_model
 
     with storage.local_directory(*committed_model(client, version)) as model_dir, tempfile.TemporaryDirectory() as scratch:
-        metrics = run_evaluate(config, str(model_dir), prompts_path, Path(scratch, "report.json"), Path(scratch, "completions.jsonl"))
-    return metrics["pass_at_1"]
+        return run_evaluate(config, str(model_dir), prompts_path, Path(scratch, "report.json"), Path(scratch, "completions.jsonl"))
 
 
 def promote(context: StageContext, version: str, champion_version: str) -> None:

@@ -256,14 +256,16 @@ def find_pipeline_run(tracking_uri: str, experiment: str, kfp_run_id: str) -> st
     return runs[0].info.run_id if runs else None
 
 
-def finish_pipeline_run(tracking_uri: str, experiment: str, kfp_run_id: str, status: str) -> None:
-    """Close the parent run of a pipeline run; a run that was never started is only logged."""
+def finish_pipeline_run(tracking_uri: str, experiment: str, kfp_run_id: str, status: str) -> str | None:
+    """Close the parent run of a pipeline run and return its id; a run that was never started is
+    only logged (None)."""
     run_id = find_pipeline_run(tracking_uri, experiment, kfp_run_id)
     if run_id is None:
         log.warning("no MLflow run tagged %s=%s to close", KFP_RUN_TAG, kfp_run_id)
-        return
+        return None
     mlflow_client(tracking_uri).set_terminated(run_id, status)
     log.info("MLflow run %s closed as %s", run_id, status)
+    return run_id
 
 
 class StageRun:

@@ -14,6 +14,7 @@ import yaml
 from topr_pipelines.runner import compile_pipeline, run_local
 from topr import promotion
 from topr.config import EMBEDDED_MODEL, load_config
+from topr.gate import GATE_METRICS
 from topr.models import PROVENANCE_FILE
 from topr.records import SAMPLE_FIELDS, VERIFIED_FIELDS, read_records
 from topr.sample import run_sample
@@ -128,6 +129,11 @@ def test_local_run_two_iterations(tmp_path, tiny_model_dir):
     assert "<img alt='held-out accuracy by iteration' src='data:image/png;base64," in page
     assert "curated (+/-)" in page and "\n        2 " in page
     assert _artifact(root, "gate", "decision_report").read_text().startswith("## Gate: promote\n\nno champion yet.")
+    # The exit handler's page, drawn last: the start, both iterations, their gains and the decision.
+    page = _artifact(root, "finish-run", "run_page").read_text()
+    assert "<h2>topr-arithmetic: the run, FINISHED</h2>" in page
+    assert all(f"\n        {iteration} " in page for iteration in (0, 1, 2))
+    assert "held-out gain over iteration 0" in page and "gate: promote: no champion yet" in page
 
 
 @pytest.mark.slow
@@ -148,6 +154,9 @@ def test_gate_keeps_or_moves_the_champion_and_runs_start_from_it(tmp_path, tiny_
     assert decisions["1"] == "promote: no champion yet"
     assert decisions["2"].startswith("keep: gain +0.0000") and "<= margin 1.0000" in decisions["2"]
     assert decisions["3"].startswith("promote: gain +0.0000") and "> margin -1.0000" in decisions["3"]
+    # Against a champion, every guardrail's figures are on the version too.
+    third = client.get_model_version("gated", "3").tags
+    assert all(third[f"topr.gate.{metric}"].split(" holds: ")[1].startswith("new ") for metric in GATE_METRICS[1:])
     # Each move of the alias is kept on the registered model, from the version the gate beat.
     moves = promotion.alias_history(client, "gated", "champion")
     assert [(move["version"], move["previous"]) for move in moves] == [("1", None), ("3", "1")]

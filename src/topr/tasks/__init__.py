@@ -26,6 +26,7 @@ This module also holds the number parsing shared by the tasks that expect ``Answ
 from __future__ import annotations
 
 import functools
+import hashlib
 import importlib
 import logging
 import pkgutil
@@ -53,6 +54,10 @@ _NUMBER = re.compile(r"(?:(?<![\w.])[-+\u2212])?(?:\$\s?)?(?:\d{1,3}(?:,\d{3})+|
 _REGISTRY: dict[str, type[Task]] = {}
 
 
+MODEL_NAME_SLUG_LIMIT = 96
+"""The longest held-out location kept whole in a default registered model's name."""
+
+
 class Task(ABC):
     """Prompts, reference answers and a checker.
 
@@ -67,6 +72,26 @@ class Task(ABC):
     """The answer-format instruction its prompts end with, on a line of their own (``prompt_for``
     adds it, ``question_text`` takes it off); "" when its prompts carry none. A class attribute,
     or set in ``__init__`` when it depends on the task's options."""
+
+    one_model_per_dataset: ClassVar[bool] = False
+    """Whether each held-out file is a task of its own, registered and gated apart (a task reading
+    anyone's files, as jsonl does), rather than one benchmark however its files are named."""
+
+    @classmethod
+    def registered_model(cls, config: TaskConfig) -> str:
+        """What ``run.registered_model`` defaults to: ``topr-<name>``, one model (and champion) per
+        task; for a task of one model per dataset, its held-out file's location too, so runs on
+        other files never gate against each other's champion (``topr-jsonl-data-capitals-test``
+        for ``data/capitals/test.jsonl``; a scheduled run reading the same URI each time keeps
+        its model)."""
+        if not (cls.one_model_per_dataset and config.eval_path):
+            return f"topr-{cls.name}"
+        location = re.sub(r"^[a-z0-9]+://", "", config.eval_path)
+        location = re.sub(r"\.(jsonl|json|csv|parquet)$", "", location)
+        slug = re.sub(r"[^A-Za-z0-9._]+", "-", location).strip("-.") or "data"
+        if len(slug) > MODEL_NAME_SLUG_LIMIT:  # the folder's tail, and a digest of all of it
+            slug = f"{hashlib.sha256(config.eval_path.encode()).hexdigest()[:8]}-{slug[-MODEL_NAME_SLUG_LIMIT:].lstrip('-.')}"
+        return f"topr-{cls.name}-{slug}"
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)

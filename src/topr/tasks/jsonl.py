@@ -92,6 +92,7 @@ class JsonlTask(FileTask):
     """
 
     name = "jsonl"
+    one_model_per_dataset = True
 
     @classmethod
     def from_config(cls, config) -> JsonlTask:
