@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 import topr.steps
+from topr.config import RUN_FORM, form_parameter, form_type
 
 MODEL, DATASET, METRICS, ARTIFACT, HTML, MARKDOWN = (
     f"system.{kind}@0.0.1" for kind in ("Model", "Dataset", "Metrics", "Artifact", "HTML", "Markdown")
@@ -16,11 +17,22 @@ MODEL, DATASET, METRICS, ARTIFACT, HTML, MARKDOWN = (
 TRACKED = {"config_json": "String", "tracking_uri": "String", "parent_run_id": "String"}
 STAGE = {**TRACKED, "iteration": "Integer"}
 
+# The run form's typed parameters (topr.config.RUN_FORM), as start_run takes them.
+RUN_FORM_INPUTS = {form_parameter(dotted): {str: "String", float: "Float", int: "Integer"}[form_type(dotted)] for dotted in RUN_FORM}
+
 # component name: (inputs, outputs)
 INTERFACES = {
     "start_run": (
-        {"config_json": "String", "tracking_uri": "String", "run_name": "String", "kfp_run_id": "String", "resume_run_id": "String"},
-        {"Output": "String"},
+        {
+            "config_json": "String",
+            "tracking_uri": "String",
+            "run_name": "String",
+            "kfp_run_id": "String",
+            "resume_run_id": "String",
+            "form_defaults": "String",
+            **RUN_FORM_INPUTS,
+        },
+        {"parent_run_id": "String", "config_json": "String"},
     ),
     "finish_run": ({"config_json": "String", "tracking_uri": "String", "kfp_run_id": "String", "status": "PipelineTaskFinalStatus"}, {"run_page": HTML}),
     "prepare_model": (TRACKED, {"model": MODEL}),

@@ -13,7 +13,7 @@ import logging
 import tempfile
 from pathlib import Path
 
-from topr.config import Config, build_config, config_to_dict
+from topr.config import Config, build_config, config_to_dict, form_values
 from topr.tasks import registered_tasks, task_class
 from topr_pipelines.runner import compile_pipeline
 from topr_pipelines.submit import Endpoint
@@ -76,7 +76,7 @@ def create_schedule(
             cron_expression=cron,
             max_concurrency=1,
             no_catchup=True,
-            params={"config_json": json.dumps(config_to_dict(config)), "tracking_uri": tracking_uri, "run_name": name},
+            params={"config_json": json.dumps(config_to_dict(config)), "tracking_uri": tracking_uri, "run_name": name, **form_values(config)},
             pipeline_package_path=str(package),
             pipeline_root=pipeline_root,
             service_account=service_account,

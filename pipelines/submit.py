@@ -9,7 +9,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from topr.config import Config, config_to_dict
+from topr.config import Config, config_to_dict, form_values
 from topr_pipelines.runner import compile_pipeline
 
 log = logging.getLogger(__name__)
@@ -58,7 +58,7 @@ def submit_run(
         package = compile_pipeline(config, Path(scratch, "topr.yaml"), pipeline_root)
         result = client.create_run_from_pipeline_package(
             str(package),
-            arguments={"config_json": json.dumps(config_to_dict(config)), "tracking_uri": tracking_uri, "run_name": run_name},
+            arguments={"config_json": json.dumps(config_to_dict(config)), "tracking_uri": tracking_uri, "run_name": run_name, **form_values(config)},
             run_name=run_name,
             experiment_name=config.run.experiment,
             namespace=endpoint.namespace,

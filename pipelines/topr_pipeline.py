@@ -19,13 +19,15 @@ secrets, retries, timeouts), which only a cluster run uses.
 """
 
 
+import inspect
+import json
 from importlib import import_module
 
 from kfp import dsl
 from kfp.dsl import Dataset, Input, Model
 
 from topr import workflow
-from topr.config import Config
+from topr.config import RUN_FORM, Config, form_field, form_parameter, form_type, form_values
 from topr_components.finish_run.component import finish_run
 from topr_components.start_run.component import start_run
 from topr_pipelines.cluster_settings import on_cluster
@@ -103,8 +105,32 @@ def never_cached(task: dsl.PipelineTask) -> dsl.PipelineTask:
     return task.set_caching_options(enable_caching=False)
 
 
+def run_form(config: Config) -> list[inspect.Parameter]:
+    """The run form's typed parameters (``topr.config.RUN_FORM``), each defaulting to ``config``'s value."""
+    values = form_values(config)
+    return [
+        inspect.Parameter(form_parameter(dotted), inspect.Parameter.POSITIONAL_OR_KEYWORD, default=values[form_parameter(dotted)], annotation=form_type(dotted))
+        for dotted in RUN_FORM
+    ]
+
+
+def _form_docstring(iterations: int) -> str:
+    """The pipeline's description, and each parameter's for the run form (KFP reads ``Args:``)."""
+    described = {
+        "config_json": "The whole configuration as JSON (topr compile's config); the typed parameters below are written over it where they differ from their defaults.",
+        "tracking_uri": "MLflow tracking server, e.g. http://mlflow.topr:5000.",
+        "run_name": "The MLflow run's name.",
+        "resume_run_id": "An ended MLflow run to continue (topr run --resume); empty for a new run.",
+        **{form_parameter(dotted): f"{dotted}: {form_field(dotted).description}" for dotted in RUN_FORM},
+    }
+    arguments = "\n".join(f"    {name}: {text}" for name, text in described.items())
+    return f"Tapered Off-Policy REINFORCE, {iterations} iterations.\n\nArgs:\n{arguments}\n"
+
+
 def build_pipeline(config: Config, pipeline_root: str | None = None):
-    """The pipeline for ``config``'s iterations, shards and cluster settings; its parameters are strings.
+    """The pipeline for ``config``'s iterations, shards and cluster settings. Its parameters:
+    ``config_json``, ``tracking_uri``, ``run_name``, ``resume_run_id``, then the run form's typed
+    ones (``run_form``), which default to ``config``'s values.
 
     ``pipeline_root`` (e.g. ``s3://bucket/kfp``) becomes the compiled pipeline's default root for
     Kubeflow's own artifacts; a cluster run may still override it at submission. ``resume_run_id``
@@ -114,20 +140,24 @@ def build_pipeline(config: Config, pipeline_root: str | None = None):
     iterations, cluster = config.run.iterations, config.cluster
     rounds = [iteration_pipeline(iteration, config) for iteration in range(1, iterations + 1)]
 
-    @dsl.pipeline(name="topr", description=f"Tapered Off-Policy REINFORCE, {iterations} iterations.", pipeline_root=pipeline_root)
-    def topr(config_json: str, tracking_uri: str, run_name: str = "topr", resume_run_id: str = "") -> str:
+    form = run_form(config)
+
+    def topr(config_json: str, tracking_uri: str, run_name: str = "topr", resume_run_id: str = "", *typed) -> str:
         started = start_run(
             config_json=config_json,
             tracking_uri=tracking_uri,
             run_name=run_name,
             kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
             resume_run_id=resume_run_id,
+            form_defaults=json.dumps({parameter.name: parameter.default for parameter in form}),
+            **{parameter.name: value for parameter, value in zip(form, typed, strict=True)},
         )
-        parent_run_id = never_cached(on_cluster(started.set_display_name("start MLflow run"), cluster)).output
+        never_cached(on_cluster(started.set_display_name("start MLflow run"), cluster))
+        parent_run_id, run_config = started.outputs["parent_run_id"], started.outputs["config_json"]
         closing = finish_run(config_json=config_json, tracking_uri=tracking_uri, kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER)
         never_cached(on_cluster(closing.set_display_name("finish MLflow run"), cluster))
         with dsl.ExitHandler(closing, name="topr loop"):
-            tracking = {"config_json": config_json, "tracking_uri": tracking_uri, "parent_run_id": parent_run_id}
+            tracking = {"config_json": run_config, "tracking_uri": tracking_uri, "parent_run_id": parent_run_id}
             scope = add_phase(workflow.START, {}, tracking, 0, config)
             scope[workflow.BASE_MODEL] = scope[workflow.MODEL]
             for iteration, one_round in enumerate(rounds, start=1):
@@ -136,4 +166,8 @@ def build_pipeline(config: Config, pipeline_root: str | None = None):
             add_phase(workflow.FINISH, scope, tracking, iterations, config)
         return parent_run_id
 
-    return topr
+    # KFP reads a pipeline's parameters from its signature: the fixed ones, then the run form's.
+    fixed = list(inspect.signature(topr).parameters.values())[:4]
+    topr.__signature__ = inspect.Signature([*fixed, *form], return_annotation=str)
+    topr.__doc__ = _form_docstring(iterations)
+    return dsl.pipeline(name="topr", pipeline_root=pipeline_root)(topr)

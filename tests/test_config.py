@@ -1,3 +1,5 @@
+import json
+
 import pytest
 import yaml
 
@@ -5,10 +7,12 @@ from topr.config import (
     Config,
     ConfigError,
     apply_overrides,
+    apply_run_form,
     build_config,
     config_to_dict,
     config_to_yaml,
     describe_fields,
+    form_values,
     load_config,
 )
 
@@ -400,3 +404,32 @@ def test_the_default_bound_leaves_room_for_the_configs_in_the_repository():
     load_config(None, ["task.train_size=1000", "sample.samples_per_prompt=100"])  # 100,000: at the bound, allowed
     with pytest.raises(ConfigError, match="sample.max_completions"):
         load_config(None, ["sample.max_completions=0"])
+
+
+def test_the_run_form_writes_what_differs_from_its_defaults_over_config_json():
+    """A compiled pipeline's typed parameters (topr.config.RUN_FORM): one changed in the run form
+    wins; one left at its default leaves config_json's value, edited in the form or not, alone."""
+    config = load_config(None, ["train.learning_rate=2e-5"])
+    config_json = json.dumps(config_to_dict(config))
+    defaults = form_values(config)
+    assert defaults["train_learning_rate"] == 2e-5 and defaults["task_train_path"] == "" and defaults["run_registered_model"] == "topr-arithmetic"
+    assert apply_run_form(config_json, defaults, dict(defaults)) == config_json  # byte for byte: the cache keys hold it
+
+    changed = json.loads(apply_run_form(config_json, defaults, {**defaults, "train_baseline": -0.5, "sample_samples_per_prompt": 8}))
+    assert (changed["train"]["baseline"], changed["sample"]["samples_per_prompt"], changed["train"]["learning_rate"]) == (-0.5, 8, 2e-5)
+
+    edited = json.dumps({**config_to_dict(config), "gate": {**config_to_dict(config)["gate"], "margin": 0.1}})
+    assert json.loads(apply_run_form(edited, defaults, {**defaults, "train_baseline": 0.0}))["gate"]["margin"] == 0.1
+
+
+def test_a_bad_value_in_the_run_form_names_the_parameter_and_the_field():
+    config = load_config()
+    defaults = form_values(config)
+    with pytest.raises(ConfigError) as raised:
+        apply_run_form(json.dumps(config_to_dict(config)), defaults, {**defaults, "sample_temperature": 0.0})
+    assert "the run form's sample_temperature=0.0" in str(raised.value) and "sample.temperature: Input should be greater than 0" in str(raised.value)
+    # An emptied text field is unset, and checked like any configuration.
+    files = load_config(None, ["task.name=jsonl", "task.train_path=train.jsonl", "task.eval_path=eval.jsonl"])
+    defaults = form_values(files)
+    with pytest.raises(ConfigError, match="task.name=jsonl needs task.train_path and task.eval_path"):
+        apply_run_form(json.dumps(config_to_dict(files)), defaults, {**defaults, "task_train_path": ""})

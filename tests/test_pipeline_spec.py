@@ -287,6 +287,8 @@ def test_submit_sends_the_compiled_pipeline_and_prints_the_run_url(kfp_api, caps
     assert runtime["pipeline_root"] == "s3://topr/kfp"
     assert runtime["parameters"]["tracking_uri"] == "http://mlflow.topr:5000"
     assert json.loads(runtime["parameters"]["config_json"])["sample"]["shards"] == 2
+    # The run's typed parameters, as its run form shows them.
+    assert runtime["parameters"]["train_learning_rate"] == 1e-5 and runtime["parameters"]["run_registered_model"] == "topr-arithmetic"
     # With platform settings, the client sends the pipeline and its Kubernetes settings together.
     package = sent["pipeline_spec"]
     assert "comp-iteration-1" in package["pipeline_spec"]["components"]
@@ -375,3 +377,37 @@ def test_evaluations_and_the_gate_publish_what_the_pipeline_ui_renders(tmp_path)
     evaluations = [name for name in outputs if name.startswith("comp-evaluate") and "verifier" not in name]
     assert evaluations and all(outputs[name]["accuracy_page"]["artifactType"]["schemaTitle"] == "system.HTML" for name in evaluations)
     assert outputs["comp-gate"]["decision_report"]["artifactType"]["schemaTitle"] == "system.Markdown"
+
+
+def test_the_run_form_shows_typed_parameters_with_their_defaults_and_descriptions(tmp_path):
+    spec, _ = compiled(tmp_path, "train.learning_rate=2e-5", "sample.samples_per_prompt=6")
+    parameters = spec["root"]["inputDefinitions"]["parameters"]
+    expected = {
+        "model_path": ("STRING", "embedded:smollm2-135m-instruct"),
+        "task_train_path": ("STRING", ""),
+        "task_eval_path": ("STRING", ""),
+        "train_learning_rate": ("NUMBER_DOUBLE", 2e-5),
+        "train_baseline": ("NUMBER_DOUBLE", -0.8),
+        "sample_samples_per_prompt": ("NUMBER_INTEGER", 6),
+        "sample_temperature": ("NUMBER_DOUBLE", 0.5),
+        "gate_margin": ("NUMBER_DOUBLE", 0.0),
+        "run_registered_model": ("STRING", "topr-arithmetic"),
+    }
+    assert {name: (parameters[name]["parameterType"], parameters[name]["defaultValue"]) for name in expected} == expected
+    assert parameters["train_learning_rate"]["description"].startswith("train.learning_rate: ")
+    assert "typed parameters below are written over it" in parameters["config_json"]["description"]
+    assert set(parameters) == {"config_json", "tracking_uri", "run_name", "resume_run_id", *expected}
+
+
+def test_every_stage_reads_the_configuration_with_the_run_form_applied(tmp_path):
+    """start_run writes the form over config_json; every task after it reads start_run's output."""
+    spec, _ = compiled(tmp_path)
+    start = spec["root"]["dag"]["tasks"]["start-run"]["inputs"]["parameters"]
+    assert start["train_learning_rate"] == {"componentInputParameter": "train_learning_rate"}
+    assert json.loads(start["form_defaults"]["runtimeValue"]["constant"])["train_baseline"] == -0.8
+    loop = spec["components"]["comp-exit-handler-1"]["dag"]["tasks"]
+    prepare = loop["prepare-model"]["inputs"]["parameters"]["config_json"]
+    assert prepare == {"componentInputParameter": "pipelinechannel--start-run-config_json"}
+    assert spec["components"]["comp-exit-handler-1"]["inputDefinitions"]["parameters"]["pipelinechannel--start-run-config_json"]
+    # The exit handler closes the run from the pipeline's own parameter: it may read no task's output.
+    assert spec["root"]["dag"]["tasks"]["finish-run"]["inputs"]["parameters"]["config_json"] == {"componentInputParameter": "config_json"}

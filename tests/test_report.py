@@ -197,7 +197,7 @@ def test_the_page_drawn_as_the_run_finishes_has_the_start_the_gains_and_the_gate
     page = tmp_path / "run_page.html"
     finish(json.dumps(config_to_dict(config)), uri, "kfp-page", failed=False, run_page=str(page))
     text = page.read_text()
-    assert "<h2>topr-arithmetic: the run, FINISHED</h2>" in text and "data:image/png;base64," in text
+    assert "<h2>page-run: the run, FINISHED</h2>" in text and "data:image/png;base64," in text
     assert "\n        0 " in text and "\n        1 " in text  # the start's row and iteration 1's
     assert "iteration 1: +15.0 points" in text
     assert "gate: keep: gain +0.0500" in text and "  mean answer length (tokens) fails: new 40.0 &gt; limit 30.0" in text

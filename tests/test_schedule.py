@@ -45,6 +45,7 @@ def test_create_sends_a_cron_recurring_run_that_starts_from_the_champion(kfp_api
     assert config["task"]["train_path"] == "s3://data/prompts/train.jsonl"
     assert config["task"]["eval_path"] == "s3://data/prompts/eval.jsonl"
     assert runtime["parameters"]["tracking_uri"] == "http://mlflow.mlops:5000"
+    assert runtime["parameters"]["task_eval_path"] == "s3://data/prompts/eval.jsonl"  # typed, in the run form
     # The compiled pipeline travels inline, with its three unrolled iterations and the gate.
     tasks = sent["pipeline_spec"]["pipeline_spec"]["components"]["comp-exit-handler-1"]["dag"]["tasks"]
     assert {"iteration-1", "iteration-2", "iteration-3", "gate"} <= set(tasks)

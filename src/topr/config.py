@@ -7,6 +7,7 @@ Load it from YAML (``load_config``), override any field from the command line as
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Literal
 
@@ -544,6 +545,65 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> None:
         if not isinstance(data[section], dict):
             raise ConfigError(f"override {override!r}: section {section!r} is not a mapping in the config file")
         data[section][field] = value
+
+
+RUN_FORM = (
+    "model.path",
+    "task.train_path",
+    "task.eval_path",
+    "train.learning_rate",
+    "train.baseline",
+    "sample.samples_per_prompt",
+    "sample.temperature",
+    "gate.margin",
+    "run.registered_model",
+)
+"""The fields a compiled pipeline's run form shows as typed parameters, each named
+``<section>_<field>`` (``train_learning_rate``), over ``config_json`` (which holds the rest)."""
+
+
+def form_parameter(dotted: str) -> str:
+    """The run form's name for a field: ``train.learning_rate`` → ``train_learning_rate``."""
+    return dotted.replace(".", "_", 1)
+
+
+def form_field(dotted: str):
+    """The pydantic field behind a run-form entry."""
+    section, field = dotted.split(".")
+    return Config.model_fields[section].annotation.model_fields[field]
+
+
+def form_type(dotted: str) -> type:
+    """A run-form entry's parameter type: its field's, and text for an optional text field ("" is unset)."""
+    annotation = form_field(dotted).annotation
+    return str if annotation == str | None else annotation
+
+
+def form_values(config: Config) -> dict[str, Any]:
+    """The run form's values for ``config``: the compiled pipeline's defaults ("" for an unset text field)."""
+    data = config_to_dict(config)
+    values = {}
+    for dotted in RUN_FORM:
+        section, field = dotted.split(".")
+        value = data[section][field]
+        values[form_parameter(dotted)] = "" if value is None else value
+    return values
+
+
+def apply_run_form(config_json: str, defaults: dict[str, Any], form: dict[str, Any]) -> str:
+    """``config_json`` with every typed parameter of the run form that differs from its compiled
+    default (``defaults``) written over it, validated like the command line's overrides; a
+    parameter left at its default leaves ``config_json``'s value (edited in the form or not) alone.
+    ``config_json`` comes back unchanged, byte for byte, when nothing differs."""
+    changed = {dotted: form[form_parameter(dotted)] for dotted in RUN_FORM if form[form_parameter(dotted)] != defaults[form_parameter(dotted)]}
+    if not changed:
+        return config_json
+    data = json.loads(config_json)
+    for dotted, value in changed.items():
+        section, field = dotted.split(".")
+        data.setdefault(section, {})[field] = None if value == "" else value
+    given = ", ".join(f"{form_parameter(dotted)}={value!r}" for dotted, value in changed.items())
+    return json.dumps(config_to_dict(build_config(data, f"config_json + the run form's {given}")))
 
 
 def describe_fields() -> str:

@@ -10,6 +10,7 @@ them; ``TrainedModel`` publishes and registers a trained model with its lineage.
 
 from __future__ import annotations
 
+import html
 import json
 import logging
 import tempfile
@@ -174,6 +175,17 @@ def start(config_json: str, tracking_uri: str, run_name: str, kfp_run_id: str = 
     return start_pipeline_run(tracking_uri, config, run_name, kfp_run_id, resume_run_id)
 
 
+def start_with_form(config_json: str, tracking_uri: str, run_name: str, kfp_run_id: str, resume_run_id: str, form_defaults: str, **form) -> tuple[str, str]:
+    """``start_run``'s step: write the run form's typed parameters over ``config_json``
+    (``topr.config.apply_run_form``; refused before any run is created when a value is invalid),
+    then ``start``. Returns the parent run's id and the run's configuration, which every later
+    task reads."""
+    from topr.config import apply_run_form
+
+    config_json = apply_run_form(config_json, json.loads(form_defaults), form)
+    return start(config_json, tracking_uri, run_name, kfp_run_id, resume_run_id), config_json
+
+
 def finish(config_json: str, tracking_uri: str, kfp_run_id: str, failed: bool, run_page: str = "") -> None:
     """Close the MLflow run of a pipeline run (found by its Kubeflow run id). With ``run_page``,
     write the whole run there as an HTML page for Kubeflow's UI: drawn last, it has the starting
@@ -181,17 +193,19 @@ def finish(config_json: str, tracking_uri: str, kfp_run_id: str, failed: bool, r
     tasks finished first (the pages the evaluations draw show the run so far)."""
     from topr.report import run_html
 
-    config = parse_config(config_json)
     status = "FAILED" if failed else "FINISHED"
-    run_id = finish_pipeline_run(tracking_uri, config.run.experiment, kfp_run_id, status)
+    run_id = finish_pipeline_run(tracking_uri, parse_config(config_json).run.experiment, kfp_run_id, status)
     if not run_page:
         return
-    title = f"{config.run.registered_model}: the run, {status}"
+    title = f"Kubeflow run {kfp_run_id}: {status}"
     try:  # best-effort: the run is closed whatever the page does
-        page = run_html(tracking_uri, run_id, title) if run_id else f"<p>{title}: no MLflow run was started.</p>\n"
+        if run_id is None:
+            raise LookupError("no MLflow run was started")
+        title = f"{mlflow_client(tracking_uri).get_run(run_id).info.run_name}: the run, {status}"
+        page = run_html(tracking_uri, run_id, title)
     except Exception as error:  # noqa: BLE001 - whatever broke, the run stands
         log.warning("could not draw the run's page for the pipeline UI: %s", error)
-        page = f"<p>{title}: the page could not be drawn ({error}); the run's figures are in MLflow.</p>\n"
+        page = f"<p>{html.escape(title)}: the page could not be drawn ({html.escape(str(error))}); the run's figures are in MLflow.</p>\n"
     Path(run_page).write_text(page)
 
 

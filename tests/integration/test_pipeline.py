@@ -131,7 +131,7 @@ def test_local_run_two_iterations(tmp_path, tiny_model_dir):
     assert _artifact(root, "gate", "decision_report").read_text().startswith("## Gate: promote\n\nno champion yet.")
     # The exit handler's page, drawn last: the start, both iterations, their gains and the decision.
     page = _artifact(root, "finish-run", "run_page").read_text()
-    assert "<h2>topr-arithmetic: the run, FINISHED</h2>" in page
+    assert ": the run, FINISHED</h2>" in page
     assert all(f"\n        {iteration} " in page for iteration in (0, 1, 2))
     assert "held-out gain over iteration 0" in page and "gate: promote: no champion yet" in page
 
@@ -212,3 +212,24 @@ def test_topr_run_with_the_embedded_model(tmp_path, capsys):
     report = (tmp_path / "embedded" / "report.md").read_text()
     assert report.count("\n        ") >= 2  # a row for the starting model and one per iteration
     assert (tmp_path / "embedded" / "accuracy.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_a_typed_parameter_changed_in_the_run_form_reaches_every_stage(tmp_path, tiny_model_dir):
+    """As Kubeflow's run form sends it: a typed parameter beside the compiled config_json."""
+    from kfp import local
+
+    from topr_pipelines.runner import local_pipeline
+    from topr.config import config_to_dict
+    from topr.tracking import finished_stage_runs
+
+    config = load_config(None, [f"model.path={tiny_model_dir}", "run.iterations=1", "gate.enabled=false", *TINY_RUN])
+    tracking_uri = default_tracking_uri(tmp_path)
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp_path / "root"), raise_on_error=True)
+    pipeline = local_pipeline(config)
+    parent_run_id = pipeline(config_json=json.dumps(config_to_dict(config)), tracking_uri=tracking_uri, run_name="form", sample_temperature=0.9).output
+
+    client = mlflow.MlflowClient(tracking_uri)
+    train_run = client.get_run(finished_stage_runs(tracking_uri, parent_run_id, "train")[1])
+    assert train_run.data.params["sample.temperature"] == "0.9" and config.sample.temperature == 0.5
+    assert client.get_run(parent_run_id).info.status == "FINISHED"
