@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 import yaml
@@ -41,11 +42,13 @@ def test_a_jsonl_task_registers_into_a_model_of_its_held_out_file():
     def registered(*overrides: str) -> str:
         return load_config(None, ["task.name=jsonl", "task.train_path=train.jsonl", *overrides]).run.registered_model
 
-    capitals, sums = registered("task.eval_path=data/capitals/test.jsonl"), registered("task.eval_path=data/sums/test.jsonl")
-    assert (capitals, sums) == ("topr-jsonl-data-capitals-test", "topr-jsonl-data-sums-test")
+    capitals, sums = registered("task.eval_path=/srv/capitals/test.jsonl"), registered("task.eval_path=/srv/sums/test.JSONL")
+    assert (capitals, sums) == ("topr-jsonl-srv-capitals-test", "topr-jsonl-srv-sums-test")
+    # A local path is made absolute: test.jsonl in two projects' folders is two datasets.
+    assert registered("task.eval_path=test.jsonl") == "topr-jsonl-" + str(Path.cwd() / "test").strip("/").replace("/", "-")
     # A scheduled run reads the same URI each time, and keeps its model.
-    assert registered("task.eval_path=s3://topr/prompts/eval.jsonl") == "topr-jsonl-topr-prompts-eval"
-    assert registered("task.eval_path=data/capitals/test.jsonl", "run.registered_model=capitals") == "capitals"
+    assert registered("task.eval_path=S3://topr/prompts/eval.jsonl") == "topr-jsonl-topr-prompts-eval"
+    assert registered("task.eval_path=/srv/capitals/test.jsonl", "run.registered_model=capitals") == "capitals"
     # A long location keeps its tail and a digest of the whole, so two stay apart.
     deep = [registered(f"task.eval_path=/{'folder/' * 30}{tail}/test.jsonl") for tail in ("a", "b")]
     assert deep[0] != deep[1] and all(len(name) <= 120 and name.endswith("-test") for name in deep)
@@ -433,3 +436,31 @@ def test_a_bad_value_in_the_run_form_names_the_parameter_and_the_field():
     defaults = form_values(files)
     with pytest.raises(ConfigError, match="task.name=jsonl needs task.train_path and task.eval_path"):
         apply_run_form(json.dumps(config_to_dict(files)), defaults, {**defaults, "task_train_path": ""})
+
+
+def test_new_task_files_in_the_run_form_register_into_their_own_model():
+    """Unless the form names the registered model, or config_json named one of its own."""
+    config = load_config(None, ["task.name=jsonl", "task.train_path=/srv/a/train.jsonl", "task.eval_path=/srv/a/test.jsonl"])
+    defaults = form_values(config)
+    moved = {**defaults, "task_train_path": "/srv/b/train.jsonl", "task_eval_path": "/srv/b/test.jsonl"}
+    assert json.loads(apply_run_form(json.dumps(config_to_dict(config)), defaults, moved))["run"]["registered_model"] == "topr-jsonl-srv-b-test"
+    named = {**moved, "run_registered_model": "mine"}
+    assert json.loads(apply_run_form(json.dumps(config_to_dict(config)), defaults, named))["run"]["registered_model"] == "mine"
+    own = config.model_copy(update={"run": config.run.model_copy(update={"registered_model": "capitals"})})
+    assert json.loads(apply_run_form(json.dumps(config_to_dict(own)), defaults, moved))["run"]["registered_model"] == "capitals"
+
+
+def test_a_form_value_left_at_its_default_under_an_edited_config_json_is_warned_about(caplog):
+    config = load_config()
+    defaults = form_values(config)
+    edited = config_to_dict(config)
+    edited["train"]["learning_rate"] = 3e-5
+    assert apply_run_form(json.dumps(edited), defaults, dict(defaults)) == json.dumps(edited)
+    assert "the run form's train_learning_rate is at its compiled default 1e-05: config_json's train.learning_rate=3e-05 stands" in caplog.text
+
+
+def test_an_emptied_required_text_field_is_refused_by_name():
+    config = load_config()
+    defaults = form_values(config)
+    with pytest.raises(ConfigError, match="the run form's model_path is empty: model.path needs a value"):
+        apply_run_form(json.dumps(config_to_dict(config)), defaults, {**defaults, "model_path": ""})

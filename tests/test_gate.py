@@ -56,6 +56,9 @@ def test_a_gain_with_a_failing_guardrail_keeps_the_champion_and_says_which(degen
 
 def test_a_guardrail_at_its_limit_holds_and_one_set_to_null_is_off():
     assert decide(figures(0.70, truncated=0.10, tokens=30.0), figures(0.50), GATE).promote
+    # 34 of 200 cut against the champion's 24 of 200: 0.17 against 0.12 + 0.05, which rounds below 0.17.
+    assert 24 / 200 + 0.05 < 34 / 200 and decide(figures(0.70, truncated=34 / 200), figures(0.50, truncated=24 / 200), GATE).promote
+    assert not decide(figures(0.70, truncated=35 / 200), figures(0.50, truncated=24 / 200), GATE).promote
     lenient = GATE.model_copy(update={"max_length_ratio": None})
     decision = decide(figures(0.70, tokens=100.0), figures(0.50), lenient)
     assert decision.promote and [g.metric for g in decision.guardrails] == ["truncated_rate", "parse_failure_rate"]
@@ -88,3 +91,9 @@ def test_each_guardrails_figures_are_logged():
 def test_a_guardrail_out_of_range_is_refused(override):
     with pytest.raises(ValidationError):
         GateConfig(**override)
+
+
+def test_a_champion_that_answers_nothing_can_be_replaced():
+    """Its mean answer length counts as one token: the length limit is then the ratio, not 0."""
+    decision = decide(figures(0.70, tokens=1.4), figures(0.50, tokens=0.0), GATE)
+    assert decision.promote and decision.guardrails[2].limit == 1.5

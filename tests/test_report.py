@@ -223,3 +223,16 @@ def test_the_exit_handler_closes_the_run_even_when_its_page_cannot_be_drawn(tmp_
     finish(json.dumps(config_to_dict(config)), uri, "kfp-failed", failed=True, run_page=str(page))
     assert MlflowClient(uri).get_run(parent).info.status == "FAILED"
     assert "the page could not be drawn (no figures)" in page.read_text()
+
+
+def test_the_exit_handler_closes_a_run_whose_config_json_alone_does_not_validate(tmp_path):
+    """A jsonl run whose files come from the run form: config_json alone lacks them."""
+    from mlflow import MlflowClient
+
+    from topr.steps import finish
+
+    uri = default_tracking_uri(tmp_path)
+    config = load_config(overrides=["run.experiment=topr-report-tests"])
+    parent = start_pipeline_run(uri, config, "form-run", kfp_run_id="kfp-form")
+    finish(json.dumps({"task": {"name": "jsonl"}, "run": {"experiment": "topr-report-tests"}}), uri, "kfp-form", failed=False)
+    assert MlflowClient(uri).get_run(parent).info.status == "FINISHED"

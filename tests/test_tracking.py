@@ -1,6 +1,7 @@
 """MLflow tracking against a local sqlite store (one store for the module: migrating it is slow)."""
 
 import hashlib
+import os
 from pathlib import Path
 from urllib.parse import urlparse
 from urllib.request import url2pathname
@@ -30,6 +31,7 @@ from topr.tracking import (
     finished_stage_runs,
     finish_pipeline_run,
     flatten,
+    local_artifact_root,
     metric_history,
     owned_runs,
     owner_environment,
@@ -214,6 +216,22 @@ def test_log_artifacts(store, client, parent, tmp_path):
     assert [f.path for f in client.list_artifacts(run_id, "model")] == ["model/config.json"]
 
 
+def test_a_folder_logged_to_a_local_store_is_one_stored_copy(store, client, parent, tmp_path):
+    """Hard links: a model in the run folder and in MLflow's local artifacts takes its bytes once."""
+    model = tmp_path / "model"
+    (model / "nested").mkdir(parents=True)
+    (model / "model.safetensors").write_bytes(b"w" * 4096)
+    (model / "nested" / "tokenizer.json").write_text("{}")
+    with stage_run(store[0], parent, "train", 6) as run:
+        run.log_artifacts(model, "model")
+    logged = Path(client.download_artifacts(run.run_id, "model", str(tmp_path / "download")))
+    assert (logged / "nested" / "tokenizer.json").read_text() == "{}"
+    root = local_artifact_root(client.get_run(run.run_id).info.artifact_uri)
+    for name in ("model.safetensors", "nested/tokenizer.json"):
+        assert (root / "model" / name).stat().st_ino == (model / name).stat().st_ino
+        assert (model / name).stat().st_nlink == 2
+
+
 def test_a_folder_is_logged_whole_or_not_at_all(store, client, parent, tmp_path, monkeypatch):
     """A full disk halfway through a model's weights (the artifact store's disk) leaves no part
     of the folder logged: no half-copied model.safetensors for anyone to register or download."""
@@ -232,10 +250,14 @@ def test_a_folder_is_logged_whole_or_not_at_all(store, client, parent, tmp_path,
         Path(target).write_bytes(Path(source).read_bytes()[:2048])
         raise OSError(errno.ENOSPC, "No space left on device", str(target))
 
+    def across_file_systems(source, target):
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
     with pytest.raises(OSError, match="No space left"):
         with stage_run(store[0], parent, "train", 5) as run:
             run.log_artifact(model / "config.json")
             monkeypatch.setattr(shutil, "copyfile", disk_fills_halfway)
+            monkeypatch.setattr(os, "link", across_file_systems)  # so the files are copied
             run.log_artifacts(model, "model")
     assert [f.path for f in client.list_artifacts(run.run_id)] == ["config.json"]
     assert client.get_run(run.run_id).info.status == "FAILED"

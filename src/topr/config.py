@@ -8,6 +8,7 @@ Load it from YAML (``load_config``), override any field from the command line as
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any, Literal
 
@@ -15,6 +16,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from topr.cluster import ClusterConfig
+
+log = logging.getLogger(__name__)
 
 EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
 
@@ -402,7 +405,8 @@ class RunConfig(Section):
         description="MLflow registered model that every trained model becomes a version of; default: "
         "topr-<task.name>, one per task, since the gate compares a new model with the champion on this "
         "run's task (and refuses a champion trained on another); for jsonl, one per held-out file: "
-        "topr-jsonl-<task.eval_path as a name>, e.g. topr-jsonl-data-capitals-test.",
+        "topr-jsonl-<task.eval_path as a name, a local path made absolute>, e.g. topr-jsonl-srv-data-capitals-test "
+        "for /srv/data/capitals/test.jsonl.",
     )
     artifact_store: str | None = Field(
         None,
@@ -576,6 +580,8 @@ def form_field(dotted: str):
 def form_type(dotted: str) -> type:
     """A run-form entry's parameter type: its field's, and text for an optional text field ("" is unset)."""
     annotation = form_field(dotted).annotation
+    if annotation not in (str, str | None, int, float):
+        raise TypeError(f"{dotted}: a run-form field is text, an integer or a number, not {annotation}")
     return str if annotation == str | None else annotation
 
 
@@ -593,17 +599,33 @@ def form_values(config: Config) -> dict[str, Any]:
 def apply_run_form(config_json: str, defaults: dict[str, Any], form: dict[str, Any]) -> str:
     """``config_json`` with every typed parameter of the run form that differs from its compiled
     default (``defaults``) written over it, validated like the command line's overrides; a
-    parameter left at its default leaves ``config_json``'s value (edited in the form or not) alone.
-    ``config_json`` comes back unchanged, byte for byte, when nothing differs."""
+    parameter left at its default leaves ``config_json``'s value (edited in the form or not) alone,
+    with a warning where the two differ. ``config_json`` comes back unchanged, byte for byte, when
+    nothing differs. New task files with ``run_registered_model`` left alone register into the
+    new files' default model, where ``config_json`` named the old files' default."""
+    from topr.tasks import task_class
+
+    given = json.loads(config_json)
     changed = {dotted: form[form_parameter(dotted)] for dotted in RUN_FORM if form[form_parameter(dotted)] != defaults[form_parameter(dotted)]}
+    for dotted in RUN_FORM:
+        section, field = dotted.split(".")
+        in_json = (given.get(section) or {}).get(field)
+        if dotted not in changed and ("" if in_json is None else in_json) != defaults[form_parameter(dotted)]:
+            log.warning("the run form's %s is at its compiled default %r: config_json's %s=%r stands", form_parameter(dotted), defaults[form_parameter(dotted)], dotted, in_json)
     if not changed:
         return config_json
     data = json.loads(config_json)
     for dotted, value in changed.items():
         section, field = dotted.split(".")
+        if value == "" and form_type(dotted) is str and form_field(dotted).annotation is str:
+            raise ConfigError(f"the run form's {form_parameter(dotted)} is empty: {dotted} needs a value")
         data.setdefault(section, {})[field] = None if value == "" else value
-    given = ", ".join(f"{form_parameter(dotted)}={value!r}" for dotted, value in changed.items())
-    return json.dumps(config_to_dict(build_config(data, f"config_json + the run form's {given}")))
+    if "run.registered_model" not in changed and any(dotted.startswith("task.") for dotted in changed):
+        old_task = TaskConfig.model_validate(given.get("task") or {})
+        if (given.get("run") or {}).get("registered_model") == task_class(old_task.name).registered_model(old_task):
+            data.setdefault("run", {})["registered_model"] = None  # worked out again, for the new files
+    shown = ", ".join(f"{form_parameter(dotted)}={value!r}" for dotted, value in changed.items())
+    return json.dumps(config_to_dict(build_config(data, f"config_json + the run form's {shown}")))
 
 
 def describe_fields() -> str:

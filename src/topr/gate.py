@@ -9,6 +9,7 @@ it gained: the guardrails limit those signs of a degenerating policy against the
 
 from __future__ import annotations
 
+import math
 import operator
 from dataclasses import dataclass
 
@@ -27,7 +28,9 @@ class Guardrail:
 
     @property
     def holds(self) -> bool:
-        return self.new <= self.limit
+        """At the limit holds: 34/200 cut against a champion's 24/200 and a rise of 0.05 is
+        17.0% against 17.0%, though 0.12 + 0.05 rounds below 0.17 in binary."""
+        return self.new <= self.limit or math.isclose(self.new, self.limit, rel_tol=1e-9, abs_tol=1e-12)
 
     def show(self, value: float) -> str:
         return f"{value:.1f}" if self.metric == "mean_completion_tokens" else f"{value:.1%}"
@@ -37,11 +40,17 @@ class Guardrail:
         return f"{self.label} {verdict}: new {self.show(self.new)} {'<=' if self.holds else '>'} limit {self.show(self.limit)} (champion {self.show(self.champion)})"
 
 
+def times_length(champion_tokens: float, ratio: float) -> float:
+    """The length limit: ``ratio`` times the champion's mean answer length, counted as at least
+    one token, so that a champion that answers nothing can be replaced."""
+    return max(champion_tokens, 1.0) * ratio
+
+
 # (evaluation metric, what it counts, GateConfig field, the limit from the champion's value and the field)
 GUARDRAILS = (
     ("truncated_rate", "answers cut at the length limit", "max_truncated_rise", operator.add),
     ("parse_failure_rate", "answers with nothing to parse", "max_parse_failure_rise", operator.add),
-    ("mean_completion_tokens", "mean answer length (tokens)", "max_length_ratio", operator.mul),
+    ("mean_completion_tokens", "mean answer length (tokens)", "max_length_ratio", times_length),
 )
 
 # What the gate reads of the new model's last evaluation.

@@ -193,19 +193,28 @@ def finish(config_json: str, tracking_uri: str, kfp_run_id: str, failed: bool, r
     tasks finished first (the pages the evaluations draw show the run so far)."""
     from topr.report import run_html
 
+    from topr.config import RunConfig
+
     status = "FAILED" if failed else "FINISHED"
-    run_id = finish_pipeline_run(tracking_uri, parse_config(config_json).run.experiment, kfp_run_id, status)
+    # Read, not validated: the run may have failed on this very configuration (a bad value that
+    # start_run refused), and its MLflow run must be closed all the same.
+    try:
+        experiment = json.loads(config_json)["run"]["experiment"]
+    except (ValueError, KeyError, TypeError):
+        experiment = RunConfig().experiment
+    run_id = finish_pipeline_run(tracking_uri, experiment, kfp_run_id, status)
     if not run_page:
         return
     title = f"Kubeflow run {kfp_run_id}: {status}"
-    try:  # best-effort: the run is closed whatever the page does
-        if run_id is None:
-            raise LookupError("no MLflow run was started")
-        title = f"{mlflow_client(tracking_uri).get_run(run_id).info.run_name}: the run, {status}"
-        page = run_html(tracking_uri, run_id, title)
-    except Exception as error:  # noqa: BLE001 - whatever broke, the run stands
-        log.warning("could not draw the run's page for the pipeline UI: %s", error)
-        page = f"<p>{html.escape(title)}: the page could not be drawn ({html.escape(str(error))}); the run's figures are in MLflow.</p>\n"
+    if run_id is None:
+        page = f"<p>{html.escape(title)}: no MLflow run was started.</p>\n"
+    else:
+        try:  # best-effort: the run is closed whatever the page does
+            title = f"{mlflow_client(tracking_uri).get_run(run_id).info.run_name}: the run, {status}"
+            page = run_html(tracking_uri, run_id, title)
+        except Exception as error:  # noqa: BLE001 - whatever broke, the run stands
+            log.warning("could not draw the run's page for the pipeline UI: %s", error)
+            page = f"<p>{html.escape(title)}: the page could not be drawn ({html.escape(str(error))}); the run's figures are in MLflow.</p>\n"
     Path(run_page).write_text(page)
 
 

@@ -268,6 +268,34 @@ def finish_pipeline_run(tracking_uri: str, experiment: str, kfp_run_id: str, sta
     return run_id
 
 
+def local_artifact_root(artifact_uri: str) -> Path | None:
+    """The folder of a run's artifacts when MLflow keeps them on this machine's disk (a local
+    store, or a server without ``--serve-artifacts`` writing to a shared path), else None."""
+    from urllib.parse import urlparse
+    from urllib.request import url2pathname
+
+    parsed = urlparse(artifact_uri)
+    if parsed.scheme == "file":
+        return Path(url2pathname(parsed.path))
+    return Path(artifact_uri) if parsed.scheme == "" else None
+
+
+def link_tree(source: Path, target: Path) -> None:
+    """``source``'s files under ``target`` as hard links, one stored copy for both (a 135M-parameter
+    model is 540 MB, logged once per trained model); copied where a link cannot be made (another
+    file system). Safe because nothing rewrites a file in place: every artifact is written to a
+    new file and renamed (``topr.records``, ``topr.models``)."""
+    import shutil
+
+    for file in sorted(path for path in source.rglob("*") if path.is_file()):
+        destination = target / file.relative_to(source)
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(file, destination)
+        except OSError:
+            shutil.copy2(file, destination)
+
+
 class StageRun:
     """A nested run for one stage of one iteration; thin over ``MlflowClient``."""
 
@@ -330,7 +358,11 @@ class StageRun:
         half-copied model is left on the run for anyone to register or download. A process killed
         partway leaves its part on a run that ends KILLED, which nothing registers."""
         try:
-            self.client.log_artifacts(self.run_id, str(directory), artifact_path)
+            local_root = local_artifact_root(self.client.get_run(self.run_id).info.artifact_uri)
+            if local_root is None:
+                self.client.log_artifacts(self.run_id, str(directory), artifact_path)
+            else:
+                link_tree(Path(directory), local_root / artifact_path)
         except BaseException:
             self._delete_artifacts(artifact_path)
             raise

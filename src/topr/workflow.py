@@ -130,7 +130,7 @@ FINISH = (
         "promote to champion",
         reads=(f"version={MODEL}.registered_version", "champion_version"),
         enabled_by="gate.enabled",
-        runs_if=RunsIf("decision", "promote", "gain above margin"),
+        runs_if=RunsIf("decision", "promote", "the gate says promote"),
     ),
     Stage(
         "verifier_data",

@@ -131,7 +131,7 @@ def test_local_run_two_iterations(tmp_path, tiny_model_dir):
     assert _artifact(root, "gate", "decision_report").read_text().startswith("## Gate: promote\n\nno champion yet.")
     # The exit handler's page, drawn last: the start, both iterations, their gains and the decision.
     page = _artifact(root, "finish-run", "run_page").read_text()
-    assert ": the run, FINISHED</h2>" in page
+    assert "<h2>pipeline-test: the run, FINISHED</h2>" in page
     assert all(f"\n        {iteration} " in page for iteration in (0, 1, 2))
     assert "held-out gain over iteration 0" in page and "gate: promote: no champion yet" in page
 

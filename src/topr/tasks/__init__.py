@@ -34,6 +34,7 @@ import re
 from abc import ABC, abstractmethod
 from decimal import Decimal, InvalidOperation
 from importlib.metadata import entry_points
+from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
 if TYPE_CHECKING:
@@ -80,17 +81,18 @@ class Task(ABC):
     @classmethod
     def registered_model(cls, config: TaskConfig) -> str:
         """What ``run.registered_model`` defaults to: ``topr-<name>``, one model (and champion) per
-        task; for a task of one model per dataset, its held-out file's location too, so runs on
-        other files never gate against each other's champion (``topr-jsonl-data-capitals-test``
-        for ``data/capitals/test.jsonl``; a scheduled run reading the same URI each time keeps
-        its model)."""
+        task; for a task of one model per dataset, its held-out file's location too (a local path
+        made absolute), so runs on other files do not gate against each other's champion:
+        ``topr-jsonl-srv-data-capitals-test`` for ``/srv/data/capitals/test.jsonl``, and a
+        scheduled run reading the same URI each time keeps its model."""
         if not (cls.one_model_per_dataset and config.eval_path):
             return f"topr-{cls.name}"
-        location = re.sub(r"^[a-z0-9]+://", "", config.eval_path)
-        location = re.sub(r"\.(jsonl|json|csv|parquet)$", "", location)
+        scheme = re.match(r"^[a-z0-9]+://", config.eval_path, re.IGNORECASE)
+        location = config.eval_path[scheme.end():] if scheme else str(Path(config.eval_path).absolute())
+        location = re.sub(r"\.(jsonl|json|csv|parquet)$", "", location, flags=re.IGNORECASE)
         slug = re.sub(r"[^A-Za-z0-9._]+", "-", location).strip("-.") or "data"
         if len(slug) > MODEL_NAME_SLUG_LIMIT:  # the folder's tail, and a digest of all of it
-            slug = f"{hashlib.sha256(config.eval_path.encode()).hexdigest()[:8]}-{slug[-MODEL_NAME_SLUG_LIMIT:].lstrip('-.')}"
+            slug = f"{hashlib.sha256(location.encode()).hexdigest()[:8]}-{slug[-MODEL_NAME_SLUG_LIMIT:].lstrip('-.')}"
         return f"topr-{cls.name}-{slug}"
 
     def __init_subclass__(cls, **kwargs):
