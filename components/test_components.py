@@ -32,7 +32,7 @@ INTERFACES = {
             "form_defaults": "String",
             **RUN_FORM_INPUTS,
         },
-        {"parent_run_id": "String", "config_json": "String"},
+        {"parent_run_id": "String", "config_json": "String", "skipped": "String"},
     ),
     "finish_run": ({"config_json": "String", "tracking_uri": "String", "kfp_run_id": "String", "status": "PipelineTaskFinalStatus"}, {"run_page": HTML}),
     "prepare_model": (TRACKED, {"model": MODEL}),

@@ -49,6 +49,8 @@ def scheduled_config(config: Config) -> Config:
         raise ValueError(f"task.name={config.task.name} reads no prompt files; a schedule needs one of {', '.join(file_tasks)}")
     data = config_to_dict(config)
     data["model"]["path"] = f"models:/{config.run.registered_model}@{config.gate.alias}"
+    if "skip_unchanged_prompts" not in config.run.model_fields_set:  # prompts the champion learnt: nothing to do
+        data["run"]["skip_unchanged_prompts"] = True
     return build_config(data, source="schedule")
 
 

@@ -19,6 +19,7 @@ secrets, retries, timeouts), which only a cluster run uses.
 """
 
 
+import contextlib
 import inspect
 import json
 from importlib import import_module
@@ -105,6 +106,15 @@ def never_cached(task: dsl.PipelineTask) -> dsl.PipelineTask:
     return task.set_caching_options(enable_caching=False)
 
 
+def unless_skipped(config: Config, skipped):
+    """The loop's tasks run only when ``start_run`` found no reason to skip them
+    (``run.skip_unchanged_prompts``: prompts the starting model was trained on); without that
+    option, no condition."""
+    if not config.run.skip_unchanged_prompts:
+        return contextlib.nullcontext()
+    return dsl.If(skipped == "", name="new training prompts")
+
+
 def run_form(config: Config) -> list[inspect.Parameter]:
     """The run form's typed parameters (``topr.config.RUN_FORM``), each defaulting to ``config``'s value."""
     values = form_values(config)
@@ -156,7 +166,7 @@ def build_pipeline(config: Config, pipeline_root: str | None = None):
         parent_run_id, run_config = started.outputs["parent_run_id"], started.outputs["config_json"]
         closing = finish_run(config_json=config_json, tracking_uri=tracking_uri, kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER)
         never_cached(on_cluster(closing.set_display_name("finish MLflow run"), cluster))
-        with dsl.ExitHandler(closing, name="topr loop"):
+        with dsl.ExitHandler(closing, name="topr loop"), unless_skipped(config, started.outputs["skipped"]):
             tracking = {"config_json": run_config, "tracking_uri": tracking_uri, "parent_run_id": parent_run_id}
             scope = add_phase(workflow.START, {}, tracking, 0, config)
             scope[workflow.BASE_MODEL] = scope[workflow.MODEL]

@@ -46,9 +46,22 @@ def test_create_sends_a_cron_recurring_run_that_starts_from_the_champion(kfp_api
     assert config["task"]["eval_path"] == "s3://data/prompts/eval.jsonl"
     assert runtime["parameters"]["tracking_uri"] == "http://mlflow.mlops:5000"
     assert runtime["parameters"]["task_eval_path"] == "s3://data/prompts/eval.jsonl"  # typed, in the run form
-    # The compiled pipeline travels inline, with its three unrolled iterations and the gate.
-    tasks = sent["pipeline_spec"]["pipeline_spec"]["components"]["comp-exit-handler-1"]["dag"]["tasks"]
+    # The compiled pipeline travels inline, with its three unrolled iterations and the gate, which
+    # run only when start_run finds training prompts the champion has not learnt.
+    assert config["run"]["skip_unchanged_prompts"] is True
+    components = sent["pipeline_spec"]["pipeline_spec"]["components"]
+    (condition,) = components["comp-exit-handler-1"]["dag"]["tasks"].values()
+    assert condition["triggerPolicy"]["condition"] == "inputs.parameter_values['pipelinechannel--start-run-skipped'] == ''"
+    tasks = components[condition["componentRef"]["name"]]["dag"]["tasks"]
     assert {"iteration-1", "iteration-2", "iteration-3", "gate"} <= set(tasks)
+
+
+def test_a_schedule_can_train_on_prompts_the_champion_learnt(kfp_api):
+    host, requests = kfp_api
+    assert main(create_command(host, overrides=("task.name=jsonl", "run.skip_unchanged_prompts=false"))) == 0
+    (sent,) = [body for method, path, body in requests if method == "POST" and path == "/apis/v2beta1/recurringruns"]
+    assert json.loads(sent["runtime_config"]["parameters"]["config_json"])["run"]["skip_unchanged_prompts"] is False
+    assert {"iteration-1", "gate"} <= set(sent["pipeline_spec"]["pipeline_spec"]["components"]["comp-exit-handler-1"]["dag"]["tasks"])
 
 
 def test_scheduled_runs_use_the_pipeline_service_account(kfp_api):

@@ -24,9 +24,10 @@ def start_run(
     sample_temperature: float,
     gate_margin: float,
     run_registered_model: str,
-) -> NamedTuple("Started", [("parent_run_id", str), ("config_json", str)]):
+) -> NamedTuple("Started", [("parent_run_id", str), ("config_json", str), ("skipped", str)]):
     """Create the parent MLflow run of this pipeline run (or continue the ended one
-    ``resume_run_id`` names) with the run form applied; return its id and the configuration."""
+    ``resume_run_id`` names) with the run form applied; return its id, the configuration, and
+    why the run trains nothing ("" when it trains)."""
     arguments = dict(locals())  # the parameters, before the import binds another name
     from topr import steps
 

@@ -408,6 +408,12 @@ class RunConfig(Section):
         "topr-jsonl-<task.eval_path as a name, a local path made absolute>, e.g. topr-jsonl-srv-data-capitals-test "
         "for /srv/data/capitals/test.jsonl.",
     )
+    skip_unchanged_prompts: bool = Field(
+        False,
+        description="Train nothing when the run starts from a registered model (model.path=models:/…) "
+        "that was trained on exactly these training prompts (the same SHA-256): the run ends FINISHED, "
+        "tagged topr.skipped with why. topr schedule sets it; false trains anyway.",
+    )
     artifact_store: str | None = Field(
         None,
         description="s3://bucket/prefix where every stage also publishes its outputs, under "

@@ -62,7 +62,8 @@ def run_in_process(config: Config, run_dir: str | Path, tracking_uri: str, run_n
     steps.check_services(tracking_uri, config.run.artifact_store)
     parent_run_id = start_pipeline_run(tracking_uri, config, run_name)
     try:
-        run_workflow(steps.StageContext(config, tracking_uri, parent_run_id), run_dir, _shared_start(shared) if shared else {})
+        if not steps.skip_reason(config, tracking_uri, parent_run_id):
+            run_workflow(steps.StageContext(config, tracking_uri, parent_run_id), run_dir, _shared_start(shared) if shared else {})
     except BaseException:
         mlflow_client(tracking_uri).set_terminated(parent_run_id, "FAILED")
         raise

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 
 from topr.config import Config
@@ -9,8 +11,29 @@ from topr.records import write_records
 from topr.tasks import get_task
 
 
+def prompts_digest(records: list[dict]) -> str:
+    """The SHA-256 of prompt records, each as canonical JSON (sorted keys) on a line: what a
+    model was trained on, compared by a scheduled run before it trains again
+    (``run.skip_unchanged_prompts``)."""
+    digest = hashlib.sha256()
+    for record in records:
+        digest.update(json.dumps(record, sort_keys=True).encode() + b"\n")
+    return digest.hexdigest()
+
+
+def training_prompts(config: Config) -> list[dict]:
+    """The training prompts ``run_prompts`` writes, in order."""
+    task = get_task(config.task)
+    train_seed = config.task.seed if config.task.train_seed is None else config.task.train_seed
+    count = config.task.train_size * config.run.iterations
+    if config.verifier.enabled:
+        count = max(count, config.verifier.train_questions)
+    return task.problems("train", count, train_seed)
+
+
 def run_prompts(config: Config, train_path: str | Path, eval_path: str | Path) -> dict:
-    """Write ``train_size × iterations`` training prompts and ``eval_size`` held-out prompts.
+    """Write ``train_size × iterations`` training prompts and ``eval_size`` held-out prompts;
+    return their counts and the training prompts' digest (``prompts_digest``).
 
     Each iteration samples its own slice of the training prompts (see
     ``topr.sample.select_iteration_prompts``); a file with fewer prompts is cycled through.
@@ -18,15 +41,10 @@ def run_prompts(config: Config, train_path: str | Path, eval_path: str | Path) -
     the verifier's training questions: the extra ones come after the iterations' slices, which
     stay as they are (a task's first N problems do not depend on how many are asked for).
     """
-    task = get_task(config.task)
-    train_seed = config.task.seed if config.task.train_seed is None else config.task.train_seed
-    count = config.task.train_size * config.run.iterations
-    if config.verifier.enabled:
-        count = max(count, config.verifier.train_questions)
-    train = task.problems("train", count, train_seed)
-    held_out = task.problems("test", config.task.eval_size, config.task.seed)
+    train = training_prompts(config)
+    held_out = get_task(config.task).problems("test", config.task.eval_size, config.task.seed)
     if not train or not held_out:
         raise ValueError(f"task {config.task.name} produced {len(train)} training and {len(held_out)} held-out prompts")
     write_records(train_path, train)
     write_records(eval_path, held_out)
-    return {"train_prompts": len(train), "eval_prompts": len(held_out)}
+    return {"train_prompts": len(train), "eval_prompts": len(held_out), "train_prompts_sha256": prompts_digest(train)}

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from topr.records import read_records, write_json
 from topr.stats import ProblemGain
-from topr.tracking import metric_history, mlflow_client
+from topr.tracking import SKIPPED_TAG, metric_history, mlflow_client
 
 ACCURACY_KEYS = ("pass_at_1", "pass_at_1_ci_low", "pass_at_1_ci_high", "maj_at_k", "pass_at_k", "parse_failure_rate")
 COMPOSITION_KEYS = ("sample_accuracy", "curated_count", "curated_positives", "curated_negatives", "effective_positive_fraction")
@@ -104,7 +104,10 @@ def format_gains(gains: dict[int, ProblemGain]) -> str:
 
 
 def format_decision(tags: dict[str, str]) -> str:
-    """The gate's decision, its guardrails and the promotion, from the run's tags; "" before the gate."""
+    """The gate's decision, its guardrails and the promotion, from the run's tags, or why the run
+    trained nothing; "" before the gate."""
+    if SKIPPED_TAG in tags:
+        return f"skipped: {tags[SKIPPED_TAG]}"
     lines = [f"gate: {tags['topr.gate']}"] if "topr.gate" in tags else []
     lines += [f"  {value}" for key, value in sorted(tags.items()) if key.startswith("topr.gate.")]
     if "topr.promoted" in tags:
@@ -142,16 +145,20 @@ def run_html(tracking_uri: str, run_id: str, title: str) -> str:
 
 def write_run_report(run_dir: Path, tracking_uri: str, run_id: str, minutes: float) -> str:
     """Write ``report.md`` and ``accuracy.png`` into the run folder, log both; return the table
-    and the gains over the starting model."""
+    and the gains over the starting model (for a run that trained nothing, why: ``report.md`` alone)."""
     from topr.tracking import log_run_artifact
 
+    heading = f"# topr run {run_dir.name}\n\nMLflow run `{run_id}` ({tracking_uri}), {minutes:.1f} minutes.\n\n"
+    tags = mlflow_client(tracking_uri).get_run(run_id).data.tags
+    if SKIPPED_TAG in tags:
+        text = format_decision(tags)
+        (run_dir / "report.md").write_text(f"{heading}{text}\n")
+        log_run_artifact(tracking_uri, run_id, run_dir / "report.md")
+        return text
     metrics = run_metrics(tracking_uri, run_id)
     table = run_text(tracking_uri, run_id, metrics)
     plot_accuracy(metrics, run_dir / "accuracy.png")
-    (run_dir / "report.md").write_text(
-        f"# topr run {run_dir.name}\n\nMLflow run `{run_id}` ({tracking_uri}), {minutes:.1f} minutes.\n\n"
-        f"```\n{table}\n```\n\n![held-out accuracy](accuracy.png)\n"
-    )
+    (run_dir / "report.md").write_text(f"{heading}```\n{table}\n```\n\n![held-out accuracy](accuracy.png)\n")
     for name in ("report.md", "accuracy.png"):
         log_run_artifact(tracking_uri, run_id, run_dir / name)
     return table

@@ -24,6 +24,8 @@ from topr import console, promotion, storage
 from topr.config import Config, build_config, config_to_dict, config_to_yaml
 from topr.tracking import (
     EVALUATION_ARTIFACT,
+    SKIPPED_TAG,
+    TRAIN_PROMPTS_TAG,
     StageRun,
     StepMetrics,
     check_tracking_server,
@@ -175,15 +177,40 @@ def start(config_json: str, tracking_uri: str, run_name: str, kfp_run_id: str = 
     return start_pipeline_run(tracking_uri, config, run_name, kfp_run_id, resume_run_id)
 
 
-def start_with_form(config_json: str, tracking_uri: str, run_name: str, kfp_run_id: str, resume_run_id: str, form_defaults: str, **form) -> tuple[str, str]:
+def start_with_form(config_json: str, tracking_uri: str, run_name: str, kfp_run_id: str, resume_run_id: str, form_defaults: str, **form) -> tuple[str, str, str]:
     """``start_run``'s step: write the run form's typed parameters over ``config_json``
     (``topr.config.apply_run_form``; refused before any run is created when a value is invalid),
-    then ``start``. Returns the parent run's id and the run's configuration, which every later
-    task reads."""
+    then ``start``. Returns the parent run's id, the run's configuration, which every later
+    task reads, and why the run trains nothing ("" when it trains: ``skip_reason``)."""
     from topr.config import apply_run_form
 
     config_json = apply_run_form(config_json, json.loads(form_defaults), form)
-    return start(config_json, tracking_uri, run_name, kfp_run_id, resume_run_id), config_json
+    parent_run_id = start(config_json, tracking_uri, run_name, kfp_run_id, resume_run_id)
+    return parent_run_id, config_json, skip_reason(parse_config(config_json), tracking_uri, parent_run_id)
+
+
+def skip_reason(config: Config, tracking_uri: str, parent_run_id: str) -> str:
+    """Why this run should train nothing, "" when it should train: with
+    ``run.skip_unchanged_prompts`` (what ``topr schedule`` sets), a run starting from a registered
+    model whose training prompts are those that model was trained on (``topr.prompts.prompts_digest``).
+    The reason is tagged ``topr.skipped`` on the parent run, which then ends FINISHED."""
+    if not (config.run.skip_unchanged_prompts and config.model.path.startswith("models:/")):
+        return ""
+    from topr.lineage import resolve_version
+    from topr.prompts import prompts_digest, training_prompts
+
+    client = mlflow_client(tracking_uri)
+    version = resolve_version(client, config.model.path)
+    digest = prompts_digest(training_prompts(config))
+    if version.tags.get(TRAIN_PROMPTS_TAG) != digest:
+        return ""
+    reason = (
+        f"the training prompts (sha256 {digest[:16]}) are those {version.name}/{version.version} was trained on: "
+        "nothing new to learn, so nothing was trained (run.skip_unchanged_prompts=false trains anyway)"
+    )
+    client.set_tag(parent_run_id, SKIPPED_TAG, reason)
+    log.info("skipping the run: %s", reason)
+    return reason
 
 
 def finish(config_json: str, tracking_uri: str, kfp_run_id: str, failed: bool, run_page: str = "") -> None:
@@ -191,9 +218,8 @@ def finish(config_json: str, tracking_uri: str, kfp_run_id: str, failed: bool, r
     write the whole run there as an HTML page for Kubeflow's UI: drawn last, it has the starting
     model, every iteration, the gains over the start and the gate's decision, whichever of the
     tasks finished first (the pages the evaluations draw show the run so far)."""
-    from topr.report import run_html
-
     from topr.config import RunConfig
+    from topr.report import run_html
 
     status = "FAILED" if failed else "FINISHED"
     # Read, not validated: the run may have failed on this very configuration (a bad value that
@@ -210,8 +236,10 @@ def finish(config_json: str, tracking_uri: str, kfp_run_id: str, failed: bool, r
         page = f"<p>{html.escape(title)}: no MLflow run was started.</p>\n"
     else:
         try:  # best-effort: the run is closed whatever the page does
-            title = f"{mlflow_client(tracking_uri).get_run(run_id).info.run_name}: the run, {status}"
-            page = run_html(tracking_uri, run_id, title)
+            run = mlflow_client(tracking_uri).get_run(run_id)
+            title = f"{run.info.run_name}: the run, {status}"
+            skipped = run.data.tags.get(SKIPPED_TAG)
+            page = f"<h2>{html.escape(title)}</h2><p>skipped: {html.escape(skipped)}</p>\n" if skipped else run_html(tracking_uri, run_id, title)
         except Exception as error:  # noqa: BLE001 - whatever broke, the run stands
             log.warning("could not draw the run's page for the pipeline UI: %s", error)
             page = f"<p>{html.escape(title)}: the page could not be drawn ({html.escape(str(error))}); the run's figures are in MLflow.</p>\n"
@@ -250,6 +278,7 @@ def prompts(context: StageContext, train_prompts: str, eval_prompts: str) -> dic
 
     with context.stage("prompts") as (run, outputs):
         counts = run_prompts(context.config, train_prompts, eval_prompts)
+        run.tag_parent(TRAIN_PROMPTS_TAG, counts["train_prompts_sha256"])
         for path, name, use in ((train_prompts, "train_prompts", "training"), (eval_prompts, "eval_prompts", "evaluation")):
             run.log_dataset(path, name, use, source=outputs.file(path, f"{name}.jsonl"))
         run.log_metrics(counts)
@@ -353,6 +382,7 @@ def train(context: StageContext, model: str, train_set: str, samples: str, train
             "train_set_uri": train_set_uri or train_set,
             "samples_uri": samples_uri or samples,
             "sampling_models": ",".join(sampling_models),
+            "train_prompts_sha256": run.parent_tags().get(TRAIN_PROMPTS_TAG, ""),
         }
         trained = TrainedModel(run, outputs, trained_model, model, summary["weights_sha256"])
         summary["registered_version"] = trained.register(config.run.registered_model, "model", lineage, warning)

@@ -39,6 +39,10 @@ or its ``topr run`` found gone (``end_pipeline_run``, ``topr.gc``)."""
 CHECKPOINTS_TAG = "topr.checkpoints"
 """Set by ``topr.gc`` on an ended run once no training checkpoint of it is left."""
 RESUMED_TAG = "topr.resumed"
+TRAIN_PROMPTS_TAG = "topr.train_prompts_sha256"
+"""On a parent run, and on every model version it trained: its training prompts' digest."""
+SKIPPED_TAG = "topr.skipped"
+"""On a parent run that trained nothing, why (``topr.steps.skip_reason``)."""
 """How many times ``topr run --resume`` continued a parent run; ``topr.resumed.<n>`` says why
 it had ended before the n-th."""
 
@@ -377,6 +381,13 @@ class StageRun:
 
     def log_text(self, text: str, artifact_file: str) -> None:
         self.client.log_text(self.run_id, text, artifact_file)
+
+    def tag_parent(self, key: str, value: str) -> None:
+        """Tag the pipeline's run, for the stages after this one (``parent_tags``)."""
+        self.client.set_tag(self.parent_run_id, key, value)
+
+    def parent_tags(self) -> dict[str, str]:
+        return self.client.get_run(self.parent_run_id).data.tags
 
     def register_model(self, name: str, source: str, tags: dict[str, str]) -> str:
         """Register ``source`` as a new version of ``name``; return the version. ``source`` is a

@@ -233,3 +233,24 @@ def test_a_typed_parameter_changed_in_the_run_form_reaches_every_stage(tmp_path,
     train_run = client.get_run(finished_stage_runs(tracking_uri, parent_run_id, "train")[1])
     assert train_run.data.params["sample.temperature"] == "0.9" and config.sample.temperature == 0.5
     assert client.get_run(parent_run_id).info.status == "FINISHED"
+
+
+@pytest.mark.slow
+def test_a_run_on_the_prompts_its_champion_learnt_trains_nothing(tmp_path, tiny_model_dir, capsys):
+    """What a scheduled run does when no new prompts arrived (run.skip_unchanged_prompts)."""
+    from topr.cli import main
+    from topr.tracking import SKIPPED_TAG, TRAIN_PROMPTS_TAG
+
+    common = [f"run.output_dir={tmp_path}", "run.iterations=1", "run.registered_model=steady", *TINY_RUN]
+    assert main(["run", "run.name=first", f"model.path={tiny_model_dir}", *common]) == 0
+    assert main(["run", "--from", "champion", "run.name=again", "run.skip_unchanged_prompts=true", *common]) == 0
+    assert "skipped: the training prompts (sha256 " in capsys.readouterr().out
+
+    client = mlflow.MlflowClient(default_tracking_uri(tmp_path))
+    (first,) = client.search_model_versions("name = 'steady'")  # nothing registered by the second run
+    again = client.search_runs([client.get_experiment_by_name("topr").experiment_id], "tags.mlflow.runName = 'again'")[0]
+    assert again.info.status == "FINISHED" and "are those steady/1 was trained on" in again.data.tags[SKIPPED_TAG]
+    assert first.tags[TRAIN_PROMPTS_TAG] == client.search_runs([again.info.experiment_id], "tags.mlflow.runName = 'first'")[0].data.tags[TRAIN_PROMPTS_TAG]
+    assert client.search_runs([again.info.experiment_id], f"tags.`mlflow.parentRunId` = '{again.info.run_id}'") == []
+    page = _artifact(tmp_path / "again" / "pipeline_root", "finish-run", "run_page").read_text()
+    assert "<h2>again: the run, FINISHED</h2><p>skipped: the training prompts" in page
