@@ -30,6 +30,7 @@ INTERFACES = {
             "kfp_run_id": "String",
             "resume_run_id": "String",
             "form_defaults": "String",
+            "skippable": "Boolean",
             **RUN_FORM_INPUTS,
         },
         {"parent_run_id": "String", "config_json": "String", "skipped": "String"},

@@ -160,6 +160,7 @@ def build_pipeline(config: Config, pipeline_root: str | None = None):
             kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
             resume_run_id=resume_run_id,
             form_defaults=json.dumps({parameter.name: parameter.default for parameter in form}),
+            skippable=config.run.skip_unchanged_prompts,
             **{parameter.name: value for parameter, value in zip(form, typed, strict=True)},
         )
         never_cached(on_cluster(started.set_display_name("start MLflow run"), cluster))

@@ -94,6 +94,7 @@ def test_a_guardrail_out_of_range_is_refused(override):
 
 
 def test_a_champion_that_answers_nothing_can_be_replaced():
-    """Its mean answer length counts as one token: the length limit is then the ratio, not 0."""
-    decision = decide(figures(0.70, tokens=1.4), figures(0.50, tokens=0.0), GATE)
-    assert decision.promote and decision.guardrails[2].limit == 1.5
+    """Under one token on average, the champion sets no length limit (0 × 1.5 would block every model)."""
+    decision = decide(figures(0.70, tokens=25.0), figures(0.50, tokens=0.0), GATE)
+    assert decision.promote and decision.guardrails[2].limit == float("inf")
+    assert not decide(figures(0.70, tokens=31.0), figures(0.50, tokens=20.0), GATE).promote

@@ -250,7 +250,7 @@ def test_a_folder_is_logged_whole_or_not_at_all(store, client, parent, tmp_path,
         Path(target).write_bytes(Path(source).read_bytes()[:2048])
         raise OSError(errno.ENOSPC, "No space left on device", str(target))
 
-    def across_file_systems(source, target):
+    def across_file_systems(source, target, **_):
         raise OSError(errno.EXDEV, "Invalid cross-device link")
 
     with pytest.raises(OSError, match="No space left"):

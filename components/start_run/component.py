@@ -13,8 +13,10 @@ def start_run(
     kfp_run_id: str,
     resume_run_id: str,
     form_defaults: str,
+    skippable: bool,
     # The run form (topr.config.RUN_FORM): typed parameters written over config_json where they
-    # differ from the compiled defaults (form_defaults).
+    # differ from the compiled defaults (form_defaults). skippable: compiled to skip the loop
+    # (run.skip_unchanged_prompts).
     model_path: str,
     task_train_path: str,
     task_eval_path: str,

@@ -411,8 +411,9 @@ class RunConfig(Section):
     skip_unchanged_prompts: bool = Field(
         False,
         description="Train nothing when the run starts from a registered model (model.path=models:/…) "
-        "that was trained on exactly these training prompts (the same SHA-256): the run ends FINISHED, "
-        "tagged topr.skipped with why. topr schedule sets it; false trains anyway.",
+        "that was trained on exactly these training prompts (the same SHA-256), or that a finished run "
+        "already trained on them: the run ends FINISHED, tagged topr.skipped with why. topr schedule sets "
+        "it; a pipeline compiled without it never skips; false trains anyway.",
     )
     artifact_store: str | None = Field(
         None,

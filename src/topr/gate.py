@@ -41,9 +41,9 @@ class Guardrail:
 
 
 def times_length(champion_tokens: float, ratio: float) -> float:
-    """The length limit: ``ratio`` times the champion's mean answer length, counted as at least
-    one token, so that a champion that answers nothing can be replaced."""
-    return max(champion_tokens, 1.0) * ratio
+    """The length limit: ``ratio`` times the champion's mean answer length; none (infinite) for a
+    champion whose answers average under one token, which any model that answers may replace."""
+    return champion_tokens * ratio if champion_tokens >= 1.0 else math.inf
 
 
 # (evaluation metric, what it counts, GateConfig field, the limit from the champion's value and the field)

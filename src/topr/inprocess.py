@@ -60,9 +60,11 @@ def run_in_process(config: Config, run_dir: str | Path, tracking_uri: str, run_n
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     steps.check_services(tracking_uri, config.run.artifact_store)
+    reason, start_version = steps.skip_reason(config, tracking_uri)
     parent_run_id = start_pipeline_run(tracking_uri, config, run_name)
+    steps.mark_start(tracking_uri, parent_run_id, reason, start_version)
     try:
-        if not steps.skip_reason(config, tracking_uri, parent_run_id):
+        if not reason:
             run_workflow(steps.StageContext(config, tracking_uri, parent_run_id), run_dir, _shared_start(shared) if shared else {})
     except BaseException:
         mlflow_client(tracking_uri).set_terminated(parent_run_id, "FAILED")

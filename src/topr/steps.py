@@ -25,6 +25,7 @@ from topr.config import Config, build_config, config_to_dict, config_to_yaml
 from topr.tracking import (
     EVALUATION_ARTIFACT,
     SKIPPED_TAG,
+    START_VERSION_TAG,
     TRAIN_PROMPTS_TAG,
     StageRun,
     StepMetrics,
@@ -177,40 +178,64 @@ def start(config_json: str, tracking_uri: str, run_name: str, kfp_run_id: str = 
     return start_pipeline_run(tracking_uri, config, run_name, kfp_run_id, resume_run_id)
 
 
-def start_with_form(config_json: str, tracking_uri: str, run_name: str, kfp_run_id: str, resume_run_id: str, form_defaults: str, **form) -> tuple[str, str, str]:
+def start_with_form(config_json: str, tracking_uri: str, run_name: str, kfp_run_id: str, resume_run_id: str, form_defaults: str, skippable: bool, **form) -> tuple[str, str, str]:
     """``start_run``'s step: write the run form's typed parameters over ``config_json``
     (``topr.config.apply_run_form``; refused before any run is created when a value is invalid),
-    then ``start``. Returns the parent run's id, the run's configuration, which every later
-    task reads, and why the run trains nothing ("" when it trains: ``skip_reason``)."""
+    then ``start``. Returns the parent run's id, the run's configuration, which every later task
+    reads, and why the run trains nothing ("" when it trains: ``skip_reason``). Only a pipeline
+    compiled to skip its loop (``skippable``) asks; a resumed run, or one whose form changed a
+    parameter, always trains."""
     from topr.config import apply_run_form
 
-    config_json = apply_run_form(config_json, json.loads(form_defaults), form)
-    parent_run_id = start(config_json, tracking_uri, run_name, kfp_run_id, resume_run_id)
-    return parent_run_id, config_json, skip_reason(parse_config(config_json), tracking_uri, parent_run_id)
+    applied = apply_run_form(config_json, json.loads(form_defaults), form)
+    config = parse_config(applied)
+    reason, start_version = skip_reason(config, tracking_uri) if skippable and applied == config_json and not resume_run_id else ("", "")
+    parent_run_id = start(applied, tracking_uri, run_name, kfp_run_id, resume_run_id)
+    mark_start(tracking_uri, parent_run_id, reason, start_version)
+    return parent_run_id, applied, reason
 
 
-def skip_reason(config: Config, tracking_uri: str, parent_run_id: str) -> str:
-    """Why this run should train nothing, "" when it should train: with
-    ``run.skip_unchanged_prompts`` (what ``topr schedule`` sets), a run starting from a registered
-    model whose training prompts are those that model was trained on (``topr.prompts.prompts_digest``).
-    The reason is tagged ``topr.skipped`` on the parent run, which then ends FINISHED."""
+def skip_reason(config: Config, tracking_uri: str) -> tuple[str, str]:
+    """Why this run should train nothing ("" when it should), and the registered version it starts
+    from ("name/N", "" for none): with ``run.skip_unchanged_prompts`` (what ``topr schedule``
+    sets), a run from a registered model trains nothing when its training prompts
+    (``topr.prompts.prompts_digest``) are those that version was trained on, or those a finished
+    run already trained it on (whose gate then kept the champion: training again would repeat it)."""
     if not (config.run.skip_unchanged_prompts and config.model.path.startswith("models:/")):
-        return ""
+        return "", ""
     from topr.lineage import resolve_version
     from topr.prompts import prompts_digest, training_prompts
 
     client = mlflow_client(tracking_uri)
     version = resolve_version(client, config.model.path)
-    digest = prompts_digest(training_prompts(config))
-    if version.tags.get(TRAIN_PROMPTS_TAG) != digest:
-        return ""
-    reason = (
-        f"the training prompts (sha256 {digest[:16]}) are those {version.name}/{version.version} was trained on: "
-        "nothing new to learn, so nothing was trained (run.skip_unchanged_prompts=false trains anyway)"
+    start_version, digest = f"{version.name}/{version.version}", prompts_digest(training_prompts(config))
+    anyway = "nothing new to learn, so nothing was trained (run.skip_unchanged_prompts=false trains anyway)"
+    if version.tags.get(TRAIN_PROMPTS_TAG) == digest:
+        return f"the training prompts (sha256 {digest[:16]}) are those {start_version} was trained on: {anyway}", start_version
+    experiment = client.get_experiment_by_name(config.run.experiment)
+    earlier = experiment and client.search_runs(
+        [experiment.experiment_id],
+        f"tags.`{START_VERSION_TAG}` = '{start_version}' and tags.`{TRAIN_PROMPTS_TAG}` = '{digest}' and attributes.status = 'FINISHED'",
+        max_results=1,
     )
-    client.set_tag(parent_run_id, SKIPPED_TAG, reason)
-    log.info("skipping the run: %s", reason)
-    return reason
+    if earlier:
+        run = earlier[0]
+        decision = run.data.tags.get("topr.gate", "no gate")
+        return f"run {run.info.run_name} ({run.info.run_id}) already trained {start_version} on these training prompts (sha256 {digest[:16]}), and its gate said {decision!r}: {anyway}", start_version
+    return "", start_version
+
+
+def mark_start(tracking_uri: str, parent_run_id: str, reason: str, start_version: str) -> None:
+    """Tag the parent run with the registered version it starts from, and why it trains nothing
+    (``topr.skipped``, which a retried start that now trains removes)."""
+    client = mlflow_client(tracking_uri)
+    if start_version:
+        client.set_tag(parent_run_id, START_VERSION_TAG, start_version)
+    if reason:
+        client.set_tag(parent_run_id, SKIPPED_TAG, reason)
+        log.info("skipping the run: %s", reason)
+    elif SKIPPED_TAG in client.get_run(parent_run_id).data.tags:
+        client.delete_tag(parent_run_id, SKIPPED_TAG)
 
 
 def finish(config_json: str, tracking_uri: str, kfp_run_id: str, failed: bool, run_page: str = "") -> None:

@@ -43,6 +43,8 @@ TRAIN_PROMPTS_TAG = "topr.train_prompts_sha256"
 """On a parent run, and on every model version it trained: its training prompts' digest."""
 SKIPPED_TAG = "topr.skipped"
 """On a parent run that trained nothing, why (``topr.steps.skip_reason``)."""
+START_VERSION_TAG = "topr.start_version"
+"""On a parent run that starts from a registered model and may skip its loop: that version, "name/N"."""
 """How many times ``topr run --resume`` continued a parent run; ``topr.resumed.<n>`` says why
 it had ended before the n-th."""
 
@@ -173,7 +175,7 @@ def resume_pipeline_run(client, run_id: str, run_name: str, kfp_run_id: str = ""
         tags[KFP_RUN_TAG] = kfp_run_id
     for key, value in tags.items():
         client.set_tag(run_id, key, value)
-    for stale in (ENDED_TAG, CHECKPOINTS_TAG):
+    for stale in (ENDED_TAG, CHECKPOINTS_TAG, SKIPPED_TAG):
         if stale in run.data.tags:
             client.delete_tag(run_id, stale)
     client.update_run(run_id, status="RUNNING")
@@ -291,13 +293,17 @@ def link_tree(source: Path, target: Path) -> None:
     new file and renamed (``topr.records``, ``topr.models``)."""
     import shutil
 
-    for file in sorted(path for path in source.rglob("*") if path.is_file()):
-        destination = target / file.relative_to(source)
-        destination.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            os.link(file, destination)
-        except OSError:
-            shutil.copy2(file, destination)
+    if not source.is_dir():
+        raise FileNotFoundError(f"no folder to log: {source}")
+    for folder, _, files in os.walk(source, followlinks=True):
+        for name in files:
+            file = Path(folder, name)
+            destination = target / file.relative_to(source)
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(file, destination, follow_symlinks=True)
+            except OSError:
+                shutil.copy2(file, destination)
 
 
 class StageRun:
