@@ -51,7 +51,8 @@ INTERFACES = {
         {**STAGE, "model": MODEL, "eval_prompts": DATASET},
         {"Output": "String", "champion_version": "String", "decision_report": MARKDOWN},
     ),
-    "promote": ({**TRACKED, "model": MODEL, "champion_version": "String"}, {}),
+    "promote": ({**TRACKED, "model": MODEL, "champion_version": "String"}, {"Output": "String"}),
+    "serve": ({**STAGE, "version": "String"}, {"manifest": ARTIFACT}),
     "verifier_data": (
         {**TRACKED, "model": MODEL, "train_prompts": DATASET, "eval_prompts": DATASET},
         {"verifier_data": DATASET, "metrics": METRICS},

@@ -4,7 +4,7 @@
                  iteration 1: sample ×shards ▶ collect ▶ verify ▶ curate ▶ train ▶ evaluate ─▶ model_1
                  iteration 2: the same, from model_1                                        ─▶ model_2
                  …
-                 finish phase: gate(model_N) ─▶ if "promote": promote;  verifier_data ▶ train_verifier ▶ evaluate_verifier
+                 finish phase: gate(model_N) ─▶ if "promote": promote ▶ serve;  verifier_data ▶ train_verifier ▶ evaluate_verifier
     finish_run (exit handler: closes the MLflow run as FINISHED or FAILED)
 
 Every stage of the description becomes a task of its component (``components/<name>/``), which
@@ -23,6 +23,7 @@ import contextlib
 import inspect
 import json
 from importlib import import_module
+from itertools import groupby
 
 from kfp import dsl
 from kfp.dsl import Dataset, Input, Model
@@ -41,15 +42,13 @@ def component(stage: str):
 
 def add_phase(stages, scope: dict, tracking: dict, iteration: int, config: Config) -> dict:
     """Add the phase's enabled stages as tasks, in order, each reading what earlier ones made;
-    returns ``scope`` with their outputs (task output channels) by name."""
-    for stage in stages:
-        if not stage.enabled(config):
-            continue
-        if stage.runs_if:
-            with dsl.If(scope[stage.runs_if.value] == stage.runs_if.equals, name=stage.runs_if.title):
+    returns ``scope`` with their outputs (task output channels) by name. Consecutive stages with
+    the same condition share one ``dsl.If``: a task may read another's output only inside it."""
+    enabled = [stage for stage in stages if stage.enabled(config)]
+    for condition, group in groupby(enabled, key=lambda stage: stage.runs_if):
+        with dsl.If(scope[condition.value] == condition.equals, name=condition.title) if condition else contextlib.nullcontext():
+            for stage in group:
                 add_stage(stage, scope, tracking, iteration, config)
-        else:
-            add_stage(stage, scope, tracking, iteration, config)
     return scope
 
 

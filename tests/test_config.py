@@ -202,10 +202,16 @@ def test_unknown_field_lists_choices():
         assert field in message
 
 
-@pytest.mark.parametrize("override", ["train", "train.objective", "train=topr", "a.b.c=1", ".objective=x", "train.=x"])
+@pytest.mark.parametrize("override", ["train", "train.objective", "train=topr", ".objective=x", "train.=x", "cluster..enabled=x"])
 def test_malformed_override(override):
     with pytest.raises(ConfigError, match="section.field=value"):
         load_config(overrides=[override])
+
+
+def test_an_override_reaches_a_section_of_a_section():
+    assert load_config(overrides=["cluster.serve.gpus=0"]).cluster.serve.gpus == 0
+    with pytest.raises(ConfigError, match=r"unknown section 'a'"):
+        load_config(overrides=["a.b.c=1"])
 
 
 @pytest.mark.parametrize(

@@ -627,6 +627,37 @@ def test_external_s3_component_removes_seaweedfs_and_repoints_endpoints(overlay,
     assert "seaweedfs" not in yaml.safe_dump(store)
 
 
+# --- serving the champion with KServe -----------------------------------------------------------
+
+
+def test_serving_component_lets_the_pipeline_apply_only_its_serving_objects(tmp_path):
+    copy = tmp_path / "k8s"
+    shutil.copytree(K8S, copy)
+    kustomization = copy / "overlays" / "dev" / "kustomization.yaml"
+    text, n = re.subn(r"^  # - \.\./\.\./components/serving$", "  - ../../components/serving", kustomization.read_text(), flags=re.M)
+    assert n == 1, "the commented-out serving line is not where the README says"
+    kustomization.write_text(text)
+    docs = kustomize(kustomization.parent)
+    for doc in docs:
+        kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
+
+    binding = one(docs, "RoleBinding", "topr-serve-deployer")
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "topr-pipeline", "namespace": NAMESPACE}]
+    rules = one(docs, "Role", "topr-serve-deployer")["rules"]
+    granted = {(group, resource, verb, tuple(rule.get("resourceNames", ()))) for rule in rules for group in rule["apiGroups"] for resource in rule["resources"] for verb in rule["verbs"]}
+    assert granted == {
+        ("serving.kserve.io", "inferenceservices", "get", ()), ("serving.kserve.io", "inferenceservices", "create", ()),
+        ("serving.kserve.io", "inferenceservices", "patch", ()), ("", "serviceaccounts", "create", ()),
+        ("", "serviceaccounts", "get", ("topr-serve",)), ("", "serviceaccounts", "patch", ("topr-serve",)),
+    }  # fmt: skip
+    assert not find(docs, "ClusterRole") and not find(docs, "ClusterRoleBinding")
+    pipeline_pod = {**PIPELINE_POD, "app": "some-kfp-task"}
+    api = one(docs, "NetworkPolicy", "pipeline-egress-kubernetes-api")["spec"]["egress"][0]["to"][0]["ipBlock"]["cidr"]
+    assert egress_allowed(docs, pipeline_pod, ip=api.split("/")[0], port=6443)
+    admitted = one(docs, "NetworkPolicy", "seaweedfs-ingress-kserve")["spec"]["ingress"][0]["from"][0]["podSelector"]
+    assert admitted == {"matchExpressions": [{"key": "serving.kserve.io/inferenceservice", "operator": "Exists"}]}
+
+
 # --- the TrainJob example -----------------------------------------------------------------------
 
 

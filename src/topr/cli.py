@@ -6,6 +6,7 @@ pipeline's package, through the ``topr.commands`` entry points) the pipeline its
     topr experiment NAME|SPEC [section.field=value ...]  several arms of the loop on the same data, compared
     topr sample | verify | curate | train | evaluate      one stage on files (local or s3://)
     topr up | down                                       SeaweedFS + MLflow server on this machine
+    topr serve [manifest] MODEL                          a registered model on loopback, or its KServe manifest
 
 The stage commands need only topr's core; the others need its ``workflow`` extra (kfp, MLflow,
 boto3), and say so when it is missing. Every file or model argument of a stage command may be
@@ -141,15 +142,21 @@ def _add_lineage_command(commands) -> argparse.ArgumentParser:
 def _add_gc_command(commands) -> argparse.ArgumentParser:
     gc = commands.add_parser(
         "gc",
-        help="End the runs whose 'topr run' was killed; list (--delete: remove) the checkpoints ended runs left.",
+        help="End the runs whose 'topr run' was killed; list (--delete: remove) what nothing needs and what it frees.",
         description="End as KILLED every RUNNING run of this host's 'topr run's on the tracking server whose process "
-        "is gone (killed outright: SIGKILL, out of memory), with its stage runs still RUNNING, tagged topr.ended; "
-        "then list the training checkpoints these runs and the runs 'topr run' ended on a signal or error left, "
-        "under $TMPDIR/topr-checkpoints/<run id>/ and <run.artifact_store>/<run id>/iter<i>/. Runs of other hosts "
-        "and of clusters are left alone. 'topr run' ends such runs as it starts, too.",
+        "is gone (killed outright: SIGKILL, out of memory), with its stage runs still RUNNING, tagged topr.ended. "
+        "Then list, with the bytes each frees: the training checkpoints these runs and the runs 'topr run' ended on a "
+        "signal or error left (under $TMPDIR/topr-checkpoints/<run id>/ and <run.artifact_store>/<run id>/iter<i>/); "
+        "the local copies (<run folder>/pipeline_root) of FINISHED runs under --output-dir that published everything "
+        "to an artifact store; and, with --keep-versions N, the files of every registered version that holds no alias, "
+        "is not among its model's newest N, is no ancestor of a kept version and whose run is not running (tagged "
+        "topr.files_removed first, so nothing reads it after). Runs of other hosts and of clusters are left alone; "
+        "samples, curated sets, evaluations and experiments' folders are never removed.",
     )
     gc.add_argument("--tracking-uri", type=tracking_uri_argument, help="MLflow tracking URI (default: the local store under runs/).")
-    gc.add_argument("--delete", action="store_true", help="Remove the checkpoints listed (a run resumed after that trains its stage from the start).")
+    gc.add_argument("--output-dir", default="runs", help="Where the run folders are (run.output_dir; default: runs).")
+    gc.add_argument("--keep-versions", type=int, metavar="N", help="Also list the versions beyond each model's newest N that nothing needs (default: keep every version).")
+    gc.add_argument("--delete", action="store_true", help="Remove what is listed (a run resumed after that trains its stage from the start).")
     return gc
 
 
@@ -168,6 +175,31 @@ def _add_promote_command(commands) -> argparse.ArgumentParser:
     promote.add_argument("--tracking-uri", type=tracking_uri_argument, help="MLflow tracking URI (default: run.tracking_uri, else the local store under run.output_dir).")
     add_config_arguments(promote)
     return promote
+
+
+def _add_serve_command(commands) -> argparse.ArgumentParser:
+    serve = commands.add_parser(
+        "serve",
+        help="Try a registered model on an OpenAI-compatible endpoint here, or write its KServe InferenceService.",
+        description="topr serve MODEL: fetch a registered version (name@alias, name/version or models:/…), check "
+        "every file against its manifest and the manifest against the digest MLflow recorded, and serve it on "
+        "loopback with transformers serve (an OpenAI-compatible API: /v1/chat/completions, /v1/completions, "
+        "/v1/models), the model named after the registered model; needs topr[serve]. "
+        "topr serve manifest MODEL: write the KServe InferenceService (Hugging Face runtime: vLLM with "
+        "cluster.serve.gpus > 0, its Hugging Face backend on CPU) and the ServiceAccount that hands KServe "
+        "cluster.s3_secret, for the version's files in object storage, pinned to its manifest's digest; as the "
+        "pipeline's serve stage writes them (cluster.serve.* settings).",
+    )
+    serve.add_argument("words", nargs="+", metavar="[manifest] MODEL [section.field=value ...]", help="What to serve, e.g. topr-arithmetic@champion; overrides of the config after it.")
+    serve.add_argument("--config", help=CONFIG_HELP)
+    serve.add_argument("--tracking-uri", type=tracking_uri_argument, help="MLflow tracking URI (default: run.tracking_uri, else the local store under run.output_dir).")
+    serve.add_argument("--host", default="127.0.0.1", help="Address to listen on (default: loopback only).")
+    serve.add_argument("--port", type=int, default=8000, help="Port to listen on.")
+    serve.add_argument("--device", default="cpu", help="Where the model runs: cpu, cuda, auto.")
+    serve.add_argument("--output", "-o", help="manifest: the YAML file to write (default: print it).")
+    serve.add_argument("--s3-endpoint", help="manifest: the object store's endpoint for KServe (default: $AWS_ENDPOINT_URL).")
+    serve.set_defaults(overrides=[])  # those after an option arrive here (main)
+    return serve
 
 
 def _add_down_command(commands) -> argparse.ArgumentParser:
@@ -345,18 +377,25 @@ def cmd_lineage(args) -> int:
 
 
 def cmd_gc(args) -> int:
-    from topr import gc
+    from topr import gc, retention
     from topr.tracking import check_tracking_server, default_tracking_uri
 
     tracking_uri = args.tracking_uri or default_tracking_uri("runs")
     check_tracking_server(tracking_uri)
+    if args.keep_versions is not None and args.keep_versions < 0:
+        raise ValueError(f"--keep-versions {args.keep_versions}: give 0 or more")
     found = gc.collect(tracking_uri, delete=args.delete)
     for item in found:
         print("\n".join(item.lines()))
+    unneeded = retention.collect(tracking_uri, args.output_dir, args.keep_versions, delete=args.delete)
+    for item in unneeded:
+        print("\n".join(item.lines()))
     ended = sum(item.abandoned for item in found)
     count = sum(len(item.checkpoints) for item in found)
-    print(f"topr gc: {ended} abandoned run(s) ended; {count} checkpoint(s) {'removed' if args.delete else 'listed'}")
-    return 0
+    done = "removed" if args.delete else "listed"
+    freed = retention.format_bytes(sum(item.freed_bytes for item in unneeded if item.removed or not args.delete))
+    print(f"topr gc: {ended} abandoned run(s) ended; {count} checkpoint(s) {done}; {len(unneeded)} unneeded item(s) {done}: {freed} {'freed' if args.delete else 'to free'}")
+    return 1 if any(item.problems for item in unneeded) else 0
 
 
 def cmd_promote(args) -> int:
@@ -369,6 +408,31 @@ def cmd_promote(args) -> int:
     name, alias = config.run.registered_model, config.gate.alias
     move = roll_back(tracking_uri, name, alias, config.run.experiment, args.to)
     print(f"{name}@{alias}: version {move.previous} -> version {move.version} (rollback run {move.run_id}, {move.time})")
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from topr import serve, storage
+    from topr.tracking import check_tracking_server, default_tracking_uri
+
+    words = [word for word in args.words if "=" not in word]
+    manifest = bool(words) and words[0] == "manifest"
+    if len(words) != 1 + manifest:
+        raise ValueError(f"expected [manifest] MODEL, got {' '.join(words) or 'nothing'}")
+    args.overrides = [*(word for word in args.words if "=" in word), *args.overrides]
+    config = command_config(args)
+    tracking_uri = args.tracking_uri or config.run.tracking_uri or default_tracking_uri(config.run.output_dir)
+    check_tracking_server(tracking_uri)
+    model = serve.served_model(tracking_uri, words[-1])
+    if not manifest:
+        return serve.serve_locally(model, args.host, args.port, args.device)
+    documents = serve.manifests(serve.checked(model), config.cluster, args.s3_endpoint or storage.endpoint_url())
+    if args.output:
+        print(f"wrote {serve.write_manifests(documents, args.output)} ({model.reference}: kubectl apply -f it)")
+    else:
+        import yaml
+
+        print(yaml.safe_dump_all(documents, sort_keys=False), end="")
     return 0
 
 
@@ -483,6 +547,7 @@ COMMANDS = (
     Command("lineage", _add_lineage_command, cmd_lineage),
     Command("gc", _add_gc_command, cmd_gc),
     Command("promote", _add_promote_command, cmd_promote),
+    Command("serve", _add_serve_command, cmd_serve),
     Command("sample", _add_sample_command, cmd_sample),
     Command("verify", _add_verify_command, cmd_verify),
     Command("curate", _add_curate_command, cmd_curate),

@@ -19,7 +19,7 @@ import os
 import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from topr.workflow import POD_DEFAULTS
 
@@ -79,6 +79,39 @@ class Toleration(_Strict):
     effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
 
 
+class ServeConfig(_Strict):
+    """Serving the promoted model with KServe (``topr.serve``): the ``serve`` stage after ``promote``."""
+
+    enabled: bool = Field(
+        False,
+        description="After a promotion, write the champion's KServe InferenceService (and a ServiceAccount with "
+        "cluster.s3_secret) and apply it when the pipeline runs in a cluster with KServe; needs run.artifact_store.",
+    )
+    name: str | None = Field(None, description="The InferenceService's name; default: the registered model's, as a DNS label.")
+    namespace: str | None = Field(None, description="Its namespace; default: the pipeline pod's.")
+    runtime: str = Field("kserve-huggingfaceserver", description="The KServe ServingRuntime (its Hugging Face server).")
+    gpus: int = Field(1, ge=0, description="GPUs (cluster.accelerator_type) of the predictor: > 0 serves with vLLM, 0 with the Hugging Face backend on CPU.")
+    cpu: str = Field("4", description="CPU request and limit of the predictor.")
+    memory: str = Field("16Gi", description="Memory request and limit of the predictor.")
+    min_replicas: int = Field(1, ge=0, description="Fewest predictor replicas (0 lets it scale to zero).")
+    max_replicas: int = Field(1, ge=1, description="Most predictor replicas.")
+    service_account: str = Field("topr-serve", description="The ServiceAccount that hands KServe the S3 Secret.")
+    args: list[str] = Field(default_factory=list, description="More arguments of the runtime, e.g. --max_model_len=4096.")
+
+    @field_validator("cpu", "memory")
+    @classmethod
+    def _quantity(cls, value: str) -> str:
+        if not QUANTITY.match(str(value)):
+            raise ValueError(f"{value!r} is not a Kubernetes quantity (e.g. 500m, 8, 64Gi)")
+        return str(value)
+
+    @model_validator(mode="after")
+    def _replicas_in_order(self) -> ServeConfig:
+        if self.max_replicas < self.min_replicas:
+            raise ValueError(f"max_replicas={self.max_replicas} is below min_replicas={self.min_replicas}")
+        return self
+
+
 class ClusterConfig(_Strict):
     image: str = Field(
         default_factory=default_image,
@@ -108,6 +141,7 @@ class ClusterConfig(_Strict):
     caching: bool = Field(
         False, description="Let Kubeflow reuse a task's earlier outputs; off because stages log to MLflow."
     )
+    serve: ServeConfig = Field(default_factory=ServeConfig, description="Serving the champion with KServe after a promotion.")
     stages: dict[str, StageResources] = Field(
         default_factory=lambda: {name: StageResources(**fields) for name, fields in POD_DEFAULTS.items()},
         description="Per-stage pod settings (cpu, memory, gpus, retries, timeout_minutes, ephemeral_storage, "

@@ -475,6 +475,13 @@ class Config(Section):
         return self
 
     @model_validator(mode="after")
+    def _served_from_object_storage(self) -> Config:
+        """KServe fetches the champion from object storage: serving needs the gate and an artifact store."""
+        if self.cluster.serve.enabled and not (self.gate.enabled and self.run.artifact_store):
+            raise ValueError("cluster.serve.enabled=true needs gate.enabled=true and run.artifact_store=s3://… (KServe fetches the promoted model from there)")
+        return self
+
+    @model_validator(mode="after")
     def _task_files(self, info: ValidationInfo) -> Config:
         """A file task's prompts come from its files; ``topr verify`` needs only its checker
         (validated with the context ``{"prompt_files": False}``)."""
@@ -530,32 +537,33 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), promp
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> None:
-    """Apply ``section.field=value`` strings in place; values are parsed as YAML scalars."""
+    """Apply ``section.field=value`` strings in place (``section.sub.field=value`` for a section's
+    own sections, e.g. ``cluster.serve.enabled=true``); values are parsed as YAML scalars."""
     for override in overrides:
         key, sep, raw_value = override.partition("=")
         parts = key.strip().split(".")
-        if not sep or len(parts) != 2 or not all(parts):
+        if not sep or len(parts) < 2 or not all(parts):
             raise ConfigError(f"override {override!r} is not of the form section.field=value")
-        section, field = parts
-        if section not in Config.model_fields:
-            raise ConfigError(
-                f"override {override!r}: unknown section {section!r} "
-                f"(choices: {', '.join(Config.model_fields)})"
-            )
-        section_fields = Config.model_fields[section].annotation.model_fields
-        if field not in section_fields:
-            raise ConfigError(
-                f"override {override!r}: unknown field {section}.{field} "
-                f"(choices: {', '.join(section_fields)})"
-            )
+        section, target = Config, data
+        for depth, part in enumerate(parts):
+            fields, named = section.model_fields, ".".join(parts[: depth + 1])
+            if part not in fields:
+                what = f"section {part!r}" if depth == 0 else f"field {named}"
+                raise ConfigError(f"override {override!r}: unknown {what} (choices: {', '.join(fields)})")
+            annotation = fields[part].annotation
+            if depth == len(parts) - 1:
+                break
+            if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+                raise ConfigError(f"override {override!r}: {named} is a field, not a section")
+            if target.get(part) is None:
+                target[part] = {}  # an empty section in the YAML file (``train:`` with no fields)
+            if not isinstance(target[part], dict):
+                raise ConfigError(f"override {override!r}: section {named!r} is not a mapping in the config file")
+            section, target = annotation, target[part]
         value = yaml.safe_load(raw_value) if raw_value else None
-        if value is not None and not isinstance(value, str) and section_fields[field].annotation in (str, str | None):
+        if value is not None and not isinstance(value, str) and annotation in (str, str | None):
             value = raw_value  # a text field keeps its text: run.name=2024, model.system_prompt=yes
-        if data.get(section) is None:
-            data[section] = {}  # an empty section in the YAML file (``train:`` with no fields)
-        if not isinstance(data[section], dict):
-            raise ConfigError(f"override {override!r}: section {section!r} is not a mapping in the config file")
-        data[section][field] = value
+        target[part] = value
 
 
 RUN_FORM = (

@@ -112,7 +112,7 @@ def run_stage(stage: workflow.Stage, context: steps.StageContext, folder: Path, 
         arguments.update(shard=shard, shards=shards)
     returned = getattr(steps, stage.name)(context, **arguments)
     if stage.returns:
-        return dict(zip(stage.results, returned, strict=True))
+        return dict(zip(stage.results, returned if isinstance(returned, tuple) else (returned,), strict=True))
     return {name: LocalArtifact(str(path), dict(returned or {})) for name, path in paths.items()}
 
 

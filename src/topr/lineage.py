@@ -16,7 +16,7 @@ import json
 from dataclasses import asdict, dataclass
 
 from topr import storage
-from topr.tracking import mlflow_client
+from topr.tracking import FILES_REMOVED_TAG, mlflow_client
 
 
 class LineageError(LookupError):
@@ -59,12 +59,15 @@ def resolve_version(client, reference: str):
 
 def committed_model(client, version) -> tuple[str, str | None]:
     """Where a registered version's files are and the SHA-256 of their manifest, once its stage is
-    known to have committed it: the commit record its ``topr.commit_uri`` tag names lists it (see
+    known to have committed it (and ``topr gc`` has not removed its files, ``topr.retention``):
+    the commit record its ``topr.commit_uri`` tag names lists it (see
     ``topr.steps.StageOutputs``), or, for a version registered without an artifact store (no
     record), the stage run that registered it FINISHED. A stage that registers a model and then
     fails leaves a version that no reader (the gate, promotion, a run starting from it) accepts.
     """
     tags, named = version.tags, f"{version.name}/{version.version}"
+    if FILES_REMOVED_TAG in tags:
+        raise UncommittedModelError(f"{named}: its files were removed ({tags[FILES_REMOVED_TAG]}): nothing needed it")
     model_uri, commit_uri = tags["topr.model_uri"], tags.get("topr.commit_uri")
     if commit_uri:
         problem = commit_problem(commit_uri, model_uri, str(version.version))

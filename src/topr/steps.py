@@ -547,9 +547,10 @@ def _evaluate_registered(config: Config, client, version, prompts_path: str) -> 
         return run_evaluate(config, str(model_dir), prompts_path, Path(scratch, "report.json"), Path(scratch, "completions.jsonl"))
 
 
-def promote(context: StageContext, version: str, champion_version: str) -> None:
+def promote(context: StageContext, version: str, champion_version: str) -> str:
     """Point the gate's alias at ``version`` if it still holds ``champion_version``, the version
-    the gate beat ("" for none); a compare-and-set under a lock (``topr.promotion``).
+    the gate beat ("" for none); a compare-and-set under a lock (``topr.promotion``). Returns
+    ``version``, now the champion (what ``serve`` serves).
 
     A refusal (the alias moved since the gate) is tagged on the parent run and the model
     version, then raised, so the stage fails rather than look like a promotion. A version whose
@@ -569,6 +570,30 @@ def promote(context: StageContext, version: str, champion_version: str) -> None:
         raise
     client.set_tag(parent_run_id, "topr.promoted", f"{name}/{version}")
     log.info("%s@%s is now version %s", name, alias, version)
+    return version
+
+
+def serve(context: StageContext, version: str, manifest: str) -> dict:
+    """Write the KServe manifests that serve registered ``version`` (``topr.serve``) to
+    ``manifest``, log them on the stage's run and tag the version; apply them when this runs in a
+    Kubernetes pod (a cluster without KServe fails the stage, naming the missing API).
+    """
+    from topr import serve as serving
+
+    config, client = context.config, mlflow_client(context.tracking_uri)
+    model = serving.served_model(context.tracking_uri, f"{config.run.registered_model}/{version}")
+    documents = serving.manifests(serving.checked(model), config.cluster, storage.endpoint_url())
+    with context.stage("serve") as (run, _):
+        serving.write_manifests(documents, manifest)
+        run.log_artifact(manifest)
+        where = "written; not applied: not running in a Kubernetes pod"
+        if serving.in_cluster():
+            applied = serving.apply(documents, serving.pod_namespace())
+            where = "applied: " + ", ".join(applied)
+        run.log_params({"model": model.reference, "inference_service": documents[-1]["metadata"]["name"], "manifest": where})
+        client.set_model_version_tag(model.registered_model, model.version, "topr.serving", where)
+    log.info("serve %s: %s", model.reference, where)
+    return {}
 
 
 def verifier_data(context: StageContext, model: str, train_prompts: str, eval_prompts: str, verifier_data: str) -> dict:

@@ -4,7 +4,8 @@
                  evaluate(model)                                   the starting model, iteration 0
     iteration    sample ×shards ─▶ collect_samples ─▶ verify ─▶ curate ─▶ train ─▶ evaluate
                  (run.iterations times; each trained_model is the next iteration's model)
-    finish       gate ─▶ promote, if the gate says "promote"                        (gate.enabled)
+    finish       gate ─▶ promote ─▶ serve, if the gate says "promote"                (gate.enabled,
+                                                                        serve: cluster.serve.enabled)
                  verifier_data ─▶ train_verifier ─▶ evaluate_verifier           (verifier.enabled)
 
 Two runners read this description and nothing else about the loop's shape:
@@ -27,6 +28,7 @@ outputs besides these (Metrics, HTML and Markdown for Kubeflow's UI), which only
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import reduce
 from pathlib import Path
 from typing import Any
 
@@ -88,8 +90,8 @@ class Stage:
 
 
 def config_value(config, dotted: str) -> Any:
-    section, field = dotted.split(".")
-    return getattr(getattr(config, section), field)
+    """The value of a dotted config field, e.g. ``sample.shards`` or ``cluster.serve.enabled``."""
+    return reduce(getattr, dotted.split("."), config)
 
 
 START = (
@@ -117,6 +119,8 @@ ITERATION = (
     ),
 )
 
+PROMOTED = RunsIf("decision", "promote", "the gate says promote")
+
 FINISH = (
     Stage(
         "gate",
@@ -129,8 +133,17 @@ FINISH = (
         "promote",
         "promote to champion",
         reads=(f"version={MODEL}.registered_version", "champion_version"),
+        returns=("promoted=Output",),
         enabled_by="gate.enabled",
-        runs_if=RunsIf("decision", "promote", "the gate says promote"),
+        runs_if=PROMOTED,
+    ),
+    Stage(
+        "serve",
+        "serve champion",
+        reads=("version=promoted",),
+        writes=("manifest:inference_service.yaml",),
+        enabled_by="cluster.serve.enabled",
+        runs_if=PROMOTED,
     ),
     Stage(
         "verifier_data",
@@ -180,6 +193,8 @@ POD_DEFAULTS: dict[str, dict[str, Any]] = {
     # Downloads the champion into /tmp to evaluate it again.
     "gate": _pod(cpu="8", memory="64Gi", gpus=1, retries=2, timeout_minutes=180, ephemeral_storage="50Gi"),
     "promote": _pod(cpu="500m", memory="1Gi", retries=2, timeout_minutes=10, ephemeral_storage="1Gi"),
+    # Reads the champion's manifest back and applies its InferenceService (cluster.serve).
+    "serve": _pod(cpu="500m", memory="1Gi", retries=2, timeout_minutes=10, ephemeral_storage="1Gi"),
     "verifier_data": _pod(cpu="8", memory="64Gi", gpus=1, retries=2, timeout_minutes=360, ephemeral_storage="20Gi"),
     "train_verifier": _pod(cpu="8", memory="64Gi", gpus=1, retries=0, timeout_minutes=1440, ephemeral_storage="50Gi"),
     "evaluate_verifier": _pod(cpu="8", memory="64Gi", gpus=1, retries=2, timeout_minutes=180, ephemeral_storage="20Gi"),
