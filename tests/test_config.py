@@ -229,6 +229,7 @@ def test_an_override_reaches_a_section_of_a_section():
         ("curate.strategy=best", "curate.strategy"),
         ("curate.target_positive_fraction=1", "curate.target_positive_fraction"),
         ("task.name=nope", "task.name"),
+        ("task.extraction=loose", "task.extraction"),
         ("train.batch_size=many", "train.batch_size"),
         ("train.lr_schedule=exponential", "train.lr_schedule"),
         ("train.warmup_steps=-1", "train.warmup_steps"),

@@ -6,9 +6,10 @@ import json
 import pytest
 
 from topr.config import load_config
-from topr.evaluate import run_evaluate
+from topr.evaluate import format_report, pass_at_1_by_extraction, run_evaluate
 from topr.prompts import run_prompts
 from topr.records import read_records
+from topr.tasks.gsm8k import Gsm8kTask
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -26,3 +27,17 @@ def test_the_report_holds_each_problems_verdict_and_the_truncated_share(tiny_mod
     truncated = [r["finish_reason"] == "length" for r in greedy]
     assert metrics["truncated_rate"] == pytest.approx(sum(truncated) / 6)
     assert all(len(r["completion_token_ids"]) == 3 for r, cut in zip(greedy, truncated) if cut)
+    assert metrics["pass_at_1"] == metrics["pass_at_1_flexible"]  # the configured extraction's
+    assert 0.0 <= metrics["pass_at_1_strict"] <= 1.0
+    assert report["metrics"]["pass_at_1_strict"] == metrics["pass_at_1_strict"]
+    assert "pass@1 strict" in format_report(metrics) and "pass@1 flexible" in format_report(metrics)
+
+
+def test_pass_at_1_is_reported_under_both_extractions():
+    greedy = [
+        {"prompt_id": "a", "reference": "18", "completion": "The final answer is $18.00"},
+        {"prompt_id": "b", "reference": "-3", "completion": "Answer: -3"},
+        {"prompt_id": "c", "reference": "7", "completion": "Answer: 6"},
+        {"prompt_id": "d", "reference": "5", "completion": "so the answer is 5."},
+    ]
+    assert pass_at_1_by_extraction(greedy, Gsm8kTask(None, None)) == {"pass_at_1_strict": 0.25, "pass_at_1_flexible": 0.75}

@@ -88,6 +88,17 @@ def test_a_task_writes_its_instruction_on_the_prompts_last_line_and_takes_it_off
         assert task.question_text(prompt) == prompt
 
 
+def test_a_task_without_a_strict_format_of_its_own_reads_both_extractions_alike():
+    task = Colours()
+    assert task.extract_strict("Colour: blue") == task.extract_as("strict", "Colour: blue") == "blue"
+    assert task.extract_as("flexible", "Colour: blue") == "blue"
+
+
+def test_an_unknown_extraction_is_refused_with_the_choices():
+    with pytest.raises(ValueError, match="unknown extraction 'loose' \\(choices: flexible, strict\\)"):
+        Colours().extract_as("loose", "Colour: blue")
+
+
 def test_a_task_without_an_instruction_leaves_its_prompts_as_they_are():
     task = Colours()
     task.instruction = ""
@@ -207,6 +218,25 @@ def test_arithmetic_extraction(completion, expected):
     assert ArithmeticTask().extract(completion) == expected
 
 
+@pytest.mark.parametrize(
+    ("completion", "expected"),
+    [
+        ("12 + 7 = 19\nAnswer: 19", "19"),
+        ("**Answer:** 19", "19"),
+        ("Answer: **19**.", "19"),
+        ("Answer:\n  12", "12"),
+        ("Answer: $1,234.00", "1234"),
+        ("Answer: 3\nWait, no.\nAnswer: 4", "4"),
+        ("Answer: 7\nAnswer: unsure", "7"),
+        ("So Tom has 19 apples.", None),
+        ("Answer: about 19", None),
+        ("The answer is 19.", None),
+    ],
+)
+def test_arithmetic_strict_extraction_reads_only_the_answer_line(completion, expected):
+    assert ArithmeticTask().extract_strict(completion) == expected
+
+
 def test_arithmetic_checker_compares_numbers():
     task = ArithmeticTask()
     assert task.is_correct("12.0", "12")
@@ -296,11 +326,46 @@ def test_gsm8k_takes_a_seeded_sample_and_reads_eval_path_for_test(tmp_path):
         ("#### 70\nAnswer: 72", "72"),
         ("Answer: none\n#### 5", "5"),
         ("Answer: $1,200.00", "1200"),
+        ("It is 2 - 5 = -3 degrees, so the answer is -3.", "-3"),
+        ("The final answer is $18.00", "18"),
+        ("The answer is: **1,234** apples.", "1234"),
+        ("She pays 18 dollars in all. The final answer is 18 dollars.", "18"),
+        ("The discount is 25%, so the answer is 25%.", "25"),
+        (r"So she pays $\boxed{18}$.", "18"),
+        (r"In all: \boxed{\text{\$1{,}234}}", "1234"),
+        (r"Maybe \boxed{3}, no: \boxed{4}", "4"),
+        ("Answer: 5\nI hope this helps! Ask me about the other 2 or 3 problems.", "5"),
+        ("Answer: 4. Wait, the answer is 5.", "5"),
+        ("The answer is 5.\nAnswer: 4", "4"),
+        ("Answer: 5\nThe answer is clear: 3 and 4 make 7.", "5"),
+        ("They sold 72 clips.", "72"),
+        ("They sold 72 clips. That is 1,000.5.", "1000.5"),
+        ("I cannot tell.", None),
+    ],
+)
+def test_gsm8k_flexible_extraction(completion, expected):
+    """Marked answers (Answer:, ####, the answer is, \\boxed{}) win over other numbers, the last of
+    them over earlier ones; with none, the last number counts."""
+    assert Gsm8kTask(None, None).extract(completion) == expected
+
+
+@pytest.mark.parametrize(
+    ("completion", "expected"),
+    [
+        ("Answer: 72", "72"),
+        ("**Answer:** $1,200.00", "1200"),
+        ("Answer: -3.", "-3"),
+        ("#### 70\nAnswer: 72", "72"),
+        ("Answer: 5\nI hope this helps! Ask me about the other 2 or 3 problems.", "5"),
+        ("It is 2 - 5 = -3 degrees, so the answer is -3.", None),
+        ("The final answer is $18.00", None),
+        (r"So she pays $\boxed{18}$.", None),
+        ("48 + 24 = 72\n#### 72", None),
         ("They sold 72 clips.", None),
     ],
 )
-def test_gsm8k_extraction(completion, expected):
-    assert Gsm8kTask(None, None).extract(completion) == expected
+def test_gsm8k_strict_extraction_reads_only_the_instructed_answer_line(completion, expected):
+    assert Gsm8kTask(None, None).extract_strict(completion) == expected
 
 
 def test_gsm8k_checker_normalises_numbers():
@@ -402,6 +467,24 @@ def test_math_extraction_takes_the_last_boxed():
     assert task.extract("I think it is 5.") is None
 
 
+@pytest.mark.parametrize(
+    ("completion", "flexible", "strict"),
+    [
+        (r"So $x = \boxed{\frac{1}{2}}$.", r"\frac{1}{2}", r"\frac{1}{2}"),
+        (r"So the answer is $\frac{1}{2}$.", r"\frac{1}{2}", None),
+        ("The final answer is 5.", "5", None),
+        ("The answer is **5**", "5", None),
+        (r"First \boxed{3}. Hmm, the answer is $4$, I think.", "4", "3"),
+        (r"The answer is 4. Checking: $\boxed{\sqrt{8}}$", r"\sqrt{8}", r"\sqrt{8}"),
+        ("The answer is positive since x > 0.", None, None),
+        ("I think it is 5.", None, None),
+    ],
+)
+def test_math_extractions(completion, flexible, strict):
+    task = MathTask(None, None)
+    assert (task.extract(completion), task.extract_strict(completion)) == (flexible, strict)
+
+
 def test_math_solution_without_boxed_is_an_error(tmp_path):
     path = write_jsonl(tmp_path / "nobox.jsonl", [{"problem": "P", "solution": "It is 5."}])
     with pytest.raises(RecordError, match=r"nobox\.jsonl: record 1: solution has no \\boxed"):
@@ -458,6 +541,15 @@ def test_jsonl_duplicate_ids_are_refused(tmp_path):
 )
 def test_jsonl_numeric_extraction(completion, expected):
     assert JsonlTask(None, None).extract(completion) == expected
+
+
+def test_jsonl_strict_extraction_reads_only_the_answer_line():
+    assert JsonlTask(None, None).extract_strict("6 * 7 = 42\nAnswer: 42.") == "42"
+    assert JsonlTask(None, None).extract_strict("6 * 7 is 42, so 42 it is") is None
+    exact = JsonlTask(None, None, match="exact")
+    assert exact.extract_strict("It is in France.\n**Answer:** Paris\nHope this helps.") == "Paris"
+    assert exact.extract_strict("  Paris \n") is None
+    assert exact.extract_strict("Answer:   ") is None
 
 
 def test_jsonl_exact_match(tmp_path):

@@ -6,6 +6,7 @@ import pytest
 from topr.config import TaskConfig
 from topr.records import SCHEMA_VERSION, RecordError, read_records, write_records
 from topr.tasks.arithmetic import ArithmeticTask
+from topr.tasks.gsm8k import Gsm8kTask
 from topr.tasks.math_task import MathTask
 from topr.verify import run_verify, verify_records
 
@@ -80,6 +81,29 @@ def test_verify_with_math_equivalence():
     verified, summary = verify_records(records, MathTask(None, None))
     assert [r["correct"] for r in verified] == [True, False, True, False]
     assert summary["unparsable"] == 1 and summary["prompts_with_a_correct"] == 2
+
+
+WRITTEN_AS_MODELS_DO = [
+    completion("g1", "-3", "It is 2 - 5 = -3 degrees, so the answer is -3."),
+    completion("g2", "18", "3 shirts at $6 each. The final answer is $18.00"),
+    completion("g3", "18", "3 * 6 = 18\nAnswer: 18"),
+]
+
+
+def test_flexible_extraction_reads_answers_as_models_write_them_and_strict_only_the_instructed_line():
+    flexible, _ = verify_records(WRITTEN_AS_MODELS_DO, Gsm8kTask(None, None))
+    strict, summary = verify_records(WRITTEN_AS_MODELS_DO, Gsm8kTask(None, None), "strict")
+    assert [(r["extracted"], r["reward"]) for r in flexible] == [("-3", 1.0), ("18", 1.0), ("18", 1.0)]
+    assert [(r["extracted"], r["reward"]) for r in strict] == [(None, -1.0), (None, -1.0), ("18", 1.0)]
+    assert summary["unparsable"] == 2
+
+
+def test_run_verify_uses_the_configured_extraction(tmp_path: Path):
+    source = tmp_path / "sampled.jsonl"
+    write_records(source, [{**record, "sample_index": 0} for record in WRITTEN_AS_MODELS_DO])
+    for extraction, correct in (("flexible", 3), ("strict", 1)):
+        summary = run_verify(TaskConfig(name="gsm8k", extraction=extraction), source, tmp_path / f"{extraction}.jsonl")
+        assert summary["correct"] == correct
 
 
 def test_run_verify_reads_and_writes_files(tmp_path: Path):

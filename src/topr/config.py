@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from topr.cluster import ClusterConfig
+from topr.tasks import Extraction
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +100,15 @@ class TaskConfig(Section):
     answer_field: str = Field("answer", description="jsonl only: the field holding the answer.")
     match: Literal["numeric", "exact"] = Field(
         "numeric", description="jsonl only: compare answers as numbers or as exact strings."
+    )
+    extraction: Extraction = Field(
+        "flexible",
+        description="How the verify stage reads a completion's answer (evaluation reports pass@1 under both). "
+        "'flexible': however it is written; gsm8k takes the last marked answer ('Answer:', '####', 'the (final) answer "
+        "is', \\boxed{}), else the last number, ignoring thousands commas and '$', units or '%' around it; math the "
+        "last \\boxed{} or 'the answer is ...'; arithmetic and jsonl the 'Answer:' line, else the last number (jsonl "
+        "exact: the whole reply). 'strict': only the format the prompt's instruction asks for ('Answer: <number>', "
+        "'Answer: <answer>'; math: \\boxed{}). The verifier task reads its Yes or No alike under both.",
     )
     train_size: int = Field(64, ge=1, description="Training prompts per iteration.")
     eval_size: int = Field(200, ge=1, description="Held-out prompts for every evaluation.")

@@ -1,5 +1,10 @@
 """The evaluation stage: held-out pass@1 (greedy), and pass@k and maj@k over k samples.
 
+Greedy pass@1 is reported under the configured answer extraction (``pass_at_1``, which the gate
+compares) and under each extraction side by side, as evaluation harnesses do:
+``pass_at_1_strict`` (only the format the prompt asks for) and ``pass_at_1_flexible`` (the answer
+however it is written).
+
 Besides accuracy, it reports the signs of a degenerating policy on the greedy completions:
 ``parse_failure_rate`` (no answer could be extracted), ``empty_rate`` (nothing but whitespace),
 ``truncated_rate`` (cut off at ``evaluate.max_new_tokens`` before the end-of-sequence token) and
@@ -21,7 +26,7 @@ from topr.metrics import PromptResult, summarize_evaluation
 from topr.models import model_identity
 from topr.records import PROMPT_FIELDS, Record, read_records, write_json, write_records
 from topr.sample import SamplingParams, check_prompt_lengths, opened_engine, sample_records
-from topr.tasks import get_task
+from topr.tasks import EXTRACTIONS, Task, get_task
 from topr.verify import verify_records
 
 log = logging.getLogger(__name__)
@@ -46,6 +51,12 @@ def prompt_results(greedy: list[Record], sampled: list[Record]) -> list[PromptRe
     return results
 
 
+def pass_at_1_by_extraction(greedy: list[Record], task: Task) -> dict[str, float]:
+    """The greedy completions' pass@1 under each extraction: ``pass_at_1_strict`` and
+    ``pass_at_1_flexible``."""
+    return {f"pass_at_1_{extraction}": verify_records(greedy, task, extraction)[1]["accuracy"] for extraction in EXTRACTIONS}
+
+
 def run_evaluate(config: Config, model_dir: str, prompts_path: str | Path, report_path: str | Path, completions_path: str | Path) -> dict:
     """Evaluate the model on the first ``task.eval_size`` held-out prompts; write report and completions."""
     evaluation = config.evaluate
@@ -53,6 +64,7 @@ def run_evaluate(config: Config, model_dir: str, prompts_path: str | Path, repor
     if not problems:
         raise ValueError(f"{prompts_path}: no held-out prompts to evaluate")
     task = get_task(config.task)
+    extraction = config.task.extraction
     check_prompt_lengths(model_dir, problems, evaluation.max_new_tokens, config.model.system_prompt, prompts_path)
     identity = model_identity(model_dir)
     greedy_params = SamplingParams(n=1, temperature=0.0, max_new_tokens=evaluation.max_new_tokens)
@@ -61,12 +73,13 @@ def run_evaluate(config: Config, model_dir: str, prompts_path: str | Path, repor
     )
     sampled: list[Record] = []
     with opened_engine(config, model_dir, evaluation.batch_size) as (engine, tokenizer):
-        greedy, _ = verify_records(sample_records(engine, tokenizer, problems, greedy_params, config.model.system_prompt, identity), task)
+        greedy, _ = verify_records(sample_records(engine, tokenizer, problems, greedy_params, config.model.system_prompt, identity), task, extraction)
         if evaluation.samples_per_prompt:
             drawn = sample_records(engine, tokenizer, problems, sample_params, config.model.system_prompt, identity)
-            sampled, _ = verify_records(drawn, task)
+            sampled, _ = verify_records(drawn, task, extraction)
 
     metrics = summarize_evaluation(prompt_results(greedy, sampled), seed=evaluation.seed)
+    metrics |= pass_at_1_by_extraction(greedy, task)
     metrics["mean_completion_tokens"] = sum(len(r["completion_token_ids"]) for r in greedy) / len(greedy)
     metrics["empty_rate"] = sum(not r["completion"].strip() for r in greedy) / len(greedy)
     metrics["truncated_rate"] = sum(r["finish_reason"] == "length" for r in greedy) / len(greedy)
@@ -86,6 +99,7 @@ def format_report(metrics: dict) -> str:
         rows.append((f"maj@{k}", metrics["maj_at_k"], metrics["maj_at_k_ci_low"], metrics["maj_at_k_ci_high"]))
     lines = [f"{'metric':<16} {'value':>7}  95% CI", "-" * 38]
     lines += [f"{name:<16} {value:>7.1%}  [{low:.1%}, {high:.1%}]" for name, value, low, high in rows]
+    lines += [f"{'pass@1 ' + extraction:<16} {metrics[f'pass_at_1_{extraction}']:>7.1%}" for extraction in EXTRACTIONS]
     lines.append(f"{'parse failures':<16} {metrics['parse_failure_rate']:>7.1%}")
     lines.append(f"{'prompts':<16} {int(metrics['n_prompts']):>7d}")
     return "\n".join(lines)

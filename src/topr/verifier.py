@@ -356,7 +356,7 @@ def _sample_solutions(config: Config, engine, tokenizer, problems: list[Record],
         SamplingParams.from_config(config.sample), n=config.verifier.solutions_per_question, seed=config.verifier.seed
     )
     records = sample_records(engine, tokenizer, problems, params, config.model.system_prompt, model_identity(policy_dir))
-    verified, _ = verify_records(records, get_task(config.task))
+    verified, _ = verify_records(records, get_task(config.task), config.task.extraction)
     return verified
 
 

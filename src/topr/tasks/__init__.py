@@ -1,12 +1,16 @@
 """Tasks: where prompts and reference answers come from, and how completions are checked.
 
 A task turns ``(split, size, seed)`` into prompt records (``prompt_id``, ``prompt``,
-``reference``), parses the final answer out of a completion (``extract``) and judges it against
-the reference (``is_correct``). The prompt is the bare user message (the chat template is applied
-when sampling) and always tells the model the answer format its checker expects: a task sets that
-instruction once (``Task.instruction``) and builds each prompt with ``Task.prompt_for(question)``,
-the question then the instruction on a line of its own; ``Task.question_text`` gives a prompt back
-without it (what the generative verifier is shown, ``topr.verifier``).
+``reference``), parses the final answer out of a completion and judges it against the reference
+(``is_correct``). It parses in one of two ways, as evaluation harnesses report a strict and a
+flexible match side by side, and ``TaskConfig.extraction`` picks the one the verify stage rewards:
+``extract`` (flexible, the default) takes the answer however models write it, ``extract_strict``
+only in the format its ``instruction`` asks for. The prompt is the bare user message (the chat
+template is applied when sampling) and always tells the model the answer format its checker
+expects: a task sets that instruction once (``Task.instruction``) and builds each prompt with
+``Task.prompt_for(question)``, the question then the instruction on a line of its own;
+``Task.question_text`` gives a prompt back without it (what the generative verifier is shown,
+``topr.verifier``).
 
 Every concrete ``Task`` subclass with a ``name`` registers itself under it, and ``get_task``
 picks one by ``TaskConfig.name``; the modules of this package are imported when a name is first
@@ -32,10 +36,11 @@ import logging
 import pkgutil
 import re
 from abc import ABC, abstractmethod
+from collections.abc import Iterable
 from decimal import Decimal, InvalidOperation
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, ClassVar, Literal, get_args
 
 if TYPE_CHECKING:
     from topr.config import TaskConfig
@@ -49,7 +54,14 @@ ANSWER_INSTRUCTION = "End your reply with 'Answer: <number>'."
 ANSWER_MARKER = re.compile(r"answer[\s*_]*:", re.IGNORECASE)
 # A sign only when it cannot be a binary minus ("5-3" holds 5 and 3), then "$", then the digits
 # with optional thousands commas and decimals; a trailing sentence period is not taken.
-_NUMBER = re.compile(r"(?:(?<![\w.])[-+\u2212])?(?:\$\s?)?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?")
+NUMBER = re.compile(r"(?:(?<![\w.])[-+\u2212])?(?:\$\s?)?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?")
+# "Answer: <number>" as the instruction asks: the number right after the marker, past whitespace
+# and markdown ("**Answer:** 19", "Answer: **19**"); "Answer: about 19" is not it.
+_ANSWER_LINE = re.compile(rf"{ANSWER_MARKER.pattern}[\s*_]*({NUMBER.pattern})", re.IGNORECASE)
+
+Extraction = Literal["flexible", "strict"]
+"""How a completion's answer is read: however it is written, or only as the instruction asks."""
+EXTRACTIONS: tuple[Extraction, ...] = get_args(Extraction)
 
 
 _REGISTRY: dict[str, type[Task]] = {}
@@ -136,7 +148,22 @@ class Task(ABC):
 
     @abstractmethod
     def extract(self, completion: str) -> str | None:
-        """The final answer parsed from a completion, None when it gives none."""
+        """The final answer parsed from a completion however it is written (the flexible
+        extraction), None when it gives none."""
+
+    def extract_strict(self, completion: str) -> str | None:
+        """The final answer only where the completion gives it as ``instruction`` asks, else None.
+
+        By default the same as ``extract``: a task whose answers have a single form (the
+        verifier's Yes or No) has nothing to be strict about.
+        """
+        return self.extract(completion)
+
+    def extract_as(self, extraction: Extraction, completion: str) -> str | None:
+        """``extract`` for "flexible", ``extract_strict`` for "strict"."""
+        if extraction not in EXTRACTIONS:
+            raise ValueError(f"unknown extraction {extraction!r} (choices: {', '.join(EXTRACTIONS)})")
+        return self.extract_strict(completion) if extraction == "strict" else self.extract(completion)
 
     @abstractmethod
     def is_correct(self, extracted: str, reference: str) -> bool:
@@ -219,14 +246,35 @@ def numbers_equal(first: str, second: str) -> bool:
 
 def first_number(text: str) -> str | None:
     """The first number in ``text``, normalised; None if it has none."""
-    match = _NUMBER.search(text)
+    match = NUMBER.search(text)
     return normalize_number(match.group()) if match else None
 
 
 def last_number(text: str) -> str | None:
     """The last number in ``text``, normalised; None if it has none."""
-    matches = _NUMBER.findall(text)
+    matches = NUMBER.findall(text)
     return normalize_number(matches[-1]) if matches else None
+
+
+def answer_line_number(text: str) -> str | None:
+    """The number of the last "Answer: <number>" in ``text``, normalised: the strict extraction
+    of the tasks that ask for that line. None without one."""
+    numbers = _ANSWER_LINE.findall(text)
+    return normalize_number(numbers[-1]) if numbers else None
+
+
+MarkedAnswer = tuple[int, str | None]
+"""Where a completion marks an answer (the marker's start, -1 when it has no such marker) and the
+answer there, None when it has none."""
+
+
+def last_marked_answer(marked: Iterable[MarkedAnswer]) -> str | None:
+    """The answer marked last in the completion, among the marks holding one; None if none does.
+
+    A model that corrects itself ("Answer: 4. Wait, the answer is 5.") means its last word.
+    """
+    answered = [(position, answer) for position, answer in marked if answer is not None]
+    return max(answered, key=lambda mark: mark[0])[1] if answered else None
 
 
 def number_after(marker: re.Pattern[str], text: str) -> str | None:

@@ -24,6 +24,7 @@ from topr.tasks import (
     ANSWER_INSTRUCTION,
     ANSWER_MARKER,
     Task,
+    answer_line_number,
     check_split,
     last_number,
     number_after,
@@ -207,6 +208,10 @@ class ArithmeticTask(Task):
         not the formatting. A completion with no number at all is unparsable.
         """
         return number_after(ANSWER_MARKER, completion) or last_number(completion)
+
+    def extract_strict(self, completion: str) -> str | None:
+        """The number of the last "Answer: <number>" line, as the prompt asks; None without one."""
+        return answer_line_number(completion)
 
     def is_correct(self, extracted: str, reference: str) -> bool:
         return numbers_equal(extracted, reference)

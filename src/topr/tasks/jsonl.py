@@ -20,6 +20,7 @@ from topr.tasks import (
     ANSWER_INSTRUCTION,
     ANSWER_MARKER,
     Task,
+    answer_line_number,
     check_split,
     last_number,
     normalize_number,
@@ -89,6 +90,7 @@ class JsonlTask(FileTask):
     the last "Answer:", else its last number, compared after normalisation ("1,000.00" ==
     "1000"). ``match="exact"``: a completion's answer is the rest of the line after the last
     "Answer:" (markdown ``*`` stripped), else the whole completion, compared as stripped strings.
+    The strict extraction takes the "Answer:" line only, without falling back.
     """
 
     name = "jsonl"
@@ -126,11 +128,27 @@ class JsonlTask(FileTask):
     def extract(self, completion: str) -> str | None:
         if self.match == "numeric":
             return number_after(ANSWER_MARKER, completion) or last_number(completion)
-        markers = list(ANSWER_MARKER.finditer(completion))
-        text = completion[markers[-1].end() :].strip().split("\n")[0] if markers else completion
-        return text.strip().strip("*").strip() or None
+        line = _answer_line(completion)
+        return _unmarked(completion if line is None else line)
+
+    def extract_strict(self, completion: str) -> str | None:
+        if self.match == "numeric":
+            return answer_line_number(completion)
+        line = _answer_line(completion)
+        return None if line is None else _unmarked(line)
 
     def is_correct(self, extracted: str, reference: str) -> bool:
         if self.match == "numeric":
             return numbers_equal(extracted, reference)
         return extracted.strip() == reference.strip()
+
+
+def _answer_line(completion: str) -> str | None:
+    """The rest of the line after the last "Answer:"; None without one."""
+    markers = list(ANSWER_MARKER.finditer(completion))
+    return completion[markers[-1].end() :].strip().split("\n")[0] if markers else None
+
+
+def _unmarked(text: str) -> str | None:
+    """``text`` without surrounding whitespace and markdown ``*``; None when nothing is left."""
+    return text.strip().strip("*").strip() or None
