@@ -21,6 +21,7 @@ BENCH = ROOT / "bench"
 
 SCRIPTS = {
     "train_step": ["--quick"],
+    "train_memory": ["--quick"],
     "logprobs_memory": ["--quick"],
     "sampling": ["--quick"],
     "growth": ["--quick"],
@@ -89,6 +90,16 @@ def test_train_step(runs):
     assert all(math.isfinite(row["median_s"]) and row["median_s"] > 0 for row in results["rows"])
     assert set(results["memory"]) == {"supervised", "topr"}
     assert "time / supervised" in stdout
+
+
+def test_train_memory(runs):
+    stdout, results = finished(runs, "train_memory")
+    variants = results["variants"]
+    assert list(variants) == ["full", "gradient checkpointing", "LoRA rank 8", "LoRA rank 8 + checkpointing"]
+    assert all(variant["median"] > 0 and variant["peak_mib"] > 0 for variant in variants.values())
+    assert variants["gradient checkpointing"]["trainable_parameters"] == variants["full"]["trainable_parameters"]
+    assert 0 < variants["LoRA rank 8"]["trainable_parameters"] < variants["full"]["trainable_parameters"] / 10
+    assert "step peak MiB" in stdout
 
 
 def test_logprobs_memory(runs):

@@ -391,6 +391,33 @@ def test_gradient_accumulation_matches_a_larger_batch(policy, tiny_model_dir, tm
     assert accumulated_steps[0][1]["grad_norm"] == pytest.approx(large_steps[0][1]["grad_norm"], rel=1e-3)
 
 
+def test_gradient_checkpointing_gives_the_same_loss_gradients_and_weights(policy, tiny_model_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    from topr.models import load_policy
+    from topr.train import training_scorer
+
+    model, _ = load_policy(tiny_model_dir, device=torch.device("cpu"))
+    scorer = training_scorer(model, config("train.gradient_checkpointing=true"), 1, torch.device("cpu"), None)
+    assert model.is_gradient_checkpointing and not scorer.share_prefix
+
+    records = make_records(policy, POSITIVES + NEGATIVES)
+    kept, kept_steps, kept_dir = train(tmp_path, tiny_model_dir, records, config("train.epochs=2", "train.batch_size=2"), name="kept")
+    recomputed, recomputed_steps, recomputed_dir = train(
+        tmp_path, tiny_model_dir, records, config("train.epochs=2", "train.batch_size=2", "train.gradient_checkpointing=true"), name="recomputed"
+    )
+    assert kept["steps"] == recomputed["steps"] >= 2
+    for (_, plain), (_, checkpointed) in zip(kept_steps, recomputed_steps, strict=True):
+        assert checkpointed["loss"] == pytest.approx(plain["loss"], rel=1e-5, abs=1e-7)
+        assert checkpointed["grad_norm"] == pytest.approx(plain["grad_norm"], rel=1e-5)
+    # The weights moved the same way: their changes differ by float rounding only (< 0.1% of the change).
+    start = load_file(Path(tiny_model_dir) / "model.safetensors")
+    plain, checkpointed = load_file(kept_dir / "model.safetensors"), load_file(recomputed_dir / "model.safetensors")
+    moved = torch.cat([(plain[name] - start[name]).flatten() for name in start])
+    apart = torch.cat([(checkpointed[name] - plain[name]).flatten() for name in start])
+    assert moved.norm() > 0 and apart.norm() < 1e-3 * moved.norm()
+
+
 def test_a_short_micro_batch_counts_its_sequences_not_as_a_whole_micro_batch(policy, tiny_model_dir, tmp_path):
     """3 records as micro-batches of 2 and 1: the step's loss and gradient are the mean over the
     3 sequences, as in one micro-batch of 3 (not the mean of the two micro-batch means)."""

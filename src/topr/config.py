@@ -287,6 +287,30 @@ class TrainConfig(Section):
         description="Compute the output head and its log-softmax in float32 under bfloat16 autocast, as the "
         "recorded log μ were; false keeps bfloat16 logits, whose rounding makes π/μ noisy.",
     )
+    gradient_checkpointing: bool = Field(
+        False,
+        description="Recompute each decoder layer's activations in the backward pass instead of keeping them "
+        "(transformers' gradient checkpointing, non-reentrant): activation memory of one layer instead of all, "
+        "for about one more forward pass a step; the loss and gradients are the same. The rows' common prompt "
+        "prefix then runs in every row (topr.logprobs).",
+    )
+    lora_rank: int = Field(
+        0,
+        ge=0,
+        description="Train LoRA adapters of this rank (peft) instead of every weight; 0 trains every weight. Only "
+        "the adapters get gradients and optimizer state. The published model has the adapter merged in (a complete "
+        "model for every stage, vLLM and serving) and keeps it in adapter/, its base named by the parent's weights "
+        "digest. LoRA usually wants a larger learning_rate than full fine-tuning (docs/results.md).",
+    )
+    lora_alpha: float = Field(16.0, gt=0, description="LoRA scaling: an adapter's update is multiplied by lora_alpha / lora_rank.")
+    lora_dropout: float = Field(
+        0.0, ge=0, lt=1, description="Dropout on the adapters' input in training (above 0 the rows' common prompt prefix no longer runs once)."
+    )
+    lora_target_modules: str | list[str] = Field(
+        "all-linear",
+        description="The modules that get adapters: 'all-linear' (every linear layer but the output head) or their "
+        "names, e.g. [q_proj, v_proj].",
+    )
     seed: int = Field(0, description="Seed for shuffling and initialisation.")
     processes: int | None = Field(
         None,
@@ -316,6 +340,12 @@ class TrainConfig(Section):
         if bounds is not None and not (0 <= bounds[0] <= bounds[1]):
             raise ValueError(f"bounds must satisfy 0 <= low <= high, got {list(bounds)}")
         return bounds
+
+    @model_validator(mode="after")
+    def _lora_without_fsdp(self) -> TrainConfig:
+        if self.lora_rank and self.parallelism == "fsdp":
+            raise ValueError("lora_rank with parallelism=fsdp is not supported: use ddp (the adapters are small)")
+        return self
 
 
 class EvaluateConfig(Section):

@@ -29,7 +29,7 @@ class UncommittedModelError(LineageError):
 
 @dataclass
 class Link:
-    kind: str  # model, training run, curated set, samples, sampling model, base model
+    kind: str  # model, adapter (LoRA), training run, curated set, samples, sampling model, base model
     name: str
     uri: str
     digest: str = ""
@@ -113,6 +113,8 @@ def trace(tracking_uri: str, reference: str) -> list[Link]:
                 tags.get("topr.manifest_sha256", ""), tags.get("topr.commit_uri", ""), str(version.version),
             )
         )  # fmt: skip
+        if tags.get("topr.adapter_path"):
+            chain.append(_adapter(tags))
         chain.append(Link("training run", f"{run.info.run_name} ({run.info.run_id})", f"runs:/{run.info.run_id}"))
         chain.append(Link("curated set", f"iteration {iteration}", tags["topr.train_set_uri"], _dataset_digest(run, f"train_set_iter{iteration}")))
         samples_digest = _dataset_digest(run, f"samples_iter{iteration}")
@@ -125,6 +127,13 @@ def trace(tracking_uri: str, reference: str) -> list[Link]:
         if version is None:
             chain.append(_base_model(client, run, parent_digest, tags["topr.parent_model_uri"]))
     return chain
+
+
+def _adapter(tags: dict[str, str]) -> Link:
+    """The LoRA adapter a model was merged from (``topr.lora``): its weights file, on the parent's weights."""
+    base = tags["topr.parent_weights_sha256"][:12]
+    uri = storage.join(tags["topr.model_uri"], tags["topr.adapter_path"], "adapter_model.safetensors")
+    return Link("adapter", f"LoRA rank {tags.get('topr.lora_rank', '?')} on sha256:{base}", uri, tags["topr.adapter_weights_sha256"])
 
 
 def _parent_version(client, version, parent_digest: str):

@@ -123,11 +123,17 @@ def load_policy(path: str, device: torch.device | None = None, dtype: torch.dtyp
     return model, load_tokenizer(path)
 
 
-def save_policy(model, tokenizer, output_dir: str | os.PathLike, provenance: dict | None = None) -> str:
-    """Write a complete HF directory atomically; return the SHA-256 digest of its weights."""
+def save_policy(model, tokenizer, output_dir: str | os.PathLike, provenance: dict | None = None, adapter=None) -> str:
+    """Write a complete HF directory atomically; return the SHA-256 digest of its weights. With
+    ``adapter`` (a peft model around ``model``, ``topr.lora``) the adapter is written to
+    ``adapter/`` and merged into ``model``, which is saved with it."""
 
     def write(staging: Path) -> None:
-        model.save_pretrained(staging, safe_serialization=True)
+        merged = model
+        if adapter is not None:
+            adapter.save_pretrained(staging / "adapter")
+            merged = adapter.merge_and_unload()
+        merged.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
 
     return _write_model_dir(output_dir, write, provenance)

@@ -408,12 +408,24 @@ def train(context: StageContext, model: str, train_set: str, samples: str, train
             "samples_uri": samples_uri or samples,
             "sampling_models": ",".join(sampling_models),
             "train_prompts_sha256": run.parent_tags().get(TRAIN_PROMPTS_TAG, ""),
+            **_adapter_lineage(config, trained_model),
         }
         trained = TrainedModel(run, outputs, trained_model, model, summary["weights_sha256"])
         summary["registered_version"] = trained.register(config.run.registered_model, "model", lineage, warning)
     if checkpoint:
         remove_checkpoint(checkpoint)
     return summary
+
+
+def _adapter_lineage(config: Config, model_dir: str) -> dict[str, str]:
+    """A LoRA-trained model's adapter (``topr.lora``): its folder inside the model's, its rank and
+    its weights' digest; its base is the parent model (``parent_weights_sha256``)."""
+    from topr.lora import ADAPTER_DIR
+    from topr.models import weights_digest
+
+    if not config.train.lora_rank:
+        return {}
+    return {"adapter_path": ADAPTER_DIR, "lora_rank": str(config.train.lora_rank), "adapter_weights_sha256": weights_digest(Path(model_dir, ADAPTER_DIR))}
 
 
 def remove_checkpoint(checkpoint) -> None:

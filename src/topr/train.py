@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from topr import distributed
+from topr import distributed, lora
 from topr.checkpoint import TrainCheckpoint, job_fingerprint
 from topr.config import Config, config_to_yaml
 from topr.console import progress_bar
@@ -70,19 +70,21 @@ trained model sampled itself (where they should be the same distribution)."""
 
 
 def make_optimizer(model, config: Config) -> torch.optim.Optimizer:
+    """The optimizer of the weights that train (with LoRA, the adapters' alone)."""
     train = config.train
+    parameters = [parameter for parameter in model.parameters() if parameter.requires_grad]
     if train.optimizer == "adafactor":
         from transformers.optimization import Adafactor
 
         return Adafactor(
-            model.parameters(),
+            parameters,
             lr=train.learning_rate,
             weight_decay=train.weight_decay,
             scale_parameter=False,
             relative_step=False,
             warmup_init=False,
         )
-    return torch.optim.AdamW(model.parameters(), lr=train.learning_rate, weight_decay=train.weight_decay)
+    return torch.optim.AdamW(parameters, lr=train.learning_rate, weight_decay=train.weight_decay)
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, config: Config, steps: int):
@@ -534,10 +536,14 @@ def training_scorer(model, config: Config, world_size: int, device: torch.device
     train = config.train
     model.train()
     model.config.use_cache = False
+    if train.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     # π is evaluated at the sampling temperature, so on-policy data has ratio π/μ = 1.
     temperature = train.policy_temperature or config.sample.temperature
     sharded = train.parallelism == "fsdp" and world_size > 1
-    scorer = CompletionLogprobs(model, train.logprob_chunk_size, temperature, train.float32_head, share_prefix=not sharded)
+    # A shared prefix's keys and values come from a cache, which checkpointed layers do not fill.
+    share_prefix = not (sharded or train.gradient_checkpointing)
+    scorer = CompletionLogprobs(model, train.logprob_chunk_size, temperature, train.float32_head, share_prefix)
     return distributed.wrap(scorer, train.parallelism, device, autocast_dtype)
 
 
@@ -601,6 +607,9 @@ def run_train(
         resumed = checkpoint.load(fingerprint) if checkpoint else None
         model, tokenizer = load_policy(model_dir, device=torch.device("cpu"))  # wrap() places it
         check_token_ids(data_path, records, vocabulary_size(model))  # before any step, naming file and line
+        adapter = lora.with_adapter(model, train, model_dir) if train.lora_rank else None
+        if adapter is not None:
+            log.info("LoRA rank %d: %d of %d parameters train", train.lora_rank, *lora.trainable_parameters(model))
         if resumed:
             model.load_state_dict(resumed["model"])
         autocast_dtype = training_dtype(config, device)
@@ -645,7 +654,7 @@ def run_train(
         if not ranks.main:
             return None
         digest = save_policy(
-            policy, tokenizer, output_dir, provenance={"parent": model_identity(model_dir), "training_data": str(data_path)}
+            policy, tokenizer, output_dir, provenance={"parent": model_identity(model_dir), "training_data": str(data_path)}, adapter=adapter
         )
     summary = progress.summary(len(records), len(batches), ranks.world_size, digest)
     warn_if_own_data_starts_off_policy(records, model_dir, summary["first_step_log_ratio_per_token"])
