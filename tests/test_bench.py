@@ -22,6 +22,7 @@ BENCH = ROOT / "bench"
 SCRIPTS = {
     "train_step": ["--quick"],
     "train_memory": ["--quick"],
+    "interval_coverage": ["--quick"],
     "logprobs_memory": ["--quick"],
     "sampling": ["--quick"],
     "growth": ["--quick"],
@@ -100,6 +101,13 @@ def test_train_memory(runs):
     assert variants["gradient checkpointing"]["trainable_parameters"] == variants["full"]["trainable_parameters"]
     assert 0 < variants["LoRA rank 8"]["trainable_parameters"] < variants["full"]["trainable_parameters"] / 10
     assert "step peak MiB" in stdout
+
+
+def test_interval_coverage(runs):
+    stdout, results = finished(runs, "interval_coverage")
+    assert {row["interval"] for row in results["rows"]} == {"t-interval", "joint bootstrap"}
+    assert all(0 <= row["low"] <= row["coverage"] <= row["high"] <= 1 for row in results["rows"])
+    assert "Wilson low" in stdout
 
 
 def test_logprobs_memory(runs):

@@ -15,13 +15,12 @@ from scipy import stats as scipy_stats
 from topr.stats import (
     problem_gain,
     PairedComparison,
-    _bootstrap_statistics,
-    _difference_counts,
     compare_arms,
+    equivalence_p_value,
     format_comparisons,
+    joint_bootstrap,
     paired_t_interval,
     sign_flip_p_value,
-    two_level_bootstrap,
 )
 
 DIFFERENCES = [0.05, 0.02, 0.08, -0.01, 0.04, 0.06]
@@ -137,13 +136,13 @@ def test_holm_on_fixed_p_values_via_statsmodels_is_the_step_down():
     assert adjusted.tolist() == pytest.approx([0.04, 0.09, 0.09, 0.20])
 
 
-# --- two-level bootstrap ---------------------------------------------------------------------------
+# --- joint bootstrap --------------------------------------------------------------------------------
 
 
 def test_bootstrap_of_identical_arms_is_zero():
     rng = np.random.default_rng(0)
     correct = rng.random((6, 108)) < 0.3
-    assert two_level_bootstrap(correct, correct.copy()) == (0.0, 0.0)
+    assert joint_bootstrap(correct, correct.copy()) == (0.0, 0.0)
 
 
 def test_bootstrap_of_a_constant_shift_contains_it_and_is_reproducible():
@@ -155,11 +154,11 @@ def test_bootstrap_of_a_constant_shift_contains_it_and_is_reproducible():
         solved = rng.permutation(problems)
         reference[r, solved[:30]] = True
         arm[r, solved[: 30 + k]] = True  # the reference's problems plus k more
-    low, high = two_level_bootstrap(arm, reference, seed=7)
+    low, high = joint_bootstrap(arm, reference, seed=7)
     assert low < k / problems < high
     assert low >= 0.0
-    assert two_level_bootstrap(arm, reference, seed=7) == (low, high)
-    assert two_level_bootstrap(arm, reference, seed=8) != (low, high)
+    assert joint_bootstrap(arm, reference, seed=7) == (low, high)
+    assert joint_bootstrap(arm, reference, seed=8) != (low, high)
 
 
 def test_bootstrap_widens_when_replicates_disagree():
@@ -171,54 +170,70 @@ def test_bootstrap_widens_when_replicates_disagree():
     disagreeing = np.zeros((6, problems), dtype=bool)
     for r, extra in enumerate([40, -20, 30, -10, 20, 0]):  # also +5 points on average
         disagreeing[r, : 60 + extra] = True
-    low_a, high_a = two_level_bootstrap(agreeing, reference)
-    low_d, high_d = two_level_bootstrap(disagreeing, reference)
+    low_a, high_a = joint_bootstrap(agreeing, reference)
+    low_d, high_d = joint_bootstrap(disagreeing, reference)
     assert high_d - low_d > 2 * (high_a - low_a)
     assert low_d < 0.05 < high_d
 
 
-def test_bootstrap_statistics_have_the_two_level_mean_and_variance():
-    """The multinomial shortcut against the law of total variance of the two-level resample."""
-    rng = np.random.default_rng(2)
-    replicates, problems = 5, 40
-    arm = rng.random((replicates, problems)) < rng.uniform(0.2, 0.6, (replicates, 1))
-    reference = rng.random((replicates, problems)) < 0.35
-    d = arm.astype(float) - reference
-    per_replicate_mean = d.mean(axis=1)
-    within = d.var(axis=1) / problems  # variance of one replicate's resampled mean
-    expected_variance = (per_replicate_mean.var() + within.mean()) / replicates
-    draws = _bootstrap_statistics(_difference_counts(arm, reference), 40_000, seed=0)
-    assert draws.mean() == pytest.approx(per_replicate_mean.mean(), abs=4 * np.sqrt(expected_variance / 40_000))
-    assert draws.var() == pytest.approx(expected_variance, rel=0.03)
-
-
-def test_bootstrap_matches_a_naive_index_resampling():
-    """Same distribution as drawing replicate indices, then problem indices shared by both arms."""
+def test_bootstrap_draws_the_shared_problems_once_for_every_replicate():
+    """The same distribution as drawing replicate indices, then ONE set of problem indices used by
+    every drawn replicate (they share their problems), and wider than drawing problems per replicate
+    when the problems' effect is shared."""
     rng = np.random.default_rng(3)
-    arm = rng.random((4, 30)) < 0.5
-    reference = rng.random((4, 30)) < 0.4
+    easy = rng.random(30) < 0.5  # problems the arm solves in every replicate and the reference never
+    arm = np.tile(easy, (4, 1)) | (rng.random((4, 30)) < 0.2)
+    reference = rng.random((4, 30)) < 0.2
     naive_rng = np.random.default_rng(11)
-    naive = []
+    joint, independent = [], []
     for _ in range(20_000):
         chosen = naive_rng.integers(0, 4, 4)
-        problems = naive_rng.integers(0, 30, (4, 30))
-        naive.append(np.mean(arm[chosen[:, None], problems].astype(float) - reference[chosen[:, None], problems]))
-    ours = two_level_bootstrap(arm, reference, n_resamples=20_000)
-    assert ours == pytest.approx(tuple(np.quantile(naive, [0.025, 0.975])), abs=0.015)
+        shared = naive_rng.integers(0, 30, 30)
+        joint.append(np.mean(arm[chosen][:, shared].astype(float) - reference[chosen][:, shared]))
+        own = naive_rng.integers(0, 30, (4, 30))
+        independent.append(np.mean(arm[chosen[:, None], own].astype(float) - reference[chosen[:, None], own]))
+    ours = joint_bootstrap(arm, reference, n_resamples=20_000)
+    assert ours == pytest.approx(tuple(np.quantile(joint, [0.025, 0.975])), abs=0.015)
+    independent_width = np.subtract(*np.quantile(independent, [0.975, 0.025]))
+    assert ours[1] - ours[0] > 1.5 * independent_width
 
 
 def test_bootstrap_is_fast_and_validates_its_input():
     rng = np.random.default_rng(0)
     arm, reference = rng.random((6, 500)) < 0.3, rng.random((6, 500)) < 0.3
     start = time.perf_counter()
-    two_level_bootstrap(arm, reference, n_resamples=10_000)
-    assert time.perf_counter() - start < 0.5
-    with pytest.raises(ValueError, match="replicate 1: arm has 500 problems, reference 499"):
-        two_level_bootstrap(list(arm), [reference[0], reference[1, :499], *reference[2:]])
+    joint_bootstrap(arm, reference, n_resamples=10_000)
+    assert time.perf_counter() - start < 2.0
+    with pytest.raises(ValueError, match=r"scored on the same problems, got \[499, 500\]"):
+        joint_bootstrap(list(arm), [reference[0], reference[1, :499], *reference[2:]])
     with pytest.raises(ValueError, match="booleans"):
-        two_level_bootstrap([[0.5, 1.0]], [[0, 1]])
+        joint_bootstrap([[0.5, 1.0]], [[0, 1]])
     with pytest.raises(ValueError, match="replicates"):
-        two_level_bootstrap(arm, reference[:5])
+        joint_bootstrap(arm, reference[:5])
+
+
+# --- equivalence (TOST) ------------------------------------------------------------------------------
+
+
+def test_equivalence_is_statsmodels_tost_on_the_paired_differences():
+    from statsmodels.stats.weightstats import ttost_paired
+
+    arm, reference = [0.41, 0.38, 0.45, 0.40, 0.43, 0.39], [0.40, 0.39, 0.44, 0.41, 0.42, 0.40]
+    p = equivalence_p_value(arm, reference, 0.03)
+    assert p == pytest.approx(ttost_paired(np.array(arm), np.array(reference), -0.03, 0.03)[0])
+    assert p < 0.05  # differences of ±1 point: equivalent within 3 points
+    assert equivalence_p_value(arm, reference, 0.005) > 0.05  # not within half a point
+    # A wide spread never supports a tie, whatever its mean.
+    assert equivalence_p_value([0.5, 0.2, 0.6], [0.3, 0.4, 0.4], 0.05) > 0.5
+
+
+def test_equivalence_of_identical_differences_and_bad_input():
+    assert equivalence_p_value([0.3, 0.3], [0.29, 0.29], 0.05) == 0.0
+    assert equivalence_p_value([0.3, 0.3], [0.2, 0.2], 0.05) == 1.0
+    with pytest.raises(ValueError, match="margin must be positive"):
+        equivalence_p_value([0.3, 0.4], [0.3, 0.4], 0.0)
+    with pytest.raises(ValueError, match="at least 2"):
+        equivalence_p_value([0.3], [0.3], 0.05)
 
 
 # --- compare_arms --------------------------------------------------------------------------------
@@ -306,11 +321,23 @@ def test_comparisons_as_json_and_markdown():
     assert topr["replicates"] == ["r0", "r1", "r2"] and len(topr["t_interval"]) == 2
     table = format_comparisons(comparisons)
     lines = table.splitlines()
-    assert lines[0].startswith("| arm | vs | replicates | mean difference (points) | 95% t-interval | 95% bootstrap interval")
+    assert lines[0].startswith("| arm | vs | replicates | mean difference (points) | 95% t-interval | 95% joint bootstrap")
     low, high = comparisons[0].t_interval
     assert lines[2].startswith(f"| topr | rft | 3 | +4.3 | [{100 * low:+.1f}, {100 * high:+.1f}] |")
     assert "| late | rft | 1 | +20.0 | – | – | – | – |" in table
     assert "- late: 1 replicate(s) in common" in table
+    assert "TOST" not in table
+
+
+def test_a_margin_set_before_the_run_adds_the_equivalence_test():
+    comparisons = compare_arms(_experiment() | {"late": {"r0": _rows([0.5])[0]}}, "rft", equivalence_margin=0.05)
+    topr, sft, late = comparisons
+    assert topr.equivalence_margin == 0.05
+    assert topr.equivalence_p == pytest.approx(equivalence_p_value(topr.differences, [0.0] * 3, 0.05))
+    assert late.equivalence_p is None  # one replicate: no test
+    table = format_comparisons(comparisons)
+    assert table.splitlines()[0].endswith("| equivalent within ±5 points (TOST p) |")
+    assert f"| {sft.arm} | rft | 4 |" in table and table.splitlines()[3].endswith(f" {sft.equivalence_p:.3f} |")
 
 
 def test_a_runs_gain_on_the_same_problems_is_an_exact_mcnemar_test_with_a_paired_bootstrap_interval():

@@ -84,8 +84,9 @@ def _add_experiment_command(commands) -> argparse.ArgumentParser:
         "and its evaluation shared; within a replicate, the training prompts, iteration 1's samples and the "
         "seeds shared by all arms; every replicate scored on the same held-out problems). Then write report.md "
         "with accuracy per arm and replicate, each arm's paired difference from the reference arm (mean with "
-        "its 95% t-interval, sign-flip permutation p-value with Holm's correction, two-level bootstrap "
-        "interval), training diagnostics and plots into <run.output_dir>/<experiment name>/, also logged to "
+        "its 95% t-interval, sign-flip permutation p-value with Holm's correction, joint bootstrap interval and, with the "
+        "spec's equivalence_margin, the TOST p-value of a tie"
+        "), training diagnostics and plots into <run.output_dir>/<experiment name>/, also logged to "
         "MLflow (experiment 'experiment-<name>', one run per arm and replicate). An arm's config: --config, "
         "then the spec's overrides, the arm's, and the command line's.\n\nNamed experiments:\n\n"
         + "\n".join(f"  {n}" for n in sorted(named_experiments())),

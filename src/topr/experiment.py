@@ -75,6 +75,14 @@ class ExperimentSpec(BaseModel):
     reference: str | None = Field(
         None, description="The arm every other arm is compared with (paired, per replicate); default: the first."
     )
+    equivalence_margin: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="A margin (a fraction: 0.05 = 5 points), set before the run, within which an arm counts as "
+        "equivalent to the reference: the report then gives each comparison's TOST p-value (two one-sided "
+        "t-tests over replicates), and only p < 0.05 supports a tie. None: no equivalence claim.",
+    )
     compare: str = Field(
         "iteration",
         description="The report's main plot: accuracy by 'iteration', or by "

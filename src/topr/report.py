@@ -415,10 +415,11 @@ def per_problem_correct(folder: Path, shared: dict, finished: dict[str, Replicat
     return found
 
 
-def paired_comparisons(correct: ProblemResults, reference: str) -> dict[int, list]:
-    """Each trained iteration's comparisons of every arm with ``reference`` (``topr.stats.compare_arms``),
-    where the reference has the replicates that a paired comparison needs. Arms pair on the
-    held-out problems that every unit of the iteration was scored on, problem by problem."""
+def paired_comparisons(correct: ProblemResults, reference: str, equivalence_margin: float | None = None) -> dict[int, list]:
+    """Each trained iteration's comparisons of every arm with ``reference`` (``topr.stats.compare_arms``,
+    with the spec's ``equivalence_margin``), where the reference has the replicates that a paired
+    comparison needs. Arms pair on the held-out problems that every unit of the iteration was
+    scored on, problem by problem."""
     from topr.stats import MIN_REPLICATES, compare_arms
 
     comparisons = {}
@@ -427,7 +428,7 @@ def paired_comparisons(correct: ProblemResults, reference: str) -> dict[int, lis
             continue
         common = sorted(set.intersection(*(set(results) for replicates in by_arm.values() for results in replicates.values())))
         aligned = {arm: {rep: [results[p] for p in common] for rep, results in replicates.items()} for arm, replicates in by_arm.items()}
-        comparisons[step] = compare_arms(aligned, reference)
+        comparisons[step] = compare_arms(aligned, reference, equivalence_margin=equivalence_margin)
     return comparisons
 
 
@@ -547,7 +548,7 @@ def write_experiment_report(folder: Path, tracking_uri: str, experiment, arms: d
     finished = {arm: replicates for arm, replicates in finished.items() if replicates}
     means = {arm: mean_over_replicates(replicates) for arm, replicates in finished.items()}
     spec = context["spec"]
-    comparisons = paired_comparisons(per_problem_correct(folder, context["shared"], finished), spec.reference_arm)
+    comparisons = paired_comparisons(per_problem_correct(folder, context["shared"], finished), spec.reference_arm, spec.equivalence_margin)
     figures = []
     if finished:
         plot_replicates_accuracy(finished, folder / "accuracy.png")
@@ -625,8 +626,11 @@ def _experiment_markdown(experiment, spec, arms: dict, results: dict, finished: 
                 f"## Paired differences from `{spec.reference_arm}`, iteration {step}",
                 "",
                 "Per replicate, the arm's held-out pass@1 minus the reference's on the same problems; the mean with its 95% "
-                "t-interval, a two-level bootstrap interval (replicates, then problems), the two-sided sign-flip permutation "
-                "p-value and its Holm correction across the arms.",
+                "t-interval over replicates (the primary interval), a joint bootstrap interval (replicates, and the problems "
+                "they share drawn once for all; narrower than its nominal level at few replicates), the two-sided sign-flip "
+                "permutation p-value and its Holm correction across the arms"
+                + (f"; and the TOST p-value of equivalence within ±{100 * spec.equivalence_margin:g} points, a margin set "
+                   "before the run (below 0.05: a tie within it)." if spec.equivalence_margin else "."),
                 "",
                 format_comparisons(found),
                 "",

@@ -6,11 +6,16 @@ seed and batch-order seed, shared by every arm of that replicate, and every arm 
 per-problem binomial interval, is the noise to beat, so arms are compared with a reference arm
 by the per-replicate paired difference ``d_r = acc(arm, r) - acc(reference, r)``:
 
-- the mean of ``d`` with a t-interval (scipy),
+- the mean of ``d`` with a t-interval (scipy): the primary interval, which holds its level at
+  3–6 replicates (``bench/interval_coverage.py``),
 - a two-sided sign-flip permutation p-value (``scipy.stats.permutation_test``, exact for up to
   :data:`EXACT_MAX_REPLICATES` replicates),
-- a two-level bootstrap interval (replicates, then problems within each replicate, paired),
-- Holm-adjusted p-values across the arms compared with one reference (statsmodels).
+- a joint bootstrap interval (replicates, and the problems every replicate shares drawn once for
+  all of them), shown beside it: a percentile bootstrap over so few replicates covers less
+  than its nominal level,
+- Holm-adjusted p-values across the arms compared with one reference (statsmodels),
+- with an equivalence margin set before the run, two one-sided t-tests (TOST, statsmodels):
+  a "tie" is claimed only when both reject.
 
 Accuracies and differences are fractions; :func:`format_comparisons` shows percentage points.
 scipy and statsmodels are imported inside the functions that use them, so importing this
@@ -50,10 +55,13 @@ class PairedComparison:
             :data:`EXACT_MAX_REPLICATES` replicates, Monte Carlo beyond.
         p_holm: ``p_value`` after Holm's step-down correction across all arms of one
             :func:`compare_arms` call (same reference).
-        bootstrap_interval: two-level percentile bootstrap interval (replicates, then the
-            problems within each, paired) for the mean difference; None when some common
-            replicate has only an accuracy, not per-problem results.
+        bootstrap_interval: joint percentile bootstrap interval (``joint_bootstrap``) for the
+            mean difference; None when some common replicate has only an accuracy, not
+            per-problem results.
         confidence: the confidence level of both intervals.
+        equivalence_margin: the margin of the equivalence test, set before the run; None: no test.
+        equivalence_p: TOST p-value for the mean difference lying within ±``equivalence_margin``
+            (``equivalence_p_value``); below 1 − ``confidence`` the arms are equivalent within it.
         note: why a figure is None; None when every figure is there.
     """
 
@@ -67,6 +75,8 @@ class PairedComparison:
     p_holm: float | None
     bootstrap_interval: tuple[float, float] | None
     confidence: float = 0.95
+    equivalence_margin: float | None = None
+    equivalence_p: float | None = None
     note: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
@@ -82,6 +92,8 @@ class PairedComparison:
             "p_holm": self.p_holm,
             "bootstrap_interval": None if self.bootstrap_interval is None else list(self.bootstrap_interval),
             "confidence": self.confidence,
+            "equivalence_margin": self.equivalence_margin,
+            "equivalence_p": self.equivalence_p,
             "note": self.note,
         }
 
@@ -147,52 +159,75 @@ def _mean_difference(x: np.ndarray, y: np.ndarray, axis: int = -1) -> np.ndarray
     return np.mean(x - y, axis=axis)
 
 
-def two_level_bootstrap(
+def equivalence_p_value(arm_values: Sequence[float], reference_values: Sequence[float], margin: float) -> float:
+    """Two one-sided paired t-tests (TOST) of the mean difference lying within ±``margin``: the
+    larger of the two one-sided p-values (``statsmodels.stats.weightstats.ttost_paired``). Below
+    0.05 the arms are equivalent within the margin at the 5% level. Differences that are all equal
+    give 0 inside the margin and 1 outside. Needs at least two pairs and a positive margin."""
+    arm, reference = np.asarray(arm_values, dtype=float), np.asarray(reference_values, dtype=float)
+    if arm.ndim != 1 or arm.shape != reference.shape or arm.size < MIN_REPLICATES:
+        raise ValueError(f"an equivalence test needs two equally long sequences of at least {MIN_REPLICATES}, got {arm.shape} and {reference.shape}")
+    if not margin > 0:
+        raise ValueError(f"the equivalence margin must be positive, got {margin}")
+    differences = arm - reference
+    if np.all(differences == differences[0]):
+        return 0.0 if abs(differences[0]) < margin else 1.0
+    from statsmodels.stats.weightstats import ttost_paired
+
+    return float(ttost_paired(arm, reference, -margin, margin)[0])
+
+
+BOOTSTRAP_CHUNK = 1_000  # resamples drawn at once: [chunk, problems] weights in memory
+
+
+def joint_bootstrap(
     arm_correct: np.ndarray | Sequence[Sequence[bool]],
     reference_correct: np.ndarray | Sequence[Sequence[bool]],
     n_resamples: int = 10_000,
     confidence: float = 0.95,
     seed: int = 0,
 ) -> tuple[float, float]:
-    """Two-level percentile bootstrap interval for the mean paired accuracy difference.
+    """Percentile bootstrap interval for the mean paired accuracy difference of replicates that
+    are all scored on the same problems.
 
-    ``arm_correct`` and ``reference_correct`` hold per-problem correctness, one row per
-    replicate (an array [R, P], or R vectors whose lengths may differ between replicates but
-    must match between arm and reference). Each resample draws R replicates with replacement,
-    then within each drawn replicate its problems with replacement, the same problems for arm
-    and reference; its statistic is the mean over the drawn replicates of the mean
-    per-problem difference (arm - reference). Returns the ``confidence`` percentile interval
-    of the ``n_resamples`` statistics; reproducible for a given ``seed``.
-
-    Since a per-problem difference is -1, 0 or +1, resampling a replicate's P problems is
-    drawn as the multinomial count of each value (the same distribution as drawing P indices,
-    at the cost of one draw per replicate instead of P).
+    ``arm_correct`` and ``reference_correct`` hold per-problem correctness [R, P]: row r is
+    replicate r, column p the same held-out problem in every replicate. Each resample draws R
+    replicates with replacement and, once for all of them, P problems with replacement, since the
+    replicates share their problems (drawing them anew for each replicate would average the
+    problems' noise away and narrow the interval); its statistic is the mean difference over the
+    drawn replicates and problems. Returns the ``confidence`` percentile interval of the
+    ``n_resamples`` statistics; reproducible for a given ``seed``.
     """
     _check_confidence(confidence)
     if n_resamples < 1:
         raise ValueError(f"n_resamples must be at least 1, got {n_resamples}")
-    statistics = _bootstrap_statistics(_difference_counts(arm_correct, reference_correct), n_resamples, seed)
+    differences = _difference_matrix(arm_correct, reference_correct)
+    replicates, problems = differences.shape
+    rng = np.random.default_rng(seed)
+    statistics = np.empty(n_resamples)
+    for start in range(0, n_resamples, BOOTSTRAP_CHUNK):
+        size = min(BOOTSTRAP_CHUNK, n_resamples - start)
+        problem_weights = rng.multinomial(problems, np.full(problems, 1 / problems), size=size) / problems
+        replicate_weights = rng.multinomial(replicates, np.full(replicates, 1 / replicates), size=size) / replicates
+        statistics[start : start + size] = np.einsum("bp,rp,br->b", problem_weights, differences, replicate_weights)
     tail = (1.0 - confidence) / 2
     low, high = np.quantile(statistics, [tail, 1.0 - tail])
     return float(low), float(high)
 
 
-def _difference_counts(arm_correct: Any, reference_correct: Any) -> np.ndarray:
-    """Per replicate, how many problems differ by +1, 0 and -1 (arm - reference): int [R, 3]."""
+def _difference_matrix(arm_correct: Any, reference_correct: Any) -> np.ndarray:
+    """Per replicate and problem, arm minus reference: float [R, P] of -1, 0 and 1."""
     arm_rows, reference_rows = _rows(arm_correct, "arm"), _rows(reference_correct, "reference")
     if len(arm_rows) != len(reference_rows):
         raise ValueError(f"arm has {len(arm_rows)} replicates, reference {len(reference_rows)}")
     if not arm_rows:
         raise ValueError("the bootstrap needs at least one replicate")
-    counts = np.empty((len(arm_rows), 3), dtype=np.int64)
-    for r, (arm, reference) in enumerate(zip(arm_rows, reference_rows)):
-        if arm.size != reference.size:
-            raise ValueError(f"replicate {r}: arm has {arm.size} problems, reference {reference.size}")
-        if arm.size == 0:
-            raise ValueError(f"replicate {r} has no problems")
-        d = arm - reference
-        counts[r] = (np.sum(d > 0), np.sum(d == 0), np.sum(d < 0))
-    return counts
+    sizes = {row.size for row in (*arm_rows, *reference_rows)}
+    if len(sizes) != 1:
+        raise ValueError(f"every replicate of both arms must be scored on the same problems, got {sorted(sizes)} problems")
+    if sizes == {0}:
+        raise ValueError("the replicates have no problems")
+    return np.stack(arm_rows).astype(float) - np.stack(reference_rows).astype(float)
 
 
 def _rows(correct: Any, which: str) -> list[np.ndarray]:
@@ -205,18 +240,6 @@ def _rows(correct: Any, which: str) -> list[np.ndarray]:
     return [row.astype(np.int8) for row in rows]
 
 
-def _bootstrap_statistics(counts: np.ndarray, n_resamples: int, seed: int) -> np.ndarray:
-    """The ``n_resamples`` two-level bootstrap statistics from per-replicate (+1, 0, -1) counts."""
-    rng = np.random.default_rng(seed)
-    sizes = counts.sum(axis=1)
-    shares = counts / sizes[:, None]
-    replicates = counts.shape[0]
-    chosen = rng.integers(0, replicates, size=(n_resamples, replicates))
-    drawn = rng.multinomial(sizes[chosen], shares[chosen])  # [B, R, 3]
-    per_replicate = (drawn[..., 0] - drawn[..., 2]) / sizes[chosen]
-    return per_replicate.mean(axis=1)
-
-
 def compare_arms(
     correct: Mapping[str, Mapping[str, Sequence[bool] | float]],
     reference: str,
@@ -225,6 +248,7 @@ def compare_arms(
     confidence: float = 0.95,
     n_resamples: int = 10_000,
     seed: int = 0,
+    equivalence_margin: float | None = None,
 ) -> list[PairedComparison]:
     """Compare each arm with ``reference`` over the replicates both finished.
 
@@ -233,7 +257,8 @@ def compare_arms(
     at hand (then no bootstrap interval). ``arms`` defaults to every arm but the reference, in
     the mapping's order; the reference is never compared with itself. ``n_resamples`` and
     ``seed`` serve the bootstrap and, beyond :data:`EXACT_MAX_REPLICATES` replicates, the
-    permutation test; Holm's correction runs across the returned arms.
+    permutation test; Holm's correction runs across the returned arms. With
+    ``equivalence_margin`` (set before the run), each comparison also has its TOST p-value.
 
     Raises ValueError for an unknown arm or reference, or when the arm's and the reference's
     per-problem vectors of one replicate differ in length.
@@ -248,7 +273,17 @@ def compare_arms(
         raise ValueError(f"unknown arm(s) {unknown}; arms: {sorted(correct)}")
     arms = [arm for arm in arms if arm != reference]
     comparisons = [_compare(arm, correct[arm], reference, correct[reference], confidence, n_resamples, seed) for arm in arms]
+    if equivalence_margin is not None:
+        comparisons = [_with_equivalence(comparison, equivalence_margin) for comparison in comparisons]
     return _with_holm(comparisons)
+
+
+def _with_equivalence(comparison: PairedComparison, margin: float) -> PairedComparison:
+    """``comparison`` with its TOST p-value for ±``margin`` (None below two replicates)."""
+    p_value = None
+    if len(comparison.differences) >= MIN_REPLICATES:
+        p_value = equivalence_p_value(comparison.differences, [0.0] * len(comparison.differences), margin)
+    return dataclasses.replace(comparison, equivalence_margin=margin, equivalence_p=p_value)
 
 
 def _compare(
@@ -282,15 +317,15 @@ def _compare(
             f"{len(replicates)} replicate(s) in common with {reference!r}; the t-interval, "
             f"p-value and bootstrap need at least {MIN_REPLICATES}"
         )
-        return PairedComparison(arm, reference, replicates, differences, mean, None, None, None, None, confidence, note)
+        return PairedComparison(arm, reference, replicates, differences, mean, None, None, None, None, confidence, note=note)
     t_interval = paired_t_interval(differences, confidence)
     p_value = sign_flip_p_value(arm_accuracy, reference_accuracy, n_resamples, seed)
     bootstrap, note = None, None
     if len(arm_rows) == len(replicates):
-        bootstrap = two_level_bootstrap(arm_rows, reference_rows, n_resamples, confidence, seed)
+        bootstrap = joint_bootstrap(arm_rows, reference_rows, n_resamples, confidence, seed)
     else:
         note = "no bootstrap interval: some common replicates have only an accuracy, not per-problem results"
-    return PairedComparison(arm, reference, replicates, differences, mean, t_interval, p_value, None, bootstrap, confidence, note)
+    return PairedComparison(arm, reference, replicates, differences, mean, t_interval, p_value, None, bootstrap, confidence, note=note)
 
 
 def _is_accuracy(value: Any) -> bool:
@@ -376,21 +411,25 @@ def problem_gain(
 def format_comparisons(comparisons: Sequence[PairedComparison]) -> str:
     """A markdown table, one row per arm: differences in percentage points, one decimal.
 
-    Columns: arm, reference, number of common replicates, mean difference, t-interval,
-    two-level bootstrap interval, sign-flip p-value, Holm-adjusted p-value ("–" where a figure
-    could not be formed); the notes (why) follow the table.
+    Columns: arm, reference, number of common replicates, mean difference, the t-interval (the
+    primary interval), the joint bootstrap interval, sign-flip p-value, Holm-adjusted p-value and,
+    when a margin was set, the TOST p-value of equivalence within it ("–" where a figure could not
+    be formed); the notes (why) follow the table.
     """
     levels = {c.confidence for c in comparisons}
     level = f"{100 * levels.pop():g}% " if len(levels) == 1 else ""
+    margins = {c.equivalence_margin for c in comparisons} - {None}
+    equivalence = f" equivalent within ±{100 * margins.pop():g} points (TOST p) |" if len(margins) == 1 else ""
     lines = [
-        f"| arm | vs | replicates | mean difference (points) | {level}t-interval | {level}bootstrap interval | p (sign-flip) | p (Holm) |",
-        "|---|---|---:|---:|---|---|---:|---:|",
+        f"| arm | vs | replicates | mean difference (points) | {level}t-interval | {level}joint bootstrap | p (sign-flip) | p (Holm) |{equivalence}",
+        "|---|---|---:|---:|---|---|---:|---:|" + ("---:|" if equivalence else ""),
     ]
     for c in comparisons:
-        lines.append(
+        row = (
             f"| {c.arm} | {c.reference} | {len(c.replicates)} | {_points(c.mean_difference)} | "
             f"{_interval(c.t_interval)} | {_interval(c.bootstrap_interval)} | {_p(c.p_value)} | {_p(c.p_holm)} |"
         )
+        lines.append(row + (f" {_p(c.equivalence_p)} |" if equivalence else ""))
     notes = [f"- {c.arm}: {c.note}" for c in comparisons if c.note]
     if notes:
         lines += ["", *notes]
