@@ -471,3 +471,58 @@ def test_an_emptied_required_text_field_is_refused_by_name():
     defaults = form_values(config)
     with pytest.raises(ConfigError, match="the run form's model_path is empty: model.path needs a value"):
         apply_run_form(json.dumps(config_to_dict(config)), defaults, {**defaults, "model_path": ""})
+
+
+def reward_override(tmp_path, body: str, function: str = "score") -> str:
+    path = tmp_path / "my_reward.py"
+    path.write_text(body)
+    return f"task.reward_function={path}:{function}"
+
+
+def test_a_reward_function_and_its_weights_load_from_the_command_line(tmp_path):
+    override = reward_override(tmp_path, "def score(record, completion):\n    return 0.0\n")
+    task = load_config(overrides=[override, "task.format_weight=0.2", "task.function_weight=0.5"]).task
+    assert task.reward_function == override.partition("=")[2]
+    assert (task.correctness_weight, task.format_weight, task.function_weight) == (1.0, 0.2, 0.5)
+    assert (Config().task.reward_function, Config().task.correctness_weight, Config().task.format_weight) == (None, 1.0, 0.0)
+
+
+@pytest.mark.parametrize(
+    "body, function, problem",
+    [
+        ("def score(record, completion):\n    return 0.0\n", "scor", "has no function 'scor'"),
+        ("score = 0.5\n", "score", "is not callable: it is a float"),
+        ("import no_such_package_here\n", "score", "failed to load: ModuleNotFoundError: No module named 'no_such_package_here'"),
+        ("def score(record, completion)\n", "score", "failed to load: SyntaxError"),
+    ],
+)
+def test_a_reward_function_that_cannot_be_loaded_is_refused_naming_the_field(tmp_path, body, function, problem):
+    with pytest.raises(ConfigError) as caught:
+        load_config(overrides=[reward_override(tmp_path, body, function)])
+    assert "\n  task.reward_function: " in str(caught.value) and problem in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "value, problem",
+    [
+        ("no_such_module_for_rewards:score", "cannot import module 'no_such_module_for_rewards': ModuleNotFoundError"),
+        ("json:no_such_function", "json has no function 'no_such_function'"),
+        ("missing/rewards.py:score", "no such file: "),
+        ("score", "'score' is not of the form 'module:function' or 'path/to/file.py:function'"),
+        ("json:", "is not of the form"),
+    ],
+)
+def test_a_reward_function_named_wrong_is_refused_naming_the_field(value, problem):
+    with pytest.raises(ConfigError) as caught:
+        load_config(overrides=[f"task.reward_function={value}"])
+    assert "\n  task.reward_function: " in str(caught.value) and problem in str(caught.value)
+
+
+def test_reward_weights_are_not_negative_and_not_all_zero():
+    with pytest.raises(ConfigError, match=r"\n  task.format_weight: Input should be greater than or equal to 0"):
+        load_config(overrides=["task.format_weight=-0.5"])
+    with pytest.raises(ConfigError, match=r"\n  task: Value error, every reward would be 0"):
+        load_config(overrides=["task.correctness_weight=0"])
+    with pytest.raises(ConfigError, match="every reward would be 0"):
+        load_config(overrides=["task.correctness_weight=0", "task.reward_function=json:dumps", "task.function_weight=0"])
+    assert load_config(overrides=["task.correctness_weight=0", "task.format_weight=1"]).task.format_weight == 1.0

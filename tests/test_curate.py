@@ -4,7 +4,7 @@ import logging
 import pytest
 
 from topr.config import Config, CurateConfig
-from topr.curate import CurationError, curate, effective_positive_fraction, run_curate
+from topr.curate import CurationError, curate, effective_positive_fraction, one_sided_warning, run_curate
 from topr.records import RecordError, read_records, write_records
 
 # prompt -> correctness of samples 0..3
@@ -178,6 +178,43 @@ def test_report_uses_baseline(records):
     _, report = curate(records, CurateConfig(strategy="all"), baseline=0.5)
     assert report["baseline"] == 0.5
     assert report["effective_positive_fraction"] == pytest.approx(0.25)
+
+
+def test_the_checkers_rewards_report_the_closed_form_to_the_last_digit(records):
+    _, report = curate(records, CurateConfig(), baseline=-0.8)
+    assert (report["positives"], report["negatives"]) == (2, 6)
+    assert report["effective_positive_fraction"] == effective_positive_fraction(0.25, -0.8)
+
+
+# prompt -> graded reward of samples 0..3; every completion is correct, so only rewards can split them.
+GRADED = {"g0": [0.2, 0.7, -0.4, 0.9], "g1": [0.5, 0.6, 1.0, 0.8], "g2": [-1.0, 0.1, 0.4, -0.3]}
+
+
+@pytest.fixture
+def graded():
+    return [
+        make_record(prompt_id, index, True, reward=reward)
+        for prompt_id, rewards in GRADED.items()
+        for index, reward in enumerate(rewards)
+    ]
+
+
+def test_anna_karenina_splits_graded_rewards_by_the_baseline(graded):
+    """Positive: R - c >= 0 (0.5 counts at c = 0.5); the first positive and every negative are kept."""
+    curated, report = curate(graded, CurateConfig(), baseline=0.5)
+    assert kept(curated) == [("g0", 0), ("g0", 1), ("g0", 2), ("g1", 0), ("g2", 0), ("g2", 1), ("g2", 2), ("g2", 3)]
+    assert (report["positives"], report["negatives"], report["positive_fraction"]) == (2, 6, 0.25)
+    # |R - c| of the positives (0.2 + 0) over that of all (0.3 + 0.2 + 0.9 + 0 + 1.5 + 0.4 + 0.1 + 0.8).
+    assert report["effective_positive_fraction"] == pytest.approx(0.2 / 4.2)
+    assert report["warnings"] == []
+
+
+def test_graded_rewards_are_rebalanced_and_warned_about_by_the_baseline(graded):
+    _, report = curate(graded, CurateConfig(strategy="all", target_positive_fraction=0.5, seed=3), baseline=0.5)
+    assert (report["positives"], report["negatives"]) == (6, 6)
+    _, report = curate(graded, CurateConfig(strategy="all"), baseline=1.5)
+    assert report["positives"] == 0 and report["warnings"] == [one_sided_warning(0, 12)]
+    assert "none of its 12 completions is correct (has a reward at or above train.baseline)" in report["warnings"][0]
 
 
 def test_empty_input_and_everything_dropped_raise(records):

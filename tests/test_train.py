@@ -26,7 +26,7 @@ from topr.models import PROVENANCE_FILE, load_policy, model_identity, prompt_tok
 from topr.objectives import NEGATIVE_RATIO_STATS
 from topr.records import RecordError, write_records
 from topr.sample import SamplingParams, TransformersEngine, sample_records
-from topr.train import NonFiniteStepError, global_batches, launch_train, run_train
+from topr.train import NonFiniteStepError, check_train_record, global_batches, launch_train, run_train
 
 from helpers import train_config
 
@@ -694,10 +694,8 @@ def test_mismatched_lengths_name_file_and_line(tiny_model_dir, tmp_path):
         ({"behavior_logprobs": [-1.0, 0.25]}, "behavior_logprobs[1] is 0.25: a log-probability is at most 0"),
         ({"behavior_logprobs": [-1.0, math.nan]}, "behavior_logprobs[1] is NaN"),
         ({"behavior_logprobs": [-math.inf, -1.0]}, "behavior_logprobs[0] is -Infinity"),
-        ({"reward": 0.5}, "reward is 0.5, not +1.0 (correct) or -1.0 (wrong)"),
-        ({"reward": 0.0}, "reward is 0.0, not +1.0 (correct) or -1.0 (wrong)"),
-        ({"reward": 1.0, "correct": False}, "reward 1.0 disagrees with correct=false"),
-        ({"reward": -1.0, "correct": True}, "reward -1.0 disagrees with correct=true"),
+        ({"reward": 1.5}, "reward is 1.5, outside [-1, 1]"),
+        ({"reward": -2}, "reward is -2, outside [-1, 1]"),
     ],
 )
 def test_impossible_numbers_in_a_training_record_name_file_line_and_field(tiny_model_dir, tmp_path, changes, problem):
@@ -709,6 +707,13 @@ def test_impossible_numbers_in_a_training_record_name_file_line_and_field(tiny_m
         run_train(config(), tiny_model_dir, data, output)
     assert str(error.value).startswith(f"{data}:2: {problem}")
     assert_untouched(tmp_path, output, data)
+
+
+def test_a_graded_reward_trains_whatever_the_checker_said():
+    """A reward function or a format term (``topr.rewards``) grades completions: a correct one may
+    earn less than 1, a wrong one more than -1."""
+    for reward, correct in ((0.5, False), (-0.25, True), (1.0, False), (-1.0, True), (0, True)):
+        check_train_record(fake_record([5, 6], [-1.0, -1.0], reward=reward, correct=correct))
 
 
 def test_a_non_finite_loss_stops_training_naming_the_step_and_saves_nothing(nan_model_dir, tmp_path):

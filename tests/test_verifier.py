@@ -222,6 +222,12 @@ def test_verifier_config_takes_the_verifier_section():
     assert (verifier.curate.strategy, verifier.curate.target_positive_fraction) == ("all", None)
 
 
+def test_the_verifier_is_rewarded_by_its_checker_alone_whatever_the_policys_reward():
+    config = load_config(None, ["task.reward_function=json:dumps", "task.correctness_weight=0.5", "task.format_weight=0.5"])
+    task = verifier_config(config, "train.jsonl", "eval.jsonl").task
+    assert (task.reward_function, task.correctness_weight, task.format_weight) == (None, 1.0, 0.0)
+
+
 def test_the_default_verifier_judges_in_two_tokens_and_trains_on_about_200_questions():
     verifier = load_config(None, []).verifier
     assert verifier.max_new_tokens == 2 and verifier.train_questions == 200

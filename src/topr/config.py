@@ -110,6 +110,47 @@ class TaskConfig(Section):
         "exact: the whole reply). 'strict': only the format the prompt's instruction asks for ('Answer: <number>', "
         "'Answer: <answer>'; math: \\boxed{}). The verifier task reads its Yes or No alike under both.",
     )
+    reward_function: str | None = Field(
+        None,
+        description="A Python function whose value joins each completion's reward: 'module:function' (importable where "
+        "verify runs; on a cluster, in the image) or 'path/to/file.py:function'. It is called as function(record, "
+        "completion) with a copy of the sample record (prompt_id, prompt, reference, sample_index, ..., and the checker's "
+        "extracted and correct) and the completion text, and returns a number in [-1, 1]. Loaded as the config is read.",
+    )
+
+    @field_validator("reward_function")
+    @classmethod
+    def _loadable(cls, value: str | None) -> str | None:
+        from topr.rewards import load_reward_function
+
+        if value is not None:
+            load_reward_function(value)
+        return value
+
+    correctness_weight: float = Field(
+        1.0,
+        ge=0,
+        description="Weight of the checker's verdict (+1 correct, -1 wrong) in the reward, which is clip(correctness_weight "
+        "× verdict + format_weight × format + function_weight × reward_function, -1, 1); the defaults give +1 and -1. A "
+        "completion trains as a positive when reward - train.baseline >= 0; `correct` stays the checker's verdict.",
+    )
+    format_weight: float = Field(
+        0.0,
+        ge=0,
+        description="Weight of the format term in the reward: +1 when the strict extraction finds an answer in the format "
+        "the prompt asks for ('Answer: <number>'; math: \\boxed{}), -1 when not.",
+    )
+    function_weight: float = Field(1.0, ge=0, description="Weight of task.reward_function's value in the reward.")
+
+    @model_validator(mode="after")
+    def _some_reward(self) -> TaskConfig:
+        if not (self.correctness_weight or self.format_weight or (self.reward_function and self.function_weight)):
+            raise ValueError(
+                "every reward would be 0: set task.correctness_weight, task.format_weight, or task.reward_function "
+                "with a task.function_weight above 0"
+            )
+        return self
+
     train_size: int = Field(64, ge=1, description="Training prompts per iteration.")
     eval_size: int = Field(200, ge=1, description="Held-out prompts for every evaluation.")
     seed: int = Field(0, description="Seed for generating (arithmetic) or choosing prompts.")
@@ -178,7 +219,8 @@ class SampleConfig(Section):
 class CurateConfig(Section):
     strategy: Literal["anna_karenina", "uniform", "all"] = Field(
         "anna_karenina",
-        description="anna_karenina: first correct and all wrong completions per prompt; "
+        description="anna_karenina: first positive and all negative completions per prompt (positive: reward - "
+        "train.baseline >= 0; with the checker's ±1 rewards, the correct ones); "
         "uniform: `uniform_per_prompt` completions drawn at random per prompt; all: everything.",
     )
     uniform_per_prompt: int = Field(2, ge=1, description="uniform only: completions kept per prompt.")

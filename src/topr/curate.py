@@ -6,14 +6,19 @@ Curation runs in three steps, each accounted for in the report's ``dropped`` cou
    several is counted once, under the first of ``empty``, ``truncated``, ``too_long``.
 2. A strategy picks among each prompt's survivors (``strategy``):
 
-   - ``anna_karenina``: the first correct completion (lowest ``sample_index``) and every
-     incorrect one. Correct completions tend to resemble each other while each wrong one is wrong
+   - ``anna_karenina``: the first positive completion (lowest ``sample_index``) and every
+     negative one. Correct completions tend to resemble each other while each wrong one is wrong
      in its own way, so one positive per prompt carries most of what positives teach.
    - ``uniform``: ``uniform_per_prompt`` completions drawn at random per prompt.
    - ``all``: everything.
 3. An optional rebalancing (``target_positive_fraction``) subsamples positives or negatives so
    the kept set's fraction of positives is as close to the target as possible without adding
    any record.
+
+Positives and negatives are split as ``policy_loss`` splits them: a record is positive when its
+advantage R - c is at least 0 (``is_positive``, c = ``train.baseline``). With the checker's
+rewards of +1 and -1 and -1 < c <= 1 (the default c is -0.8), the positives are the correct
+completions; graded rewards (``topr.rewards``) are split by the baseline alone.
 
 Random choices are seeded by ``CurateConfig.seed`` and records are grouped and returned in
 (``prompt_id``, ``sample_index``) order, so the result depends on the input set, not its order.
@@ -42,6 +47,11 @@ class CurationError(ValueError):
     """Curation left nothing to train on; the message says where the records went."""
 
 
+def is_positive(record: Record, baseline: float) -> bool:
+    """Whether ``record`` trains as a positive: its advantage R - ``baseline`` is at least 0."""
+    return float(record["reward"]) - baseline >= 0
+
+
 def effective_positive_fraction(p: float, c: float) -> float:
     """The fraction of positives a set trains like, given a fraction ``p`` of positives and baseline ``c``.
 
@@ -63,6 +73,19 @@ def effective_positive_fraction(p: float, c: float) -> float:
     return p * (1.0 - c) / denominator
 
 
+def effective_positive_fraction_of(records: Sequence[Record], positive_fraction: float, baseline: float) -> float:
+    """The share of the training weight |R - c| that the positives among ``records`` carry
+    (``positive_fraction`` of them), before any taper. With rewards of +1 and -1 only it is
+    ``effective_positive_fraction``, computed by that formula so reports of the checker's rewards
+    keep their figure to the last digit; graded rewards add up their advantages."""
+    rewards = {float(record["reward"]) for record in records}
+    if rewards <= {1.0, -1.0}:
+        return effective_positive_fraction(positive_fraction, baseline)
+    advantages = [float(record["reward"]) - baseline for record in records]
+    total = math.fsum(map(abs, advantages))
+    return math.fsum(advantage for advantage in advantages if advantage >= 0) / total if total else positive_fraction
+
+
 def curate(records: Sequence[Record], config: CurateConfig, baseline: float) -> tuple[list[Record], dict]:
     """Filter, select and rebalance verified records; return the training set and its report.
 
@@ -82,15 +105,15 @@ def curate(records: Sequence[Record], config: CurateConfig, baseline: float) -> 
         raise CurationError(f"no examples left after curation: {_describe_drops(len(records), dropped)}")
 
     rng = random.Random(config.seed)
-    selected = [record for group in _by_prompt(survivors) for record in _select(group, config, rng)]
+    selected = [record for group in _by_prompt(survivors) for record in _select(group, config, baseline, rng)]
     dropped["strategy"] = len(survivors) - len(selected)
     warnings: list[str] = []
     if config.target_positive_fraction is not None:
-        balanced = _rebalance(selected, config.target_positive_fraction, rng, warnings)
+        balanced = _rebalance(selected, config.target_positive_fraction, baseline, rng, warnings)
         dropped["rebalance"] = len(selected) - len(balanced)
         selected = balanced
     curated = sorted(selected, key=_order)
-    one_sided = one_sided_warning(sum(bool(record["correct"]) for record in curated), len(curated))
+    one_sided = one_sided_warning(sum(is_positive(record, baseline) for record in curated), len(curated))
     return curated, _report(len(records), dropped, config, baseline, curated, warnings + ([one_sided] if one_sided else []))
 
 
@@ -98,14 +121,16 @@ def one_sided_warning(positives: int, count: int) -> str | None:
     """What to say when a training set of ``count`` records holds no positive or no negative."""
     if positives == 0:
         return (
-            f"the training set has no positives: none of its {count} completions is correct, so training only "
-            "pushes the model away from wrong answers and cannot teach a right one. Try more samples per prompt "
-            "(sample.samples_per_prompt), a higher temperature (sample.temperature) or an easier task"
+            f"the training set has no positives: none of its {count} completions is correct (has a reward at or above "
+            "train.baseline), so training only pushes the model away from wrong answers and cannot teach a right one. "
+            "Try more samples per prompt (sample.samples_per_prompt), a higher temperature (sample.temperature) or an "
+            "easier task"
         )
     if positives == count:
         return (
-            f"the training set has no negatives: all of its {count} completions are correct, so training is "
-            "rejection fine-tuning. Try harder prompts or a higher temperature (sample.temperature)"
+            f"the training set has no negatives: all of its {count} completions are correct (have a reward at or above "
+            "train.baseline), so training is rejection fine-tuning. Try harder prompts or a higher temperature "
+            "(sample.temperature)"
         )
     return None
 
@@ -159,19 +184,19 @@ def _by_prompt(records: list[Record]) -> Iterator[list[Record]]:
         yield list(group)
 
 
-def _select(group: list[Record], config: CurateConfig, rng: random.Random) -> list[Record]:
+def _select(group: list[Record], config: CurateConfig, baseline: float, rng: random.Random) -> list[Record]:
     if config.strategy == "anna_karenina":
-        first_correct = next((record for record in group if record["correct"]), None)
-        return [record for record in group if record is first_correct or not record["correct"]]
+        first_positive = next((record for record in group if is_positive(record, baseline)), None)
+        return [record for record in group if record is first_positive or not is_positive(record, baseline)]
     if config.strategy == "uniform":
         return rng.sample(group, min(config.uniform_per_prompt, len(group)))
     return group
 
 
-def _rebalance(records: list[Record], target: float, rng: random.Random, warnings: list[str]) -> list[Record]:
+def _rebalance(records: list[Record], target: float, baseline: float, rng: random.Random, warnings: list[str]) -> list[Record]:
     """Subsample the over-represented class so the fraction of positives is closest to ``target``."""
-    positives = [record for record in records if record["correct"]]
-    negatives = [record for record in records if not record["correct"]]
+    positives = [record for record in records if is_positive(record, baseline)]
+    negatives = [record for record in records if not is_positive(record, baseline)]
     if not positives or not negatives:
         missing = "positives" if not positives else "negatives"
         warnings.append(
@@ -202,7 +227,7 @@ def _report(
     curated: list[Record],
     warnings: list[str],
 ) -> dict:
-    positives = sum(bool(record["correct"]) for record in curated)
+    positives = sum(is_positive(record, baseline) for record in curated)
     fraction = positives / len(curated)
     return {
         "input_count": input_count,
@@ -215,7 +240,7 @@ def _report(
         "prompts": len({record["prompt_id"] for record in curated}),
         "positive_fraction": fraction,
         "baseline": baseline,
-        "effective_positive_fraction": effective_positive_fraction(fraction, baseline),
+        "effective_positive_fraction": effective_positive_fraction_of(curated, fraction, baseline),
         "mean_completion_tokens": sum(len(record["completion_token_ids"]) for record in curated) / len(curated),
         "warnings": warnings,
     }

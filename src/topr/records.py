@@ -22,7 +22,8 @@ behavior_model        str            sample      digest or path of the model tha
 finish_reason         str            sample      "stop" (end-of-sequence) or "length" (truncated)
 extracted             str | None     verify      the answer parsed from the completion, None if none
 correct               bool           verify      the checker's verdict
-reward                float          verify      +1.0 when correct, -1.0 otherwise
+reward                float          verify      +1.0 when correct, -1.0 otherwise; in [-1, 1]
+                                                 with a format term or a function (topr.rewards)
 ====================  =============  ==========  ==================================================
 
 Each stage names the fields it needs (``PROMPT_FIELDS``, ``VERIFY_INPUT_FIELDS``, ...); a record

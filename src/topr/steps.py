@@ -363,16 +363,17 @@ def curate(context: StageContext, verified: str, train_set: str, report: str) ->
     return composition
 
 
-def training_set_facts(data_path: str) -> tuple[list[str], str | None]:
+def training_set_facts(data_path: str, baseline: float) -> tuple[list[str], str | None]:
     """In one read of a training set: the models that generated its samples (offline data may
-    come from older ones), and ``topr.curate.one_sided_warning`` if it lacks positives or negatives."""
-    from topr.curate import one_sided_warning
+    come from older ones), and ``topr.curate.one_sided_warning`` if it lacks positives or negatives
+    (reward - ``baseline`` >= 0, or not)."""
+    from topr.curate import is_positive, one_sided_warning
     from topr.records import iter_records
 
     models, positives, count = set(), 0, 0
     for record in iter_records(data_path):
         models.add(str(record.get("behavior_model", "unknown")))
-        positives += float(record["reward"]) > 0
+        positives += is_positive(record, baseline)
         count += 1
     return sorted(models), one_sided_warning(positives, count)
 
@@ -400,7 +401,7 @@ def train(context: StageContext, model: str, train_set: str, samples: str, train
         run.log_metrics({k: v for k, v in summary.items() if k != "weights_sha256"})
         run.log_metrics({k: summary[k] for k in ("mean_weight_negative", "final_logprob_negative", "final_logprob_positive", "first_step_log_ratio_per_token", "positive_weight_share", "final_ratio_negative_p50") if k in summary}, on_parent=True)
         run.log_text(config_to_yaml(config), "config.yaml")
-        sampling_models, warning = training_set_facts(train_set)
+        sampling_models, warning = training_set_facts(train_set, config.train.baseline)
         lineage = {
             "task": config.task.name,
             "parent_model_uri": context.published_uri("model", iteration - 1) or model,

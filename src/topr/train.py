@@ -34,6 +34,7 @@ from topr import distributed, lora
 from topr.checkpoint import TrainCheckpoint, job_fingerprint
 from topr.config import Config, config_to_yaml
 from topr.console import progress_bar
+from topr.curate import is_positive
 from topr.logprobs import batch_prompt_completions, completion_logprobs
 from topr.models import load_policy, model_identity, save_policy, set_threads
 from topr.objectives import NEGATIVE_RATIO_STATS, LossStats, policy_loss
@@ -154,7 +155,7 @@ def stratified_order(records: list[Record], cuts: list[int], epochs: int, seed: 
     Without stratification, 10 positives among 89 records in batches of 8 leave about a third
     of the batches without any positive.
     """
-    positive = [float(record["reward"]) - baseline >= 0 for record in records]
+    positive = [is_positive(record, baseline) for record in records]
     count, positives = len(records), sum(positive)
     slots = [(k + 1) * positives // count > k * positives // count for k in range(count)]
     groups = {sign: [i for i in range(count) if positive[i] == sign] for sign in (True, False)}
@@ -197,15 +198,11 @@ def by_length(batch: list[Record], batch_size: int, world_size: int = 1) -> list
     ]
 
 
-REWARDS = (1.0, -1.0)
-"""The rewards a training record may carry: verify's +1 (correct) and -1 (wrong). The baseline
-(``train.baseline``) shifts them in the loss, never in the records."""
-
-
 def check_train_record(record: Record) -> None:
     """One log mu (at most 0) per completion token, at least one token to train on, and a reward
-    of +1 or -1 that agrees with ``correct`` when the record has it. (Non-finite numbers are
-    refused when the file is read.)"""
+    in [-1, 1], the range verify writes (``topr.rewards``); the baseline (``train.baseline``)
+    shifts it in the loss, never in the records. (Non-finite numbers are refused when the file is
+    read.)"""
     tokens, logprobs = len(record["completion_token_ids"]), len(record["behavior_logprobs"])
     if tokens != logprobs:
         raise ValueError(f"completion_token_ids has {tokens} tokens but behavior_logprobs has {logprobs} values")
@@ -214,11 +211,8 @@ def check_train_record(record: Record) -> None:
     positive = next((index for index, value in enumerate(record["behavior_logprobs"]) if value > 0), None)
     if positive is not None:
         raise ValueError(f"behavior_logprobs[{positive}] is {record['behavior_logprobs'][positive]}: a log-probability is at most 0")
-    reward = record["reward"]
-    if reward not in REWARDS:
-        raise ValueError(f"reward is {reward}, not +1.0 (correct) or -1.0 (wrong); train.baseline shifts rewards in the loss")
-    if "correct" in record and reward != (1.0 if record["correct"] else -1.0):
-        raise ValueError(f"reward {reward} disagrees with correct={json.dumps(record['correct'])}")
+    if not -1.0 <= record["reward"] <= 1.0:
+        raise ValueError(f"reward is {record['reward']}, outside [-1, 1]; train.baseline shifts rewards in the loss")
 
 
 def vocabulary_size(model) -> int:

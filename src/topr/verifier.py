@@ -116,7 +116,9 @@ def balance_labels(records: Sequence[Record], seed: int) -> list[Record]:
 
 def verifier_config(config: Config, train_path: str | Path, eval_path: str | Path) -> Config:
     """The configuration the verifier is trained and evaluated with: the ``verifier`` task on the
-    given prompt files, the ``verifier`` section's settings, the rest as in ``config``.
+    given prompt files, rewarded by its checker alone (+1 for a judgment that matches the label,
+    -1 otherwise: the policy's reward settings are for the policy's completions), the
+    ``verifier`` section's settings, the rest as in ``config``.
 
     ``train_size`` and ``eval_size`` are upper bounds on the number of verifier prompts (one per
     solution), so every prompt of the files is used. Training takes both judgments of every pair
@@ -134,6 +136,9 @@ def verifier_config(config: Config, train_path: str | Path, eval_path: str | Pat
         eval_path=str(eval_path),
         train_size=verifier.train_questions * verifier.solutions_per_question,
         eval_size=config.task.eval_size * verifier.solutions_per_question,
+        reward_function=None,
+        correctness_weight=1.0,
+        format_weight=0.0,
     )
     data["sample"].update(
         samples_per_prompt=len(JUDGMENTS), temperature=1.0, max_new_tokens=verifier.max_new_tokens, first_iteration_samples=None
