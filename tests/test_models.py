@@ -20,6 +20,7 @@ from topr.models import (
     ModelNotFoundError,
     ModelSource,
     load_policy,
+    load_tokenizer,
     model_identity,
     prepare_base_model,
     prompt_token_ids,
@@ -203,6 +204,22 @@ def test_prompt_includes_the_system_prompt(real_tokenizer):
     assert text.index("Answer tersely.") < text.index("What is 2 + 3?")
     assert text.endswith("<|im_start|>assistant\n")
     assert text != plain and "Answer tersely." not in plain
+
+
+def test_a_chat_is_templated_as_it_is_and_its_own_system_turn_wins(real_tokenizer):
+    chat = [{"role": "system", "content": "Answer tersely."}, {"role": "user", "content": "What is 2 + 3?"}]
+    expected = list(real_tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=True)["input_ids"])
+    assert prompt_token_ids(real_tokenizer, chat) == prompt_token_ids(real_tokenizer, chat, system_prompt="Other.") == expected
+    # Without a system turn, the chat is the user's prompt alone: the same tokens as the text.
+    assert prompt_token_ids(real_tokenizer, chat[1:], system_prompt="Answer tersely.") == expected
+    assert prompt_token_ids(real_tokenizer, chat[1:]) == prompt_token_ids(real_tokenizer, "What is 2 + 3?")
+
+
+def test_a_chat_template_given_to_the_loader_replaces_the_models(tiny_model_dir):
+    template = "{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}[assistant] "
+    tokenizer = load_tokenizer(tiny_model_dir, chat_template=template)
+    assert tokenizer.decode(prompt_token_ids(tokenizer, "What is 2 + 3?", "Be brief.")) == "[system] Be brief.\n[user] What is 2 + 3?\n[assistant] "
+    assert load_tokenizer(tiny_model_dir).chat_template != template
 
 
 # ----------------------------------------------------------------------------- the real model

@@ -6,12 +6,14 @@ import pytest
 
 from topr import records as records_module
 from topr.records import (
+    PROMPT_FIELDS,
     RECORD_KEY,
     SCHEMA_VERSION,
     VERIFY_INPUT_FIELDS,
     DiskFullError,
     RecordError,
     atomic_path,
+    chat_prompt,
     check_token_ids,
     read_records,
     write_json,
@@ -184,6 +186,8 @@ def test_bytes_that_are_not_utf8_name_file_and_line(tmp_path):
         ("completion", 19, "text, got int"),
         ("extracted", ["19"], "text or null, got list"),
         ("sample_index", 1.0, "an integer, got float"),
+        ("messages", "What is 2 + 3?", "a list of {role, content} turns of text, got str"),
+        ("messages", [{"role": "user"}], "a list of {role, content} turns of text, got a list holding dict"),
     ],
 )
 def test_a_field_of_the_wrong_type_names_file_line_and_field(tmp_path, field, value, expected):
@@ -198,6 +202,20 @@ def test_a_parquet_column_of_the_wrong_type_names_the_row(tmp_path):
     write_records(path, [{**record, "reward": str(record["reward"])} for record in RECORDS])
     with pytest.raises(RecordError, match=rf"{path}:1: reward should be a number, got str"):
         read_records(path)
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".parquet"])
+def test_a_prompts_messages_come_back_and_are_what_the_chat_template_is_given(tmp_path, suffix):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2 + 3?"}]
+    prompts = [
+        {"prompt_id": "chat", "prompt": "What is 2 + 3?", "reference": "5", "messages": messages},
+        {"prompt_id": "text", "prompt": "What is 4 * 6?", "reference": "24"},
+    ]
+    path = tmp_path / f"prompts{suffix}"
+    write_records(path, prompts)
+    chat, text = read_records(path, required=PROMPT_FIELDS)
+    assert chat["messages"] == messages and text.get("messages") is None  # Parquet fills the column with null
+    assert chat_prompt(chat) == messages and chat_prompt(text) == "What is 4 * 6?"
 
 
 def test_references_and_ids_may_be_numbers(tmp_path):

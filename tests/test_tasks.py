@@ -8,6 +8,7 @@ from topr.config import TaskConfig
 from topr.records import RecordError
 from topr.tasks import ANSWER_INSTRUCTION, Task, get_task, last_number, normalize_number, numbers_equal
 from topr.tasks.arithmetic import LEVELS, ArithmeticTask
+from topr.tasks.dataset import DatasetTask
 from topr.tasks.gsm8k import Gsm8kTask
 from topr.tasks.jsonl import EXACT_INSTRUCTION, JsonlTask
 from topr.tasks.math_task import BOXED_INSTRUCTION, MathTask, last_boxed
@@ -33,6 +34,7 @@ INSTRUCTION = "End your reply with 'Answer: <number>'."
         ("gsm8k", Gsm8kTask),
         ("math", MathTask),
         ("jsonl", JsonlTask),
+        ("dataset", DatasetTask),
     ],
 )
 def test_get_task_builds_each_task(name, kind):
@@ -41,7 +43,7 @@ def test_get_task_builds_each_task(name, kind):
 
 
 def test_unknown_task_name_lists_the_choices():
-    with pytest.raises(ValueError, match="unknown task 'nope' \\(choices: arithmetic, gsm8k, jsonl, math, verifier\\)"):
+    with pytest.raises(ValueError, match="unknown task 'nope' \\(choices: arithmetic, dataset, gsm8k, jsonl, math, verifier\\)"):
         get_task(TaskConfig.model_construct(name="nope"))
 
 
@@ -114,6 +116,8 @@ def test_a_task_without_an_instruction_leaves_its_prompts_as_they_are():
         (MathTask(None, None), BOXED_INSTRUCTION),
         (JsonlTask(None, None), ANSWER_INSTRUCTION),
         (JsonlTask(None, None, match="exact"), EXACT_INSTRUCTION),
+        (DatasetTask(None, None), ANSWER_INSTRUCTION),
+        (DatasetTask(None, None, match="exact"), EXACT_INSTRUCTION),
         (VerifierTask(None, None), ""),
     ],
 )

@@ -57,8 +57,27 @@ class ModelConfig(Section):
     )
     system_prompt: str | None = Field(
         None,
-        description="System message for the chat template; None keeps the template's default.",
+        description="System message for the chat template; None keeps the template's default. A prompt given as "
+        "chat messages with a system turn of its own (task dataset) keeps that one instead.",
     )
+    chat_template: str | None = Field(
+        None,
+        description="Chat template for this run, replacing the tokenizer's: a Jinja template, or the path of a .jinja "
+        "file, read when the config is loaded (its text then travels with the run's config). Sampling, evaluation, the "
+        "verifier and training load the tokenizer with it, so every stage sees the same prompt tokens, and trained "
+        "models are saved with it; None keeps the model's own.",
+    )
+
+    @field_validator("chat_template")
+    @classmethod
+    def _template_file_read(cls, value: str | None) -> str | None:
+        """A ``.jinja`` path becomes the template it holds (a template itself has no such ending)."""
+        if value is None or not value.strip().endswith(".jinja"):
+            return value
+        path = Path(value.strip()).expanduser()
+        if not path.is_file():
+            raise ValueError(f"template file not found: {path}")
+        return path.read_text(encoding="utf-8")
 
 
 def registered_objective(value: str) -> str:
@@ -74,7 +93,7 @@ class TaskConfig(Section):
     name: str = Field(
         "arithmetic",
         description="Which task supplies prompts, references and the checker: a task registered in "
-        "`topr.tasks` (arithmetic, gsm8k, math, jsonl, or 'verifier': the judgments of `topr.verifier`, "
+        "`topr.tasks` (arithmetic, gsm8k, math, jsonl, dataset, or 'verifier': the judgments of `topr.verifier`, "
         "set up by the verifier branch itself).",
     )
 
@@ -91,15 +110,24 @@ class TaskConfig(Section):
         description="arithmetic only: difficulty level (see `topr.tasks.arithmetic.LEVELS`).",
     )
     train_path: str | None = Field(
-        None, description="gsm8k/math/jsonl: training prompts file (JSONL, local path)."
+        None,
+        description="gsm8k/math/jsonl/dataset: training prompts file (JSONL; local path or s3://). dataset: a JSON, "
+        "JSONL, CSV or Parquet file, or a folder of Dataset.save_to_disk (never a Hugging Face Hub name).",
     )
     eval_path: str | None = Field(
-        None, description="gsm8k/math/jsonl: held-out prompts file (JSONL, local path)."
+        None, description="gsm8k/math/jsonl/dataset: held-out prompts file, as train_path."
     )
-    prompt_field: str = Field("prompt", description="jsonl only: the field holding the prompt.")
-    answer_field: str = Field("answer", description="jsonl only: the field holding the answer.")
+    prompt_field: str = Field(
+        "prompt",
+        description="jsonl/dataset: the field holding the prompt. dataset: text, or chat messages (a list of "
+        "{role, content}: system, few-shot turns, then the user's turn, which the answer instruction ends).",
+    )
+    answer_field: str = Field("answer", description="jsonl/dataset: the field holding the answer.")
+    id_field: str = Field(
+        "id", description="dataset only: the column holding each row's id; rows without one are <file stem>-<row>."
+    )
     match: Literal["numeric", "exact"] = Field(
-        "numeric", description="jsonl only: compare answers as numbers or as exact strings."
+        "numeric", description="jsonl/dataset: compare answers as numbers or as exact strings."
     )
     extraction: Extraction = Field(
         "flexible",
@@ -642,7 +670,10 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> None:
             if not isinstance(target[part], dict):
                 raise ConfigError(f"override {override!r}: section {named!r} is not a mapping in the config file")
             section, target = annotation, target[part]
-        value = yaml.safe_load(raw_value) if raw_value else None
+        try:
+            value = yaml.safe_load(raw_value) if raw_value else None
+        except yaml.YAMLError:  # text that is no YAML scalar (a Jinja template): a text field keeps it, others refuse it
+            value = raw_value
         if value is not None and not isinstance(value, str) and annotation in (str, str | None):
             value = raw_value  # a text field keeps its text: run.name=2024, model.system_prompt=yes
         target[part] = value

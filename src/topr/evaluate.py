@@ -65,7 +65,7 @@ def run_evaluate(config: Config, model_dir: str, prompts_path: str | Path, repor
         raise ValueError(f"{prompts_path}: no held-out prompts to evaluate")
     task = get_task(config.task)
     extraction = config.task.extraction
-    check_prompt_lengths(model_dir, problems, evaluation.max_new_tokens, config.model.system_prompt, prompts_path)
+    check_prompt_lengths(model_dir, problems, evaluation.max_new_tokens, config.model, prompts_path)
     identity = model_identity(model_dir)
     greedy_params = SamplingParams(n=1, temperature=0.0, max_new_tokens=evaluation.max_new_tokens)
     sample_params = SamplingParams(

@@ -95,11 +95,14 @@ def set_threads(threads: int | None) -> None:
         torch.set_num_threads(threads)
 
 
-def load_tokenizer(path: str):
+def load_tokenizer(path: str, chat_template: str | None = None):
+    """The model's tokenizer, with ``chat_template`` (``model.chat_template``) in place of its own when given."""
     from transformers import AutoTokenizer
 
     source = resolve_model_source(path)
     tokenizer = AutoTokenizer.from_pretrained(source.location, gguf_file=source.gguf_file)
+    if chat_template is not None:
+        tokenizer.chat_template = chat_template
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     # Generation pads on the left so every prompt ends where its completion starts.
@@ -107,8 +110,9 @@ def load_tokenizer(path: str):
     return tokenizer
 
 
-def load_policy(path: str, device: torch.device | None = None, dtype: torch.dtype = torch.float32):
-    """Load ``(model, tokenizer)`` from a configured path; the model is in eval mode on ``device``."""
+def load_policy(path: str, device: torch.device | None = None, dtype: torch.dtype = torch.float32, chat_template: str | None = None):
+    """Load ``(model, tokenizer)`` from a configured path; the model is in eval mode on ``device``
+    (``load_tokenizer`` for ``chat_template``)."""
     from transformers import AutoModelForCausalLM
 
     source = resolve_model_source(path)
@@ -120,7 +124,7 @@ def load_policy(path: str, device: torch.device | None = None, dtype: torch.dtyp
         forget_gguf_quantization(model)  # GGUF weights arrive dequantized: savable once the markers go
     model.to(device or pick_device())
     model.eval()
-    return model, load_tokenizer(path)
+    return model, load_tokenizer(path, chat_template)
 
 
 def save_policy(model, tokenizer, output_dir: str | os.PathLike, provenance: dict | None = None, adapter=None) -> str:
@@ -194,10 +198,12 @@ def model_identity(model_dir: str | os.PathLike) -> str:
     return str(model_dir)
 
 
-def prompt_token_ids(tokenizer, prompt: str, system_prompt: str | None = None) -> list[int]:
-    """The chat-templated prompt, ending where the assistant's reply starts."""
-    messages = [{"role": "user", "content": prompt}]
-    if system_prompt is not None:
+def prompt_token_ids(tokenizer, prompt: str | list[dict[str, str]], system_prompt: str | None = None) -> list[int]:
+    """The chat-templated prompt, ending where the assistant's reply starts. ``prompt`` is the
+    user's message, or a chat ending with it (a prompt record's ``messages``, see
+    ``topr.records.chat_prompt``); ``system_prompt`` opens it unless the chat has a system turn."""
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+    if system_prompt is not None and not any(message["role"] == "system" for message in messages):
         messages.insert(0, {"role": "system", "content": system_prompt})
     ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
     if isinstance(ids, dict) or hasattr(ids, "input_ids"):

@@ -7,8 +7,14 @@ field                 type           written by  meaning
 ====================  =============  ==========  ==================================================
 schema_version        int            every stage version of this schema (``SCHEMA_VERSION``)
 prompt_id             str            prompts     stable id of the prompt within its task and split
-prompt                str            prompts     the question as shown to the user (no template)
+prompt                str            prompts     the question as shown to the user (no template);
+                                                 with ``messages``, the text of their last turn
 reference             str            prompts     the final answer the checker compares against
+messages              list[dict]     prompts     optional: the chat the prompt ends, as
+                                                 ``{"role", "content"}`` turns (a system turn,
+                                                 few-shot turns, last the user's, whose content is
+                                                 ``prompt``); the chat template is applied to them
+                                                 instead of to ``prompt`` alone (``chat_prompt``)
 prompt_token_ids      list[int]      sample      the chat-templated prompt, as the model saw it
 completion            str            sample      the decoded completion (special tokens removed)
 completion_token_ids  list[int]      sample      the sampled tokens, end-of-sequence included
@@ -75,6 +81,12 @@ Record = dict[str, Any]
 
 class RecordError(ValueError):
     """A record file that cannot be read as the schema says; the message names file and line."""
+
+
+def chat_prompt(record: Record) -> str | list[dict[str, str]]:
+    """What a prompt record asks the model, for the chat template: its ``messages`` when it has
+    them, else its ``prompt`` (``topr.models.prompt_token_ids`` takes either)."""
+    return record.get("messages") or record["prompt"]
 
 
 def _is_parquet(path: str | os.PathLike) -> bool:
@@ -171,10 +183,18 @@ def _list_of(item_test: Callable[[Any], bool]) -> Callable[[Any], bool]:
     return lambda value: isinstance(value, list) and all(map(item_test, value))
 
 
+def _is_messages(value: Any) -> bool:
+    return isinstance(value, list) and all(
+        isinstance(turn, dict) and isinstance(turn.get("role"), str) and isinstance(turn.get("content"), str) for turn in value
+    )
+
+
 FIELD_TYPES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "prompt_id": (lambda v: isinstance(v, str) or _is_integer(v), "text or an integer"),
     "prompt": (lambda v: isinstance(v, str), "text"),
     "reference": (lambda v: isinstance(v, str) or _is_number(v), "text or a number"),
+    # null in a Parquet file that also holds records with messages
+    "messages": (lambda v: v is None or _is_messages(v), "a list of {role, content} turns of text"),
     "prompt_token_ids": (_list_of(_is_integer), "a list of integers"),
     "completion": (lambda v: isinstance(v, str), "text"),
     "completion_token_ids": (_list_of(_is_integer), "a list of integers"),

@@ -24,11 +24,11 @@ from typing import Protocol
 
 import torch
 
-from topr.config import Config, SampleConfig
+from topr.config import Config, ModelConfig, SampleConfig
 from topr.console import progress_bar
 from topr.hf_internals import cache_keyword, cache_tensors, full_attention, new_cache, repeated_cache, select_rows, set_cache_tensors
 from topr.models import context_length, load_policy, load_tokenizer, model_identity, prompt_token_ids, set_threads
-from topr.records import PROMPT_FIELDS, SAMPLE_FIELDS, Record, RecordError, read_records, write_records
+from topr.records import PROMPT_FIELDS, SAMPLE_FIELDS, Record, RecordError, chat_prompt, read_records, write_records
 
 log = logging.getLogger(__name__)
 
@@ -409,8 +409,8 @@ def make_engine(config: Config, model_dir: str, batch_size: int):
     if config.sample.engine == "vllm":
         sample = config.sample
         engine = VLLMEngine(model_dir, sample.tensor_parallel_size, sample.seed, sample.cpu_kv_cache_gib)
-        return engine, load_tokenizer(model_dir)
-    model, tokenizer = load_policy(model_dir)
+        return engine, load_tokenizer(model_dir, config.model.chat_template)
+    model, tokenizer = load_policy(model_dir, chat_template=config.model.chat_template)
     return TransformersEngine(model, tokenizer, batch_size), tokenizer
 
 
@@ -428,15 +428,16 @@ def opened_engine(config: Config, model_dir: str, batch_size: int):
             engine.close()
 
 
-def check_prompt_lengths(model_dir: str, problems: list[Record], max_new_tokens: int, system_prompt: str | None, source: str | Path) -> None:
+def check_prompt_lengths(model_dir: str, problems: list[Record], max_new_tokens: int, model: ModelConfig, source: str | Path) -> None:
     """Refuse, before the model loads, a prompt that leaves no room in the model's context for a
-    completion of ``max_new_tokens`` (only the tokenizer and the model's config are read)."""
+    completion of ``max_new_tokens`` (only the tokenizer and the model's config are read; the
+    prompt is templated as ``model``, the config's section, says)."""
     limit = context_length(model_dir)
     if limit is None:
         return
-    tokenizer = load_tokenizer(model_dir)
+    tokenizer = load_tokenizer(model_dir, model.chat_template)
     for problem in problems:
-        length = len(prompt_token_ids(tokenizer, problem["prompt"], system_prompt))
+        length = len(prompt_token_ids(tokenizer, chat_prompt(problem), model.system_prompt))
         if length + max_new_tokens > limit:
             raise RecordError(
                 f"{source}: prompt {problem['prompt_id']} is {length} tokens; with max_new_tokens={max_new_tokens} "
@@ -453,7 +454,7 @@ def sample_records(
     behavior_model: str,
 ) -> list[Record]:
     """Sample ``params.n`` completions for each problem; one record per completion."""
-    prompts = [prompt_token_ids(tokenizer, problem["prompt"], system_prompt) for problem in problems]
+    prompts = [prompt_token_ids(tokenizer, chat_prompt(problem), system_prompt) for problem in problems]
     completions = engine.generate(prompts, params)
     records = []
     for problem, prompt_ids, choices in zip(problems, prompts, completions):
@@ -561,7 +562,7 @@ def run_sample(
         records = recorded_samples(config.sample.first_iteration_samples, problems, config.sample.samples_per_prompt)
         write_records(output_path, records)
         return {**_counts(problems, records), "recorded": 1}
-    check_prompt_lengths(model_dir, problems, config.sample.max_new_tokens, config.model.system_prompt, prompts_path)
+    check_prompt_lengths(model_dir, problems, config.sample.max_new_tokens, config.model, prompts_path)
     params = SamplingParams.from_config(config.sample, seed_offset=iteration + SHARD_SEED_STRIDE * shard)
     with opened_engine(config, model_dir, config.sample.batch_size) as (engine, tokenizer):
         started = time.perf_counter()

@@ -599,7 +599,8 @@ def run_train(
         checkpoint = usable_checkpoint(checkpoint, config, ranks.world_size)
         fingerprint = job_fingerprint(config, model_dir, data_path, ranks.world_size) if checkpoint else ""
         resumed = checkpoint.load(fingerprint) if checkpoint else None
-        model, tokenizer = load_policy(model_dir, device=torch.device("cpu"))  # wrap() places it
+        # wrap() places it; the tokenizer, saved with the trained model, carries the run's chat template
+        model, tokenizer = load_policy(model_dir, device=torch.device("cpu"), chat_template=config.model.chat_template)
         check_token_ids(data_path, records, vocabulary_size(model))  # before any step, naming file and line
         adapter = lora.with_adapter(model, train, model_dir) if train.lora_rank else None
         if adapter is not None:

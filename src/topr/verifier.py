@@ -216,7 +216,7 @@ def run_judgments(config: Config, model_dir: str, pairs_path: str | Path, output
     """Write both judgments of every verifier prompt in ``pairs_path``, scored under ``model_dir``."""
     pairs = read_records(pairs_path, required=PROMPT_FIELDS)
     set_threads(config.model.threads)
-    model, tokenizer = load_policy(model_dir)
+    model, tokenizer = load_policy(model_dir, chat_template=config.model.chat_template)
     records = both_judgments(model, tokenizer, pairs, config.model.system_prompt, config.sample.batch_size, model_identity(model_dir))
     write_records(output_path, records)
     return {"prompts": len(pairs), "samples": len(records)}
@@ -447,7 +447,7 @@ def _judge(config: Config, model_dir: str, name: str) -> tuple[dict[str, float],
         f"verifier_accuracy_{name}_ci_high": greedy["pass_at_1_ci_high"],
         f"verifier_invalid_rate_{name}": greedy["parse_failure_rate"],
     }
-    model, tokenizer = load_policy(model_dir)
+    model, tokenizer = load_policy(model_dir, chat_template=config.model.chat_template)
     weights = p_correct(model, tokenizer, [p["prompt"] for p in prompts], config.model.system_prompt, config.evaluate.batch_size)
     metrics |= judgment_metrics(name, [p["reference"] == YES for p in prompts], weights)
     return metrics, {p["prompt_id"]: weight for p, weight in zip(prompts, weights)}

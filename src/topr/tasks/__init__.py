@@ -6,8 +6,9 @@ A task turns ``(split, size, seed)`` into prompt records (``prompt_id``, ``promp
 flexible match side by side, and ``TaskConfig.extraction`` picks the one the verify stage rewards:
 ``extract`` (flexible, the default) takes the answer however models write it, ``extract_strict``
 only in the format its ``instruction`` asks for. The prompt is the bare user message (the chat
-template is applied when sampling) and always tells the model the answer format its checker
-expects: a task sets that instruction once (``Task.instruction``) and builds each prompt with
+template is applied when sampling; a record may also carry the chat it ends, ``messages``, as the
+``dataset`` task's do) and always tells the model the answer format its checker expects: a task
+sets that instruction once (``Task.instruction``) and builds each prompt with
 ``Task.prompt_for(question)``, the question then the instruction on a line of its own;
 ``Task.question_text`` gives a prompt back without it (what the generative verifier is shown,
 ``topr.verifier``).
@@ -22,6 +23,8 @@ point of the group ``topr.tasks``). Built in:
 - ``math``: MATH-format JSONL files (``problem``, ``solution`` with ``\\boxed{...}``), answers
   compared for mathematical equivalence with math-verify.
 - ``jsonl``: any JSONL file with a prompt field and an answer field, matched as numbers or strings.
+- ``dataset``: Hugging Face datasets kept as files (JSON/JSONL, CSV, Parquet, ``save_to_disk``
+  folders), prompts as text or chat messages, answers matched as ``jsonl`` matches them.
 - ``verifier``: Yes/No judgments of proposed solutions, from the files ``topr.verifier`` writes.
 
 This module also holds the number parsing shared by the tasks that expect ``Answer: <number>``.

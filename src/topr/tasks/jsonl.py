@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import random
 from abc import abstractmethod
+from collections.abc import Iterable
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any, Literal
 
@@ -45,20 +47,26 @@ class FileTask(Task):
         return cls(config.train_path, config.eval_path)
 
     def problems(self, split: str, size: int, seed: int) -> list[dict[str, str]]:
-        with local_file(self._location(split)) as path:
-            records = iter_records(path, required=self.required_fields)
-            problems = [self.problem(record, path, index) for index, record in enumerate(records)]
+        with self.local_copy(split) as path:
+            problems = [self.problem(record, path, index) for index, record in enumerate(self.rows(path))]
         _check_unique_ids(problems, path)
         random.Random(seed).shuffle(problems)
         return problems[:size]
+
+    def local_copy(self, split: str) -> AbstractContextManager[Path]:
+        """The split's file as a local path (a downloaded copy of an ``s3://`` object) for a block."""
+        return local_file(self._location(split))
+
+    def rows(self, path: Path) -> Iterable[dict[str, Any]]:
+        """The records of the split's local copy, in order, with the fields it requires."""
+        return iter_records(path, required=self.required_fields)
 
     def _location(self, split: str) -> str:
         """The split's file: a local path or an ``s3://`` URI."""
         check_split(split)
         location = self.paths[split]
         if location is None:
-            option = "train_path" if split == "train" else "eval_path"
-            raise ValueError(f"task {self.name} needs task.{option} for the {split!r} split")
+            raise ValueError(f"task {self.name} needs task.{path_option(split)} for the {split!r} split")
         return location
 
     @abstractmethod
@@ -66,8 +74,13 @@ class FileTask(Task):
         """The prompt record made from the ``index``-th record of ``path``."""
 
 
-def record_id(record: dict[str, Any], path: Path, index: int) -> str:
-    return str(record["id"]) if "id" in record else f"{path.stem}-{index}"
+def path_option(split: str) -> str:
+    """The ``task`` field naming the split's file."""
+    return "train_path" if split == "train" else "eval_path"
+
+
+def record_id(record: dict[str, Any], path: Path, index: int, field: str = "id") -> str:
+    return str(record[field]) if field in record else f"{path.stem}-{index}"
 
 
 def record_error(path: Path, index: int, message: str) -> RecordError:
@@ -116,14 +129,18 @@ class JsonlTask(FileTask):
         self.instruction = ANSWER_INSTRUCTION if match == "numeric" else EXACT_INSTRUCTION
 
     def problem(self, record: dict[str, Any], path: Path, index: int) -> dict[str, str]:
-        reference = str(record[self.answer_field]).strip()
-        if self.match == "numeric" and normalize_number(reference) is None:
-            raise record_error(path, index, f"{self.answer_field} {reference!r} is not a number")
         return {
             "prompt_id": record_id(record, path, index),
             "prompt": self.prompt_for(record[self.prompt_field]),
-            "reference": reference,
+            "reference": self.reference(record, path, index),
         }
+
+    def reference(self, record: dict[str, Any], path: Path, index: int) -> str:
+        """The record's answer as text; with numeric matching it must be a number."""
+        reference = str(record[self.answer_field]).strip()
+        if self.match == "numeric" and normalize_number(reference) is None:
+            raise record_error(path, index, f"{self.answer_field} {reference!r} is not a number")
+        return reference
 
     def extract(self, completion: str) -> str | None:
         if self.match == "numeric":
