@@ -1,4 +1,5 @@
-"""A scaled-down P1 on one GPU in a time box: TOPR, rft, tis and REINFORCE, one iteration, replicated.
+"""A scaled-down P1 on one GPU in a time box: rft, TOPR at c = 0 and at c = −0.8 (tis and REINFORCE on
+request), one iteration, replicated, every arm's objective, baseline and optimizer steps pinned.
 
 What ``topr experiment objectives`` does on the CPU machine, sized for an H100/H200 and for its
 image (no MLflow, kfp, math-verify or gguf there, nothing to download; the loop's stages need
@@ -41,7 +42,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # the library, without installing it
 
-ARMS = ("topr", "rft", "tis", "reinforce")
+ARMS = {
+    "rft": {"objective": "rft", "baseline": 0.0},
+    "topr": {"objective": "topr", "baseline": 0.0},  # the paper's TOPR (c = 0)
+    "topr-c-0.8": {"objective": "topr", "baseline": -0.8},  # topr's default
+    "tis": {"objective": "tis", "baseline": 0.0},
+    "reinforce": {"objective": "reinforce", "baseline": 0.0},
+}
+"""Each arm's objective and baseline c, pinned: an arm never takes a default that may change."""
+DEFAULT_ARMS = "rft,topr,topr-c-0.8"
 REFERENCE = "rft"
 LEVEL = "add_sub_2digit"  # 3,744 held-out problems ("easy" has only 108)
 
@@ -54,7 +63,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--analyse", type=Path, metavar="OUT", help="Print the table and paired comparisons of a finished run and exit.")
     parser.add_argument("--time-box", type=float, default=450, help="Seconds for everything; no unit starts that would not end inside it.")
     parser.add_argument("--replicates", type=int, default=6, help="Replicates at most (the time box may stop earlier).")
-    parser.add_argument("--arms", default=",".join(ARMS), help="Objectives to compare (rft is the reference).")
+    parser.add_argument("--arms", default=DEFAULT_ARMS, help=f"Arms to compare, of {', '.join(ARMS)} (rft is the reference; each pins its objective and baseline).")
+    parser.add_argument("--steps", type=int, default=3, help="Optimizer steps of every arm's iteration (train.steps_per_epoch), pinned.")
     parser.add_argument("--hidden", type=int, default=512, help="Hidden size of the Llama built from a config.")
     parser.add_argument("--layers", type=int, default=8, help="Its layers.")
     parser.add_argument("--warm-start-seconds", type=float, default=150, help="Longest supervised warm start.")
@@ -68,6 +78,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"), help="cpu only to try the code path (--quick).")
     parser.add_argument("--quick", action="store_true", help="Toy sizes: a few seconds of each part, for tests on CPU.")
     args = parser.parse_args(argv)
+    unknown = sorted(set(args.arms.split(",")) - set(ARMS))
+    if unknown:
+        parser.error(f"--arms: unknown arm(s) {', '.join(unknown)} (choices: {', '.join(ARMS)})")
     if args.quick:
         args.hidden, args.layers, args.warm_start_seconds, args.eval_size, args.train_size = 32, 2, 5, 16, 8
         args.samples_per_prompt, args.batch_size, args.replicates, args.warm_start_batch = 2, 8, min(args.replicates, 2), 4
@@ -93,8 +106,8 @@ def unit_config(args: argparse.Namespace, arm: str, replicate: int, samples: Pat
             "task": {"name": "arithmetic", "level": LEVEL, "train_size": args.train_size, "eval_size": args.eval_size, "train_seed": replicate},
             "sample": {"samples_per_prompt": args.samples_per_prompt, "temperature": 1.0, "max_new_tokens": 24, "batch_size": 512, "seed": replicate,
                        "first_iteration_samples": str(samples) if samples else None},
-            "train": {"objective": arm, "learning_rate": args.learning_rate, "batch_size": args.batch_size, "gradient_accumulation": 1, "batch_order": "stratified",
-                      "seed": replicate, "dtype": "bfloat16" if bf16 else "float32", "float32_head": True},
+            "train": {**ARMS[arm], "learning_rate": args.learning_rate, "batch_size": args.batch_size, "gradient_accumulation": 1, "batch_order": "stratified",
+                      "steps_per_epoch": args.steps, "epochs": 1, "seed": replicate, "dtype": "bfloat16" if bf16 else "float32", "float32_head": True},
             "evaluate": {"max_new_tokens": 24, "batch_size": 512},
             "curate": {"seed": replicate},
             "run": {"iterations": 1},
