@@ -757,17 +757,27 @@ def apply_run_form(config_json: str, defaults: dict[str, Any], form: dict[str, A
 
 
 def describe_fields() -> str:
-    """Every field as ``section.field (default): help``, for ``--help``."""
+    """Every field as ``section.field (default): help``, for ``--help``; a section's own sections
+    (``cluster.serve``) field by field too."""
     lines = []
     for section_name, section_info in Config.model_fields.items():
         lines.append(f"{section_name}:")
-        for field_name, info in section_info.annotation.model_fields.items():
-            default = repr(info.get_default(call_default_factory=True))
-            if len(default) > 60:
-                default = default[:57] + "..."
-            lines.append(f"  {section_name}.{field_name} = {default}")
-            lines.append(f"      {info.description}")
+        lines += _field_lines(section_name, section_info.annotation)
     return "\n".join(lines)
+
+
+def _field_lines(prefix: str, section: type[BaseModel]) -> list[str]:
+    lines = []
+    for field_name, info in section.model_fields.items():
+        if isinstance(info.annotation, type) and issubclass(info.annotation, BaseModel):
+            lines += _field_lines(f"{prefix}.{field_name}", info.annotation)
+            continue
+        default = repr(info.get_default(call_default_factory=True))
+        if len(default) > 60:
+            default = default[:57] + "..."
+        lines.append(f"  {prefix}.{field_name} = {default}")
+        lines.append(f"      {info.description}")
+    return lines
 
 
 def config_to_dict(config: Config) -> dict[str, Any]:
