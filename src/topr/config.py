@@ -288,9 +288,9 @@ class TrainConfig(Section):
     )
     length_normalization: Literal["sequence", "constant"] = Field(
         "sequence",
-        description="Divide each sequence's loss by its completion length |y| (sequence, the paper's) "
-        "or by sample.max_new_tokens (constant: a token's gradient weight does not depend on its "
-        "sequence's length).",
+        description="Divide each sequence's loss by its completion length |y| (sequence; whether the paper does "
+        "is open: it writes log pi(y|x), a sum over tokens) or by sample.max_new_tokens (constant: that sum up to "
+        "a constant factor; a token's gradient weight does not depend on its sequence's length).",
     )
     positive_bounds: tuple[float, float] | None = Field(
         None, description="Override the preset's clip bounds [a+, b+] for non-negative advantages."

@@ -13,7 +13,8 @@ importance ratio rho_i = pi(y_i) / mu(y_i), the objective family is
 
 where alpha_i is a constant (stop-gradient) weight, so the gradient of a sample is
 alpha_i * A_i * grad log pi(y_i) / L_i, and L_i normalises for length (``length_normalization``):
-the completion length |y_i| (``"sequence"``, the paper's choice), or one constant L for every
+the completion length |y_i| (``"sequence"``; the paper writes log pi(y|x), a sum over tokens, and only
+secondary notes say it divides by length), or one constant L for every
 completion (``"constant"``; training passes sample.max_new_tokens), so that a token's gradient
 weight does not depend on the length of its sequence. The bounds select the method (``PRESETS``):
 
