@@ -137,6 +137,7 @@ BUILT_IN = {
     "math": (fixture_task("math", "math.jsonl"), "What is $\\sin 60^\\circ$?", BOXED_INSTRUCTION),
     "jsonl-numeric": (fixture_task("jsonl", "generic.jsonl", prompt_field="text", answer_field="target"), "What is 7 divided by 2?", ANSWER_INSTRUCTION),
     "jsonl-exact": (fixture_task("jsonl", "generic.jsonl", prompt_field="text", answer_field="target", match="exact"), "What is 7 divided by 2?", EXACT_INSTRUCTION),
+    "dataset": (fixture_task("dataset", "generic.jsonl", prompt_field="text", answer_field="target"), "What is 7 divided by 2?", ANSWER_INSTRUCTION),
 }  # fmt: skip
 
 
