@@ -23,7 +23,6 @@ needs. Each item says how many bytes removing it frees: a file hard linked from 
 
 from __future__ import annotations
 
-import logging
 import os
 import shutil
 from collections import defaultdict
@@ -35,11 +34,8 @@ from urllib.parse import urlparse
 import yaml
 
 from topr import storage
+from topr.promotion import LOCK_SUFFIX
 from topr.tracking import FILES_REMOVED_TAG, mlflow_client
-
-log = logging.getLogger(__name__)
-
-LOCK_SUFFIX = ".promotion-lock"
 
 
 @dataclass
@@ -121,7 +117,7 @@ def retired_versions(tracking_uri: str, keep_versions: int) -> list[Removable]:
     """Every registered version nothing needs (see the module's docstring), with its files."""
     client, found = mlflow_client(tracking_uri), []
     for registered in client.search_registered_models():
-        if registered.name.endswith(LOCK_SUFFIX) or LOCK_SUFFIX + "." in registered.name:
+        if LOCK_SUFFIX in registered.name:  # a promotion lock, or the record of a reclaimed one
             continue
         versions = {str(version.version): version for version in client.search_model_versions(f"name = '{registered.name}'")}
         kept = _kept(client, client.get_registered_model(registered.name).aliases, versions, keep_versions)
