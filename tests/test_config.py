@@ -452,6 +452,12 @@ def test_a_bad_value_in_the_run_form_names_the_parameter_and_the_field():
         apply_run_form(json.dumps(config_to_dict(files)), defaults, {**defaults, "task_train_path": ""})
 
 
+def test_a_file_task_refuses_a_validation_split_and_says_where_to_point_instead():
+    with pytest.raises(ConfigError, match="task.eval_split=validation: task jsonl has no validation split.*task.eval_path"):
+        load_config(None, ["task.name=jsonl", "task.train_path=t.jsonl", "task.eval_path=e.jsonl", "task.eval_split=validation"])
+    assert load_config(None, ["task.eval_split=validation"]).task.eval_split == "validation"
+
+
 def test_new_task_files_in_the_run_form_register_into_their_own_model():
     """Unless the form names the registered model, or config_json named one of its own."""
     config = load_config(None, ["task.name=jsonl", "task.train_path=/srv/a/train.jsonl", "task.eval_path=/srv/a/test.jsonl"])

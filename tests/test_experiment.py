@@ -33,7 +33,7 @@ TINY = ["task.train_size=2", "task.eval_size=2", "sample.samples_per_prompt=2", 
 
 
 def test_every_named_experiment_loads_and_its_arms_validate():
-    assert set(named_specs()) == {"calibration", "objectives", "iterations", "baseline", "curation", "positives", "ratio_level", "seeds", "verifier", "composition", "default_iterations", "lora"}
+    assert set(named_specs()) == {"calibration", "objectives", "iterations", "baseline", "curation", "positives", "ratio_level", "seeds", "verifier", "composition", "default_iterations", "lora", "rft_learning_rate"}
     for name in named_specs():
         _, spec = load_spec(name)
         experiment, arms = arm_configs(spec, {}, [])
@@ -179,9 +179,10 @@ class ScriptedArms:
         if replicate == "rep1":
             accuracy = {"topr": 1.0, "rft": 0.5}.get(config.run.name, 0.5)
         correct = [index < round(2 * accuracy) for index in range(2)]
-        write_records(IterationFiles(run_dir / "iter1").completions, [
-            {"prompt_id": f"p{index}", "decoding": "greedy", "correct": value} for index, value in enumerate(correct)
-        ])
+        greedy = [{"prompt_id": f"p{index}", "decoding": "greedy", "correct": value} for index, value in enumerate(correct)]
+        # Cut short, topr's answers have not ended yet: none right; rft's are the same.
+        cut = [{**r, "decoding": "greedy_cut", "correct": r["correct"] and config.run.name != "topr"} for r in greedy]
+        write_records(IterationFiles(run_dir / "iter1").completions, greedy + (cut if config.evaluate.cut_at_tokens else []))
         now = int(time.time() * 1000)
         figures = [("pass_at_1", 0.25, 0), ("pass_at_1_ci_low", 0.1, 0), ("pass_at_1_ci_high", 0.4, 0)]
         figures += [("pass_at_1", accuracy, 1), ("pass_at_1_ci_low", accuracy - 0.1, 1), ("pass_at_1_ci_high", accuracy + 0.1, 1)]
@@ -263,6 +264,29 @@ def test_replicates_run_every_arm_on_their_own_data_and_the_report_pairs_them(tm
     assert [c["arm"] for c in comparisons] == ["topr"]
     assert comparisons[0]["differences"] == pytest.approx([0.0, 0.5])
     assert (folder / "paired_differences.png").stat().st_size > 0
+
+
+def test_evaluated_long_and_cut_short_the_report_pairs_the_arms_at_both_lengths(tmp_path, tiny_model_dir):
+    spec = ExperimentSpec(description="d", arms={"rft": ["train.objective=rft"], "topr": []}, replicates=2)
+    experiment, arms = arm_configs(spec, {}, [f"model.path={tiny_model_dir}", *TINY, "evaluate.max_new_tokens=8", "evaluate.cut_at_tokens=2"])
+    folder = tmp_path / "exp"
+
+    report = run_experiment("exp", spec, experiment, arms, folder, default_tracking_uri(tmp_path), run_arm=ScriptedArms(failing=set()))
+
+    results = json.loads((folder / "results.json").read_text())
+    assert results["comparisons"]["1"][0]["differences"] == pytest.approx([0.0, 0.5])
+    assert results["comparisons_cut"]["1"][0]["differences"] == pytest.approx([-0.5, -0.5])
+    assert "cut at `evaluate.cut_at_tokens`=2 tokens (decoded to 8)" in report.read_text()
+    start = read_records(folder / "shared" / "start" / "evaluation_completions.jsonl")
+    assert sorted({r["decoding"] for r in start}) == ["greedy", "greedy_cut"]
+
+
+def test_without_a_cut_there_is_no_comparison_at_the_cut(tmp_path, tiny_model_dir):
+    spec = ExperimentSpec(description="d", arms={"rft": ["train.objective=rft"], "topr": []}, replicates=2)
+    experiment, arms = arm_configs(spec, {}, [f"model.path={tiny_model_dir}", *TINY])
+    report = run_experiment("exp", spec, experiment, arms, tmp_path / "exp", default_tracking_uri(tmp_path), run_arm=ScriptedArms(failing=set()))
+    assert json.loads((tmp_path / "exp" / "results.json").read_text())["comparisons_cut"] == {}
+    assert "evaluate.cut_at_tokens" not in report.read_text()
 
 
 def test_the_report_is_logged_to_mlflow_and_tags_every_arm(tmp_path, tiny_model_dir):

@@ -1,13 +1,16 @@
+import hashlib
+import itertools
 import re
 import threading
+from collections import Counter
 from pathlib import Path
 
 import pytest
 
 from topr.config import TaskConfig
 from topr.records import RecordError
-from topr.tasks import ANSWER_INSTRUCTION, Task, get_task, last_number, normalize_number, numbers_equal
-from topr.tasks.arithmetic import LEVELS, ArithmeticTask
+from topr.tasks import ANSWER_INSTRUCTION, SPLITS, Task, get_task, last_number, normalize_number, numbers_equal
+from topr.tasks.arithmetic import LEVELS, ArithmeticTask, split_of
 from topr.tasks.dataset import DatasetTask
 from topr.tasks.gsm8k import Gsm8kTask
 from topr.tasks.jsonl import EXACT_INSTRUCTION, JsonlTask
@@ -53,8 +56,8 @@ def test_unknown_level_lists_the_levels():
 
 
 def test_unknown_split_is_refused():
-    with pytest.raises(ValueError, match="'validation'"):
-        ArithmeticTask().problems("validation", 5, 0)
+    with pytest.raises(ValueError, match="'dev'"):
+        ArithmeticTask().problems("dev", 5, 0)
 
 
 # --- prompt format --------------------------------------------------------------------------
@@ -148,24 +151,44 @@ def test_levels_include_the_documented_ones():
 
 
 @pytest.mark.parametrize("level", sorted(LEVELS))
-def test_generated_answers_are_right_and_splits_disjoint(level):
+def test_generated_answers_are_right_and_the_three_splits_never_overlap(level):
     task = ArithmeticTask(level)
-    train = task.problems("train", 400, seed=0)
-    test = task.problems("test", 300, seed=0)
-    for record in train + test:
-        assert record["prompt"].endswith("\n" + INSTRUCTION)
-        assert int(record["reference"]) == solve(record["prompt"])[1]
-    assert not {r["prompt"] for r in train} & {r["prompt"] for r in test}
-    assert not {solve(r["prompt"])[0] for r in train} & {solve(r["prompt"])[0] for r in test}
-    for split, records in (("train", train), ("test", test)):
+    by_split = {split: task.problems(split, 400, seed=0) for split in SPLITS}
+    for records in by_split.values():
+        for record in records:
+            assert record["prompt"].endswith("\n" + INSTRUCTION)
+            assert int(record["reference"]) == solve(record["prompt"])[1]
+    for first, second in itertools.combinations(SPLITS, 2):
+        assert not {r["prompt"] for r in by_split[first]} & {r["prompt"] for r in by_split[second]}
+        assert not {solve(r["prompt"])[0] for r in by_split[first]} & {solve(r["prompt"])[0] for r in by_split[second]}
+    for split, records in by_split.items():
         ids = [r["prompt_id"] for r in records]
         assert len(set(ids)) == len(ids)
         assert all(re.fullmatch(rf"arithmetic-{level}-{split}-\d{{5}}", i) for i in ids)
 
 
+def test_the_split_shares_are_about_30_15_55_and_test_is_the_earlier_two_way_test_set():
+    problems = [p for level in LEVELS.values() for p in level.enumerate()]
+    shares = Counter(split_of(p.expression) for p in problems)
+    assert abs(shares["test"] / len(problems) - 0.30) < 0.01
+    assert abs(shares["validation"] / len(problems) - 0.15) < 0.01
+    # The two-way split held out the expressions whose hash bucket is below 30: the same ones.
+    earlier_test = {p.expression for p in problems if int.from_bytes(hashlib.sha256(p.expression.encode()).digest()[:8], "big") % 100 < 30}
+    assert earlier_test == {p.expression for p in problems if split_of(p.expression) == "test"}
+
+
+def test_one_step_has_a_test_set_of_more_than_500_of_easys_kind_of_problem():
+    task = ArithmeticTask("one_step")
+    test = task.problems("test", 10_000, seed=0)
+    assert len(test) > 500
+    for record in test:
+        start, change = map(int, re.findall(r"\d+", record["prompt"]))
+        assert 2 <= start <= 60 and 1 <= change <= 20 and int(record["reference"]) >= 0
+
+
 def test_easy_problems_are_one_step_within_range_and_never_negative():
     task = ArithmeticTask("easy")
-    everything = task.problems("train", 10_000, 0) + task.problems("test", 10_000, 0)
+    everything = [record for split in SPLITS for record in task.problems(split, 10_000, 0)]
     # 19 starts x 9 changes additions, plus the subtractions that stay >= 0.
     assert len(everything) == 19 * 9 + sum(1 for a in range(2, 21) for b in range(1, 10) if b <= a)
     for record in everything:
@@ -320,6 +343,8 @@ def test_gsm8k_takes_a_seeded_sample_and_reads_eval_path_for_test(tmp_path):
     assert task.problems("test", 3, seed=7) == [
         {"prompt_id": "held_out-0", "prompt": "Q?\n" + INSTRUCTION, "reference": "3"}
     ]
+    with pytest.raises(ValueError, match="no 'validation' split.*task.eval_path"):
+        task.problems("validation", 3, seed=7)
 
 
 @pytest.mark.parametrize(

@@ -181,6 +181,13 @@ class TaskConfig(Section):
 
     train_size: int = Field(64, ge=1, description="Training prompts per iteration.")
     eval_size: int = Field(200, ge=1, description="Held-out prompts for every evaluation.")
+    eval_split: Literal["test", "validation"] = Field(
+        "test",
+        description="Which held-out problems every evaluation scores: 'test', kept for verdicts, or 'validation', for "
+        "choosing settings (learning rates, c, lengths) without touching the test set. arithmetic splits its problems "
+        "three ways (train, validation, test; no problem in two); a file task's held-out problems are task.eval_path's, "
+        "so it takes 'test' (point eval_path at a validation file to choose on it).",
+    )
     seed: int = Field(0, description="Seed for generating (arithmetic) or choosing prompts.")
     train_seed: int | None = Field(
         None,
@@ -424,8 +431,22 @@ class EvaluateConfig(Section):
     )
     temperature: float = Field(0.5, gt=0, description="Temperature of the k samples.")
     max_new_tokens: int = Field(64, ge=1, description="Longest completion, in tokens.")
+    cut_at_tokens: int | None = Field(
+        None,
+        ge=1,
+        description="Also score every greedy completion cut at this many tokens, as if decoding had stopped there "
+        "(greedy decoding writes the same first tokens whatever the limit): pass_at_1_cut, truncated_rate_cut and each "
+        "problem's verdict ('greedy_cut' records beside the 'greedy' ones). With max_new_tokens at 4× the training length "
+        "and this at 1×, one decoding tells an answer that did not end from one that is wrong. Below max_new_tokens.",
+    )
     batch_size: int = _decoding_batch_size()
     seed: int = Field(1234, description="Seed of the k samples (fixed, so runs compare).")
+
+    @model_validator(mode="after")
+    def _cut_within_the_limit(self) -> EvaluateConfig:
+        if self.cut_at_tokens is not None and self.cut_at_tokens >= self.max_new_tokens:
+            raise ValueError(f"cut_at_tokens ({self.cut_at_tokens}) must be below max_new_tokens ({self.max_new_tokens})")
+        return self
 
 
 class VerifierConfig(Section):
@@ -598,8 +619,14 @@ class Config(Section):
         needs_files = (info.context or {}).get("prompt_files", True)
         from topr.tasks import task_class
 
-        if needs_files and task_class(self.task.name).needs_task_files and not (self.task.train_path and self.task.eval_path):
+        file_task = task_class(self.task.name).needs_task_files
+        if needs_files and file_task and not (self.task.train_path and self.task.eval_path):
             raise ValueError(f"task.name={self.task.name} needs task.train_path and task.eval_path")
+        if file_task and self.task.eval_split != "test":
+            raise ValueError(
+                f"task.eval_split={self.task.eval_split}: task {self.task.name} has no validation split of its own; its held-out "
+                "problems are task.eval_path's (point it at your validation file, with task.eval_split=test)"
+            )
         return self
 
 

@@ -10,6 +10,11 @@ Besides accuracy, it reports the signs of a degenerating policy on the greedy co
 ``truncated_rate`` (cut off at ``evaluate.max_new_tokens`` before the end-of-sequence token) and
 ``mean_completion_tokens``.
 
+With ``evaluate.cut_at_tokens`` set, every greedy completion is also scored cut at that many
+tokens (``cut_records``): greedy decoding is deterministic, so the first tokens of a long decoding
+are the short decoding's, and one pass at 4× the training length gives both verdicts
+(``pass_at_1_cut``, ``truncated_rate_cut``). An answer right at 4× but not at 1× was cut, not wrong.
+
 The model is loaded once; the greedy completions and the k samples come from the same engine
 as training data does, and are scored by the task's own checker. Every evaluation of a run uses
 the same held-out prompts and the same sampling seed, so iterations compare.
@@ -57,6 +62,30 @@ def pass_at_1_by_extraction(greedy: list[Record], task: Task) -> dict[str, float
     return {f"pass_at_1_{extraction}": verify_records(greedy, task, extraction)[1]["accuracy"] for extraction in EXTRACTIONS}
 
 
+def cut_records(greedy: list[Record], tokens: int, tokenizer) -> list[Record]:
+    """The greedy records as decoding would have left them at ``tokens`` tokens: longer completions
+    cut there (finish_reason "length", text decoded from the kept tokens), the others as they are.
+    Verify them again for their verdicts."""
+    cut = []
+    for record in greedy:
+        ids = record["completion_token_ids"]
+        if len(ids) <= tokens:
+            cut.append(dict(record))
+            continue
+        kept = ids[:tokens]
+        logprobs = record["behavior_logprobs"]
+        cut.append(
+            {
+                **record,
+                "completion": tokenizer.decode(kept, skip_special_tokens=True),
+                "completion_token_ids": kept,
+                "behavior_logprobs": None if logprobs is None else logprobs[:tokens],
+                "finish_reason": "length",
+            }
+        )
+    return cut
+
+
 def run_evaluate(config: Config, model_dir: str, prompts_path: str | Path, report_path: str | Path, completions_path: str | Path) -> dict:
     """Evaluate the model on the first ``task.eval_size`` held-out prompts; write report and completions."""
     evaluation = config.evaluate
@@ -72,8 +101,11 @@ def run_evaluate(config: Config, model_dir: str, prompts_path: str | Path, repor
         n=evaluation.samples_per_prompt, temperature=evaluation.temperature, max_new_tokens=evaluation.max_new_tokens, seed=evaluation.seed
     )
     sampled: list[Record] = []
+    greedy_cut: list[Record] = []
     with opened_engine(config, model_dir, evaluation.batch_size) as (engine, tokenizer):
         greedy, _ = verify_records(sample_records(engine, tokenizer, problems, greedy_params, config.model.system_prompt, identity), task, extraction)
+        if evaluation.cut_at_tokens:
+            greedy_cut, _ = verify_records(cut_records(greedy, evaluation.cut_at_tokens, tokenizer), task, extraction)
         if evaluation.samples_per_prompt:
             drawn = sample_records(engine, tokenizer, problems, sample_params, config.model.system_prompt, identity)
             sampled, _ = verify_records(drawn, task, extraction)
@@ -82,12 +114,25 @@ def run_evaluate(config: Config, model_dir: str, prompts_path: str | Path, repor
     metrics |= pass_at_1_by_extraction(greedy, task)
     metrics["mean_completion_tokens"] = sum(len(r["completion_token_ids"]) for r in greedy) / len(greedy)
     metrics["empty_rate"] = sum(not r["completion"].strip() for r in greedy) / len(greedy)
-    metrics["truncated_rate"] = sum(r["finish_reason"] == "length" for r in greedy) / len(greedy)
-    write_records(completions_path, [{**r, "decoding": "greedy"} for r in greedy] + [{**r, "decoding": "sampled"} for r in sampled])
-    greedy_correct = {record["prompt_id"]: bool(record["correct"]) for record in greedy}
-    write_json(report_path, {"model": identity, "prompts": str(prompts_path), "metrics": metrics, "greedy_correct": greedy_correct})
+    metrics["truncated_rate"] = truncated_rate(greedy)
+    report = {"model": identity, "prompts": str(prompts_path), "metrics": metrics, "greedy_correct": verdicts(greedy)}
+    if greedy_cut:
+        metrics["pass_at_1_cut"] = sum(bool(r["correct"]) for r in greedy_cut) / len(greedy_cut)
+        metrics["truncated_rate_cut"] = truncated_rate(greedy_cut)
+        report["greedy_correct_cut"] = verdicts(greedy_cut)
+    decodings = (("greedy", greedy), ("greedy_cut", greedy_cut), ("sampled", sampled))
+    write_records(completions_path, [{**r, "decoding": decoding} for decoding, records in decodings for r in records])
+    write_json(report_path, report)
     log.info("held-out pass@1 %.3f [%.3f, %.3f] on %d prompts", metrics["pass_at_1"], metrics["pass_at_1_ci_low"], metrics["pass_at_1_ci_high"], len(problems))
     return metrics
+
+
+def truncated_rate(greedy: list[Record]) -> float:
+    return sum(r["finish_reason"] == "length" for r in greedy) / len(greedy)
+
+
+def verdicts(greedy: list[Record]) -> dict[str, bool]:
+    return {record["prompt_id"]: bool(record["correct"]) for record in greedy}
 
 
 def format_report(metrics: dict) -> str:
@@ -100,6 +145,8 @@ def format_report(metrics: dict) -> str:
     lines = [f"{'metric':<16} {'value':>7}  95% CI", "-" * 38]
     lines += [f"{name:<16} {value:>7.1%}  [{low:.1%}, {high:.1%}]" for name, value, low, high in rows]
     lines += [f"{'pass@1 ' + extraction:<16} {metrics[f'pass_at_1_{extraction}']:>7.1%}" for extraction in EXTRACTIONS]
+    if "pass_at_1_cut" in metrics:
+        lines.append(f"{'pass@1 cut':<16} {metrics['pass_at_1_cut']:>7.1%}")
     lines.append(f"{'parse failures':<16} {metrics['parse_failure_rate']:>7.1%}")
     lines.append(f"{'prompts':<16} {int(metrics['n_prompts']):>7d}")
     return "\n".join(lines)

@@ -32,7 +32,8 @@ def training_prompts(config: Config) -> list[dict]:
 
 
 def run_prompts(config: Config, train_path: str | Path, eval_path: str | Path) -> dict:
-    """Write ``train_size × iterations`` training prompts and ``eval_size`` held-out prompts;
+    """Write ``train_size × iterations`` training prompts and ``eval_size`` held-out prompts (of
+    ``task.eval_split``);
     return their counts and the training prompts' digest (``prompts_digest``).
 
     Each iteration samples its own slice of the training prompts (see
@@ -42,7 +43,7 @@ def run_prompts(config: Config, train_path: str | Path, eval_path: str | Path) -
     stay as they are (a task's first N problems do not depend on how many are asked for).
     """
     train = training_prompts(config)
-    held_out = get_task(config.task).problems("test", config.task.eval_size, config.task.seed)
+    held_out = get_task(config.task).problems(config.task.eval_split, config.task.eval_size, config.task.seed)
     if not train or not held_out:
         raise ValueError(f"task {config.task.name} produced {len(train)} training and {len(held_out)} held-out prompts")
     write_records(train_path, train)

@@ -392,15 +392,16 @@ ProblemResults = dict[int, dict[str, dict[str, dict[str, bool]]]]
 """Greedy correctness by iteration, arm, replicate and held-out prompt id."""
 
 
-def per_problem_correct(folder: Path, shared: dict, finished: dict[str, Replicates]) -> ProblemResults:
+def per_problem_correct(folder: Path, shared: dict, finished: dict[str, Replicates], decoding: str = "greedy") -> ProblemResults:
     """Greedy correctness per held-out problem, by iteration, arm and replicate, read from the
-    units' evaluation completions (iteration 0: the shared starting model's, else the unit's own)."""
+    units' evaluation completions (iteration 0: the shared starting model's, else the unit's own);
+    ``decoding="greedy_cut"``: the completions cut at ``evaluate.cut_at_tokens``, where evaluated so."""
     from topr.workflow import IterationFiles
 
     def correct(path: Path) -> dict[str, bool] | None:
         if not path.exists():
             return None
-        return {r["prompt_id"]: bool(r["correct"]) for r in read_records(path) if r.get("decoding") == "greedy"}
+        return {r["prompt_id"]: bool(r["correct"]) for r in read_records(path) if r.get("decoding") == decoding} or None
 
     start = correct(Path(shared["start_evaluation"]).with_name("evaluation_completions.jsonl"))
     found: ProblemResults = {}
@@ -549,6 +550,8 @@ def write_experiment_report(folder: Path, tracking_uri: str, experiment, arms: d
     means = {arm: mean_over_replicates(replicates) for arm, replicates in finished.items()}
     spec = context["spec"]
     comparisons = paired_comparisons(per_problem_correct(folder, context["shared"], finished), spec.reference_arm, spec.equivalence_margin)
+    cut = paired_comparisons(per_problem_correct(folder, context["shared"], finished, "greedy_cut"), spec.reference_arm, spec.equivalence_margin)
+    context = {**context, "cut_comparisons": cut}
     figures = []
     if finished:
         plot_replicates_accuracy(finished, folder / "accuracy.png")
@@ -573,6 +576,7 @@ def write_experiment_report(folder: Path, tracking_uri: str, experiment, arms: d
             "units": results,
             "metrics": {arm: {rep: _json_metrics(metrics) for rep, metrics in replicates.items()} for arm, replicates in finished.items()},
             "comparisons": {str(step): [c.as_dict() for c in found] for step, found in comparisons.items()},
+            "comparisons_cut": {str(step): [c.as_dict() for c in found] for step, found in cut.items()},
         },
     )
     _log_experiment(folder, tracking_uri, context["name"], results, ["report.md", "results.json", *figures])
@@ -635,6 +639,14 @@ def _experiment_markdown(experiment, spec, arms: dict, results: dict, finished: 
                 format_comparisons(found),
                 "",
             ]
+            if step in context["cut_comparisons"]:
+                lines += [
+                    f"The same, each greedy completion cut at `evaluate.cut_at_tokens`={experiment.evaluate.cut_at_tokens} tokens "
+                    f"(decoded to {experiment.evaluate.max_new_tokens}): what the arms score where an answer must end by then.",
+                    "",
+                    format_comparisons(context["cut_comparisons"][step]),
+                    "",
+                ]
         if "paired_differences.png" in figures:
             lines += ["![paired differences](paired_differences.png)", ""]
         lines += [

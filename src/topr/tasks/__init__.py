@@ -50,7 +50,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-SPLITS = ("train", "test")
+SPLITS = ("train", "validation", "test")
+"""Training prompts; held-out problems for choosing settings (learning rates, c, lengths); held-out
+problems for verdicts only. File tasks have no validation split of their own (their held-out file is
+whatever ``task.eval_path`` names); ``arithmetic`` splits its generated problems three ways."""
 ANSWER_INSTRUCTION = "End your reply with 'Answer: <number>'."
 
 # "Answer:", case-insensitive, also written "**Answer**:" or "Answer :".
@@ -146,7 +149,7 @@ class Task(ABC):
     def problems(self, split: str, size: int, seed: int) -> list[dict[str, str]]:
         """At most ``size`` records with ``prompt_id``, ``prompt`` and ``reference`` (strings).
 
-        ``split`` is "train" or "test"; the same arguments always give the same records.
+        ``split`` is one of ``SPLITS``; the same arguments always give the same records.
         """
 
     @abstractmethod

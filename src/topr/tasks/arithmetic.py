@@ -2,14 +2,16 @@
 
 Each level enumerates every problem it can pose (a few hundred to a few ten thousand). A problem's
 split is fixed by a hash of its canonical expression ("12 + 7"): about 30 % are held out as
-"test", the rest are "train", so no sum is in both splits, whatever its wording and whichever
-level poses it. Its wording is fixed too, drawn from the templates with the expression as seed,
-and its prompt id is its position among the split's problems, so an id always means the same
-prompt.
+"test", about 15 % as "validation" and the rest are "train", so no sum is in two splits, whatever
+its wording and whichever level poses it. Its wording is fixed too, drawn from the templates with
+the expression as seed, and its prompt id is its position among the split's problems, so an id
+always means the same prompt.
 
 ``problems(split, size, seed)`` shuffles the split's problems with ``seed`` and keeps the first
-``size``; a level with fewer problems in the split gives all of them ("easy" has 108 test and 206
-train problems; the other levels have thousands).
+``size``; a level with fewer problems in the split gives all of them ("easy" has 108 test, 44
+validation and 162 train problems; "one_step" 651, 313 and 1,225; the others have thousands).
+The test problems are those of the two-way split that came before (hash bucket < 30), so results
+measured on them stand; validation was carved from what was train.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from topr.tasks import (
 )
 
 TEST_PERCENT = 30
+VALIDATION_PERCENT = 15
 
 
 @dataclass(frozen=True)
@@ -62,6 +65,15 @@ def _chain(numbers: tuple[int, ...], operators: tuple[str, ...]) -> Problem:
 def _one_step() -> Iterator[Problem]:
     for start in range(2, 21):
         for change in range(1, 10):
+            yield _chain((start, change), ("+",))
+            if change <= start:
+                yield _chain((start, change), ("-",))
+
+
+def _one_step_wide() -> Iterator[Problem]:
+    """easy's kind of problem over wider ranges: enough problems for a test set of 500 and more."""
+    for start in range(2, 61):
+        for change in range(1, 21):
             yield _chain((start, change), ("+",))
             if change <= start:
                 yield _chain((start, change), ("-",))
@@ -148,6 +160,9 @@ LEVELS: dict[str, Level] = {
     "easy": Level(
         "one-step word problems: 2-20 plus or minus 1-9, never below zero", _one_step, _story
     ),
+    "one_step": Level(
+        "one-step word problems as easy's, wider: 2-60 plus or minus 1-20, never below zero", _one_step_wide, _story
+    ),
     "add_sub_2digit": Level(
         "two-digit addition and subtraction, never below zero", _two_digit, _expression
     ),
@@ -161,9 +176,13 @@ LEVELS: dict[str, Level] = {
 
 
 def split_of(expression: str) -> str:
-    """"test" for about TEST_PERCENT % of expressions, "train" for the rest, decided by a hash."""
+    """"test" for about TEST_PERCENT % of expressions, "validation" for the next VALIDATION_PERCENT %,
+    "train" for the rest, decided by a hash."""
     digest = hashlib.sha256(expression.encode()).digest()
-    return "test" if int.from_bytes(digest[:8], "big") % 100 < TEST_PERCENT else "train"
+    bucket = int.from_bytes(digest[:8], "big") % 100
+    if bucket < TEST_PERCENT:
+        return "test"
+    return "validation" if bucket < TEST_PERCENT + VALIDATION_PERCENT else "train"
 
 
 @cache

@@ -64,6 +64,11 @@ class FileTask(Task):
     def _location(self, split: str) -> str:
         """The split's file: a local path or an ``s3://`` URI."""
         check_split(split)
+        if split not in self.paths:
+            raise ValueError(
+                f"task {self.name} has no {split!r} split: its held-out problems are the file task.eval_path names "
+                "(point it at your validation file, with task.eval_split=test)"
+            )
         location = self.paths[split]
         if location is None:
             raise ValueError(f"task {self.name} needs task.{path_option(split)} for the {split!r} split")
