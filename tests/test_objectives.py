@@ -559,6 +559,58 @@ def test_length_normalization_arguments_are_checked(arguments, named):
         policy_loss(*random_batch(), **arguments)
 
 
+# ----------------------------------------------------------------------------- tokens left out of negatives
+
+
+def shared_token_marks(mask):
+    """Marks on the last two completion tokens of every row (positives included, where they must
+    change nothing) and on one position outside the completions."""
+    marks = torch.zeros_like(mask, dtype=torch.bool)
+    marks[:, -2:] = True
+    marks[0, 0] = marks[1, 0] = True  # row 1's position 0 is prompt: not a completion token
+    return marks
+
+
+@pytest.mark.parametrize("ratio_level", RATIO_LEVELS)
+@pytest.mark.parametrize("objective", ["topr", "reinforce", "ppo"])
+def test_negative_excluded_tokens_get_no_gradient_and_the_rest_is_unchanged(objective, ratio_level):
+    logprobs, behavior, rewards, mask = random_batch(seed=14)
+    marks = shared_token_marks(mask)
+    _, grad, stats = loss_and_grad(logprobs, behavior, rewards, mask, objective=objective, ratio_level=ratio_level)
+    _, excluded_grad, excluded_stats = loss_and_grad(
+        logprobs, behavior, rewards, mask, objective=objective, ratio_level=ratio_level, negative_excluded=marks
+    )
+    negative = (rewards < 0)[:, None].expand_as(mask)
+    skipped = negative & marks & (mask != 0)
+    assert (excluded_grad[skipped] == 0).all()
+    assert_close(excluded_grad[~skipped], grad[~skipped])  # positives, and a negative's other tokens
+    assert (grad[skipped] != 0).any()  # what the marks took away (PPO's clip may zero some already)
+    # The ratio and the length normaliser still count every completion token: the stats but the
+    # loss are the same; the count of tokens left out is added.
+    assert excluded_stats.pop("excluded_negative_tokens") == skipped.sum().item() == 5
+    assert excluded_stats.pop("loss") != stats.pop("loss")
+    assert excluded_stats == pytest.approx(stats)
+    assert excluded_stats.negative_ratios == stats.negative_ratios
+
+
+def test_a_negatives_tokens_left_in_are_still_pushed_down_at_the_tapered_weight():
+    logprobs, behavior, rewards, mask = one_row(log_ratio_per_token=-0.5, reward=-1.0, tokens=4)
+    marks = torch.tensor([[False, False, True, True]])
+    _, grad, _ = loss_and_grad(logprobs, behavior, rewards, mask, objective="topr", negative_excluded=marks)
+    # rho = e^(4 * -0.5) over all four tokens, L = 4: d loss / d log pi = rho * 1 / 4 on the first two.
+    assert grad[0].tolist() == pytest.approx([math.exp(-2.0) / 4, math.exp(-2.0) / 4, 0.0, 0.0])
+
+
+def test_marks_on_positives_change_nothing():
+    logprobs, behavior, rewards, mask = random_batch(seed=15)
+    everything = torch.ones_like(mask, dtype=torch.bool)
+    positives = rewards.abs()
+    loss, grad, _ = loss_and_grad(logprobs, behavior, positives, mask)
+    marked_loss, marked_grad, stats = loss_and_grad(logprobs, behavior, positives, mask, negative_excluded=everything)
+    assert torch.equal(marked_loss, loss) and torch.equal(marked_grad, grad)
+    assert stats["excluded_negative_tokens"] == 0.0
+
+
 # ----------------------------------------------------------------------------- validation
 
 
@@ -574,9 +626,10 @@ def test_unknown_ratio_level_lists_the_choices():
     assert all(choice in str(error.value) for choice in RATIO_LEVELS)
 
 
-@pytest.mark.parametrize("argument", ["behavior_logprobs", "rewards", "mask"])
+@pytest.mark.parametrize("argument", ["behavior_logprobs", "rewards", "mask", "negative_excluded"])
 def test_shape_mismatch_names_the_argument(argument):
     inputs = dict(zip(["logprobs", "behavior_logprobs", "rewards", "mask"], random_batch()))
+    inputs["negative_excluded"] = inputs["mask"] != 0
     inputs[argument] = inputs[argument][:-1]
     with pytest.raises(ValueError, match=argument):
         policy_loss(**inputs)

@@ -26,7 +26,7 @@ from topr.models import PROVENANCE_FILE, load_policy, model_identity, prompt_tok
 from topr.objectives import NEGATIVE_RATIO_STATS
 from topr.records import RecordError, write_records
 from topr.sample import SamplingParams, TransformersEngine, sample_records
-from topr.train import NonFiniteStepError, check_train_record, global_batches, launch_train, run_train
+from topr.train import NonFiniteStepError, check_train_record, global_batches, launch_train, run_train, shared_token_positions
 
 from helpers import train_config
 
@@ -357,6 +357,67 @@ def test_training_takes_the_batch_order_asked_for(policy, tiny_model_dir, tmp_pa
     cfg = config("train.batch_order=stratified", "train.batch_size=2", "train.epochs=2")
     _, steps, _ = train(tmp_path, tiny_model_dir, records, cfg)
     assert [stats["positive_count"] for _, stats in steps] == positives["stratified"]
+
+
+# ----------------------------------------------------------------------------- negatives_skip_shared_tokens
+
+
+def text_ids(tokenizer, text, eos=True):
+    """The token ids of ``text``, then the end-of-sequence token if ``eos``."""
+    return tokenizer.encode(text, add_special_tokens=False) + ([tokenizer.eos_token_id] if eos else [])
+
+
+@pytest.mark.parametrize(
+    "text, finish_reason, shared",
+    [
+        ("So 5 + 7 = 12.\nAnswer: 12", "stop", ["Answer", ":", "<eos>"]),
+        ("Answer: 3, no.\n**Answer**: 12", "stop", ["Answer", "**:", "<eos>"]),  # the last marker; a token overlapping it
+        ("The answer: 7", "stop", [" answer", ":", "<eos>"]),
+        ("So it is 12.", "stop", ["<eos>"]),
+        ("So 5 + 7 = 12.\nAnswer: 1", "length", ["Answer", ":"]),
+        ("So it is 12 and", "length", []),
+    ],
+)
+def test_shared_tokens_are_the_last_answer_markers_and_the_end_of_sequence(policy, text, finish_reason, shared):
+    tokenizer = policy[1]
+    ids = text_ids(tokenizer, text, eos=finish_reason == "stop")
+    positions = shared_token_positions({"completion_token_ids": ids, "finish_reason": finish_reason}, tokenizer)
+    assert positions == sorted(positions)
+    decoded = [tokenizer.decode([ids[position]]) for position in positions]
+    assert decoded == [tokenizer.eos_token if token == "<eos>" else token for token in shared]
+
+
+def test_negatives_skip_shared_tokens_leaves_them_out_of_the_negatives_loss_only(policy, tiny_model_dir, tmp_path):
+    model, tokenizer = policy
+    texts = [
+        ("What is 5 + 7?", "5 + 7 = 12.\nAnswer: 12", 1.0),
+        ("What is 3 + 9?", "3 + 9 = 11.\nAnswer: 11", -1.0),
+        ("Add 8 and 1.", "It is 9", -1.0),
+    ]
+    records = make_records(policy, [(question, text_ids(tokenizer, text), reward) for question, text, reward in texts])
+    for record in records:
+        record["finish_reason"] = "stop"
+    steps = {
+        skip: train(tmp_path, tiny_model_dir, records, config(f"train.negatives_skip_shared_tokens={skip}"), name=str(skip))[1][0][1]
+        for skip in (False, True)
+    }
+    # On-policy every weight is 1: loss = -mean(A · Σ log π over the tokens kept / |y|), |y| counting every token.
+    expected = {}
+    for skip in (False, True):
+        terms = []
+        for record in records:
+            logprobs = token_logprobs(model, record["prompt_token_ids"], record["completion_token_ids"])
+            left_out = shared_token_positions(record, tokenizer) if skip and record["reward"] < 0 else []
+            kept = sum(value for position, value in enumerate(logprobs) if position not in left_out)
+            terms.append(record["reward"] * kept / len(logprobs))
+        expected[skip] = -sum(terms) / len(terms)
+    assert expected[True] != pytest.approx(expected[False], rel=1e-2)
+    assert steps[True]["loss"] == pytest.approx(expected[True], rel=1e-4)
+    assert steps[False]["loss"] == pytest.approx(expected[False], rel=1e-4)
+    # The marker's two tokens and the end of sequence in one negative, the end of sequence in the other.
+    assert (steps[True]["excluded_negative_tokens"], steps[True]["excluded_tokens_per_negative"]) == (4.0, 2.0)
+    assert not {"excluded_negative_tokens", "excluded_tokens_per_negative"} & set(steps[False])
+    assert steps[True]["ratio_negative_p50"] == steps[False]["ratio_negative_p50"]
 
 
 # ----------------------------------------------------------------------------- steps and accumulation

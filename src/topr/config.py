@@ -299,6 +299,14 @@ class TrainConfig(Section):
         "is open: it writes log pi(y|x), a sum over tokens) or by sample.max_new_tokens (constant: that sum up to "
         "a constant factor; a token's gradient weight does not depend on its sequence's length).",
     )
+    negatives_skip_shared_tokens: bool = Field(
+        False,
+        description="Diagnostic for the mechanism experiment (issue 24), not a training method: leave out of each "
+        "negative's loss (A < 0) the tokens that every completion ends with whatever its reward, its end-of-sequence "
+        "token (finish_reason stop) and the tokens of its last answer marker ('Answer:', topr.tasks.ANSWER_MARKER), "
+        "so that the many negatives do not push them down. Positives keep every token; the ratio π/μ and the length "
+        "|y| still count all of them. Each step logs excluded_negative_tokens and excluded_tokens_per_negative.",
+    )
     positive_bounds: tuple[float, float] | None = Field(
         None, description="Override the preset's clip bounds [a+, b+] for non-negative advantages."
     )

@@ -41,6 +41,15 @@ log pi(y_it) - log mu(y_it) over the completion tokens:
 - ``"token"``: a ratio rho_it per token, clipped with the same bounds, weighting each token's
   log-probability: loss = -(1/B) sum_i A_i * (sum_t alpha_it * log pi(y_it)) / L_i.
 
+``negative_excluded`` marks tokens that a negative's loss leaves out: for A_i < 0 the sum over
+t (of alpha * log pi(y_it), or of PPO's surrogate terms below) runs over its unmarked tokens only,
+so the marked ones get no gradient, while rho_i and L_i still count every completion token (the
+taper and the normaliser are unchanged); positives keep every token. It is a diagnostic for the mechanism experiment (issue 24), not a
+training method: ``train.negatives_skip_shared_tokens`` marks the tokens that every completion
+ends with whatever its reward, its end-of-sequence token and its last answer marker ("Answer:"),
+to test whether the negatives' push on them, outnumbering the positives', is why TOPR at c = 0
+stops ending its answers.
+
 ``objective="ppo"`` is the PPO-clip objective (Schulman et al., 2017), offered as a baseline. It
 always uses per-token ratios (``ratio_level`` is validated but has no effect) and, unlike the
 family above, lets the gradient flow through rho:
@@ -130,6 +139,7 @@ def policy_loss(
     ppo_clip: float = 0.2,
     length_normalization: str = "sequence",
     normalizer: float | None = None,
+    negative_excluded: Tensor | None = None,
 ) -> tuple[Tensor, LossStats]:
     """The loss to minimise for one batch of completions, and statistics to chart.
 
@@ -149,6 +159,9 @@ def policy_loss(
         length_normalization: one of ``LENGTH_NORMALIZATIONS``: L_i = |y_i| (``"sequence"``) or
             ``normalizer`` (``"constant"``).
         normalizer: L of ``"constant"`` (> 0); not given with ``"sequence"``.
+        negative_excluded: [B, T] nonzero at the completion tokens whose log-probability a
+            negative's loss leaves out (see the module docstring); ignored on positives and
+            outside the completions. None leaves nothing out.
 
     Returns:
         ``(loss, stats)``: the scalar loss (mean over the B completions, empty ones counting 0)
@@ -178,7 +191,9 @@ def policy_loss(
         - ``log_ratio_per_token``: sum of log pi - log mu over all completion tokens of the batch,
           divided by their number (about 0 on data that the same model has just sampled);
         - ``logprob_positive_mean``, ``logprob_negative_mean``: mean per-token log pi over the
-          completion tokens of positives / negatives (0.0 when there are none).
+          completion tokens of positives / negatives (0.0 when there are none);
+        - ``excluded_negative_tokens``: the negatives' completion tokens left out of the loss;
+          only with ``negative_excluded``.
 
     Raises:
         ValueError: unknown ``objective`` or ``ratio_level`` (the message lists the choices),
@@ -189,7 +204,7 @@ def policy_loss(
     _check_choice("objective", objective, objective_names())
     _check_choice("ratio_level", ratio_level, RATIO_LEVELS)
     _check_normalization(length_normalization, normalizer)
-    _check_shapes(logprobs, behavior_logprobs, rewards, mask)
+    _check_shapes(logprobs, behavior_logprobs, rewards, mask, negative_excluded)
 
     dtype = torch.promote_types(logprobs.dtype, torch.float32)
     valid = mask != 0
@@ -199,26 +214,29 @@ def policy_loss(
     positive = advantages >= 0
     lengths = valid.sum(dim=1).to(dtype)
     token_log_ratio = logp - behavior  # zero at masked positions
+    excluded = None if negative_excluded is None else valid & ~positive[:, None] & (negative_excluded != 0)
+    trained = valid if excluded is None else valid & ~excluded
+    trained_logp = torch.where(trained, logp, 0.0)
 
     if objective == "ppo":
         if positive_bounds is not None or negative_bounds is not None:
             raise ValueError("positive_bounds/negative_bounds do not apply to objective='ppo'")
         if ppo_clip < 0:
             raise ValueError(f"ppo_clip must be >= 0, got {ppo_clip}")
-        per_completion, weights, clipped = _ppo(token_log_ratio, advantages, valid, ppo_clip)
+        per_completion, weights, clipped = _ppo(token_log_ratio, advantages, valid, trained, ppo_clip)
     else:
         bounds = _resolve_bounds(PRESETS[objective], positive_bounds, negative_bounds)
         log_ratio = _log_ratio(token_log_ratio, lengths, ratio_level)
         sign = positive[:, None] if ratio_level == "token" else positive
         weights, clipped = _tapered_weights(log_ratio, sign, bounds)
         if ratio_level == "token":
-            per_completion = advantages * (weights * logp).sum(dim=1)
+            per_completion = advantages * (weights * trained_logp).sum(dim=1)
         else:
-            per_completion = weights * advantages * logp.sum(dim=1)
+            per_completion = weights * advantages * trained_logp.sum(dim=1)
 
     divisors = lengths.clamp_min(1) if normalizer is None else torch.full_like(lengths, normalizer)
     loss = -(per_completion / divisors).mean()
-    stats = _stats(loss, logp, valid, lengths, advantages, token_log_ratio, weights, clipped)
+    stats = _stats(loss, logp, valid, lengths, advantages, token_log_ratio, weights, clipped, excluded)
     return loss, stats
 
 
@@ -236,12 +254,13 @@ def _check_normalization(length_normalization: str, normalizer: float | None) ->
 
 
 def _check_shapes(
-    logprobs: Tensor, behavior_logprobs: Tensor, rewards: Tensor, mask: Tensor
+    logprobs: Tensor, behavior_logprobs: Tensor, rewards: Tensor, mask: Tensor, negative_excluded: Tensor | None
 ) -> None:
     if logprobs.dim() != 2 or logprobs.shape[0] == 0:
         raise ValueError(f"logprobs must have shape [B, T] with B >= 1, got {list(logprobs.shape)}")
-    for name, tensor in (("behavior_logprobs", behavior_logprobs), ("mask", mask)):
-        if tensor.shape != logprobs.shape:
+    token_shaped = {"behavior_logprobs": behavior_logprobs, "mask": mask, "negative_excluded": negative_excluded}
+    for name, tensor in token_shaped.items():
+        if tensor is not None and tensor.shape != logprobs.shape:
             raise ValueError(
                 f"{name} must have the shape of logprobs {list(logprobs.shape)}, "
                 f"got {list(tensor.shape)}"
@@ -291,13 +310,14 @@ def _tapered_weights(log_ratio: Tensor, positive: Tensor, bounds: Preset) -> tup
 
 
 def _ppo(
-    token_log_ratio: Tensor, advantages: Tensor, valid: Tensor, epsilon: float
+    token_log_ratio: Tensor, advantages: Tensor, valid: Tensor, trained: Tensor, epsilon: float
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-completion PPO-clip surrogate sums, effective token weights, and clipped tokens."""
+    """Per-completion PPO-clip surrogate sums over the ``trained`` tokens, effective token weights
+    and clipped tokens (both over every ``valid`` one)."""
     ratio = token_log_ratio.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP).exp()
     advantage = advantages[:, None]
     surrogate = torch.minimum(ratio * advantage, ratio.clamp(1 - epsilon, 1 + epsilon) * advantage)
-    per_completion = torch.where(valid, surrogate, 0.0).sum(dim=1)
+    per_completion = torch.where(trained, surrogate, 0.0).sum(dim=1)
     clipped = valid & (
         ((advantage > 0) & (ratio > 1 + epsilon)) | ((advantage < 0) & (ratio < 1 - epsilon))
     )
@@ -320,9 +340,11 @@ def _stats(
     token_log_ratio: Tensor,
     weights: Tensor,
     clipped: Tensor,
+    excluded: Tensor | None,
 ) -> LossStats:
     """Detached summaries and the negatives' sequence ratios, gathered into one tensor so that
-    reading them costs one device sync."""
+    reading them costs one device sync; ``excluded``: the negatives' tokens left out of the loss,
+    counted when given."""
     positive = advantages >= 0
     negative = ~positive
     per_token = weights.dim() == 2
@@ -360,6 +382,8 @@ def _stats(
         "logprob_positive_mean": _mean_over(logp, valid & positive[:, None]),
         "logprob_negative_mean": _mean_over(logp, valid & negative[:, None]),
     }
+    if excluded is not None:
+        values["excluded_negative_tokens"] = excluded.sum()
     figures = torch.stack([value.to(torch.float64) for value in values.values()])
     read = torch.cat([figures, sequence_ratio.to(torch.float64), negative.to(torch.float64)]).tolist()
     count, batch = len(values), len(negative)

@@ -39,6 +39,7 @@ from topr.logprobs import batch_prompt_completions, completion_logprobs
 from topr.models import load_policy, model_identity, save_policy, set_threads
 from topr.objectives import NEGATIVE_RATIO_STATS, LossStats, policy_loss
 from topr.records import RECORD_KEY, TRAIN_FIELDS, Record, RecordError, check_token_ids, read_records
+from topr.tasks import ANSWER_MARKER
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +64,11 @@ on negatives are taken over all the step's negatives (``negative_ratio_quantiles
 averaged over micro-batches, whose sequences ``by_length`` groups by length.
 """
 
-SUMMED_STATS = ("positive_count", "negative_count")
+SUMMED_STATS = ("positive_count", "negative_count", "excluded_negative_tokens")
+
+SHARED_TOKENS = "shared_token_positions"
+"""Where a record read for training keeps, with ``train.negatives_skip_shared_tokens``, the
+positions of its ``shared_token_positions`` (``mark_shared_tokens``)."""
 
 FRESH_DATA_LOG_RATIO_TOLERANCE = 0.02
 """Nats: |mean log π/μ per token| at step 0 beyond which π and μ disagree on data that the
@@ -269,11 +274,68 @@ class CompletionLogprobs(torch.nn.Module):
         )
 
 
+def shared_token_positions(record: Record, tokenizer) -> list[int]:
+    """The positions of the completion tokens that every completion ends with whatever its reward:
+    its end-of-sequence token, when it finished by one (finish_reason "stop", the last token), and
+    the tokens that spell its last answer marker; what ``train.negatives_skip_shared_tokens`` leaves
+    out of a negative's loss."""
+    token_ids = record["completion_token_ids"]
+    positions = marker_token_positions(token_ids, tokenizer)
+    if record.get("finish_reason", "stop") == "stop":  # as curation reads a record without one
+        positions.append(len(token_ids) - 1)
+    return sorted(set(positions))
+
+
+def marker_token_positions(token_ids: list[int], tokenizer) -> list[int]:
+    """The positions of the tokens that overlap the last ``ANSWER_MARKER`` in the decoded
+    completion; none without one.
+
+    Token k spans the characters between the decoded lengths of the first k and the first k + 1
+    tokens: decoding prefixes, rather than each token alone, keeps the spaces and multi-byte
+    characters that a token shares with its neighbours as the whole text has them. The walk goes
+    back from the end, where the marker usually is, and stops at the token where it starts.
+    """
+
+    def decode(count: int) -> str:
+        return tokenizer.decode(token_ids[:count], skip_special_tokens=True)
+
+    text = decode(len(token_ids))
+    markers = list(ANSWER_MARKER.finditer(text))
+    if not markers:
+        return []
+    marker, positions, end = markers[-1], [], len(text)
+    for index in reversed(range(len(token_ids))):
+        start = len(decode(index))
+        if start < marker.end() and end > marker.start():
+            positions.append(index)
+        if start <= marker.start():
+            break
+        end = start
+    return positions[::-1]
+
+
+def mark_shared_tokens(records: list[Record], tokenizer) -> None:
+    """Give every record its ``shared_token_positions`` under ``SHARED_TOKENS``: found once for
+    the run rather than every epoch. Positives get them too; ``policy_loss`` decides which
+    sequences are negatives."""
+    for record in records:
+        record[SHARED_TOKENS] = shared_token_positions(record, tokenizer)
+
+
+def shared_token_marks(batch: list[Record], shape: torch.Size) -> torch.Tensor:
+    """[B, T] True at every sequence's ``SHARED_TOKENS``: ``policy_loss``'s ``negative_excluded``."""
+    marks = torch.zeros(shape, dtype=torch.bool)
+    for row, record in enumerate(batch):
+        marks[row, record[SHARED_TOKENS]] = True
+    return marks
+
+
 def loss_on_batch(
     scorer, batch: list[Record], config: Config, pad_token_id: int, device: torch.device
 ) -> tuple[torch.Tensor, LossStats]:
     """``policy_loss`` of one micro-batch (the mean over its sequences) and its stats, which hold
-    the sequence ratios π/μ of its negatives (for the step's quantiles)."""
+    the sequence ratios π/μ of its negatives (for the step's quantiles). With
+    ``train.negatives_skip_shared_tokens`` the records carry their ``SHARED_TOKENS``."""
     tensors = batch_prompt_completions(
         [r["prompt_token_ids"] for r in batch], [r["completion_token_ids"] for r in batch], pad_token_id
     )
@@ -285,6 +347,7 @@ def loss_on_batch(
     rewards = torch.tensor([float(r["reward"]) for r in batch], device=device)
     train = config.train
     normalizer = config.sample.max_new_tokens if train.length_normalization == "constant" else None
+    excluded = shared_token_marks(batch, logprobs.shape).to(device) if train.negatives_skip_shared_tokens else None
     loss, stats = policy_loss(
         logprobs,
         behavior,
@@ -298,6 +361,7 @@ def loss_on_batch(
         ppo_clip=train.ppo_clip,
         length_normalization=train.length_normalization,
         normalizer=normalizer,
+        negative_excluded=excluded,
     )
     return loss, stats
 
@@ -363,9 +427,10 @@ class StepTally:
 
 def step_figures(totals: dict[str, float]) -> dict[str, float]:
     """The step's figures from the sums of ``StepTally`` over its micro-batches and ranks:
-    each stat's weighted mean (left out when its group is empty in the whole step), and
+    each stat's weighted mean (left out when its group is empty in the whole step),
     ``positive_weight_share``, the positives' part of the gradient weight after the taper
-    (left out when there is none)."""
+    (left out when there is none), and with ``train.negatives_skip_shared_tokens``
+    ``excluded_tokens_per_negative`` (left out without negatives)."""
     figures = {name: totals[name] for name in SUMMED_STATS if name in totals}
     figures |= {
         name: total / totals[f"weight/{name}"]
@@ -375,6 +440,8 @@ def step_figures(totals: dict[str, float]) -> dict[str, float]:
     both = figures["gradient_weight_positive"] + figures["gradient_weight_negative"]
     if both:
         figures["positive_weight_share"] = figures["gradient_weight_positive"] / both
+    if "excluded_negative_tokens" in figures and figures["negative_count"]:
+        figures["excluded_tokens_per_negative"] = figures["excluded_negative_tokens"] / figures["negative_count"]
     return figures
 
 
@@ -602,6 +669,8 @@ def run_train(
         # wrap() places it; the tokenizer, saved with the trained model, carries the run's chat template
         model, tokenizer = load_policy(model_dir, device=torch.device("cpu"), chat_template=config.model.chat_template)
         check_token_ids(data_path, records, vocabulary_size(model))  # before any step, naming file and line
+        if train.negatives_skip_shared_tokens:
+            mark_shared_tokens(records, tokenizer)
         adapter = lora.with_adapter(model, train, model_dir) if train.lora_rank else None
         if adapter is not None:
             log.info("LoRA rank %d: %d of %d parameters train", train.lora_rank, *lora.trainable_parameters(model))
