@@ -132,7 +132,7 @@ def fixture_task(name: str, file: str, **options) -> TaskConfig:
 # Every built-in policy task: its config, the question of its first training prompt (seed 0) and
 # the answer-format instruction that prompt ends with.
 BUILT_IN = {
-    "arithmetic": (TaskConfig(), "Anna has 8 books. She loses 4. How many books does Anna have now?", ANSWER_INSTRUCTION),
+    "arithmetic": (TaskConfig(), "There are 18 shells in a box. Sara removes 6 from the box. How many shells are in the box now?", ANSWER_INSTRUCTION),
     "gsm8k": (fixture_task("gsm8k", "gsm8k.jsonl"), "A school orders 40 boxes of 30 pencils. How many pencils does it order?", ANSWER_INSTRUCTION),
     "math": (fixture_task("math", "math.jsonl"), "What is $\\sin 60^\\circ$?", BOXED_INSTRUCTION),
     "jsonl-numeric": (fixture_task("jsonl", "generic.jsonl", prompt_field="text", answer_field="target"), "What is 7 divided by 2?", ANSWER_INSTRUCTION),
