@@ -33,7 +33,7 @@ TINY = ["task.train_size=2", "task.eval_size=2", "sample.samples_per_prompt=2", 
 
 
 def test_every_named_experiment_loads_and_its_arms_validate():
-    assert set(named_specs()) == {"calibration", "objectives", "iterations", "baseline", "curation", "positives", "ratio_level", "seeds", "verifier", "composition", "default_iterations", "lora", "rft_learning_rate"}
+    assert set(named_specs()) == {"calibration", "objectives", "iterations", "baseline", "curation", "positives", "ratio_level", "seeds", "verifier", "composition", "default_iterations", "lora", "rft_learning_rate", "verifier_control"}
     for name in named_specs():
         _, spec = load_spec(name)
         experiment, arms = arm_configs(spec, {}, [])
@@ -362,6 +362,30 @@ def test_the_verifier_is_compared_replicate_by_replicate_with_intervals_over_rep
     # Without the base verifier's votes that row is left out, and one replicate alone gives nothing.
     assert not any(line.startswith("| weighted vote (base") for line in lines)
     assert verifier_replicates({"topr": {"rep0": finished["topr"]["rep0"]}}) == []
+
+
+def test_a_verifier_trained_otherwise_is_compared_with_the_references_replicate_by_replicate():
+    from scipy import stats
+
+    from topr.report import verifier_arm_differences
+
+    def replicate(auroc, weighted):
+        figures = {"verifier_accuracy_trained": 0.6, "verifier_auroc_trained": auroc, "vote_weighted_trained": weighted}
+        return {key: {1: value} for key, value in figures.items()}
+
+    finished = {
+        "topr": {"rep0": replicate(0.80, 0.50), "rep1": replicate(0.85, 0.44), "rep2": replicate(0.75, 0.40)},
+        "rft": {"rep0": replicate(0.70, 0.45), "rep1": replicate(0.81, 0.44), "rep3": replicate(0.99, 0.99)},
+    }
+    lines = verifier_arm_differences(finished, "topr")
+    assert lines[0].startswith("The verifier of `rft` minus that of `topr`")
+    auroc = next(line for line in lines if line.startswith("| AUROC"))
+    low, high = stats.ttest_1samp([-0.10, -0.04], 0.0).confidence_interval(0.95)
+    assert auroc == f"| AUROC of P(correct), trained | -0.10 | -0.04 | -0.07 [{low:+.2f}, {high:+.2f}] | 0.500 |"  # rep0, rep1 only
+    vote = next(line for line in lines if line.startswith("| weighted vote"))
+    assert vote.split(" | ")[1:3] == ["-5.0", "+0.0"]
+    assert not any(line.startswith("| balanced accuracy") for line in lines)  # not logged
+    assert verifier_arm_differences({"topr": finished["topr"]}, "topr") == []
 
 
 def test_an_arm_with_its_own_model_or_evaluation_does_not_take_the_shared_start():

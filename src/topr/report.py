@@ -665,6 +665,7 @@ def _experiment_markdown(experiment, spec, arms: dict, results: dict, finished: 
         if verifier:
             lines += ["## Generative verifier" + (" (means over replicates)" if spec.replicates > 1 else ""), "", verifier, ""]
             lines += verifier_replicates(finished)
+            lines += verifier_arm_differences(finished, spec.reference_arm)
     return "\n".join(lines)
 
 
@@ -682,8 +683,6 @@ def verifier_replicates(finished: dict[str, dict[str, dict[str, dict[int, float]
     ``VERIFIER_COMPARISONS`` replicate by replicate, with the mean difference's 95% t-interval
     and sign-flip p-value over the replicates (``topr.stats``): what holds across training seeds,
     beyond the questions of one replicate. Report lines (none when no arm qualifies)."""
-    from topr.stats import paired_t_interval, sign_flip_p_value
-
     lines = []
     for arm, replicates in finished.items():
         last = _verifier_rows(replicates)
@@ -698,16 +697,57 @@ def verifier_replicates(finished: dict[str, dict[str, dict[str, dict[int, float]
         ]
         for what, figure, compared, scale in VERIFIER_COMPARISONS:
             rows = [row for row in last.values() if figure in row and compared in row]
-            if len(rows) < len(last):
-                continue
-            differences = [scale * (row[figure] - row[compared]) for row in rows]
-            low, high = paired_t_interval(differences)
-            p = sign_flip_p_value([row[figure] for row in rows], [row[compared] for row in rows])
-            mean = sum(differences) / len(differences)
-            cells = [f"{d:+.2f}" if scale == 1.0 else f"{d:+.1f}" for d in (*differences, mean, low, high)]
-            lines.append(f"| {what} | {' | '.join(cells[: len(rows)])} | {cells[-3]} [{cells[-2]}, {cells[-1]}] | {p:.3f} |")
+            if len(rows) == len(last):
+                lines.append(_difference_row(what, [row[figure] for row in rows], [row[compared] for row in rows], scale))
         lines.append("")
     return lines
+
+
+VERIFIER_ARM_FIGURES = (
+    ("AUROC of P(correct), trained", "verifier_auroc_trained", 1.0),
+    ("balanced accuracy, trained, points", "verifier_balanced_accuracy_trained", 100.0),
+    ("weighted vote (trained verifier), points", "vote_weighted_trained", 100.0),
+)
+"""The trained verifier's figures that ``verifier_arm_differences`` compares between arms."""
+
+
+def verifier_arm_differences(finished: dict[str, dict[str, dict[str, dict[int, float]]]], reference: str) -> list[str]:
+    """Each arm's trained verifier against the reference arm's, replicate by replicate: the
+    control that credits a verifier's gain to its objective (TOPR's negatives against rft's
+    positives only) when the arms differ in the verifier's settings alone. Pairs the replicates
+    both arms finished (two or more); report lines, none without such an arm."""
+    rows = {arm: _verifier_rows(replicates) for arm, replicates in finished.items()}
+    lines = []
+    for arm in rows:
+        shared = sorted(set(rows[arm]) & set(rows.get(reference, {}))) if arm != reference else []
+        if len(shared) < 2:
+            continue
+        lines += [
+            f"The verifier of `{arm}` minus that of `{reference}`, replicate by replicate (the same replicate's policy and data), "
+            "and over the replicates: the mean difference, its 95% t-interval and the two-sided sign-flip p-value.",
+            "",
+            "| comparison | " + " | ".join(shared) + " | mean [95% CI] | p |",
+            "|---" * (len(shared) + 3) + "|",
+        ]
+        for what, figure, scale in VERIFIER_ARM_FIGURES:
+            if all(figure in rows[name][rep] for name in (arm, reference) for rep in shared):
+                values = [rows[arm][rep][figure] for rep in shared]
+                lines.append(_difference_row(what, values, [rows[reference][rep][figure] for rep in shared], scale))
+        lines.append("")
+    return lines
+
+
+def _difference_row(what: str, values: list[float], compared: list[float], scale: float) -> str:
+    """A table row: each replicate's scaled difference, their mean with its 95% t-interval, and
+    the sign-flip p-value (``topr.stats``)."""
+    from topr.stats import paired_t_interval, sign_flip_p_value
+
+    differences = [scale * (value - other) for value, other in zip(values, compared)]
+    low, high = paired_t_interval(differences)
+    p = sign_flip_p_value(values, compared)
+    mean = sum(differences) / len(differences)
+    cells = [f"{d:+.2f}" if scale == 1.0 else f"{d:+.1f}" for d in (*differences, mean, low, high)]
+    return f"| {what} | {' | '.join(cells[: len(values)])} | {cells[-3]} [{cells[-2]}, {cells[-1]}] | {p:.3f} |"
 
 
 def _log_experiment(folder: Path, tracking_uri: str, name: str, results: dict, files: list[str]) -> None:
