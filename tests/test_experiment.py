@@ -33,7 +33,7 @@ TINY = ["task.train_size=2", "task.eval_size=2", "sample.samples_per_prompt=2", 
 
 
 def test_every_named_experiment_loads_and_its_arms_validate():
-    assert set(named_specs()) == {"calibration", "objectives", "iterations", "baseline", "curation", "positives", "ratio_level", "seeds", "verifier", "composition", "default_iterations", "lora", "rft_learning_rate", "verifier_control", "mechanism"}
+    assert set(named_specs()) == {"calibration", "objectives", "iterations", "baseline", "curation", "positives", "ratio_level", "seeds", "verifier", "composition", "default_iterations", "lora", "rft_learning_rate", "verifier_control", "mechanism", "paper_sampling"}
     for name in named_specs():
         _, spec = load_spec(name)
         experiment, arms = arm_configs(spec, {}, [])
@@ -54,6 +54,19 @@ def test_every_named_experiment_loads_and_its_arms_validate():
     assert all(shares_first_iteration(arm, experiment) for arm in seeded.values())
     _, verifier = load_spec("verifier")
     assert all(arm.verifier.enabled for arm in arm_configs(verifier, {}, [])[1].values())
+    # Issue 24: choices on validation, verdicts on the test set, every arm's baseline and steps pinned.
+    _, rft_rates = load_spec("rft_learning_rate")
+    experiment, rates = arm_configs(rft_rates, {}, [])
+    assert experiment.task.eval_split == "validation" and {arm.train.objective for arm in rates.values()} == {"rft"}
+    for name in ("mechanism", "paper_sampling"):
+        spec = load_spec(name)[1]
+        experiment, pinned = arm_configs(spec, {}, [])
+        assert (experiment.task.eval_split, experiment.task.eval_size, experiment.task.level) == ("test", 512, "one_step")
+        assert all(arm.train.steps_per_epoch == 3 and arm.evaluate.cut_at_tokens == 64 for arm in pinned.values())
+        assert {(arm.train.objective, arm.train.baseline) for arm in pinned.values()} <= {("rft", -0.8), ("topr", 0.0), ("topr", -0.8)}
+        assert spec.reference_arm == "rft" and spec.equivalence_margin == 0.05
+    _, control = load_spec("verifier_control")
+    assert {arm.verifier.objective for arm in arm_configs(control, {}, [])[1].values()} == {"topr", "rft"}
 
 
 def test_later_overrides_win_file_then_spec_then_arm_then_command_line():
