@@ -33,7 +33,7 @@ TINY = ["task.train_size=2", "task.eval_size=2", "sample.samples_per_prompt=2", 
 
 
 def test_every_named_experiment_loads_and_its_arms_validate():
-    assert set(named_specs()) == {"calibration", "objectives", "iterations", "baseline", "curation", "positives", "ratio_level", "seeds", "verifier", "composition", "default_iterations", "lora", "rft_learning_rate", "verifier_control", "mechanism", "paper_sampling"}
+    assert set(named_specs()) == {"calibration", "objectives", "iterations", "baseline", "curation", "positives", "ratio_level", "seeds", "verifier", "composition", "default_iterations", "lora", "learning_rates", "verifier_control", "mechanism", "paper_sampling"}
     for name in named_specs():
         _, spec = load_spec(name)
         experiment, arms = arm_configs(spec, {}, [])
@@ -55,9 +55,9 @@ def test_every_named_experiment_loads_and_its_arms_validate():
     _, verifier = load_spec("verifier")
     assert all(arm.verifier.enabled for arm in arm_configs(verifier, {}, [])[1].values())
     # Issue 24: choices on validation, verdicts on the test set, every arm's baseline and steps pinned.
-    _, rft_rates = load_spec("rft_learning_rate")
-    experiment, rates = arm_configs(rft_rates, {}, [])
-    assert experiment.task.eval_split == "validation" and {arm.train.objective for arm in rates.values()} == {"rft"}
+    _, rates = load_spec("learning_rates")
+    experiment, rated = arm_configs(rates, {}, [])
+    assert experiment.task.eval_split == "validation" and {(arm.train.objective, arm.train.baseline) for arm in rated.values()} == {("rft", -0.8), ("topr", 0.0)}
     for name in ("mechanism", "paper_sampling"):
         spec = load_spec(name)[1]
         experiment, pinned = arm_configs(spec, {}, [])
@@ -201,6 +201,8 @@ class ScriptedArms:
         figures += [("pass_at_1", accuracy, 1), ("pass_at_1_ci_low", accuracy - 0.1, 1), ("pass_at_1_ci_high", accuracy + 0.1, 1)]
         figures += [("curated_count", 6, 1), ("curated_positives", 1, 1), ("curated_negatives", 5, 1), ("effective_positive_fraction", 1 / 6, 1)]
         figures += [("mean_weight_negative", 0.03, 1), ("final_logprob_negative", -2.5, 1), ("parse_failure_rate", 0.0, 1)]
+        if config.evaluate.cut_at_tokens:
+            figures.append(("pass_at_1_cut", sum(r["correct"] for r in cut) / len(cut), 1))
         MlflowClient(tracking_uri).log_batch(run_id, metrics=[Metric(k, float(v), now, s) for k, v, s in figures])
         return run_id
 
@@ -289,7 +291,10 @@ def test_evaluated_long_and_cut_short_the_report_pairs_the_arms_at_both_lengths(
     results = json.loads((folder / "results.json").read_text())
     assert results["comparisons"]["1"][0]["differences"] == pytest.approx([0.0, 0.5])
     assert results["comparisons_cut"]["1"][0]["differences"] == pytest.approx([-0.5, -0.5])
-    assert "cut at `evaluate.cut_at_tokens`=2 tokens (decoded to 8)" in report.read_text()
+    text = report.read_text()
+    assert "cut at `evaluate.cut_at_tokens`=2 tokens (decoded to 8): what the arms score where an answer must end by then." in text
+    cut_section = text.split("cut at `evaluate.cut_at_tokens`")[1]
+    assert "| topr | 2 | 0.0% (0%, 0%) |" in cut_section and "| rft | 2 | 50.0% (50%, 50%) |" in cut_section
     start = read_records(folder / "shared" / "start" / "evaluation_completions.jsonl")
     assert sorted({r["decoding"] for r in start}) == ["greedy", "greedy_cut"]
 
@@ -475,3 +480,11 @@ def test_the_experiment_exits_non_zero_while_units_failed_and_resume_reruns_ever
     finally:
         logging.getLogger(ImportsALibraryFirst.LIBRARY).handlers = []
 
+
+
+def test_units_without_cut_verdicts_are_named():
+    from topr.report import units_without
+
+    finished = {"rft": {"rep0": {"pass_at_1": {0: 0.1, 1: 0.2}}, "rep1": {"pass_at_1": {0: 0.1, 1: 0.3}}}}
+    correct = {1: {"rft": {"rep0": {"p0": True}}}}
+    assert units_without(correct, finished) == ["rft/rep1"]

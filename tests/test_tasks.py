@@ -177,10 +177,12 @@ def test_the_split_shares_are_about_30_15_55_and_test_is_the_earlier_two_way_tes
     assert earlier_test == {p.expression for p in problems if split_of(p.expression) == "test"}
 
 
-def test_one_step_has_a_test_set_of_more_than_500_of_easys_kind_of_problem():
+def test_one_step_has_a_test_set_of_more_than_500_of_easys_kind_of_problem_and_none_of_easys():
     task = ArithmeticTask("one_step")
     test = task.problems("test", 10_000, seed=0)
     assert len(test) > 500
+    easy = {r["prompt"] for split in SPLITS for r in ArithmeticTask("easy").problems(split, 10_000, 0)}
+    assert not easy & {r["prompt"] for split in SPLITS for r in task.problems(split, 10_000, 0)}
     for record in test:
         start, change = map(int, re.findall(r"\d+", record["prompt"]))
         assert 2 <= start <= 60 and 1 <= change <= 20 and int(record["reference"]) >= 0

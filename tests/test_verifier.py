@@ -223,6 +223,15 @@ def test_verifier_config_takes_the_verifier_section():
     assert (verifier.curate.strategy, verifier.curate.target_positive_fraction) == ("all", None)
 
 
+def test_the_policys_diagnostics_and_held_out_split_do_not_carry_over_to_the_verifier():
+    config = load_config(
+        None,
+        ["evaluate.max_new_tokens=256", "evaluate.cut_at_tokens=64", "train.negatives_skip_shared_tokens=true", "task.eval_split=validation", "verifier.enabled=true"],
+    )  # fmt: skip
+    verifier = verifier_config(config, "train.jsonl", "eval.jsonl")
+    assert (verifier.evaluate.cut_at_tokens, verifier.train.negatives_skip_shared_tokens, verifier.task.eval_split) == (None, False, "test")
+
+
 def test_the_verifier_is_rewarded_by_its_checker_alone_whatever_the_policys_reward():
     config = load_config(None, ["task.reward_function=json:dumps", "task.correctness_weight=0.5", "task.format_weight=0.5"])
     task = verifier_config(config, "train.jsonl", "eval.jsonl").task

@@ -73,13 +73,12 @@ def cut_records(greedy: list[Record], tokens: int, tokenizer) -> list[Record]:
             cut.append(dict(record))
             continue
         kept = ids[:tokens]
-        logprobs = record["behavior_logprobs"]
         cut.append(
             {
                 **record,
                 "completion": tokenizer.decode(kept, skip_special_tokens=True),
                 "completion_token_ids": kept,
-                "behavior_logprobs": None if logprobs is None else logprobs[:tokens],
+                "behavior_logprobs": record["behavior_logprobs"][:tokens],
                 "finish_reason": "length",
             }
         )

@@ -372,17 +372,17 @@ def mean_over_replicates(replicates: Replicates) -> dict[str, dict[int, float]]:
     return {key: {step: sum(values) / len(values) for step, values in steps.items()} for key, steps in sums.items()}
 
 
-def replicate_accuracy_table(finished: dict[str, Replicates]) -> str:
-    """Held-out pass@1 per arm and iteration: the mean over replicates with each replicate's value
-    (one replicate: its Wilson 95% interval instead)."""
-    if all(len(replicates) == 1 for replicates in finished.values()):
+def replicate_accuracy_table(finished: dict[str, Replicates], key: str = "pass_at_1") -> str:
+    """Held-out pass@1 (or ``key``) per arm and iteration: the mean over replicates with each
+    replicate's value (pass@1 of one replicate: its Wilson 95% interval instead)."""
+    if key == "pass_at_1" and all(len(replicates) == 1 for replicates in finished.values()):
         return accuracy_table({arm: next(iter(replicates.values())) for arm, replicates in finished.items()})
-    steps = sorted({step for replicates in finished.values() for metrics in replicates.values() for step in metrics["pass_at_1"]})
+    steps = sorted({step for replicates in finished.values() for metrics in replicates.values() for step in metrics.get(key, {})})
     lines = ["| arm | replicates | " + " | ".join(f"iteration {step}" for step in steps) + " |", "|---" * (len(steps) + 2) + "|"]
     for arm, replicates in finished.items():
         cells = []
         for step in steps:
-            values = [metrics["pass_at_1"][step] for metrics in replicates.values() if step in metrics["pass_at_1"]]
+            values = [metrics[key][step] for metrics in replicates.values() if step in metrics.get(key, {})]
             cells.append("–" if not values else f"{sum(values) / len(values):.1%} ({', '.join(f'{v:.0%}' for v in values)})")
         lines.append(f"| {arm} | {len(replicates)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -414,6 +414,17 @@ def per_problem_correct(folder: Path, shared: dict, finished: dict[str, Replicat
                 if values is not None:
                     found.setdefault(step, {}).setdefault(arm, {})[replicate] = values
     return found
+
+
+def units_without(correct: ProblemResults, finished: dict[str, Replicates]) -> list[str]:
+    """The finished units (``arm/replicate``) with no verdicts in ``correct`` at some trained
+    iteration: what a pairing on those verdicts leaves out."""
+    return [
+        f"{arm}/{replicate}"
+        for arm, replicates in finished.items()
+        for replicate, metrics in replicates.items()
+        if any(step > 0 and replicate not in correct.get(step, {}).get(arm, {}) for step in metrics["pass_at_1"])
+    ]
 
 
 def paired_comparisons(correct: ProblemResults, reference: str, equivalence_margin: float | None = None) -> dict[int, list]:
@@ -550,8 +561,9 @@ def write_experiment_report(folder: Path, tracking_uri: str, experiment, arms: d
     means = {arm: mean_over_replicates(replicates) for arm, replicates in finished.items()}
     spec = context["spec"]
     comparisons = paired_comparisons(per_problem_correct(folder, context["shared"], finished), spec.reference_arm, spec.equivalence_margin)
-    cut = paired_comparisons(per_problem_correct(folder, context["shared"], finished, "greedy_cut"), spec.reference_arm, spec.equivalence_margin)
-    context = {**context, "cut_comparisons": cut}
+    cut_correct = per_problem_correct(folder, context["shared"], finished, "greedy_cut")
+    cut = paired_comparisons(cut_correct, spec.reference_arm, spec.equivalence_margin)
+    context = {**context, "cut_comparisons": cut, "uncut_units": units_without(cut_correct, finished) if cut_correct else []}
     figures = []
     if finished:
         plot_replicates_accuracy(finished, folder / "accuracy.png")
@@ -640,9 +652,13 @@ def _experiment_markdown(experiment, spec, arms: dict, results: dict, finished: 
                 "",
             ]
             if step in context["cut_comparisons"]:
+                missing = context["uncut_units"]
                 lines += [
                     f"The same, each greedy completion cut at `evaluate.cut_at_tokens`={experiment.evaluate.cut_at_tokens} tokens "
-                    f"(decoded to {experiment.evaluate.max_new_tokens}): what the arms score where an answer must end by then.",
+                    f"(decoded to {experiment.evaluate.max_new_tokens}): what the arms score where an answer must end by then"
+                    + (f"; without cut verdicts, so not paired here: {', '.join(missing)}." if missing else "."),
+                    "",
+                    replicate_accuracy_table(finished, "pass_at_1_cut"),
                     "",
                     format_comparisons(context["cut_comparisons"][step]),
                     "",
@@ -723,8 +739,9 @@ def verifier_arm_differences(finished: dict[str, dict[str, dict[str, dict[int, f
         if len(shared) < 2:
             continue
         lines += [
-            f"The verifier of `{arm}` minus that of `{reference}`, replicate by replicate (the same replicate's policy and data), "
-            "and over the replicates: the mean difference, its 95% t-interval and the two-sided sign-flip p-value.",
+            f"The verifier of `{arm}` minus that of `{reference}`, replicate by replicate (the same replicate's seeds and data; "
+            "each arm trains its own copy of the policy, the same policy where the arms' policy settings are and training is "
+            "deterministic), and over the replicates: the mean difference, its 95% t-interval and the two-sided sign-flip p-value.",
             "",
             "| comparison | " + " | ".join(shared) + " | mean [95% CI] | p |",
             "|---" * (len(shared) + 3) + "|",

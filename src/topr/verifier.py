@@ -136,6 +136,7 @@ def verifier_config(config: Config, train_path: str | Path, eval_path: str | Pat
         eval_path=str(eval_path),
         train_size=verifier.train_questions * verifier.solutions_per_question,
         eval_size=config.task.eval_size * verifier.solutions_per_question,
+        eval_split="test",  # its held-out file: the policy's held-out questions, whichever split they are
         reward_function=None,
         correctness_weight=1.0,
         format_weight=0.0,
@@ -143,7 +144,7 @@ def verifier_config(config: Config, train_path: str | Path, eval_path: str | Pat
     data["sample"].update(
         samples_per_prompt=len(JUDGMENTS), temperature=1.0, max_new_tokens=verifier.max_new_tokens, first_iteration_samples=None
     )
-    data["evaluate"].update(samples_per_prompt=0, max_new_tokens=verifier.max_new_tokens)
+    data["evaluate"].update(samples_per_prompt=0, max_new_tokens=verifier.max_new_tokens, cut_at_tokens=None)
     data["curate"].update(strategy="all", target_positive_fraction=None)
     data["train"].update(
         objective=verifier.objective,
@@ -152,6 +153,7 @@ def verifier_config(config: Config, train_path: str | Path, eval_path: str | Pat
         policy_temperature=None,
         baseline=0.0,
         steps_per_epoch=None,
+        negatives_skip_shared_tokens=False,
     )
     return build_config(data, source="verifier configuration")
 
