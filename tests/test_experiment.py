@@ -64,6 +64,7 @@ def test_every_named_experiment_loads_and_its_arms_validate():
         assert (experiment.task.eval_split, experiment.task.eval_size, experiment.task.level) == ("test", 512, "add_sub_2digit")
         assert all(arm.train.steps_per_epoch == 3 and arm.evaluate.cut_at_tokens == 64 for arm in pinned.values())
         assert {(arm.train.objective, arm.train.baseline) for arm in pinned.values()} <= {("rft", -0.8), ("topr", 0.0), ("topr", -0.8)}
+        assert {arm.train.learning_rate for name, arm in pinned.items() if name.startswith("topr-c0")} == {3e-6}
         assert spec.reference_arm == "rft" and spec.equivalence_margin == 0.05
     _, control = load_spec("verifier_control")
     assert {arm.verifier.objective for arm in arm_configs(control, {}, [])[1].values()} == {"topr", "rft"}
