@@ -101,10 +101,11 @@ def run_evaluate(config: Config, model_dir: str, prompts_path: str | Path, repor
     )
     sampled: list[Record] = []
     greedy_cut: list[Record] = []
+    cut_summary: dict = {}
     with opened_engine(config, model_dir, evaluation.batch_size) as (engine, tokenizer):
         greedy, _ = verify_records(sample_records(engine, tokenizer, problems, greedy_params, config.model.system_prompt, identity), task, extraction)
         if evaluation.cut_at_tokens:
-            greedy_cut, _ = verify_records(cut_records(greedy, evaluation.cut_at_tokens, tokenizer), task, extraction)
+            greedy_cut, cut_summary = verify_records(cut_records(greedy, evaluation.cut_at_tokens, tokenizer), task, extraction)
         if evaluation.samples_per_prompt:
             drawn = sample_records(engine, tokenizer, problems, sample_params, config.model.system_prompt, identity)
             sampled, _ = verify_records(drawn, task, extraction)
@@ -116,7 +117,7 @@ def run_evaluate(config: Config, model_dir: str, prompts_path: str | Path, repor
     metrics["truncated_rate"] = truncated_rate(greedy)
     report = {"model": identity, "prompts": str(prompts_path), "metrics": metrics, "greedy_correct": verdicts(greedy)}
     if greedy_cut:
-        metrics["pass_at_1_cut"] = sum(bool(r["correct"]) for r in greedy_cut) / len(greedy_cut)
+        metrics["pass_at_1_cut"] = cut_summary["accuracy"]
         metrics["truncated_rate_cut"] = truncated_rate(greedy_cut)
         report["greedy_correct_cut"] = verdicts(greedy_cut)
     decodings = (("greedy", greedy), ("greedy_cut", greedy_cut), ("sampled", sampled))
