@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import pytest
 import yaml
@@ -440,6 +441,60 @@ class ImportsALibraryFirst(ScriptedArms):
             logging.getLogger(self.LIBRARY).handlers = [handler]
         logging.getLogger(self.LIBRARY).warning("a library's warning in %s", run_name)
         return super().__call__(config, run_dir, tracking_uri, run_name, start)
+
+
+class ArmsThatRegisterModels(ScriptedArms):
+    """ScriptedArms whose units also train a model as the loop's train stage leaves it: a folder in
+    the run's iter1/, logged to a stage run (hard linked) and registered from that copy."""
+
+    def __call__(self, config, run_dir, tracking_uri, run_name, start):
+        from mlflow import MlflowClient
+
+        from topr.tracking import link_tree
+
+        run_id = super().__call__(config, run_dir, tracking_uri, run_name, start)
+        client = MlflowClient(tracking_uri)
+        stage = client.create_run(client.get_run(run_id).info.experiment_id, tags={"mlflow.parentRunId": run_id})
+        model = run_dir / "iter1" / "model"
+        model.mkdir(parents=True)
+        (model / "model.safetensors").write_bytes(b"w" * 1000)
+        logged = Path(stage.info.artifact_uri.removeprefix("file://")) / "model"
+        link_tree(model, logged)
+        if not client.search_registered_models(f"name = '{config.run.registered_model}'"):
+            client.create_registered_model(config.run.registered_model)
+        client.create_model_version(config.run.registered_model, str(logged), run_id=stage.info.run_id, tags={"topr.model_uri": str(model)})
+        return run_id
+
+
+def test_drop_models_removes_every_finished_units_models_and_keeps_what_the_report_reads(tmp_path, tiny_model_dir):
+    from mlflow import MlflowClient
+
+    from topr.tracking import FILES_REMOVED_TAG
+
+    spec = ExperimentSpec(description="Two objectives.", arms={"topr": [], "rft": ["train.objective=rft"]})
+    experiment, arms = arm_configs(spec, {}, [f"model.path={tiny_model_dir}", *TINY])
+    folder, uri, runner = tmp_path / "exp", default_tracking_uri(tmp_path), ArmsThatRegisterModels(failing=set())
+    run_experiment("exp", spec, experiment, arms, folder, uri, run_arm=runner)
+    models = {arm: folder / "arms" / arm / "rep0" / "run" / "iter1" / "model" for arm in arms}
+    client = MlflowClient(uri)
+    (rft_version,) = client.search_model_versions("name = 'exp-rft'")
+    assert all(model.is_dir() for model in models.values()) and Path(rft_version.source).is_dir()  # kept by default
+
+    # Resumed with --drop-models: nothing runs again, and the units it keeps lose their models.
+    report = run_experiment("exp", spec, experiment, arms, folder, uri, resume=True, run_arm=runner, drop_models=True)
+
+    assert runner.calls == ["topr/rep0", "rft/rep0"]
+    assert not any(model.exists() for model in models.values()) and not Path(rft_version.source).exists()
+    for arm in arms:
+        (version,) = client.search_model_versions(f"name = 'exp-{arm}'")
+        assert "topr experiment --drop-models" in version.tags[FILES_REMOVED_TAG]
+    assert "| topr | 25.0% [10.0%, 40.0%] | 50.0% [40.0%, 60.0%] |" in report.read_text()
+    assert (folder / "arms" / "topr" / "rep0" / "run" / "iter1" / "evaluation_completions.jsonl").exists()
+
+    # A unit run with --drop-models loses its model as soon as it has finished.
+    run_experiment("exp2", spec, experiment, arms, tmp_path / "exp2", uri, run_arm=runner, drop_models=True)
+    assert not (tmp_path / "exp2" / "arms" / "topr" / "rep0" / "run" / "iter1" / "model").exists()
+    assert all(FILES_REMOVED_TAG in version.tags for version in client.search_model_versions("name = 'exp2-topr'"))
 
 
 def test_the_experiment_exits_non_zero_while_units_failed_and_resume_reruns_every_failed_one(tmp_path, tiny_model_dir, monkeypatch, capsys):

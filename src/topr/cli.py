@@ -98,6 +98,13 @@ def _add_experiment_command(commands) -> argparse.ArgumentParser:
     experiment.add_argument("--replicates", type=int, metavar="N", help="Replicates of every arm (default: the spec's `replicates`).")
     experiment.add_argument("--reference", metavar="ARM", help="The arm the others are compared with (default: the spec's, else its first arm).")
     experiment.add_argument("--resume", action="store_true", help="Finish an interrupted experiment: keep its finished arm × replicate units.")
+    experiment.add_argument(
+        "--drop-models",
+        action="store_true",
+        help="Remove each unit's trained models once it has finished (its run folder's copy and MLflow's; the registered "
+        "versions stay, tagged topr.files_removed): the report needs only evaluations and figures, and each model is "
+        "~0.5 GB (the default model). With --resume, also those of the units kept.",
+    )
     experiment.add_argument("--tracking-uri", type=tracking_uri_argument, help="MLflow tracking URI (sets run.tracking_uri).")
     experiment.add_argument(
         "--verbose",
@@ -314,7 +321,7 @@ def cmd_experiment(args) -> int:
     tracking_uri = experiment.run.tracking_uri or default_tracking_uri(experiment.run.output_dir)
     check_services(tracking_uri, experiment.run.artifact_store)
     folder = Path(experiment.run.output_dir) / name
-    report = run_experiment(name, spec, experiment, arms, folder, tracking_uri, args.resume, verbose=args.show_output)
+    report = run_experiment(name, spec, experiment, arms, folder, tracking_uri, args.resume, verbose=args.show_output, drop_models=args.drop_models)
     print(report.read_text())
     print(f"report: {report}")
     failed = failure_summary(name, folder)

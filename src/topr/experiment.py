@@ -264,11 +264,13 @@ def run_experiment(
     resume: bool = False,
     run_arm: ArmRunner = run_in_process,
     verbose: bool = False,
+    drop_models: bool = False,
 ) -> Path:
     """Run every arm in every replicate (replicate by replicate, so that an interrupted experiment
     holds whole replicates), skipping the units a resumed experiment had finished; write and log
     the report. A unit's whole output goes to ``run.log`` in its folder; the console shows its
-    stages' lines (``topr.console``), or everything when ``verbose``."""
+    stages' lines (``topr.console``), or everything when ``verbose``. With ``drop_models``, each
+    finished unit's trained models are removed (``drop_unit_models``)."""
     from topr.report import write_experiment_report
 
     if folder.exists() and not resume:
@@ -291,7 +293,10 @@ def run_experiment(
             unit = f"{name}/{arm_name}/{replicate_name(replicate)}"
             unit_folder = folder / "arms" / arm_name / replicate_name(replicate)
             unit_start = start if shares_start(arm, experiment) else None  # its own model or evaluation: made by the unit
-            results[arm_name][replicate_name(replicate)] = _run_one_unit(unit, config, run_arm, unit_folder, tracking_uri, unit_start, verbose)
+            result = _run_one_unit(unit, config, run_arm, unit_folder, tracking_uri, unit_start, verbose)
+            if drop_models and result["status"] == "finished":
+                drop_unit_models(unit, tracking_uri, result["run_id"])
+            results[arm_name][replicate_name(replicate)] = result
     context = {"name": name, "spec": spec, "shared": shared, "machine": machine_description(), "folder": folder}
     return write_experiment_report(folder, tracking_uri, experiment, running, results, context)
 
@@ -324,6 +329,21 @@ def _run_one_unit(
     result["minutes"] = (time.perf_counter() - started) / 60
     write_json(result_path, result)
     return result
+
+
+def drop_unit_models(name: str, tracking_uri: str, run_id: str) -> None:
+    """Remove the models a finished unit trained (its run folder's copy and MLflow's, each version
+    tagged ``topr.files_removed`` first, ``topr.retention``): the report reads the unit's
+    evaluations and figures, never its weights, and a 135M-parameter model is ~0.5 GB per unit.
+    A resumed experiment drops those of the units it keeps, too."""
+    from topr.retention import format_bytes, remove, run_models
+
+    for item in run_models(tracking_uri, run_id):
+        remove(tracking_uri, item, "topr experiment --drop-models")
+        if item.problems:
+            log.warning("%s: %s not wholly removed: %s", name, item.what, "; ".join(item.problems))
+        else:
+            log.info("%s: removed %s, %s freed", name, item.what, format_bytes(item.freed_bytes))
 
 
 def failure_summary(name: str, folder: Path) -> str | None:

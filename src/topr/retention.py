@@ -131,6 +131,25 @@ def retired_versions(tracking_uri: str, keep_versions: int) -> list[Removable]:
     return found
 
 
+def run_models(tracking_uri: str, pipeline_run_id: str) -> list[Removable]:
+    """The files of every registered version a pipeline run trained (its stage runs registered them),
+    for an experiment that keeps a unit's evaluations and not its models (``topr experiment
+    --drop-models``); versions whose files are already gone are not listed."""
+    client = mlflow_client(tracking_uri)
+    pipeline = client.get_run(pipeline_run_id)
+    stages = client.search_runs([pipeline.info.experiment_id], f"tags.`mlflow.parentRunId` = '{pipeline_run_id}'")
+    if not stages:
+        return []
+    stage_ids = ", ".join(f"'{stage.info.run_id}'" for stage in stages)
+    found = []
+    for version in client.search_model_versions(f"run_id IN ({stage_ids})"):
+        if FILES_REMOVED_TAG not in version.tags:
+            locations = _version_files(version)
+            why = f"trained by run {pipeline_run_id}, whose evaluations the experiment keeps"
+            found.append(Removable(f"model {version.name}/{version.version}", why, locations, _bytes(locations), (version.name, str(version.version))))
+    return found
+
+
 def _kept(client, aliases: dict[str, str], versions: dict, keep_versions: int) -> set[str]:
     """The versions to keep: aliased, the newest ``keep_versions``, those of a RUNNING pipeline
     run, and every ancestor of these (the versions with their parents' weights)."""

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
+from urllib.parse import urlparse
 
 import pytest
 import yaml
@@ -13,7 +15,7 @@ from mlflow import MlflowClient
 from topr import console
 from topr.cli import main
 from topr.storage import file_sha256
-from topr.tracking import default_tracking_uri
+from topr.tracking import FILES_REMOVED_TAG, default_tracking_uri
 
 TINY = [
     "task.train_size=2",
@@ -37,7 +39,7 @@ def test_two_arms_share_iteration_one_and_the_report_compares_them(tmp_path, tin
         "arms": {"topr": ["train.objective=topr", "verifier.enabled=true"], "reinforce": ["train.objective=reinforce"]},
     }))
 
-    code = main(["experiment", str(spec), f"model.path={tiny_model_dir}", f"run.output_dir={tmp_path}", *TINY])
+    code = main(["experiment", str(spec), "--drop-models", f"model.path={tiny_model_dir}", f"run.output_dir={tmp_path}", *TINY])
 
     assert code == 0, capsys.readouterr().err
     folder = tmp_path / "tiny"
@@ -65,6 +67,10 @@ def test_two_arms_share_iteration_one_and_the_report_compares_them(tmp_path, tin
     assert "vote_weighted_trained" in runs["topr"].data.metrics and "vote_k" in runs["topr"].data.metrics
     assert "verifier_accuracy_trained" not in runs["reinforce"].data.metrics
     assert [str(version.version) for version in client.search_model_versions("name = 'tiny-topr-verifier'")] == ["1"]
+    # --drop-models: every model the units trained, policy and verifier, is gone, its version tagged so.
+    versions = [version for name in ("tiny-topr", "tiny-reinforce", "tiny-topr-verifier") for version in client.search_model_versions(f"name = '{name}'")]
+    assert len(versions) == 3 and all(FILES_REMOVED_TAG in version.tags for version in versions)
+    assert not any(Path(version.tags["topr.model_uri"]).exists() or Path(urlparse(version.source).path).exists() for version in versions)
 
     report = (folder / "report.md").read_text()
     assert "| topr | `train.objective=topr` `verifier.enabled=true` | shared | 1/1 |" in report
