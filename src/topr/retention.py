@@ -134,7 +134,7 @@ def retired_versions(tracking_uri: str, keep_versions: int) -> list[Removable]:
 def run_models(tracking_uri: str, pipeline_run_id: str) -> list[Removable]:
     """The files of every registered version a pipeline run trained (its stage runs registered them),
     for an experiment that keeps a unit's evaluations and not its models (``topr experiment
-    --drop-models``); versions whose files are already gone are not listed."""
+    --drop-models``); versions already tagged ``topr.files_removed`` are not listed."""
     client = mlflow_client(tracking_uri)
     pipeline = client.get_run(pipeline_run_id)
     stages = client.search_runs([pipeline.info.experiment_id], f"tags.`mlflow.parentRunId` = '{pipeline_run_id}'")
