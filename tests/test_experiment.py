@@ -167,6 +167,9 @@ def test_spec_replicates_and_reference_are_checked():
     assert ExperimentSpec(description="d", arms={"a": [], "b": []}).reference_arm == "a"
     with pytest.raises(ValueError, match="reference 'c' is not one of the arms"):
         ExperimentSpec(description="d", arms={"a": []}, reference="c")
+    with pytest.raises(ValueError, match="also_compared_with 'c' is not one of the arms"):
+        ExperimentSpec(description="d", arms={"a": []}, also_compared_with=["c"])
+    assert ExperimentSpec(description="d", arms={"a": [], "b": []}, reference="b", also_compared_with=["a", "b"]).references == ["b", "a"]
     with pytest.raises(ValueError, match="greater than or equal to 1"):
         ExperimentSpec(description="d", arms={"a": []}, replicates=0)
 
@@ -284,7 +287,8 @@ def test_replicates_run_every_arm_on_their_own_data_and_the_report_pairs_them(tm
 
 
 def test_evaluated_long_and_cut_short_the_report_pairs_the_arms_at_both_lengths(tmp_path, tiny_model_dir):
-    spec = ExperimentSpec(description="d", arms={"rft": ["train.objective=rft"], "topr": []}, replicates=2)
+    arms = {"rft": ["train.objective=rft"], "topr": [], "tis": ["train.objective=tis"]}
+    spec = ExperimentSpec(description="d", arms=arms, replicates=2, also_compared_with=["topr"])
     experiment, arms = arm_configs(spec, {}, [f"model.path={tiny_model_dir}", *TINY, "evaluate.max_new_tokens=8", "evaluate.cut_at_tokens=2"])
     folder = tmp_path / "exp"
 
@@ -299,6 +303,14 @@ def test_evaluated_long_and_cut_short_the_report_pairs_the_arms_at_both_lengths(
     assert "| topr | 2 | 0.0% (0%, 0%) |" in cut_section and "| rft | 2 | 50.0% (50%, 50%) |" in cut_section
     start = read_records(folder / "shared" / "start" / "evaluation_completions.jsonl")
     assert sorted({r["decoding"] for r in start}) == ["greedy", "greedy_cut"]
+    # Every arm also paired with topr, at both lengths, in tables after rft's.
+    also = results["also_compared"]["topr"]
+    assert [c["arm"] for c in also["comparisons"]["1"]] == ["rft", "tis"] and {c["reference"] for c in also["comparisons"]["1"]} == {"topr"}
+    assert also["comparisons"]["1"][0]["differences"] == pytest.approx([0.0, -0.5])
+    assert also["comparisons_cut"]["1"][0]["differences"] == pytest.approx([0.5, 0.5])
+    assert text.index("## Paired differences from `rft`, iteration 1") < text.index("## Paired differences from `topr`, iteration 1")
+    assert "with `topr` as the reference (the spec's `also_compared_with`)" in text
+    assert text.count("| rft | 2 | 50.0% (50%, 50%) |") == 1  # the accuracy at the cut is shown once
 
 
 def test_without_a_cut_there_is_no_comparison_at_the_cut(tmp_path, tiny_model_dir):

@@ -339,7 +339,8 @@ def _with_arms(spec, name: str, wanted: list[str]):
     if unknown:
         raise ConfigError(f"no arm(s) {', '.join(unknown)} in experiment {name} (arms: {', '.join(spec.arms)})")
     reference = spec.reference if spec.reference in wanted else None
-    return ExperimentSpec.model_validate({**spec.model_dump(), "arms": {arm: spec.arms[arm] for arm in wanted}, "reference": reference})
+    also = [arm for arm in spec.also_compared_with if arm in wanted]
+    return ExperimentSpec.model_validate({**spec.model_dump(), "arms": {arm: spec.arms[arm] for arm in wanted}, "reference": reference, "also_compared_with": also})
 
 
 def _with_replicates_and_reference(spec, replicates: int | None, reference: str | None):

@@ -75,6 +75,12 @@ class ExperimentSpec(BaseModel):
     reference: str | None = Field(
         None, description="The arm every other arm is compared with (paired, per replicate); default: the first."
     )
+    also_compared_with: list[str] = Field(
+        default_factory=list,
+        description="Further arms every other arm is compared with in the same way, each in its own table after the "
+        "reference's: the arm an ablation departs from, say, where the reference is another method. Holm corrects "
+        "within each table.",
+    )
     equivalence_margin: float | None = Field(
         None,
         gt=0,
@@ -101,13 +107,20 @@ class ExperimentSpec(BaseModel):
 
     @model_validator(mode="after")
     def _known_reference(self) -> ExperimentSpec:
-        if self.reference is not None and self.reference not in self.arms:
-            raise ValueError(f"reference {self.reference!r} is not one of the arms ({', '.join(self.arms)})")
+        for field, names in (("reference", [self.reference] if self.reference else []), ("also_compared_with", self.also_compared_with)):
+            unknown = [arm for arm in names if arm not in self.arms]
+            if unknown:
+                raise ValueError(f"{field} {', '.join(map(repr, unknown))} is not one of the arms ({', '.join(self.arms)})")
         return self
 
     @property
     def reference_arm(self) -> str:
         return self.reference or next(iter(self.arms))
+
+    @property
+    def references(self) -> list[str]:
+        """The reference arm, then every further arm compared with, each once."""
+        return list(dict.fromkeys([self.reference_arm, *self.also_compared_with]))
 
     @field_validator("compare")
     @classmethod

@@ -560,10 +560,14 @@ def write_experiment_report(folder: Path, tracking_uri: str, experiment, arms: d
     finished = {arm: replicates for arm, replicates in finished.items() if replicates}
     means = {arm: mean_over_replicates(replicates) for arm, replicates in finished.items()}
     spec = context["spec"]
-    comparisons = paired_comparisons(per_problem_correct(folder, context["shared"], finished), spec.reference_arm, spec.equivalence_margin)
+    correct = per_problem_correct(folder, context["shared"], finished)
     cut_correct = per_problem_correct(folder, context["shared"], finished, "greedy_cut")
-    cut = paired_comparisons(cut_correct, spec.reference_arm, spec.equivalence_margin)
-    context = {**context, "cut_comparisons": cut, "uncut_units": units_without(cut_correct, finished) if cut_correct else []}
+    by_reference = {
+        reference: (paired_comparisons(correct, reference, spec.equivalence_margin), paired_comparisons(cut_correct, reference, spec.equivalence_margin))
+        for reference in spec.references
+    }
+    comparisons, cut = by_reference[spec.reference_arm]
+    context = {**context, "by_reference": by_reference, "uncut_units": units_without(cut_correct, finished) if cut_correct else []}
     figures = []
     if finished:
         plot_replicates_accuracy(finished, folder / "accuracy.png")
@@ -580,19 +584,28 @@ def write_experiment_report(folder: Path, tracking_uri: str, experiment, arms: d
         if spec.compare == "effective_positive_fraction":
             plot_positive_fraction(means, folder / "positive_fraction.png")
             figures.append("positive_fraction.png")
-    sections = _experiment_markdown(experiment, spec, arms, results, finished, means, comparisons, context, figures)
+    sections = _experiment_markdown(experiment, spec, arms, results, finished, means, context, figures)
     (folder / "report.md").write_text(sections)
     write_json(
         folder / "results.json",
         {
             "units": results,
             "metrics": {arm: {rep: _json_metrics(metrics) for rep, metrics in replicates.items()} for arm, replicates in finished.items()},
-            "comparisons": {str(step): [c.as_dict() for c in found] for step, found in comparisons.items()},
-            "comparisons_cut": {str(step): [c.as_dict() for c in found] for step, found in cut.items()},
+            "comparisons": _json_comparisons(comparisons),
+            "comparisons_cut": _json_comparisons(cut),
+            "also_compared": {
+                reference: {"comparisons": _json_comparisons(found), "comparisons_cut": _json_comparisons(found_cut)}
+                for reference, (found, found_cut) in by_reference.items()
+                if reference != spec.reference_arm
+            },
         },
     )
     _log_experiment(folder, tracking_uri, context["name"], results, ["report.md", "results.json", *figures])
     return folder / "report.md"
+
+
+def _json_comparisons(comparisons: dict[int, list]) -> dict[str, list[dict]]:
+    return {str(step): [c.as_dict() for c in found] for step, found in comparisons.items()}
 
 
 def _json_metrics(metrics: dict[str, dict[int, float]]) -> dict[str, dict[str, float]]:
@@ -612,9 +625,7 @@ def _units_table(spec, arms: dict, results: dict, shared: dict) -> list[str]:
     return lines
 
 
-def _experiment_markdown(experiment, spec, arms: dict, results: dict, finished: dict, means: dict, comparisons: dict, context: dict, figures: list[str]) -> str:
-    from topr.stats import format_comparisons
-
+def _experiment_markdown(experiment, spec, arms: dict, results: dict, finished: dict, means: dict, context: dict, figures: list[str]) -> str:
     shared = context["shared"]
     units = [result for by_replicate in results.values() for result in by_replicate.values()]
     samples = [f"{rep}: {data['samples_count']} ({data['samples_accuracy']:.1%} correct)" for rep, data in shared["replicates"].items()]
@@ -637,32 +648,8 @@ def _experiment_markdown(experiment, spec, arms: dict, results: dict, finished: 
     ]
     if finished:
         lines += ["## Held-out pass@1 (greedy decoding)", "", replicate_accuracy_table(finished), "", "![accuracy by iteration](accuracy.png)", ""]
-        for step, found in comparisons.items():
-            lines += [
-                f"## Paired differences from `{spec.reference_arm}`, iteration {step}",
-                "",
-                "Per replicate, the arm's held-out pass@1 minus the reference's on the same problems; the mean with its 95% "
-                "t-interval over replicates (the primary interval), a joint bootstrap interval (replicates, and the problems "
-                "they share drawn once for all; narrower than its nominal level at few replicates), the two-sided sign-flip "
-                "permutation p-value and its Holm correction across the arms"
-                + (f"; and the TOST p-value of equivalence within ±{100 * spec.equivalence_margin:g} points, a margin set "
-                   "before the run (below 0.05: a tie within it)." if spec.equivalence_margin else "."),
-                "",
-                format_comparisons(found),
-                "",
-            ]
-            if step in context["cut_comparisons"]:
-                missing = context["uncut_units"]
-                lines += [
-                    f"The same, each greedy completion cut at `evaluate.cut_at_tokens`={experiment.evaluate.cut_at_tokens} tokens "
-                    f"(decoded to {experiment.evaluate.max_new_tokens}): what the arms score where an answer must end by then"
-                    + (f"; without cut verdicts, so not paired here: {', '.join(missing)}." if missing else "."),
-                    "",
-                    replicate_accuracy_table(finished, "pass_at_1_cut"),
-                    "",
-                    format_comparisons(context["cut_comparisons"][step]),
-                    "",
-                ]
+        for reference in spec.references:
+            lines += _comparison_sections(experiment, spec, reference, finished, context)
         if "paired_differences.png" in figures:
             lines += ["![paired differences](paired_differences.png)", ""]
         lines += [
@@ -683,6 +670,39 @@ def _experiment_markdown(experiment, spec, arms: dict, results: dict, finished: 
             lines += verifier_replicates(finished)
             lines += verifier_arm_differences(finished, spec.reference_arm)
     return "\n".join(lines)
+
+
+def _comparison_sections(experiment, spec, reference: str, finished: dict, context: dict) -> list[str]:
+    """The paired differences of every arm from ``reference``, per trained iteration, and the same
+    at ``evaluate.cut_at_tokens`` where the arms were scored so."""
+    from topr.stats import format_comparisons
+
+    comparisons, cut = context["by_reference"][reference]
+    explained = (
+        "Per replicate, the arm's held-out pass@1 minus the reference's on the same problems; the mean with its 95% "
+        "t-interval over replicates (the primary interval), a joint bootstrap interval (replicates, and the problems "
+        "they share drawn once for all; narrower than its nominal level at few replicates), the two-sided sign-flip "
+        "permutation p-value and its Holm correction across the arms"
+        + (f"; and the TOST p-value of equivalence within ±{100 * spec.equivalence_margin:g} points, a margin set "
+           "before the run (below 0.05: a tie within it)." if spec.equivalence_margin else ".")
+    )
+    if reference != spec.reference_arm:
+        explained = f"As for `{spec.reference_arm}` above, with `{reference}` as the reference (the spec's `also_compared_with`)."
+    lines = []
+    for step, found in comparisons.items():
+        lines += [f"## Paired differences from `{reference}`, iteration {step}", "", explained, "", format_comparisons(found), ""]
+        if step in cut:
+            missing = context["uncut_units"]
+            lines += [
+                f"The same, each greedy completion cut at `evaluate.cut_at_tokens`={experiment.evaluate.cut_at_tokens} tokens "
+                f"(decoded to {experiment.evaluate.max_new_tokens}): what the arms score where an answer must end by then"
+                + (f"; without cut verdicts, so not paired here: {', '.join(missing)}." if missing else "."),
+                "",
+                *([replicate_accuracy_table(finished, "pass_at_1_cut"), ""] if reference == spec.reference_arm else []),
+                format_comparisons(cut[step]),
+                "",
+            ]
+    return lines
 
 
 VERIFIER_COMPARISONS = (
