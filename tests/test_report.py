@@ -236,3 +236,20 @@ def test_the_exit_handler_closes_a_run_whose_config_json_alone_does_not_validate
     parent = start_pipeline_run(uri, config, "form-run", kfp_run_id="kfp-form")
     finish(json.dumps({"task": {"name": "jsonl"}, "run": {"experiment": "topr-report-tests"}}), uri, "kfp-form", failed=False)
     assert MlflowClient(uri).get_run(parent).info.status == "FINISHED"
+
+
+def test_the_accuracy_table_gives_each_arms_gain_over_the_start_with_its_interval_over_replicates():
+    from scipy import stats
+
+    from topr.report import replicate_accuracy_table
+
+    finished = {
+        "topr": {"rep0": {"pass_at_1": {0: 0.20, 1: 0.25}}, "rep1": {"pass_at_1": {0: 0.20, 1: 0.30}}, "rep2": {"pass_at_1": {0: 0.20, 1: 0.26}}},
+        "rft": {"rep0": {"pass_at_1": {0: 0.20, 1: 0.18}}},
+    }
+    table = replicate_accuracy_table(finished)
+
+    low, high = stats.ttest_1samp([5.0, 10.0, 6.0], 0.0).confidence_interval()
+    assert "gain, iteration 0 → 1 (points) [95% t-interval]" in table.splitlines()[0]
+    assert f"| topr | 3 | 20.0% (20%, 20%, 20%) | 27.0% (25%, 30%, 26%) | +7.0 [{low:+.1f}, {high:+.1f}] |" in table
+    assert "| rft | 1 | 20.0% (20%) | 18.0% (18%) | -2.0 |" in table  # one replicate: no interval

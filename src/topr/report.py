@@ -374,18 +374,38 @@ def mean_over_replicates(replicates: Replicates) -> dict[str, dict[int, float]]:
 
 def replicate_accuracy_table(finished: dict[str, Replicates], key: str = "pass_at_1") -> str:
     """Held-out pass@1 (or ``key``) per arm and iteration: the mean over replicates with each
-    replicate's value (pass@1 of one replicate: its Wilson 95% interval instead)."""
+    replicate's value (pass@1 of one replicate: its Wilson 95% interval instead), and each arm's
+    gain from iteration 0 to the last, replicate by replicate, with its 95% t-interval."""
     if key == "pass_at_1" and all(len(replicates) == 1 for replicates in finished.values()):
         return accuracy_table({arm: next(iter(replicates.values())) for arm, replicates in finished.items()})
     steps = sorted({step for replicates in finished.values() for metrics in replicates.values() for step in metrics.get(key, {})})
-    lines = ["| arm | replicates | " + " | ".join(f"iteration {step}" for step in steps) + " |", "|---" * (len(steps) + 2) + "|"]
+    gain = len(steps) > 1 and steps[0] == 0
+    header = [f"iteration {step}" for step in steps] + ([f"gain, iteration 0 → {steps[-1]} (points) [95% t-interval]"] if gain else [])
+    lines = ["| arm | replicates | " + " | ".join(header) + " |", "|---" * (len(header) + 2) + "|"]
     for arm, replicates in finished.items():
         cells = []
         for step in steps:
             values = [metrics[key][step] for metrics in replicates.values() if step in metrics.get(key, {})]
             cells.append("–" if not values else f"{sum(values) / len(values):.1%} ({', '.join(f'{v:.0%}' for v in values)})")
+        if gain:
+            cells.append(_gain_cell([metrics[key] for metrics in replicates.values()], steps[-1]))
         lines.append(f"| {arm} | {len(replicates)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _gain_cell(by_replicate: list[dict[int, float]], last: int) -> str:
+    """The mean gain from iteration 0 to ``last`` over the replicates that have both, in points,
+    with its t-interval (``topr.stats.paired_t_interval``) from two replicates on."""
+    from topr.stats import MIN_REPLICATES, paired_t_interval
+
+    gains = [100 * (values[last] - values[0]) for values in by_replicate if 0 in values and last in values]
+    if not gains:
+        return "–"
+    mean = sum(gains) / len(gains)
+    if len(gains) < MIN_REPLICATES:
+        return f"{mean:+.1f}"
+    low, high = paired_t_interval(gains)
+    return f"{mean:+.1f} [{low:+.1f}, {high:+.1f}]"
 
 
 ProblemResults = dict[int, dict[str, dict[str, dict[str, bool]]]]
