@@ -34,7 +34,7 @@ TINY = ["task.train_size=2", "task.eval_size=2", "sample.samples_per_prompt=2", 
 
 
 def test_every_named_experiment_loads_and_its_arms_validate():
-    assert set(named_specs()) == {"calibration", "objectives", "iterations", "baseline", "curation", "positives", "ratio_level", "seeds", "verifier", "composition", "default_iterations", "lora", "learning_rates", "verifier_control", "mechanism", "paper_sampling"}
+    assert set(named_specs()) == {"calibration", "objectives", "iterations", "baseline", "curation", "positives", "ratio_level", "seeds", "verifier", "composition", "default_iterations", "lora", "learning_rates", "verifier_control", "mechanism", "paper_sampling", "normalization"}
     for name in named_specs():
         _, spec = load_spec(name)
         experiment, arms = arm_configs(spec, {}, [])
@@ -67,6 +67,9 @@ def test_every_named_experiment_loads_and_its_arms_validate():
         assert {(arm.train.objective, arm.train.baseline) for arm in pinned.values()} <= {("rft", -0.8), ("topr", 0.0), ("topr", -0.8)}
         assert {arm.train.learning_rate for name, arm in pinned.items() if name.startswith("topr-c0")} == {3e-6}
         assert spec.reference_arm == "rft" and spec.equivalence_margin == 0.05
+    experiment, normalised = arm_configs(load_spec("normalization")[1], {}, [])
+    assert experiment.task.eval_split == "validation" and {arm.train.length_normalization for arm in normalised.values()} == {"sequence", "constant"}
+    assert {(arm.train.baseline, arm.train.learning_rate, arm.train.steps_per_epoch) for arm in normalised.values()} == {(-0.8, 1e-5, 3)}
     _, control = load_spec("verifier_control")
     assert {arm.verifier.objective for arm in arm_configs(control, {}, [])[1].values()} == {"topr", "rft"}
 
