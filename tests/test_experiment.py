@@ -473,6 +473,7 @@ class ArmsThatRegisterModels(ScriptedArms):
         model = run_dir / "iter1" / "model"
         model.mkdir(parents=True)
         (model / "model.safetensors").write_bytes(b"w" * 1000)
+        (model / "config.json").write_text("{}")
         logged = Path(stage.info.artifact_uri.removeprefix("file://")) / "model"
         link_tree(model, logged)
         if not client.search_registered_models(f"name = '{config.run.registered_model}'"):
@@ -510,6 +511,40 @@ def test_drop_models_removes_every_finished_units_models_and_keeps_what_the_repo
     run_experiment("exp2", spec, experiment, arms, tmp_path / "exp2", uri, run_arm=runner, drop_models=True)
     assert not (tmp_path / "exp2" / "arms" / "topr" / "rep0" / "run" / "iter1" / "model").exists()
     assert all(FILES_REMOVED_TAG in version.tags for version in client.search_model_versions("name = 'exp2-topr'"))
+
+
+def test_drop_models_also_takes_earlier_attempts_half_removed_versions_and_unregistered_copies(tmp_path, tiny_model_dir, monkeypatch, caplog):
+    from mlflow import MlflowClient
+
+    from topr import retention
+    from topr.tracking import FILES_REMOVED_TAG
+
+    spec = ExperimentSpec(description="One arm.", arms={"rft": ["train.objective=rft"]})
+    experiment, arms = arm_configs(spec, {}, [f"model.path={tiny_model_dir}", *TINY])
+    folder, uri, runner = tmp_path / "exp", default_tracking_uri(tmp_path), ArmsThatRegisterModels(failing=set())
+    client = MlflowClient(uri)
+    # An interrupted first attempt of the unit: its pipeline run registered a model, then the process died.
+    crashed = tmp_path / "crashed" / "run"
+    named = arms["rft"].run.model_copy(update={"name": "rft", "registered_model": "exp-rft", "experiment": "experiment-exp"})
+    runner(arms["rft"].model_copy(update={"run": named}), crashed, uri, "exp/rft/rep0", None)
+    run_experiment("exp", spec, experiment, arms, folder, uri, run_arm=runner)
+    local = folder / "arms" / "rft" / "rep0" / "run" / "iter1" / "verifier"  # a saved model no version names (as with an artifact store)
+    local.mkdir()
+    (local / "config.json").write_text("{}")
+    (local / "model.safetensors").write_bytes(b"v" * 10)
+    first, second = sorted(client.search_model_versions("name = 'exp-rft'"), key=lambda v: int(v.version))
+    client.set_model_version_tag("exp-rft", second.version, FILES_REMOVED_TAG, "an earlier removal that failed halfway")
+
+    monkeypatch.setattr(retention, "unit_models", lambda *args: (_ for _ in ()).throw(RuntimeError("tracking server down")))
+    report = run_experiment("exp", spec, experiment, arms, folder, uri, resume=True, run_arm=runner, drop_models=True)
+    assert report.exists() and "exp/rft/rep0: its models were not removed: RuntimeError: tracking server down" in caplog.text
+    monkeypatch.undo()
+
+    run_experiment("exp", spec, experiment, arms, folder, uri, resume=True, run_arm=runner, drop_models=True)
+    assert not (crashed / "iter1" / "model").exists() and not local.exists()
+    assert not (folder / "arms" / "rft" / "rep0" / "run" / "iter1" / "model").exists()
+    assert all(FILES_REMOVED_TAG in version.tags for version in client.search_model_versions("name = 'exp-rft'"))
+    assert runner.calls == ["rft/rep0", "rft/rep0"]  # the crashed attempt and the experiment's one; nothing ran again
 
 
 def test_the_experiment_exits_non_zero_while_units_failed_and_resume_reruns_every_failed_one(tmp_path, tiny_model_dir, monkeypatch, capsys):

@@ -238,18 +238,30 @@ def test_the_exit_handler_closes_a_run_whose_config_json_alone_does_not_validate
     assert MlflowClient(uri).get_run(parent).info.status == "FINISHED"
 
 
-def test_the_accuracy_table_gives_each_arms_gain_over_the_start_with_its_interval_over_replicates():
+def test_the_accuracy_table_gives_each_arms_gain_over_the_start_paired_on_the_same_problems():
     from scipy import stats
 
-    from topr.report import replicate_accuracy_table
+    from topr.report import gains_over_start, replicate_accuracy_table
 
-    finished = {
-        "topr": {"rep0": {"pass_at_1": {0: 0.20, 1: 0.25}}, "rep1": {"pass_at_1": {0: 0.20, 1: 0.30}}, "rep2": {"pass_at_1": {0: 0.20, 1: 0.26}}},
-        "rft": {"rep0": {"pass_at_1": {0: 0.20, 1: 0.18}}},
+    problems = [f"p{i}" for i in range(10)]
+    start = {p: i < 2 for i, p in enumerate(problems)}  # 20% in every replicate
+    trained = {"rep0": 3, "rep1": 5, "rep2": 4}  # right answers after training, out of 10
+    correct = {
+        0: {"topr": {rep: start for rep in trained}, "rft": {"rep0": start}},
+        1: {"topr": {rep: {p: i < n for i, p in enumerate(problems)} for rep, n in trained.items()}, "rft": {"rep0": start}},
     }
-    table = replicate_accuracy_table(finished)
+    gains = gains_over_start(correct)
 
-    low, high = stats.ttest_1samp([5.0, 10.0, 6.0], 0.0).confidence_interval()
-    assert "gain, iteration 0 → 1 (points) [95% t-interval]" in table.splitlines()[0]
-    assert f"| topr | 3 | 20.0% (20%, 20%, 20%) | 27.0% (25%, 30%, 26%) | +7.0 [{low:+.1f}, {high:+.1f}] |" in table
-    assert "| rft | 1 | 20.0% (20%) | 18.0% (18%) | -2.0 |" in table  # one replicate: no interval
+    assert set(gains) == {"topr"}  # rft has one replicate: no interval over replicates
+    low, high = stats.ttest_1samp([10.0, 30.0, 20.0], 0.0).confidence_interval()
+    assert gains["topr"].mean_difference == pytest.approx(0.2) and gains["topr"].replicates == ("rep0", "rep1", "rep2")
+    assert gains["topr"].t_interval == pytest.approx((low / 100, high / 100))
+    finished = {
+        "topr": {rep: {"pass_at_1": {0: 0.2, 1: n / 10}} for rep, n in trained.items()},
+        "rft": {"rep0": {"pass_at_1": {0: 0.2, 1: 0.2}}},
+    }
+    table = replicate_accuracy_table(finished, gains=gains)
+    assert "gain over iteration 0 (points) [95% t-interval] [joint bootstrap]" in table.splitlines()[0]
+    assert f"| topr | 3 | 20.0% (20%, 20%, 20%) | 40.0% (30%, 50%, 40%) | +20.0 [{low:+.1f}, {high:+.1f}] [" in table
+    assert "| rft | 1 | 20.0% (20%) | 20.0% (20%) | – |" in table
+    assert "gain over iteration 0" not in replicate_accuracy_table(finished)  # without per-problem results, no column

@@ -101,7 +101,7 @@ def _add_experiment_command(commands) -> argparse.ArgumentParser:
     experiment.add_argument(
         "--drop-models",
         action="store_true",
-        help="Remove each unit's trained models once it has finished (its run folder's copy and MLflow's; the registered "
+        help="Remove each unit's trained models once it has finished (every copy: its run folder's, a published one and MLflow's; the registered "
         "versions stay, tagged topr.files_removed): the report needs only evaluations and figures, and each model is "
         "~0.5 GB (the default model). With --resume, also those of the units kept.",
     )

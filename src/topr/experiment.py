@@ -106,7 +106,7 @@ class ExperimentSpec(BaseModel):
         return arms
 
     @model_validator(mode="after")
-    def _known_reference(self) -> ExperimentSpec:
+    def _known_arms(self) -> ExperimentSpec:
         for field, names in (("reference", [self.reference] if self.reference else []), ("also_compared_with", self.also_compared_with)):
             unknown = [arm for arm in names if arm not in self.arms]
             if unknown:
@@ -308,7 +308,7 @@ def run_experiment(
             unit_start = start if shares_start(arm, experiment) else None  # its own model or evaluation: made by the unit
             result = _run_one_unit(unit, config, run_arm, unit_folder, tracking_uri, unit_start, verbose)
             if drop_models and result["status"] == "finished":
-                drop_unit_models(unit, tracking_uri, result["run_id"])
+                drop_unit_models(unit, tracking_uri, result["run_id"], unit_folder)
             results[arm_name][replicate_name(replicate)] = result
     context = {"name": name, "spec": spec, "shared": shared, "machine": machine_description(), "folder": folder}
     return write_experiment_report(folder, tracking_uri, experiment, running, results, context)
@@ -344,19 +344,23 @@ def _run_one_unit(
     return result
 
 
-def drop_unit_models(name: str, tracking_uri: str, run_id: str) -> None:
-    """Remove the models a finished unit trained (its run folder's copy and MLflow's, each version
-    tagged ``topr.files_removed`` first, ``topr.retention``): the report reads the unit's
-    evaluations and figures, never its weights, and a 135M-parameter model is ~0.5 GB per unit.
-    A resumed experiment drops those of the units it keeps, too."""
-    from topr.retention import format_bytes, remove, run_models
+def drop_unit_models(name: str, tracking_uri: str, run_id: str, folder: Path) -> None:
+    """Remove the models a finished unit trained (``topr.retention.unit_models``: every registered
+    version's files, each version tagged ``topr.files_removed`` first, and any saved model left in
+    the unit's folder): the report reads the unit's evaluations and figures, never its weights, and
+    a 135M-parameter model is ~0.5 GB. A resumed experiment drops those of the units it keeps, too.
+    What cannot be removed is logged and kept; the experiment goes on."""
+    from topr.retention import format_bytes, remove, unit_models
 
-    for item in run_models(tracking_uri, run_id):
-        remove(tracking_uri, item, "topr experiment --drop-models")
-        if item.problems:
-            log.warning("%s: %s not wholly removed: %s", name, item.what, "; ".join(item.problems))
-        else:
-            log.info("%s: removed %s, %s freed", name, item.what, format_bytes(item.freed_bytes))
+    try:
+        for item in unit_models(tracking_uri, run_id, folder):
+            remove(tracking_uri, item, "topr experiment --drop-models")
+            if item.problems:
+                log.warning("%s: %s not wholly removed: %s", name, item.what, "; ".join(item.problems))
+            else:
+                log.info("%s: removed %s, %s freed", name, item.what, format_bytes(item.freed_bytes))
+    except Exception as error:  # the unit's results stand; its models stay for topr gc or a later --resume
+        log.warning("%s: its models were not removed: %s: %s", name, type(error).__name__, error)
 
 
 def failure_summary(name: str, folder: Path) -> str | None:

@@ -372,40 +372,42 @@ def mean_over_replicates(replicates: Replicates) -> dict[str, dict[int, float]]:
     return {key: {step: sum(values) / len(values) for step, values in steps.items()} for key, steps in sums.items()}
 
 
-def replicate_accuracy_table(finished: dict[str, Replicates], key: str = "pass_at_1") -> str:
+GAIN_EXPLAINED = (
+    "The gain over iteration 0 pairs each replicate's last iteration with the starting model on the same problems: "
+    "the t-interval is over replicates, so it holds the training seed's spread on these problems; the joint "
+    "bootstrap also draws the problems, so it holds how another draw of problems could move the figure too."
+)
+"""Under the accuracy table when it has a gain column: what its two intervals cover."""
+
+
+def replicate_accuracy_table(finished: dict[str, Replicates], key: str = "pass_at_1", gains: dict | None = None) -> str:
     """Held-out pass@1 (or ``key``) per arm and iteration: the mean over replicates with each
-    replicate's value (pass@1 of one replicate: its Wilson 95% interval instead), and each arm's
-    gain from iteration 0 to the last, replicate by replicate, with its 95% t-interval."""
+    replicate's value (pass@1 of one replicate: its Wilson 95% interval instead), and, given
+    ``gains`` (``gains_over_start``), each arm's gain from iteration 0 to its last iteration."""
     if key == "pass_at_1" and all(len(replicates) == 1 for replicates in finished.values()):
         return accuracy_table({arm: next(iter(replicates.values())) for arm, replicates in finished.items()})
     steps = sorted({step for replicates in finished.values() for metrics in replicates.values() for step in metrics.get(key, {})})
-    gain = len(steps) > 1 and steps[0] == 0
-    header = [f"iteration {step}" for step in steps] + ([f"gain, iteration 0 → {steps[-1]} (points) [95% t-interval]"] if gain else [])
+    header = [f"iteration {step}" for step in steps]
+    if gains:
+        header.append("gain over iteration 0 (points) [95% t-interval] [joint bootstrap]")
     lines = ["| arm | replicates | " + " | ".join(header) + " |", "|---" * (len(header) + 2) + "|"]
     for arm, replicates in finished.items():
         cells = []
         for step in steps:
             values = [metrics[key][step] for metrics in replicates.values() if step in metrics.get(key, {})]
             cells.append("–" if not values else f"{sum(values) / len(values):.1%} ({', '.join(f'{v:.0%}' for v in values)})")
-        if gain:
-            cells.append(_gain_cell([metrics[key] for metrics in replicates.values()], steps[-1]))
+        if gains:
+            cells.append(_gain_cell(gains.get(arm)))
         lines.append(f"| {arm} | {len(replicates)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def _gain_cell(by_replicate: list[dict[int, float]], last: int) -> str:
-    """The mean gain from iteration 0 to ``last`` over the replicates that have both, in points,
-    with its t-interval (``topr.stats.paired_t_interval``) from two replicates on."""
-    from topr.stats import MIN_REPLICATES, paired_t_interval
+def _gain_cell(gain) -> str:
+    from topr.stats import format_interval
 
-    gains = [100 * (values[last] - values[0]) for values in by_replicate if 0 in values and last in values]
-    if not gains:
+    if gain is None or gain.mean_difference is None:
         return "–"
-    mean = sum(gains) / len(gains)
-    if len(gains) < MIN_REPLICATES:
-        return f"{mean:+.1f}"
-    low, high = paired_t_interval(gains)
-    return f"{mean:+.1f} [{low:+.1f}, {high:+.1f}]"
+    return f"{100 * gain.mean_difference:+.1f} {format_interval(gain.t_interval)} {format_interval(gain.bootstrap_interval)}"
 
 
 ProblemResults = dict[int, dict[str, dict[str, dict[str, bool]]]]
@@ -433,6 +435,28 @@ def per_problem_correct(folder: Path, shared: dict, finished: dict[str, Replicat
                 values = own if own is not None or step > 0 else start
                 if values is not None:
                     found.setdefault(step, {}).setdefault(arm, {})[replicate] = values
+    return found
+
+
+def gains_over_start(correct: ProblemResults) -> dict:
+    """Each arm's gain from iteration 0 to its last trained iteration, replicate by replicate on the
+    problems both were scored on, with the paired comparisons' statistics (``topr.stats.compare_arms``:
+    the t-interval over replicates, the joint bootstrap that also draws the problems, the sign-flip
+    p-value); arms with fewer than two such replicates are left out."""
+    from topr.stats import MIN_REPLICATES, compare_arms
+
+    found = {}
+    for arm in {arm for by_arm in correct.values() for arm in by_arm}:
+        last = max((step for step, by_arm in correct.items() if arm in by_arm), default=0)
+        trained, start = correct[last][arm] if last else {}, correct.get(0, {}).get(arm, {})
+        replicates = [replicate for replicate in trained if replicate in start]
+        if len(replicates) < MIN_REPLICATES:
+            continue
+        common = sorted(set.intersection(*(set(trained[r]) & set(start[r]) for r in replicates)))
+        if not common:
+            continue
+        aligned = {which: {r: [values[r][p] for p in common] for r in replicates} for which, values in (("trained", trained), ("start", start))}
+        found[arm] = compare_arms(aligned, "start")[0]
     return found
 
 
@@ -587,7 +611,13 @@ def write_experiment_report(folder: Path, tracking_uri: str, experiment, arms: d
         for reference in spec.references
     }
     comparisons, cut = by_reference[spec.reference_arm]
-    context = {**context, "by_reference": by_reference, "uncut_units": units_without(cut_correct, finished) if cut_correct else []}
+    context = {
+        **context,
+        "by_reference": by_reference,
+        "gains": gains_over_start(correct),
+        "gains_cut": gains_over_start(cut_correct),
+        "uncut_units": units_without(cut_correct, finished) if cut_correct else [],
+    }
     figures = []
     if finished:
         plot_replicates_accuracy(finished, folder / "accuracy.png")
@@ -667,7 +697,10 @@ def _experiment_markdown(experiment, spec, arms: dict, results: dict, finished: 
         "",
     ]
     if finished:
-        lines += ["## Held-out pass@1 (greedy decoding)", "", replicate_accuracy_table(finished), "", "![accuracy by iteration](accuracy.png)", ""]
+        lines += ["## Held-out pass@1 (greedy decoding)", "", replicate_accuracy_table(finished, gains=context["gains"]), ""]
+        if context["gains"]:
+            lines += [GAIN_EXPLAINED, ""]
+        lines += ["![accuracy by iteration](accuracy.png)", ""]
         for reference in spec.references:
             lines += _comparison_sections(experiment, spec, reference, finished, context)
         if "paired_differences.png" in figures:
@@ -718,7 +751,7 @@ def _comparison_sections(experiment, spec, reference: str, finished: dict, conte
                 f"(decoded to {experiment.evaluate.max_new_tokens}): what the arms score where an answer must end by then"
                 + (f"; without cut verdicts, so not paired here: {', '.join(missing)}." if missing else "."),
                 "",
-                *([replicate_accuracy_table(finished, "pass_at_1_cut"), ""] if reference == spec.reference_arm else []),
+                *([replicate_accuracy_table(finished, "pass_at_1_cut", context["gains_cut"]), ""] if reference == spec.reference_arm else []),
                 format_comparisons(cut[step]),
                 "",
             ]

@@ -1,6 +1,6 @@
 """Disk that does not fill: what ``topr gc`` may remove because nothing needs it, and what that frees.
 
-Two kinds of files outlive their use:
+Three kinds of files outlive their use:
 
 - **Local copies of a published run.** ``topr run`` keeps kfp.local's artifacts under
   ``<run folder>/pipeline_root`` (a copy of every model a stage passes on). With an artifact
@@ -14,10 +14,13 @@ Two kinds of files outlive their use:
   is tagged ``topr.files_removed`` *before* they are, so that no reader (the gate, a promotion,
   a run starting from it, ``topr serve``) takes a half-removed model:
   ``topr.lineage.committed_model`` refuses it naming when and why.
+- **An experiment's trained models** (only with ``topr experiment --drop-models``): once a unit
+  has finished, its report needs its evaluations and figures, never its weights:
+  ``unit_models``, removed the same way, versions tagged first.
 
 Nothing else is touched: samples, curated sets and evaluations (small, and what lineage and
-reports read), experiments' folders, and the shared start of an experiment, which ``--resume``
-needs. Each item says how many bytes removing it frees: a file hard linked from elsewhere
+reports read), the rest of experiments' folders, and the shared start of an experiment, which
+``--resume`` needs. Each item says how many bytes removing it frees: a file hard linked from elsewhere
 (MLflow's copy of a local model, ``topr.tracking.link_tree``) frees nothing until its last link goes.
 """
 
@@ -106,9 +109,9 @@ def published_run_copies(tracking_uri: str, output_dir: str | Path) -> list[Remo
     return found
 
 
-def _parent_runs(client, run_name: str) -> list:
-    """The pipeline (parent) runs named ``run_name`` in any experiment."""
-    experiments = [experiment.experiment_id for experiment in client.search_experiments()]
+def _parent_runs(client, run_name: str, experiments: list[str] | None = None) -> list:
+    """The pipeline (parent) runs named ``run_name`` in ``experiments`` (default: any)."""
+    experiments = experiments or [experiment.experiment_id for experiment in client.search_experiments()]
     runs = client.search_runs(experiments, f"attributes.run_name = '{run_name}'")
     return [run for run in runs if "mlflow.parentRunId" not in run.data.tags]
 
@@ -123,31 +126,37 @@ def retired_versions(tracking_uri: str, keep_versions: int) -> list[Removable]:
         kept = _kept(client, client.get_registered_model(registered.name).aliases, versions, keep_versions)
         for number in sorted(set(versions) - kept, key=int):
             version = versions[number]
-            if FILES_REMOVED_TAG in version.tags:
-                continue
-            locations = _version_files(version)
-            why = f"no alias, not among the newest {keep_versions}, no kept version descends from it"
-            found.append(Removable(f"model {registered.name}/{number}", why, locations, _bytes(locations), (registered.name, number)))
+            if FILES_REMOVED_TAG not in version.tags:
+                found.append(_version_removable(version, f"no alias, not among the newest {keep_versions}, no kept version descends from it"))
     return found
 
 
-def run_models(tracking_uri: str, pipeline_run_id: str) -> list[Removable]:
-    """The files of every registered version a pipeline run trained (its stage runs registered them),
-    for an experiment that keeps a unit's evaluations and not its models (``topr experiment
-    --drop-models``); versions already tagged ``topr.files_removed`` are not listed."""
+def unit_models(tracking_uri: str, run_id: str, folder: Path) -> list[Removable]:
+    """The trained models of an experiment's unit whose pipeline run is ``run_id``, for an experiment
+    that keeps a unit's evaluations and not its models (``topr experiment --drop-models``): the
+    files of every version registered by a run of the unit (its earlier, interrupted attempts
+    too: the pipeline runs of the same name in the same experiment), and any saved model left in
+    the unit's ``folder`` (the local copy, where an artifact store holds the published one)."""
     client = mlflow_client(tracking_uri)
-    pipeline = client.get_run(pipeline_run_id)
-    stages = client.search_runs([pipeline.info.experiment_id], f"tags.`mlflow.parentRunId` = '{pipeline_run_id}'")
-    if not stages:
-        return []
-    stage_ids = ", ".join(f"'{stage.info.run_id}'" for stage in stages)
+    run = client.get_run(run_id)
+    attempts = [attempt.info.run_id for attempt in _parent_runs(client, run.info.run_name, [run.info.experiment_id])]
+    stages = [stage.info.run_id for attempt in attempts for stage in client.search_runs([run.info.experiment_id], f"tags.`mlflow.parentRunId` = '{attempt}'")]
     found = []
-    for version in client.search_model_versions(f"run_id IN ({stage_ids})"):
-        if FILES_REMOVED_TAG not in version.tags:
-            locations = _version_files(version)
-            why = f"trained by run {pipeline_run_id}, whose evaluations the experiment keeps"
-            found.append(Removable(f"model {version.name}/{version.version}", why, locations, _bytes(locations), (version.name, str(version.version))))
+    if stages:
+        for version in client.search_model_versions("run_id IN ({})".format(", ".join(f"'{stage}'" for stage in stages))):
+            item = _version_removable(version, f"trained by {run.info.run_name}, whose evaluations the experiment keeps")
+            if item.locations or FILES_REMOVED_TAG not in version.tags:  # tagged and gone: nothing left to do
+                found.append(item)
+    listed = {location for item in found for location in item.locations}
+    for model in sorted(path.parent for path in folder.rglob("config.json") if any(path.parent.glob("*.safetensors"))):
+        if str(model) not in listed:
+            found.append(Removable(f"local copy {model.name}", f"a model saved by {run.info.run_name}", [str(model)], local_bytes([model])))
     return found
+
+
+def _version_removable(version, why: str) -> Removable:
+    locations = _version_files(version)
+    return Removable(f"model {version.name}/{version.version}", why, locations, _bytes(locations), (version.name, str(version.version)))
 
 
 def _kept(client, aliases: dict[str, str], versions: dict, keep_versions: int) -> set[str]:

@@ -375,7 +375,7 @@ class ProblemGain:
 
     def __str__(self) -> str:
         return (
-            f"{_points(self.difference)} points, {_interval(self.interval)} (paired bootstrap over the {self.problems} problems), "
+            f"{_points(self.difference)} points, {format_interval(self.interval)} (paired bootstrap over the {self.problems} problems), "
             f"{self.gained} gained, {self.lost} lost, p {_p(self.p_value)} (exact McNemar)"
         )
 
@@ -427,7 +427,7 @@ def format_comparisons(comparisons: Sequence[PairedComparison]) -> str:
     for c in comparisons:
         row = (
             f"| {c.arm} | {c.reference} | {len(c.replicates)} | {_points(c.mean_difference)} | "
-            f"{_interval(c.t_interval)} | {_interval(c.bootstrap_interval)} | {_p(c.p_value)} | {_p(c.p_holm)} |"
+            f"{format_interval(c.t_interval)} | {format_interval(c.bootstrap_interval)} | {_p(c.p_value)} | {_p(c.p_holm)} |"
         )
         lines.append(row + (f" {_p(c.equivalence_p)} |" if equivalence else ""))
     notes = [f"- {c.arm}: {c.note}" for c in comparisons if c.note]
@@ -440,7 +440,8 @@ def _points(x: float | None) -> str:
     return "–" if x is None else f"{100 * x:+.1f}"
 
 
-def _interval(interval: tuple[float, float] | None) -> str:
+def format_interval(interval: tuple[float, float] | None) -> str:
+    """An interval of fractions in points, one decimal: "[+1.2, +3.4]"; "–" for None."""
     return "–" if interval is None else f"[{_points(interval[0])}, {_points(interval[1])}]"
 
 
