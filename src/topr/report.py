@@ -452,12 +452,17 @@ def gains_over_start(correct: ProblemResults) -> dict:
         replicates = [replicate for replicate in trained if replicate in start]
         if len(replicates) < MIN_REPLICATES:
             continue
-        common = sorted(set.intersection(*(set(trained[r]) & set(start[r]) for r in replicates)))
-        if not common:
-            continue
-        aligned = {which: {r: [values[r][p] for p in common] for r in replicates} for which, values in (("trained", trained), ("start", start))}
-        found[arm] = compare_arms(aligned, "start")[0]
+        aligned = _on_common_problems({"trained": {r: trained[r] for r in replicates}, "start": {r: start[r] for r in replicates}})
+        if aligned["start"][replicates[0]]:
+            found[arm] = compare_arms(aligned, "start")[0]
     return found
+
+
+def _on_common_problems(by_arm: dict[str, dict[str, dict[str, bool]]]) -> dict[str, dict[str, list[bool]]]:
+    """Each arm's per-replicate verdicts as lists over the problems every one of them was scored
+    on, in one order: what ``compare_arms`` pairs problem by problem."""
+    common = sorted(set.intersection(*(set(results) for replicates in by_arm.values() for results in replicates.values())))
+    return {arm: {rep: [results[p] for p in common] for rep, results in replicates.items()} for arm, replicates in by_arm.items()}
 
 
 def units_without(correct: ProblemResults, finished: dict[str, Replicates]) -> list[str]:
@@ -482,9 +487,7 @@ def paired_comparisons(correct: ProblemResults, reference: str, equivalence_marg
     for step, by_arm in sorted(correct.items()):
         if step == 0 or len(by_arm.get(reference, {})) < MIN_REPLICATES or len(by_arm) < 2:
             continue
-        common = sorted(set.intersection(*(set(results) for replicates in by_arm.values() for results in replicates.values())))
-        aligned = {arm: {rep: [results[p] for p in common] for rep, results in replicates.items()} for arm, replicates in by_arm.items()}
-        comparisons[step] = compare_arms(aligned, reference, equivalence_margin=equivalence_margin)
+        comparisons[step] = compare_arms(_on_common_problems(by_arm), reference, equivalence_margin=equivalence_margin)
     return comparisons
 
 
